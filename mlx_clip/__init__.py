@@ -1,0 +1,32 @@
+"""mlx_clip: train CLIP natively in MLX.
+
+Importing this package first gives MLX an optimized BLAS on Linux (see _blas.py);
+the heavy modules load lazily, on first use of a public name.
+"""
+
+from ._blas import ensure_fast_blas
+
+ensure_fast_blas()
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "create_model": ".model",
+    "CLIP": ".model",
+    "save_weights": ".checkpoint",
+    "load_weights": ".checkpoint",
+    "clip_loss": ".loss",
+    "model_config": ".config",
+    "ModelConfig": ".config",
+    "ConfigError": ".config",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'mlx_clip' has no attribute {name!r}")

@@ -1,0 +1,95 @@
+"""CLIP in MLX: two towers, their projections and a learnable temperature.
+
+The model returns features and the logit scale, never a loss (see loss.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map_with_path
+
+from .config import ModelConfig, model_config
+from .transformer import TextTransformer, VisionTransformer
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+def _normalize(x: mx.array) -> mx.array:
+    return x * mx.rsqrt(mx.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg)
+        self.text = TextTransformer(cfg)
+        self.logit_scale = mx.array(LOGIT_SCALE_INIT)
+
+    def encode_image(self, images: mx.array, normalize: bool = True) -> mx.array:
+        """images: (B, H, W, 3) float, already normalized with the CLIP mean/std."""
+        x = self.visual(images)
+        return _normalize(x) if normalize else x
+
+    def encode_text(self, tokens: mx.array, normalize: bool = True) -> mx.array:
+        """tokens: (B, context_length) int32, EOT-terminated, zero-padded."""
+        x = self.text(tokens)
+        return _normalize(x) if normalize else x
+
+    def __call__(self, images: mx.array, tokens: mx.array):
+        image_features = self.encode_image(images)
+        text_features = self.encode_text(tokens)
+        # Clamp so the temperature never exceeds 100 (CLIP paper, sec. 2.5).
+        return image_features, text_features, mx.exp(mx.minimum(self.logit_scale, LOGIT_SCALE_MAX))
+
+
+def init_weights(model: CLIP, seed: int | None = None) -> CLIP:
+    """CLIP / open_clip initialisation (normal std per layer type), in place."""
+    if seed is not None:
+        mx.random.seed(seed)
+    cfg = model.config
+
+    def stds(width: int, layers: int) -> dict[str, float]:
+        proj = width**-0.5 * (2 * layers) ** -0.5
+        return {"in_proj": width**-0.5, "out_proj": proj, "c_fc": (2 * width) ** -0.5, "c_proj": proj}
+
+    v_std, t_std = stds(cfg.vision_width, cfg.vision_layers), stds(cfg.text_width, cfg.text_layers)
+
+    def init(path: str, p: mx.array) -> mx.array:
+        tower, _, rest = path.partition(".")
+        parts = rest.split(".")
+        if path == "logit_scale":
+            return mx.full(p.shape, LOGIT_SCALE_INIT)
+        if parts[-1] == "bias" or "ln_" in rest:
+            # LayerNorm gains start at 1; every bias at 0.
+            return mx.ones(p.shape) if parts[-1] == "weight" else mx.zeros(p.shape)
+        if "resblocks" in parts:
+            std = (v_std if tower == "visual" else t_std)[parts[-2]]
+        elif path == "text.token_embedding.weight":
+            std = 0.02
+        elif path == "text.positional_embedding":
+            std = 0.01
+        elif path == "text.text_projection.weight":
+            std = cfg.text_width**-0.5
+        elif tower == "visual" and parts[0] in ("class_embedding", "positional_embedding", "proj"):
+            std = cfg.vision_width**-0.5
+        else:
+            return p  # patch_embed keeps its fan-in uniform init
+        return std * mx.random.normal(p.shape)
+
+    model.update(tree_map_with_path(lambda path, p: init(path, p), model.parameters()))
+    return model
+
+
+def create_model(arch: str | dict | ModelConfig = "tiny", seed: int | None = 0) -> CLIP:
+    """Build a CLIP from an architecture name ('tiny', 'vit_b32', ...), YAML path or dict."""
+    cfg = model_config(arch)
+    if seed is not None:
+        mx.random.seed(seed)
+    model = init_weights(CLIP(cfg))
+    mx.eval(model.parameters())
+    return model

@@ -1,0 +1,55 @@
+"""Strict architecture configs: errors name the key, the type or the reason."""
+
+import pytest
+from conftest import ODD_ARCH
+
+from mlx_clip.config import ConfigError, ModelConfig, model_config
+
+
+def test_name_dict_and_path_resolve_the_same(tmp_path):
+    by_name = model_config("tiny")
+    assert model_config(vars(by_name).copy()) == by_name
+    path = tmp_path / "arch.yaml"
+    path.write_text("\n".join(f"{k}: {v}" for k, v in vars(by_name).items()))
+    assert model_config(str(path)) == by_name
+
+
+def test_unknown_key_names_key_and_nearest():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'model.vision_layer'.*did you mean 'model.vision_layers'"
+    ):
+        model_config(dict(ODD_ARCH, vision_layer=3))
+
+
+def test_wrong_type_names_field_and_type():
+    with pytest.raises(ConfigError, match=r"model.vision_width: expected int, got str"):
+        model_config(dict(ODD_ARCH, vision_width="96"))
+    with pytest.raises(ConfigError, match=r"model.layer_norm_eps: expected float"):
+        model_config(dict(ODD_ARCH, layer_norm_eps=True))
+
+
+def test_ints_are_accepted_for_floats():
+    assert model_config(dict(ODD_ARCH, mlp_ratio=4)).mlp_ratio == 4.0
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(image_size=50), "not divisible by model.patch_size"),
+        (dict(vision_heads=5), "vision_width=96 is not divisible by model.vision_heads=5"),
+        (dict(activation="relu"), "activation must be 'quick_gelu' or 'gelu'"),
+        (dict(text_layers=0), "text_layers must be positive"),
+    ],
+)
+def test_impossible_values_say_why(change, message):
+    with pytest.raises(ConfigError, match=message):
+        model_config(dict(ODD_ARCH, **change))
+
+
+def test_unknown_architecture_suggests():
+    with pytest.raises(ConfigError, match=r"unknown architecture 'vit_b23'.*did you mean 'vit_b32'"):
+        model_config("vit_b23")
+
+
+def test_defaults_are_vit_b32():
+    assert ModelConfig() == model_config("vit_b32")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import to_dict
 from .convert import check_state
@@ -45,3 +50,134 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
+
+
+# ---------------------------------------------------------------------------
+# Run checkpoints: OUT/checkpoints/step_N/{model,optimizer}.safetensors, state.json,
+# tokenizer files and config.yaml; `latest` points at the newest complete one.
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.yaml")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    tokenizer,
+    config_yaml: str,
+    state: dict,
+) -> Path:
+    """Write step_N atomically: a temporary directory, fsynced, then renamed into place."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=ckpt_root))
+    try:
+        save_weights(model, tmp / "model.safetensors")
+        opt_state = dict(tree_flatten(optimizer.state))
+        mx.eval(opt_state)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state, metadata={"format": FORMAT})
+        tokenizer.save(tmp)
+        (tmp / "config.yaml").write_text(config_yaml)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        state = dict(state, step=step, mlx_rng_key=np.array(mx.random.state[0]).tolist(), files=files)
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _point_latest(ckpt_root, final.name)
+    return final
+
+
+def _point_latest(ckpt_root: Path, name: str) -> None:
+    """Atomically repoint `latest` (a symlink; a small text file where symlinks are unavailable)."""
+    link = ckpt_root / "latest"
+    tmp = ckpt_root / ".latest.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    try:
+        os.symlink(name, tmp)
+    except OSError:
+        tmp.write_text(name)
+    os.replace(tmp, link)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step_N directory, a checkpoints/ root, or a run directory -> the newest checkpoint dir."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        link = root / "latest"
+        if link.is_symlink():
+            return (root / os.readlink(link)).resolve()
+        if link.is_file():
+            return root / link.read_text().strip()
+    if (path / "model.safetensors").is_file():
+        return path
+    raise FileNotFoundError(
+        f"no checkpoint found at {path} (expected step_N/, checkpoints/latest or a run dir)"
+    )
+
+
+def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer=None) -> dict:
+    """Restore model (and optimizer, RNG) from a step_N directory; returns its state.json."""
+    ckpt = Path(ckpt)
+    state_path = ckpt / "state.json"
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{state_path}: missing; {ckpt} is not a complete checkpoint")
+    state = json.loads(state_path.read_text())
+    for name, digest in state.get("files", {}).items():
+        if not (ckpt / name).is_file() or _sha256(ckpt / name) != digest:
+            raise ValueError(f"{ckpt / name}: checksum mismatch or missing; the checkpoint is damaged")
+    load_weights(model, ckpt / "model.safetensors")
+    if optimizer is not None:
+        opt = read_safetensors(ckpt / "optimizer.safetensors")
+        optimizer.init(model.trainable_parameters())
+        expected = dict(tree_flatten(optimizer.state))
+        check_state({k: v.shape for k, v in expected.items()}, opt, str(ckpt / "optimizer.safetensors"))
+        optimizer.state = tree_unflatten(list(opt.items()))
+        mx.eval(optimizer.state)
+    # MLX has no public setter for its global key: the trainer reseeds from (seed, step) and keeps
+    # the step itself free of global-RNG use, so the recorded key is informational.
+    return state
+
+
+def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep: set[str] = frozenset()) -> None:
+    """Delete all step_N but the newest `keep_last` and the names in `keep` (the best one)."""
+    ckpt_root = Path(ckpt_root)
+    steps = sorted(
+        (p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+        key=lambda p: int(p.name[5:]),
+    )
+    for p in steps[:-keep_last]:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)

@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,187 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class DataConfig:
+    """Where images and captions come from and how they are batched."""
+
+    # "builtin" (generated shapes) or a path: .csv/.tsv, .json/.jsonl, a folder, or .tar shards
+    # (glob or brace list). The format is detected from the path unless `format` is set.
+    train: str = "builtin"
+    val: str | None = None
+    val_ratio: float = 0.05  # held out of `train` when no `val` is given
+    format: str = "auto"
+    image_key: str = "image"
+    caption_key: str = "caption"
+    batch_size: int = 128
+    num_workers: int = 2
+    prefetch: int = 4
+    # augmentation, train split only (no horizontal flip by default: captions say left/right)
+    augment: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    color_jitter: float = 0.0
+    hflip: bool = False
+    # the built-in dataset
+    builtin_train_size: int = 20000
+    builtin_val_size: int = 1000
+    builtin_split: str = "mixed"  # single | pair | mixed
+
+
+@dataclass
+class TokenizerConfig:
+    # "auto": the checkpoint's tokenizer when fine-tuning, else a BPE trained on the captions.
+    # "trained": always train one; "openai": the 49408-token CLIP vocabulary (needs
+    # vocab_size 49408); or a path to a saved tokenizer / HF CLIP directory.
+    kind: str = "auto"
+
+
+@dataclass
+class LossConfig:
+    type: str = "clip"
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    min_lr: float = 0.0  # floor of the cosine decay
+    warmup_steps: int = 100
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    precision: str = "float32"
+    log_every: int = 20
+    eval_every: int = 250  # 0: only at the end
+    save_every: int = 250  # 0: only at the end
+    keep_last: int = 2  # recent checkpoints kept, besides the best one
+    best_metric: str = "auto"  # metric that picks the best checkpoint (auto: zero-shot top-1 or i2t R@1)
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A whole run. `model` is an architecture name plus optional field overrides."""
+
+    model: dict = field(default_factory=lambda: {"arch": "tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def model_config(self) -> "ModelConfig":
+        spec = dict(self.model)
+        arch = spec.pop("arch", "tiny")
+        spec.pop("init_from", None)
+        base = to_dict(model_config(arch))
+        return model_config({**base, **spec})
+
+    def validate(self) -> None:
+        spec = dict(self.model)
+        for key in spec:
+            if key not in ("arch", "init_from") and key not in ModelConfig.__dataclass_fields__:
+                raise unknown_key_error(
+                    key, ["arch", "init_from", *ModelConfig.__dataclass_fields__], "model"
+                )
+        mcfg = self.model_config()
+        d, o, t = self.data, self.optim, self.train
+        if d.batch_size < 2:
+            raise ConfigError(
+                f"data.batch_size={d.batch_size}: a contrastive loss needs at least 2 pairs per batch "
+                "(the other pairs are the negatives)"
+            )
+        if not 0 <= d.val_ratio < 1:
+            raise ConfigError(f"data.val_ratio must be in [0, 1), got {d.val_ratio}")
+        if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+            raise ConfigError(
+                f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}"
+            )
+        if d.builtin_split not in ("single", "pair", "mixed"):
+            raise ConfigError(f"data.builtin_split must be single, pair or mixed, got {d.builtin_split!r}")
+        if d.format not in ("auto", "csv", "tsv", "json", "jsonl", "folder", "tar"):
+            raise ConfigError(
+                f"data.format must be auto, csv, tsv, json, jsonl, folder or tar, got {d.format!r}"
+            )
+        if d.num_workers < 1 or d.prefetch < 1:
+            raise ConfigError("data.num_workers and data.prefetch must be at least 1")
+        if self.loss.type != "clip":
+            raise ConfigError(f"loss.type must be 'clip', got {self.loss.type!r}")
+        if not 0 <= self.loss.label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.loss.label_smoothing}")
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise ConfigError(
+                f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})"
+            )
+        if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+            raise ConfigError(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
+        if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0 or o.eps <= 0:
+            raise ConfigError("optim.warmup_steps, weight_decay and grad_clip must be >= 0, and eps > 0")
+        if t.steps < 1:
+            raise ConfigError(f"train.steps must be at least 1, got {t.steps}")
+        if t.precision != "float32":
+            raise ConfigError(f"train.precision: only 'float32' is supported so far, got {t.precision!r}")
+        if t.log_every < 1 or t.eval_every < 0 or t.save_every < 0 or t.keep_last < 1:
+            raise ConfigError("train.log_every and keep_last must be >= 1; eval_every, save_every >= 0")
+        kind = self.tokenizer.kind
+        if kind == "openai" and mcfg.vocab_size != 49408:
+            raise ConfigError(
+                f"tokenizer.kind='openai' has 49408 tokens but model.vocab_size={mcfg.vocab_size}"
+            )
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set data['a']['b'] = value for dotted='a.b' (creating mappings on the way)."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> Config:
+    """YAML file (optional) + dotted overrides -> validated Config.
+
+    Override values are parsed as YAML scalars, so `--train.steps 10` is an int and
+    `--data.val null` is None.
+    """
+    data = load_yaml(path) if path else {}
+    for dotted, raw in overrides:
+        try:
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        except yaml.YAMLError:
+            value = raw
+        set_dotted(data, dotted, value)
+    where = f"{path}: " if path else ""
+    try:
+        cfg = from_dict(Config, data)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config: the model section is written out in full."""
+    data = to_dict(cfg)
+    data["model"] = {
+        "arch": cfg.model.get("arch", "tiny"),
+        **({"init_from": cfg.model["init_from"]} if cfg.model.get("init_from") else {}),
+        **to_dict(cfg.model_config()),
+    }
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------
@@ -222,7 +403,9 @@ def model_config(arch: str | dict | ModelConfig) -> ModelConfig:
 
 
 __all__ = [
+    "Config",
     "ConfigError",
+    "load_config",
     "ModelConfig",
     "available_models",
     "from_dict",

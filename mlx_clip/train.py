@@ -1,31 +1,79 @@
-"""`python -m mlx_clip.train`: placeholder until the training loop lands (issue 3).
+"""`python -m mlx_clip.train [--config FILE] [--out DIR] [--steps N] [--resume] [--KEY.SUBKEY VALUE ...]`
 
-Runs one forward/backward/AdamW step of `tiny` on random data, so the README's main
-command exercises the whole stack (BLAS, model, loss, optimizer) end to end.
+With no arguments: trains `tiny` on the built-in shapes dataset into runs/<timestamp>/.
+Dotted keys override the YAML, e.g. `--optim.lr 3e-4 --data.batch_size 64`.
 """
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
+from __future__ import annotations
 
-import mlx_clip  # noqa: F401  (package init already loaded the BLAS fix)
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
 
-from .loss import clip_loss
-from .model import create_model
+from .config import ConfigError, load_config
+
+USAGE = __doc__.splitlines()[0].strip("`")
 
 
-def main() -> None:
-    model = create_model("tiny")
-    cfg = model.config
-    images = mx.random.normal((8, cfg.image_size, cfg.image_size, 3))
-    tokens = mx.random.randint(1, cfg.vocab_size, (8, cfg.context_length))
-    opt = optim.AdamW(learning_rate=1e-3)
-    loss_and_grad = nn.value_and_grad(model, lambda m, x, y: clip_loss(*m(x, y)))
-    for step in range(3):
-        loss, grads = loss_and_grad(model, images, tokens)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state, loss)
-        print(f"smoke step {step}: loss {loss.item():.4f}")
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_clip.train",
+        description="Train CLIP with MLX. Any config key can be set as --section.key VALUE.",
+    )
+    parser.add_argument("--config", help="run recipe (YAML); default: built-in defaults")
+    parser.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    parser.add_argument("--steps", type=int, help="same as --train.steps")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    parser.add_argument(
+        "--stop-after", type=int, help="stop (with a checkpoint) after this many steps in this call"
+    )
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or "." not in arg:
+            parser.error(f"unrecognized argument {arg!r} (config overrides look like --optim.lr 3e-4)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                parser.error(f"{arg} needs a value")
+            key, value = arg[2:], rest[i + 1]
+            i += 2
+        overrides.append((key, value))
+    if args.steps is not None:
+        overrides.append(("train.steps", str(args.steps)))
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.resume and not args.out:
+        sys.exit("error: --resume needs --out DIR (the run directory to continue)")
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    config_path = args.config
+    if args.resume and not config_path and (out / "config.yaml").is_file():
+        config_path = out / "config.yaml"  # continue with the run's own resolved config
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+
+    from .trainer import train  # imports MLX; after the config is known to be valid
+
+    print(f"run directory: {out}", flush=True)
+    summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after)
+    shown = {k: v for k, v in summary.items() if not k.endswith(("R@5", "R@10"))}
+    print(json.dumps(shown, indent=1))
+    if "zeroshot_top1" in summary:
+        print(f"zero-shot top-1 on held-out images: {100 * summary['zeroshot_top1']:.1f}%")
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""`python -m mlx_clip.eval --checkpoint DIR [--data SRC] [--out FILE]`
+
+Evaluates any checkpoint (a step_N directory, or a run directory: its latest checkpoint) on
+the held-out split of its own config, or on SRC, and prints the metrics as JSON. They are
+also written to DIR/eval.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m mlx_clip.eval", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--checkpoint", required=True, help="step_N directory or run directory")
+    parser.add_argument(
+        "--data", help="evaluation source (csv/json/folder/tar); default: the run's val split"
+    )
+    parser.add_argument("--out", help="where to write the metrics JSON (default: CHECKPOINT/eval.json)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from . import checkpoint as ckpt_io
+    from .model import create_model
+    from .run_data import build_run_data
+    from .trainer import evaluate
+
+    try:
+        ckpt = ckpt_io.resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    overrides = []
+    if args.data:
+        # Evaluate on SRC in full: it becomes the held-out set, nothing of it is trained on.
+        overrides.append(("data.val", args.data))
+    try:
+        cfg = load_config(ckpt / "config.yaml", overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    mcfg = cfg.model_config()
+    data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
+    model = create_model(mcfg, seed=None)
+    ckpt_io.load_weights(model, ckpt / "model.safetensors")
+    metrics = {"checkpoint": str(ckpt), **evaluate(model, data)}
+    out = Path(args.out) if args.out else ckpt / "eval.json"
+    out.write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics, indent=1))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

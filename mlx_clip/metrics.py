@@ -1,0 +1,54 @@
+"""Zero-shot classification and retrieval metrics on numpy features (framework-free)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def zero_shot_classifier(class_text_features: np.ndarray) -> np.ndarray:
+    """(C, T, E) features of C classes x T prompt templates -> (C, E) ensembled class weights.
+
+    Prompt ensembling as in CLIP: average the normalised template embeddings, renormalise.
+    """
+    return _l2n(_l2n(class_text_features).mean(axis=1))
+
+
+def zero_shot_accuracy(image_features: np.ndarray, classifier: np.ndarray, labels: np.ndarray, topk=(1, 5)):
+    """Top-k accuracy of argmax image @ classifier.T against integer labels."""
+    logits = _l2n(image_features) @ classifier.T  # (N, C)
+    # rank of the true class = how many classes score strictly higher
+    true = logits[np.arange(len(labels)), labels][:, None]
+    rank = (logits > true).sum(axis=1)
+    return {f"zeroshot_top{k}": float(np.mean(rank < k)) for k in topk if k <= classifier.shape[0]}
+
+
+def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, text_to_image: np.ndarray):
+    """Image<->text retrieval with possibly several captions per image.
+
+    image_features (N, E), text_features (M, E), text_to_image (M,) index of each caption's image.
+    image->text: the rank of the best-ranked of the image's own captions (a hit on any counts).
+    text->image: the rank of the caption's image. Ranks are 1-based; R@k = share with rank <= k.
+    """
+    sims = _l2n(image_features) @ _l2n(text_features).T  # (N, M)
+    n_images = sims.shape[0]
+    own = np.zeros_like(sims, dtype=bool)
+    own[text_to_image, np.arange(sims.shape[1])] = True
+
+    # image -> text: 1 + number of foreign captions scoring above the best own caption
+    best_own = np.where(own, sims, -np.inf).max(axis=1, keepdims=True)
+    i2t_rank = 1 + ((sims > best_own) & ~own).sum(axis=1)
+    # text -> image: 1 + number of images scoring above the caption's own image
+    true = sims[text_to_image, np.arange(sims.shape[1])]
+    t2i_rank = 1 + (sims > true[None, :]).sum(axis=0)
+
+    out = {}
+    for name, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+        for k in (1, 5, 10):
+            out[f"{name}_R@{k}"] = float(np.mean(rank <= k))
+        out[f"{name}_mean_rank"] = float(np.mean(rank))
+    out["retrieval_images"] = int(n_images)
+    return out

@@ -1,0 +1,136 @@
+"""What a training run reads: the tokenizer, the train loader and the held-out evaluation sets.
+
+Framework-free (numpy + mlx-data), so torch_ref.train builds the very same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import synthetic
+from .config import Config, ModelConfig
+from .data import ArraySource, Loader
+from .readers import read_samples, split_samples
+from .tokenizer import Tokenizer, load_tokenizer, openai_tokenizer, train_tokenizer
+
+# The built-in dataset is generated from a fixed seed, so every run (whatever train.seed)
+# is evaluated on the same held-out images.
+BUILTIN_SEED = 0
+
+
+@dataclass
+class EvalSet:
+    loader: Loader
+    captions: list[list[str]]  # every caption of each image (retrieval counts a hit on any)
+    labels: np.ndarray | None = None  # zero-shot class per image, when the set has classes
+
+
+@dataclass
+class RunData:
+    train: Loader | None  # None when built for evaluation only
+    tokenizer: Tokenizer
+    tokenize: Callable[[list[str]], np.ndarray]
+    evals: dict[str, EvalSet] = field(default_factory=dict)
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {e.loader.num_samples}" for k, e in self.evals.items())
+        train = (
+            f"train {self.train.num_samples} images ({len(self.train)} batches/epoch), " if self.train else ""
+        )
+        return (
+            f"{self.source}: {train}held out: {sizes or 'none'}; tokenizer {self.tokenizer.vocab_size} tokens"
+        )
+
+
+def build_tokenizer(
+    cfg: Config, mcfg: ModelConfig, captions: list[list[str]], saved: Path | None
+) -> Tokenizer:
+    """The run's tokenizer; a resumed or fine-tuned run reuses the one saved with its checkpoint."""
+    kind = cfg.tokenizer.kind
+    if saved is not None:
+        tok = Tokenizer.load(saved)
+    elif kind in ("auto", "trained"):
+        tok = train_tokenizer((c for caps in captions for c in caps), mcfg.vocab_size)
+    elif kind == "openai":
+        tok = openai_tokenizer()
+    else:
+        tok = load_tokenizer(kind)
+    if tok.vocab_size != mcfg.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {mcfg.vocab_size}; "
+            "set model.vocab_size to match (or tokenizer.kind: trained)"
+        )
+    return tok
+
+
+def build_run_data(
+    cfg: Config,
+    mcfg: ModelConfig,
+    tokenizer_dir: Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    with_train: bool = True,
+) -> RunData:
+    """Loaders and tokenizer for a run. with_train=False builds the held-out sets only (eval)."""
+    d = cfg.data
+    S = mcfg.image_size
+    classnames, templates, labels = [], [], None
+    kw = dict(image_key=d.image_key, caption_key=d.caption_key, fmt=d.format)
+    train_src, val_src, augment = None, [], False
+    if d.train == "builtin":
+        source = f"built-in shapes ({d.builtin_split}, {S}px)"
+        if with_train:
+            train_set = synthetic.generate(d.builtin_train_size, S, BUILTIN_SEED, "train", d.builtin_split)
+            train_src = ArraySource(train_set.images, train_set.captions)
+        if not d.val:
+            val_set = synthetic.generate(d.builtin_val_size, S, BUILTIN_SEED, "val", "single")
+            val_src, labels = ArraySource(val_set.images, val_set.captions), val_set.labels
+            classnames, templates = list(synthetic.CLASSNAMES), list(synthetic.TEMPLATES)
+        # No augmentation: colour and position are what the captions describe.
+    else:
+        source = d.train
+        if with_train:
+            train_src = read_samples(d.train, **kw)
+            if not d.val and d.val_ratio > 0:
+                train_src, val_src = split_samples(train_src, d.val_ratio, cfg.train.seed)
+        if d.augment:
+            augment = dict(scale=tuple(d.crop_scale), color_jitter=d.color_jitter, hflip=d.hflip)
+    if d.val:
+        val_src = read_samples(d.val, **kw)
+    train_caps = (
+        train_src.captions if isinstance(train_src, ArraySource) else [s.captions for s in train_src or []]
+    )
+    val_caps = val_src.captions if isinstance(val_src, ArraySource) else [s.captions for s in val_src]
+
+    tokenizer = build_tokenizer(cfg, mcfg, train_caps, tokenizer_dir)
+    ctx = mcfg.context_length
+
+    def tokenize(texts: list[str]) -> np.ndarray:
+        return tokenizer(texts, ctx)
+
+    common = dict(num_workers=d.num_workers, prefetch=d.prefetch, rank=rank, world_size=world_size)
+    train = None
+    if with_train:
+        train = Loader(
+            train_src,
+            d.batch_size,
+            S,
+            train=True,
+            seed=cfg.train.seed,
+            augment=augment,
+            tokenize=tokenize,
+            **common,
+        )
+    evals = {}
+    if len(val_caps):
+        # Every rank encodes the whole held-out set, so evaluation needs no gathering.
+        val_loader = Loader(val_src, 256, S, train=False, num_workers=d.num_workers, prefetch=d.prefetch)
+        evals["val"] = EvalSet(val_loader, val_caps, labels)
+    return RunData(train, tokenizer, tokenize, evals, classnames, templates, source)

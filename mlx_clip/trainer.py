@@ -1,0 +1,343 @@
+"""The training loop: compiled step, periodic evaluation, logging and checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from . import checkpoint as ckpt_io
+from .config import Config, config_to_yaml
+from .loss import clip_loss
+from .metrics import retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
+from .model import LOGIT_SCALE_MAX, CLIP, create_model
+from .optim import build_optimizer, lr_at
+from .run_data import RunData, build_run_data
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+
+def encode_images(model: CLIP, loader) -> np.ndarray:
+    feats = [np.array(model.encode_image(mx.array(b["images"]))) for b in loader.epoch(0)]
+    return np.concatenate(feats) if feats else np.zeros((0, model.config.embed_dim), np.float32)
+
+
+def encode_texts(model: CLIP, tokenize, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = mx.array(tokenize(texts[i : i + batch_size]))
+        out.append(np.array(model.encode_text(tokens)))
+    return np.concatenate(out)
+
+
+def evaluate(model: CLIP, data: RunData) -> dict:
+    """Zero-shot top-1/top-5 (prompt ensemble) and image<->text retrieval on the held-out split."""
+    metrics: dict = {}
+    for name, ev in data.evals.items():
+        prefix = "" if name == "val" else f"{name}_"
+        image_features = encode_images(model, ev.loader)
+        captions = [c for caps in ev.captions for c in caps]
+        owner = np.repeat(np.arange(len(ev.captions)), [len(c) for c in ev.captions])
+        text_features = encode_texts(model, data.tokenize, captions)
+        metrics.update(
+            {prefix + k: v for k, v in retrieval_metrics(image_features, text_features, owner).items()}
+        )
+        if ev.labels is not None and data.classnames:
+            prompts = [t.format(c) for c in data.classnames for t in data.templates]
+            class_feats = encode_texts(model, data.tokenize, prompts)
+            class_feats = class_feats.reshape(len(data.classnames), len(data.templates), -1)
+            acc = zero_shot_accuracy(image_features, zero_shot_classifier(class_feats), ev.labels)
+            metrics.update({prefix + k: v for k, v in acc.items()})
+    return metrics
+
+
+def pick_best_metric(cfg: Config, metrics: dict) -> str | None:
+    if cfg.train.best_metric != "auto":
+        return cfg.train.best_metric
+    for name in ("zeroshot_top1", "i2t_R@1"):
+        if name in metrics:
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Logging
+
+
+@dataclass
+class Logger:
+    out: Path
+    total_steps: int
+    progress: bool
+    tensorboard: object = None
+
+    def __post_init__(self):
+        self.file = open(self.out / "metrics.jsonl", "a")
+        self.tty = self.progress and sys.stdout.isatty()
+        self.history: list[dict] = []
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for k, v in record.items():
+                if k not in ("event", "step") and isinstance(v, (int, float)):
+                    self.tensorboard.add_scalar(f"{record['event']}/{k}", v, record["step"])
+
+    def progress_line(self, step: int, loss: float, lr: float, img_s: float, eta_s: float, mem_mb: float):
+        if not self.progress:
+            return
+        width = 24
+        done = int(width * step / self.total_steps)
+        bar = "#" * done + "-" * (width - done)
+        eta = time.strftime("%M:%S", time.gmtime(eta_s)) if eta_s < 3600 else f"{eta_s / 3600:.1f}h"
+        line = (
+            f"[{bar}] step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+            f"{img_s:.0f} img/s ETA {eta} mem {mem_mb:.0f} MB"
+        )
+        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.tty:
+            print()
+        print(text, flush=True)
+
+    def close(self):
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def memory_mb() -> float:
+    """MLX's active memory where it counts it (Metal/CUDA/CPU), else the process peak RSS."""
+    try:
+        active = mx.get_active_memory()
+        if active:
+            return active / 2**20
+    except AttributeError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if r["event"] == "train"]
+    evals = [r for r in history if r["event"] == "eval"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax1.set(xlabel="step", ylabel="train loss", title="loss")
+    for key in ("zeroshot_top1", "i2t_R@1", "t2i_R@1"):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o", label=key)
+    ax2.set(xlabel="step", ylabel="accuracy", title="held-out", ylim=(0, 1))
+    if evals:
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def open_tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        try:
+            from tensorboardX import SummaryWriter
+        except Exception:
+            raise RuntimeError(
+                "train.tensorboard=true needs the `tensorboard` package (with torch) or `tensorboardX`; "
+                "pip install tensorboardX"
+            ) from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+def config_hash(config_yaml: str) -> str:
+    return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
+
+
+def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config):
+    """One compiled training step over the model, optimizer and random state."""
+    smoothing, max_norm = cfg.loss.label_smoothing, cfg.optim.grad_clip
+
+    def loss_fn(model, images, tokens):
+        image_features, text_features, logit_scale = model(images, tokens)
+        return clip_loss(image_features, text_features, logit_scale, label_smoothing=smoothing)
+
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(images, tokens):
+        loss, grads = grad_fn(model, images, tokens)
+        if max_norm > 0:
+            grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
+        else:
+            grad_norm = mx.sqrt(sum(mx.sum(g * g) for g in _leaves(grads)))
+        optimizer.update(model, grads)
+        # CLIP clamps the temperature so the logit scale never exceeds 100.
+        model.logit_scale = mx.clip(model.logit_scale, 0.0, LOGIT_SCALE_MAX)
+        return loss, grad_norm
+
+    return step, state
+
+
+def _leaves(tree):
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(tree)]
+
+
+def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train per `cfg` into `out`; returns the final evaluation metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    config_yaml = config_to_yaml(cfg)
+    ckpt_root = out / "checkpoints"
+    mcfg = cfg.model_config()
+    seed = cfg.train.seed
+
+    resume_dir = None
+    if resume:
+        resume_dir = ckpt_io.resolve_checkpoint(ckpt_root)
+
+    t0 = time.perf_counter()
+    data = build_run_data(cfg, mcfg, tokenizer_dir=resume_dir)
+    print(f"data: {data.describe()} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    (out / "config.yaml").write_text(config_yaml)
+
+    model = create_model(mcfg, seed=seed)
+    total = cfg.train.steps
+    optimizer = build_optimizer(cfg.optim, total)
+    optimizer.init(model.trainable_parameters())
+    step_no, epoch, batch_in_epoch = 0, 0, 0
+    best = {"name": None, "value": -math.inf, "checkpoint": None}
+    if resume_dir is not None:
+        state = ckpt_io.load_checkpoint(resume_dir, model, optimizer)
+        if state.get("config_hash") != config_hash(config_yaml):
+            print(f"warning: the config differs from the one checkpoint {resume_dir.name} was trained with")
+        step_no, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        best = state.get("best", best)
+        print(f"resumed from {resume_dir} at step {step_no}", flush=True)
+    # Batches are a pure function of (seed, epoch, index) (data.py) and the compiled step draws
+    # no random numbers, so resuming is exact; anything random later is keyed on (seed, step).
+    mx.random.seed(seed * 1_000_003 + step_no)
+
+    step_fn, state = make_step(model, optimizer, cfg)
+    logger = Logger(out, total, cfg.train.progress, open_tensorboard(out) if cfg.train.tensorboard else None)
+    batches_per_epoch = len(data.train)
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"the training set has fewer samples than one global batch ({cfg.data.batch_size}); "
+            "lower data.batch_size or add data"
+        )
+
+    def save(step: int, metrics: dict | None = None) -> Path:
+        nonlocal best
+        keep = set()
+        metric = pick_best_metric(cfg, metrics or {})
+        is_best = metrics is not None and metric in metrics and metrics[metric] > best["value"]
+        if is_best:
+            best = {"name": metric, "value": metrics[metric], "checkpoint": f"step_{step}"}
+        run_state = {
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "seed": seed,
+            "config_hash": config_hash(config_yaml),
+            "best": best,
+            "metrics": metrics or {},
+        }
+        path = ckpt_io.save_checkpoint(
+            ckpt_root, step, model, optimizer, data.tokenizer, config_yaml, run_state
+        )
+        if best["checkpoint"]:
+            keep.add(best["checkpoint"])
+        ckpt_io.prune_checkpoints(ckpt_root, cfg.train.keep_last, keep)
+        return path
+
+    def run_eval(step: int) -> dict:
+        te = time.perf_counter()
+        metrics = evaluate(model, data)
+        logger.log({"event": "eval", "step": step, **metrics})
+        shown = {k: round(v, 4) for k, v in metrics.items() if "R@5" not in k and "R@10" not in k}
+        logger.message(f"eval @ {step} ({time.perf_counter() - te:.1f}s): {json.dumps(shown)}")
+        return metrics
+
+    stop_at = min(total, step_no + stop_after) if stop_after else total
+    window_t, window_n, t_start, start_step = time.perf_counter(), 0, time.perf_counter(), step_no
+    metrics: dict = {}
+    loss_v = float("nan")
+    while step_no < stop_at:
+        for batch in data.train.epoch(epoch, start_batch=batch_in_epoch):
+            loss, grad_norm = step_fn(mx.array(batch["images"]), mx.array(batch["tokens"]))
+            mx.eval(state, loss, grad_norm)
+            step_no += 1
+            batch_in_epoch += 1
+            window_n += len(batch["tokens"])
+            if batch_in_epoch == batches_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            if step_no % cfg.train.log_every == 0 or step_no == stop_at:
+                loss_v = loss.item()
+                now = time.perf_counter()
+                img_s = window_n / (now - window_t)
+                eta = (now - t_start) / max(1, step_no - start_step) * (stop_at - step_no)
+                lr = lr_at(step_no - 1, cfg.optim, total)
+                logger.log(
+                    {
+                        "event": "train",
+                        "step": step_no,
+                        "epoch": epoch,
+                        "loss": loss_v,
+                        "lr": lr,
+                        "img_per_s": img_s,
+                        "grad_norm": grad_norm.item(),
+                        "logit_scale": math.exp(model.logit_scale.item()),
+                    }
+                )
+                logger.progress_line(step_no, loss_v, lr, img_s, eta, memory_mb())
+                window_t, window_n = now, 0
+            evaluate_now = cfg.train.eval_every and step_no % cfg.train.eval_every == 0 and step_no < total
+            if evaluate_now:
+                metrics = run_eval(step_no)
+            if cfg.train.save_every and step_no % cfg.train.save_every == 0 and step_no < stop_at:
+                save(step_no, metrics if evaluate_now else None)
+            if step_no >= stop_at:
+                break
+
+    if step_no >= total:
+        metrics = run_eval(step_no)
+    else:
+        metrics = {}
+    final = save(step_no, metrics or None)
+    plot_curves(_read_history(out), out / "curves.png")
+    logger.close()
+    elapsed = time.perf_counter() - t0
+    summary = {"step": step_no, "seconds": round(elapsed, 1), "checkpoint": str(final), **metrics}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _read_history(out: Path) -> list[dict]:
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,137 @@
+"""`python -m mlx_clip.train` end to end on small runs: outputs, checkpoints, exact resume, eval CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from mlx_clip.config import ConfigError, load_config
+from mlx_clip.train import main as train_main
+from mlx_clip.train import parse_args
+
+# A small, fast run: a shrunken tiny model on a few hundred built-in images.
+SMALL = [
+    "--model.image_size", "32", "--model.patch_size", "8", "--model.vision_width", "64",
+    "--model.vision_heads", "2", "--model.vision_layers", "2", "--model.text_width", "64",
+    "--model.text_layers", "2", "--model.context_length", "16", "--model.vocab_size", "600",
+    "--model.embed_dim", "32", "--data.builtin_train_size", "256", "--data.builtin_val_size", "48",
+    "--data.batch_size", "16", "--optim.warmup_steps", "2", "--train.log_every", "2",
+    "--train.progress", "false",
+]  # fmt: skip
+
+
+def run(tmp_path, name, *extra):
+    out = tmp_path / name
+    summary = train_main(["--out", str(out), *SMALL, *extra])
+    return out, summary
+
+
+def test_end_to_end_outputs(tmp_path):
+    out, summary = run(tmp_path, "run", "--steps", "6", "--train.eval_every", "3", "--train.save_every", "3")
+    assert summary["step"] == 6
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert {"step", "loss", "lr", "img_per_s"} <= train[0].keys()
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert [r["step"] for r in evals] == [3, 6]
+    for key in (
+        "zeroshot_top1",
+        "zeroshot_top5",
+        "i2t_R@1",
+        "i2t_R@5",
+        "i2t_R@10",
+        "t2i_R@1",
+        "t2i_mean_rank",
+    ):
+        assert key in evals[-1] and 0 <= evals[-1][key] <= (48 if "rank" in key else 1)
+
+    ckpts = out / "checkpoints"
+    latest = ckpts / "latest"
+    assert latest.resolve() == (ckpts / "step_6").resolve()
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json", "config.yaml", "tokenizer.json"):
+        assert (ckpts / "step_6" / name).is_file(), name
+    state = json.loads((ckpts / "step_6" / "state.json").read_text())
+    assert state["step"] == 6 and "mlx_rng_key" in state and "config_hash" in state
+    assert "epoch" in state and "batch_in_epoch" in state
+    # The resolved config is complete and loads back.
+    cfg = load_config(out / "config.yaml")
+    assert cfg.model_config().vision_width == 64 and cfg.train.steps == 6
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """train 8 == train 4, stop, resume, train 4 -- bit for bit (CPU)."""
+    common = ["--steps", "8", "--train.eval_every", "0", "--train.save_every", "0"]
+    full, _ = run(tmp_path, "full", *common)
+    half, _ = run(tmp_path, "half", *common, "--stop-after", "4")
+    assert json.loads((half / "checkpoints" / "step_4" / "state.json").read_text())["step"] == 4
+    resumed = train_main(["--out", str(half), "--resume", *SMALL, *common])
+    assert resumed["step"] == 8
+    a = load_file(str(full / "checkpoints" / "step_8" / "model.safetensors"))
+    b = load_file(str(half / "checkpoints" / "step_8" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    oa = load_file(str(full / "checkpoints" / "step_8" / "optimizer.safetensors"))
+    ob = load_file(str(half / "checkpoints" / "step_8" / "optimizer.safetensors"))
+    assert all(np.array_equal(oa[k], ob[k]) for k in oa)
+
+
+def test_keeps_best_and_last_k(tmp_path):
+    out, _ = run(
+        tmp_path, "keep", "--steps", "8", "--train.eval_every", "2", "--train.save_every", "2",
+        "--train.keep_last", "1",
+    )  # fmt: skip
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    state = json.loads((out / "checkpoints" / "step_8" / "state.json").read_text())
+    best = state["best"]["checkpoint"]
+    assert best in kept and "step_8" in kept
+    assert set(kept) == {best, "step_8"}
+
+
+def test_eval_cli_matches_training_eval(tmp_path):
+    out, summary = run(tmp_path, "ev", "--steps", "4", "--train.eval_every", "0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_clip.eval", "--checkpoint", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["zeroshot_top1"] == pytest.approx(summary["zeroshot_top1"])
+    assert metrics["i2t_R@1"] == pytest.approx(summary["i2t_R@1"])
+    assert (out / "checkpoints" / "step_4" / "eval.json").is_file()
+
+
+def test_cli_overrides_and_errors():
+    args, overrides = parse_args(["--steps", "7", "--optim.lr", "3e-4", "--data.batch_size=64"])
+    cfg = load_config(None, overrides)
+    assert cfg.train.steps == 7 and cfg.optim.lr == 3e-4 and cfg.data.batch_size == 64
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        load_config(None, [("optim.lrate", "1")])
+    with pytest.raises(ConfigError, match="data.batch_size: expected int"):
+        load_config(None, [("data.batch_size", "big")])
+    with pytest.raises(ConfigError, match="at least 2 pairs"):
+        load_config(None, [("data.batch_size", "1")])
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_config(None, [("model.image_size", "60")])
+
+
+def test_cli_config_error_exits_with_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 1e-3\n  warmup: 10\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_clip.train", "--config", str(bad), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "bad.yaml" in proc.stderr and "unknown config key 'optim.warmup'" in proc.stderr
+    assert "optim.warmup_steps" in proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -6,24 +6,15 @@ this file name for name, so both frameworks share one key scheme.
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .fastmath import gelu, quick_gelu
 
 
-def quick_gelu(x: mx.array) -> mx.array:
-    # OpenAI CLIP's sigmoid approximation of GELU.
-    return x * mx.sigmoid(1.702 * x)
-
-
-def gelu(x: mx.array) -> mx.array:
-    # Exact (erf) GELU, as torch.nn.GELU() and HF "gelu".
-    return x * (1 + mx.erf(x / math.sqrt(2.0))) / 2
-
-
+# Exact (erf) GELU as torch.nn.GELU() / HF "gelu", and OpenAI's x * sigmoid(1.702 x); both use
+# arithmetic-only kernels on MLX's CPU backend, where erf/exp are slow (see fastmath.py).
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -52,3 +54,39 @@ def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, tex
         out[f"{name}_mean_rank"] = float(np.mean(rank))
     out["retrieval_images"] = int(n_images)
     return out
+
+
+def evaluate_run(
+    data,
+    encode_image: Callable[[np.ndarray], np.ndarray],
+    encode_text: Callable[[np.ndarray], np.ndarray],
+    text_batch: int = 256,
+) -> dict:
+    """Zero-shot top-1/top-5 (prompt ensemble) and retrieval on a run's held-out sets.
+
+    `data` is a run_data.RunData; the encoders map numpy NHWC images / int32 tokens to
+    numpy features, so MLX and torch_ref share this code.
+    """
+
+    def texts_to_features(texts: list[str]) -> np.ndarray:
+        parts = [
+            encode_text(data.tokenize(texts[i : i + text_batch])) for i in range(0, len(texts), text_batch)
+        ]
+        return np.concatenate(parts)
+
+    metrics: dict = {}
+    for name, ev in data.evals.items():
+        prefix = "" if name == "val" else f"{name}_"
+        image_features = np.concatenate([encode_image(b["images"]) for b in ev.loader.epoch(0)])
+        captions = [c for caps in ev.captions for c in caps]
+        owner = np.repeat(np.arange(len(ev.captions)), [len(c) for c in ev.captions])
+        text_features = texts_to_features(captions)
+        metrics.update(
+            {prefix + k: v for k, v in retrieval_metrics(image_features, text_features, owner).items()}
+        )
+        if ev.labels is not None and data.classnames:
+            prompts = [t.format(c) for c in data.classnames for t in data.templates]
+            class_features = texts_to_features(prompts).reshape(len(data.classnames), len(data.templates), -1)
+            acc = zero_shot_accuracy(image_features, zero_shot_classifier(class_features), ev.labels)
+            metrics.update({prefix + k: v for k, v in acc.items()})
+    return metrics

@@ -49,6 +49,24 @@ class RunData:
         )
 
 
+def resolve_init(init_from: str | None) -> tuple[Path | None, Path | None]:
+    """model.init_from (a .safetensors file, a checkpoint dir or a run dir) -> (weights, tokenizer dir)."""
+    if not init_from:
+        return None, None
+    path = Path(init_from)
+    if path.is_file():
+        weights, folder = path, path.parent
+    else:
+        from .checkpoint import resolve_checkpoint  # noqa: PLC0415  (imports MLX; only when needed)
+
+        folder = resolve_checkpoint(path)
+        weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"model.init_from: no weights at {weights}")
+    tokenizer = folder if (folder / "tokenizer_config.json").is_file() else None
+    return weights, tokenizer
+
+
 def build_tokenizer(
     cfg: Config, mcfg: ModelConfig, captions: list[list[str]], saved: Path | None
 ) -> Tokenizer:

@@ -19,47 +19,22 @@ import numpy as np
 from . import checkpoint as ckpt_io
 from .config import Config, config_to_yaml
 from .loss import clip_loss
-from .metrics import retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
-from .model import LOGIT_SCALE_MAX, CLIP, create_model
+from .metrics import evaluate_run
+from .model import CLIP, LOGIT_SCALE_MAX, create_model
 from .optim import build_optimizer, lr_at
-from .run_data import RunData, build_run_data
+from .run_data import RunData, build_run_data, resolve_init
 
 # ---------------------------------------------------------------------------
 # Evaluation
 
 
-def encode_images(model: CLIP, loader) -> np.ndarray:
-    feats = [np.array(model.encode_image(mx.array(b["images"]))) for b in loader.epoch(0)]
-    return np.concatenate(feats) if feats else np.zeros((0, model.config.embed_dim), np.float32)
-
-
-def encode_texts(model: CLIP, tokenize, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = mx.array(tokenize(texts[i : i + batch_size]))
-        out.append(np.array(model.encode_text(tokens)))
-    return np.concatenate(out)
-
-
 def evaluate(model: CLIP, data: RunData) -> dict:
-    """Zero-shot top-1/top-5 (prompt ensemble) and image<->text retrieval on the held-out split."""
-    metrics: dict = {}
-    for name, ev in data.evals.items():
-        prefix = "" if name == "val" else f"{name}_"
-        image_features = encode_images(model, ev.loader)
-        captions = [c for caps in ev.captions for c in caps]
-        owner = np.repeat(np.arange(len(ev.captions)), [len(c) for c in ev.captions])
-        text_features = encode_texts(model, data.tokenize, captions)
-        metrics.update(
-            {prefix + k: v for k, v in retrieval_metrics(image_features, text_features, owner).items()}
-        )
-        if ev.labels is not None and data.classnames:
-            prompts = [t.format(c) for c in data.classnames for t in data.templates]
-            class_feats = encode_texts(model, data.tokenize, prompts)
-            class_feats = class_feats.reshape(len(data.classnames), len(data.templates), -1)
-            acc = zero_shot_accuracy(image_features, zero_shot_classifier(class_feats), ev.labels)
-            metrics.update({prefix + k: v for k, v in acc.items()})
-    return metrics
+    """Zero-shot and retrieval metrics of `model` on the run's held-out sets."""
+    return evaluate_run(
+        data,
+        encode_image=lambda images: np.array(model.encode_image(mx.array(images))),
+        encode_text=lambda tokens: np.array(model.encode_text(mx.array(tokens))),
+    )
 
 
 def pick_best_metric(cfg: Config, metrics: dict) -> str | None:
@@ -218,16 +193,18 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
     mcfg = cfg.model_config()
     seed = cfg.train.seed
 
-    resume_dir = None
-    if resume:
-        resume_dir = ckpt_io.resolve_checkpoint(ckpt_root)
+    resume_dir = ckpt_io.resolve_checkpoint(ckpt_root) if resume else None
+    init_weights, init_tokenizer = resolve_init(cfg.model.get("init_from"))
 
     t0 = time.perf_counter()
-    data = build_run_data(cfg, mcfg, tokenizer_dir=resume_dir)
+    data = build_run_data(cfg, mcfg, tokenizer_dir=resume_dir or init_tokenizer)
     print(f"data: {data.describe()} ({time.perf_counter() - t0:.1f}s)", flush=True)
     (out / "config.yaml").write_text(config_yaml)
 
     model = create_model(mcfg, seed=seed)
+    if init_weights is not None and resume_dir is None:
+        ckpt_io.load_weights(model, init_weights)
+        print(f"initialised from {init_weights}", flush=True)
     total = cfg.train.steps
     optimizer = build_optimizer(cfg.optim, total)
     optimizer.init(model.trainable_parameters())

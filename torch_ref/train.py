@@ -1,0 +1,157 @@
+"""`python -m torch_ref.train`: the same run as `python -m mlx_clip.train`, in PyTorch.
+
+Same config, CLI, tokenizer, batches (mlx_clip.run_data), schedule, weight-decay groups,
+gradient clipping and metrics, on cpu, mps or cuda (`--device`, default: best available).
+It writes config.yaml, metrics.jsonl, summary.json and model.safetensors (canonical keys).
+Resume is not supported here; it is the reference path, not the product.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mlx_clip  # noqa: F401  (BLAS fix before anything imports mlx.core via mlx.data)
+from mlx_clip.config import ConfigError, config_to_yaml, load_config
+from mlx_clip.metrics import evaluate_run
+from mlx_clip.optim import decays, lr_at
+from mlx_clip.run_data import build_run_data, resolve_init
+from mlx_clip.train import parse_args
+
+from .checkpoint import load_weights, save_weights
+from .loss import clip_loss
+from .model import LOGIT_SCALE_MAX, create_model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # torch keeps the conv as (out, in, kh, kw): 4-D either way, so the rule is the same
+        (decay if decays(name, p.ndim) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(batch["images"]).permute(0, 3, 1, 2).contiguous().to(device)  # NHWC -> NCHW
+    return images, torch.from_numpy(batch["tokens"]).long().to(device)
+
+
+def train(cfg, out: Path, device: str | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    mcfg = cfg.model_config()
+    t0 = time.perf_counter()
+    init_weights, init_tokenizer = resolve_init(cfg.model.get("init_from"))
+    data = build_run_data(cfg, mcfg, tokenizer_dir=init_tokenizer)
+    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    model = create_model(mcfg, seed=cfg.train.seed, device=device)
+    dev = next(model.parameters()).device
+    if init_weights:
+        load_weights(model, init_weights)
+    print(f"torch_ref on {dev}; data: {data.describe()}", flush=True)
+
+    o = cfg.optim
+    total = cfg.train.steps
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, total) / o.lr)
+
+    def encode(fn, x):
+        with torch.no_grad():
+            return fn(x).float().cpu().numpy()
+
+    def evaluate() -> dict:
+        model.eval()
+        metrics = evaluate_run(
+            data,
+            encode_image=lambda im: encode(
+                model.encode_image, torch.from_numpy(im).permute(0, 3, 1, 2).to(dev)
+            ),
+            encode_text=lambda tok: encode(model.encode_text, torch.from_numpy(tok).long().to(dev)),
+        )
+        model.train()
+        return metrics
+
+    log = open(out / "metrics.jsonl", "w")
+    step, epoch = 0, 0
+    window_t, window_n = time.perf_counter(), 0
+    while step < total:
+        for batch in data.train.epoch(epoch):
+            images, tokens = to_device(batch, dev)
+            loss = clip_loss(*model(images, tokens), label_smoothing=cfg.loss.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            else:
+                grad_norm = torch.sqrt(
+                    sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None)
+                )
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+            step += 1
+            window_n += len(tokens)
+            if step % cfg.train.log_every == 0 or step == total:
+                now = time.perf_counter()
+                record = {
+                    "event": "train",
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "img_per_s": window_n / (now - window_t),
+                    "grad_norm": float(grad_norm),
+                    "logit_scale": math.exp(model.logit_scale.item()),
+                }
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if cfg.train.progress:
+                    print(
+                        f"step {step}/{total} loss {record['loss']:.4f} lr {lr:.2e} {record['img_per_s']:.0f} img/s"
+                    )
+                window_t, window_n = now, 0
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                log.write(json.dumps({"event": "eval", "step": step, **evaluate()}) + "\n")
+            if step >= total:
+                break
+        epoch += 1
+    metrics = evaluate()
+    log.write(json.dumps({"event": "eval", "step": step, **metrics}) + "\n")
+    log.close()
+    save_weights(model, out / "model.safetensors")
+    data.tokenizer.save(out)
+    summary = {"step": step, "seconds": round(time.perf_counter() - t0, 1), "device": str(dev), **metrics}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    device = None
+    if "--device" in argv:
+        i = argv.index("--device")
+        device = argv[i + 1]
+        del argv[i : i + 2]
+    args, overrides = parse_args(argv)
+    if args.resume or args.stop_after:
+        sys.exit("error: torch_ref.train does not support --resume / --stop-after")
+    out = Path(args.out) if args.out else Path("runs") / ("torch-" + time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    summary = train(cfg, out, device=device)
+    print(json.dumps({k: v for k, v in summary.items() if not k.endswith(("R@5", "R@10"))}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -122,7 +122,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     for key in ("zeroshot_top1", "i2t_R@1", "t2i_R@1"):
         pts = [(r["step"], r[key]) for r in evals if key in r]
         if pts:
-            ax2.plot(*zip(*pts), marker="o", label=key)
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
     ax2.set(xlabel="step", ylabel="accuracy", title="held-out", ylim=(0, 1))
     if evals:
         ax2.legend()

@@ -114,9 +114,8 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if cfg.train.progress:
-                    print(
-                        f"step {step}/{total} loss {record['loss']:.4f} lr {lr:.2e} {record['img_per_s']:.0f} img/s"
-                    )
+                    rate = record["img_per_s"]
+                    print(f"step {step}/{total} loss {record['loss']:.4f} lr {lr:.2e} {rate:.0f} img/s")
                 window_t, window_n = now, 0
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                 log.write(json.dumps({"event": "eval", "step": step, **evaluate()}) + "\n")

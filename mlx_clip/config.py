@@ -165,7 +165,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def model_config(self) -> "ModelConfig":
+    def model_config(self) -> ModelConfig:
         spec = dict(self.model)
         arch = spec.pop("arch", "tiny")
         spec.pop("init_from", None)

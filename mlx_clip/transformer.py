@@ -12,7 +12,6 @@ import mlx.nn as nn
 from .config import ModelConfig
 from .fastmath import gelu, quick_gelu
 
-
 # Exact (erf) GELU as torch.nn.GELU() / HF "gelu", and OpenAI's x * sigmoid(1.702 x); both use
 # arithmetic-only kernels on MLX's CPU backend, where erf/exp are slow (see fastmath.py).
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}

@@ -135,3 +135,24 @@ def test_cli_config_error_exits_with_message(tmp_path):
     assert "bad.yaml" in proc.stderr and "unknown config key 'optim.warmup'" in proc.stderr
     assert "optim.warmup_steps" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_users_csv_trains_with_one_command(tmp_path):
+    """A folder of image files plus a CSV: one command trains on it, with a ratio-split val set."""
+    from mlx_clip.synthetic import write_dataset
+
+    csv = write_dataset(tmp_path / "mydata", 96, image_size=40, seed=3, fmt="csv")
+    out = tmp_path / "csvrun"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "mlx_clip.train", "--out", str(out), *SMALL, "--data.train", str(csv),
+            "--data.val_ratio", "0.25", "--steps", "3", "--train.eval_every", "0",
+        ],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["retrieval_images"] == 24
+    assert "zeroshot_top1" not in summary  # user data has no class set
+    assert (out / "checkpoints" / "step_3" / "model.safetensors").is_file()

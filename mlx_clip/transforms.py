@@ -1,0 +1,294 @@
+"""Image preprocessing: mode conversion, resize / crop, augmentation, normalisation.
+
+Framework-free (numpy + PIL) so the MLX loader, torch_ref and the CLIs share one
+implementation. Every transform returns float32 (S, S, 3) HWC, normalised with the
+OpenAI CLIP mean/std.
+
+- `eval_transform(S)` reproduces CLIP's preprocessing: bicubic resize of the shorter
+  side to S (PIL, torchvision's size rounding), centre crop (torchvision's offset
+  rounding), [0, 1] scaling, normalisation.
+- `train_transform(S, ...)` is a random resized crop plus optional colour jitter and
+  flip, with all randomness drawn from an explicit `np.random.Generator`, so the
+  loader can make each sample's augmentation a pure function of (seed, epoch, index).
+
+Deliberate differences from `PIL.Image.convert("RGB")`, which CLIP uses: transparent
+images are composited over white (converting drops alpha and exposes whatever colour
+the invisible pixels hold), 16-bit images keep their high byte (PIL clips them,
+turning most 16-bit photos white), and every image is converted *before* resizing
+(CLIP converts after, so palette images get PIL's nearest-neighbour resize). RGB and L
+images give exactly CLIP's pixels; CMYK ones agree within one 8-bit level.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_MEAN = np.asarray(OPENAI_MEAN, np.float32)
+_STD = np.asarray(OPENAI_STD, np.float32)
+_SCALE = (1.0 / (255.0 * np.asarray(OPENAI_STD))).astype(np.float32)  # normalize() as x * _SCALE - _SHIFT
+_SHIFT = (np.asarray(OPENAI_MEAN) / np.asarray(OPENAI_STD)).astype(np.float32)
+# ITU-R 601 luma, as torchvision's rgb_to_grayscale (used by contrast / saturation jitter).
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Mode conversion
+
+
+def _composite_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Blend uint8 (H, W, 3) colours over a white background using uint8 (H, W) alpha."""
+    a = alpha.astype(np.uint32)[..., None]
+    out = (rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255  # rounded integer blend
+    return out.astype(np.uint8)
+
+
+def _array_to_rgb(x: np.ndarray) -> np.ndarray:
+    """uint8/uint16 (H, W), (H, W, 1|2|3|4) -> uint8 (H, W, 3)."""
+    if x.dtype == np.uint16:
+        x = (x >> 8).astype(np.uint8)  # keep the high byte: 16-bit -> 8-bit without clipping
+    if x.dtype != np.uint8:
+        raise TypeError(f"image arrays must be uint8 or uint16, got {x.dtype}")
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"expected an (H, W[, 1|2|3|4]) image array, got shape {x.shape}")
+    c = x.shape[-1]
+    if c in (2, 4):  # gray+alpha / RGBA
+        color = np.repeat(x[..., :1], 3, axis=-1) if c == 2 else x[..., :3]
+        return _composite_white(color, x[..., -1])
+    return np.repeat(x, 3, axis=-1) if c == 1 else x
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info
+
+
+def to_rgb(img: Image.Image | np.ndarray) -> Image.Image:
+    """Any PIL image or uint8/uint16 array -> an RGB PIL image (see module doc for the rules)."""
+    if isinstance(img, np.ndarray):
+        return Image.fromarray(_array_to_rgb(img))
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16"):
+        # PIL's own conversion saturates at 255; take the high byte instead.
+        return Image.fromarray(_array_to_rgb(np.asarray(img).astype(np.uint16)))
+    if img.mode == "I":
+        # 32-bit int, in practice a 16-bit PNG opened by an older Pillow.
+        return Image.fromarray(_array_to_rgb(np.clip(np.asarray(img), 0, 65535).astype(np.uint16)))
+    if img.mode == "F":
+        return Image.fromarray(_array_to_rgb(np.clip(np.asarray(img), 0, 255).astype(np.uint8)))
+    if _has_alpha(img):
+        rgba = np.asarray(img.convert("RGBA"))
+        return Image.fromarray(_composite_white(rgba[..., :3], rgba[..., 3]))
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+# ---------------------------------------------------------------------------
+# Geometry
+
+
+def resize_shorter(im: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shorter side is `size`; the longer side is truncated like torchvision."""
+    w, h = im.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    return im if new == im.size else im.resize(new, Image.Resampling.BICUBIC)
+
+
+def _center_offsets(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of the central size x size square, rounded like torchvision's CenterCrop."""
+    if width < size or height < size:
+        raise ValueError(f"center crop: image {width}x{height} is smaller than {size}")
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+
+def center_crop(im: Image.Image, size: int) -> Image.Image:
+    left, top = _center_offsets(im.width, im.height, size)
+    return im.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """Sample a crop box (left, top, right, bottom) with torchvision's RandomResizedCrop rules.
+
+    Up to 10 tries of area fraction ~ U(scale) and log aspect ~ U(log ratio); if none fits,
+    fall back to the largest central crop whose aspect ratio lies within `ratio`.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+# ---------------------------------------------------------------------------
+# Pixel values
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> float32 (x / 255 - mean) / std, computed as x * a - b (one copy, two
+    in-place passes; within 3e-7 of the torchvision ToTensor + Normalize result)."""
+    out = x.astype(np.float32)
+    out *= _SCALE
+    out -= _SHIFT
+    return out
+
+
+def _normalize01(x: np.ndarray) -> np.ndarray:
+    """float32 (..., 3) in [0, 1] -> normalised."""
+    return ((x - _MEAN) / _STD).astype(np.float32, copy=False)
+
+
+def color_jitter(x: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation jitter on float (H, W, 3) in [0, 1], in random order.
+
+    Each factor is drawn from U(max(0, 1 - strength), 1 + strength); values are clipped to
+    [0, 1] after each step, as torchvision's ColorJitter does.
+    """
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    factors = rng.uniform(lo, hi, size=3).astype(np.float32)
+    for op in rng.permutation(3):
+        f = factors[op]
+        if op == 0:  # brightness: blend with black
+            x = x * f
+        elif op == 1:  # contrast: blend with the mean grey level
+            x = f * x + (1 - f) * float((x @ _LUMA).mean())
+        else:  # saturation: blend with the per-pixel grey
+            x = f * x + (1 - f) * (x @ _LUMA)[..., None]
+        x = np.clip(x, 0.0, 1.0)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# The two transforms
+
+
+class EvalTransform:
+    """CLIP's eval preprocessing: shorter side -> S (bicubic), centre crop, normalise.
+
+    Call as `t(img)` or `t(img, rng)` (rng ignored) so it is interchangeable with
+    TrainTransform. Returns float32 (S, S, 3).
+    """
+
+    def __init__(self, image_size: int):
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = image_size
+
+    def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        size = self.image_size
+        im = resize_shorter(to_rgb(img), size)
+        left, top = _center_offsets(im.width, im.height, size)
+        return normalize(np.asarray(im)[top : top + size, left : left + size])  # crop = a view
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(image_size={self.image_size})"
+
+
+class TrainTransform:
+    """Random resized crop (bicubic) + optional colour jitter + optional horizontal flip.
+
+    Flip is off by default because captions mention left and right. All randomness
+    comes from the `rng` argument: the same generator state gives the same output.
+    Returns float32 (S, S, 3).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        color_jitter: float = 0.0,
+        hflip: bool = False,
+    ):
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
+        if color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
+        self.image_size = image_size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.color_jitter = float(color_jitter)
+        self.hflip = bool(hflip)
+
+    def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError("TrainTransform needs an np.random.Generator: t(img, rng)")
+        im = to_rgb(img)
+        box = random_resized_crop_box(im.width, im.height, self.scale, self.ratio, rng)
+        size = (self.image_size, self.image_size)
+        # resize(box=...) crops and resamples in one pass (no intermediate crop copy).
+        x = np.asarray(im.resize(size, Image.Resampling.BICUBIC, box=box))  # uint8 (S, S, 3)
+        if self.color_jitter > 0:
+            x = color_jitter(x.astype(np.float32) / np.float32(255.0), self.color_jitter, rng)
+        if self.hflip and rng.random() < 0.5:
+            x = x[:, ::-1]
+        return _normalize01(x) if self.color_jitter > 0 else normalize(x)
+
+    def __repr__(self) -> str:
+        return (
+            f"TrainTransform(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
+            f"color_jitter={self.color_jitter}, hflip={self.hflip})"
+        )
+
+
+def eval_transform(image_size: int) -> EvalTransform:
+    return EvalTransform(image_size)
+
+
+def train_transform(
+    image_size: int,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    color_jitter: float = 0.0,
+    hflip: bool = False,
+) -> TrainTransform:
+    return TrainTransform(image_size, scale=scale, ratio=ratio, color_jitter=color_jitter, hflip=hflip)
+
+
+__all__ = [
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "EvalTransform",
+    "TrainTransform",
+    "center_crop",
+    "color_jitter",
+    "eval_transform",
+    "normalize",
+    "random_resized_crop_box",
+    "resize_shorter",
+    "to_rgb",
+    "train_transform",
+]

@@ -112,6 +112,8 @@ class DataConfig:
     builtin_train_size: int = 20000
     builtin_val_size: int = 1000
     builtin_split: str = "mixed"  # single | pair | mixed
+    # Objects snapped to a grid of this many pixels (-1: the model's patch size; 0: free placement).
+    builtin_grid: int = -1
 
 
 @dataclass
@@ -169,7 +171,8 @@ class Config:
         spec = dict(self.model)
         arch = spec.pop("arch", "tiny")
         spec.pop("init_from", None)
-        base = to_dict(model_config(arch))
+        # "custom": every field comes from this section (over ModelConfig's defaults).
+        base = to_dict(ModelConfig()) if arch == "custom" else to_dict(model_config(arch))
         return model_config({**base, **spec})
 
     def validate(self) -> None:

@@ -6,11 +6,15 @@ names) and whose tensors have MLX layouts. The only layout that differs from
 PyTorch is the patch-embedding conv: MLX (out, kh, kw, in) vs torch (out, in, kh, kw).
 
 Functions here take and return plain dicts of arrays and work on numpy, MLX and
-torch tensors alike, so this module imports no framework.
+torch tensors alike, so this module imports no framework. Mappings: torch_ref (conv
+layout only), Hugging Face transformers and open_clip. `main()` is the
+`python -m mlx_clip.convert` CLI; reading and writing files lives in interop*.py.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -212,3 +216,153 @@ def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
         projection_dim=cfg.embed_dim,
     )
     return {"text_config": text, "vision_config": vision, "projection_dim": cfg.embed_dim}
+
+
+# ---------------------------------------------------------------------------
+# canonical <-> open_clip CLIP (the OpenAI layout)
+#
+# open_clip keeps the text tower at the top level (CustomTextCLIP nests it under "text."),
+# stores the fused qkv as in_proj_weight / in_proj_bias, the conv in OIHW and both
+# projections as (width, embed) matrices applied as x @ P, i.e. the transpose of our Linear.
+
+_OC_TOP = {
+    "visual.patch_embed.weight": "visual.conv1.weight",
+    "visual.class_embedding": "visual.class_embedding",
+    "visual.positional_embedding": "visual.positional_embedding",
+    "visual.ln_pre.weight": "visual.ln_pre.weight",
+    "visual.ln_pre.bias": "visual.ln_pre.bias",
+    "visual.ln_post.weight": "visual.ln_post.weight",
+    "visual.ln_post.bias": "visual.ln_post.bias",
+    "visual.proj.weight": "visual.proj",
+    "text.token_embedding.weight": "{t}token_embedding.weight",
+    "text.positional_embedding": "{t}positional_embedding",
+    "text.ln_final.weight": "{t}ln_final.weight",
+    "text.ln_final.bias": "{t}ln_final.bias",
+    "text.text_projection.weight": "{t}text_projection",
+    "logit_scale": "logit_scale",
+}
+_OC_TRANSPOSED = ("visual.proj.weight", "text.text_projection.weight")
+_OC_BLOCK = {
+    # canonical suffix -> open_clip suffix, inside one residual block
+    **{
+        f"{m}.{p}": f"{m}.{p}"
+        for m in ("ln_1", "ln_2", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
+        for p in ("weight", "bias")
+    },
+    "attn.in_proj.weight": "attn.in_proj_weight",
+    "attn.in_proj.bias": "attn.in_proj_bias",
+}
+# Entries of a state dict that are not parameters: the causal-mask buffer (older open_clip
+# saved it) and the scalars OpenAI's JIT archives carry.
+_OC_IGNORED = ("input_resolution", "context_length", "vocab_size")
+_OC_IGNORED_SUFFIXES = ("attn_mask",)
+
+
+def _oc_key_map(num_layers: dict[str, int], text_prefix: str = "") -> dict[str, str]:
+    """canonical key -> open_clip key. text_prefix is "" (CLIP) or "text." (CustomTextCLIP)."""
+    mapping = {ours: theirs.format(t=text_prefix) for ours, theirs in _OC_TOP.items()}
+    towers = {"visual": "visual.transformer", "text": f"{text_prefix}transformer"}
+    for tower, theirs in towers.items():
+        for i in range(num_layers[tower]):
+            for a, b in _OC_BLOCK.items():
+                mapping[f"{tower}.transformer.resblocks.{i}.{a}"] = f"{theirs}.resblocks.{i}.{b}"
+    return mapping
+
+
+def canonical_to_open_clip(state: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
+    """Canonical weights -> an open_clip `CLIP` state dict (same array type)."""
+    out = {}
+    for ours, theirs in _oc_key_map(_layers_of(cfg)).items():
+        x = state[ours]
+        if ours in CONV_KEYS:
+            x = _permute(x, OHWI_TO_OIHW)
+        elif ours in _OC_TRANSPOSED:
+            x = _permute(x, (1, 0))
+        out[theirs] = x
+    return out
+
+
+def open_clip_to_canonical(oc_state: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
+    """An open_clip CLIP / CustomTextCLIP state dict -> canonical weights.
+
+    Every key must be a parameter of this architecture or one of the known non-parameter
+    entries (_OC_IGNORED, *attn_mask); anything else is an error that names it.
+    """
+    src = "open_clip checkpoint"
+    state = {
+        k: v for k, v in oc_state.items() if k not in _OC_IGNORED and not k.endswith(_OC_IGNORED_SUFFIXES)
+    }
+    text_prefix = "text." if "text.token_embedding.weight" in state else ""
+    mapping = _oc_key_map(_layers_of(cfg), text_prefix)
+    out = {}
+    for ours, theirs in mapping.items():
+        if theirs not in state:
+            raise WeightError(f"{src}: missing key '{theirs}'")
+        x = state[theirs]
+        if ours in CONV_KEYS:
+            x = _permute(x, OIHW_TO_OHWI)
+        elif ours in _OC_TRANSPOSED:
+            if len(_shape(x)) != 2:
+                raise WeightError(f"{src}: key '{theirs}' has shape {_shape(x)}, expected a matrix")
+            x = _permute(x, (1, 0))
+        elif ours == "logit_scale" and _shape(x) == (1,):
+            x = x.reshape(())  # open_clip's nonscalar_logit_scale
+        out[ours] = x
+    extra = sorted(set(state) - set(mapping.values()))
+    if extra:
+        raise WeightError(f"{src}: unexpected key '{extra[0]}' (not part of this architecture)")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# CLI: python -m mlx_clip.convert --from hf|open_clip SRC --out DIR
+
+USAGE = """Convert a Hugging Face or open_clip CLIP checkpoint into an mlx_clip checkpoint directory
+(model.safetensors, config.yaml and the tokenizer files where the source has a tokenizer), which
+`--model.init_from DIR`, `python -m mlx_clip.eval --checkpoint DIR` and `mlx_clip.export` read.
+
+  hf         SRC is a transformers CLIPModel directory: config.json + model.safetensors (or
+             pytorch_model.bin, read with torch.load(weights_only=True)); vocab.json + merges.txt
+  open_clip  SRC is a directory with open_clip_config.json + open_clip_model.safetensors (or
+             open_clip_pytorch_model.bin), or a state dict file (.safetensors/.bin/.pt) with --arch
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_clip.convert",
+        description=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--from", dest="source", required=True, choices=("hf", "open_clip"))
+    parser.add_argument("src", help="source directory or weights file")
+    parser.add_argument("--out", required=True, help="mlx_clip checkpoint directory to write")
+    parser.add_argument(
+        "--arch",
+        help="open_clip only: an open_clip model name (ViT-B-32-quickgelu), a model_cfg .json file or "
+        "an mlx_clip architecture; required for a plain state dict, overrides open_clip_config.json",
+    )
+    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.arch and args.source != "open_clip":
+        parser.error("--arch applies to --from open_clip only")
+
+    # The converters import MLX (and torch for .bin files) only when the command runs.
+    try:
+        if args.source == "hf":
+            from .interop_hf import import_hf  # noqa: PLC0415
+
+            notes = import_hf(args.src, args.out, force=args.force)
+        else:
+            from .interop_open_clip import import_open_clip  # noqa: PLC0415
+
+            notes = import_open_clip(args.src, args.out, arch=args.arch, force=args.force)
+    except (ValueError, OSError) as e:  # WeightError, ConfigError, missing / unreadable files
+        sys.exit(f"error: {e}")
+    for note in notes:
+        print(note)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

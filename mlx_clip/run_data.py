@@ -103,12 +103,17 @@ def build_run_data(
     kw = dict(image_key=d.image_key, caption_key=d.caption_key, fmt=d.format)
     train_src, val_src, augment = None, [], False
     if d.train == "builtin":
-        source = f"built-in shapes ({d.builtin_split}, {S}px)"
+        grid = d.builtin_grid
+        if grid < 0:  # auto: the patch grid, when it has room for two large objects side by side
+            grid = mcfg.patch_size if S // mcfg.patch_size >= 5 else 0
+        source = f"built-in shapes ({d.builtin_split}, {S}px, grid {grid or 'off'})"
         if with_train:
-            train_set = synthetic.generate(d.builtin_train_size, S, BUILTIN_SEED, "train", d.builtin_split)
+            train_set = synthetic.generate(
+                d.builtin_train_size, S, BUILTIN_SEED, "train", d.builtin_split, grid
+            )
             train_src = ArraySource(train_set.images, train_set.captions)
         if not d.val:
-            val_set = synthetic.generate(d.builtin_val_size, S, BUILTIN_SEED, "val", "single")
+            val_set = synthetic.generate(d.builtin_val_size, S, BUILTIN_SEED, "val", "single", grid)
             val_src, labels = ArraySource(val_set.images, val_set.captions), val_set.labels
             classnames, templates = list(synthetic.CLASSNAMES), list(synthetic.TEMPLATES)
         # No augmentation: colour and position are what the captions describe.

@@ -46,14 +46,30 @@ def read_image(path) -> np.ndarray:
         return dx.buffer_from_vector([{"file": str(path).encode()}]).load_image("file")[0]["file"]
 
 
-@pytest.fixture(scope="module")
-def single():
-    return generate(240, image_size=64, seed=3, part="val", split="single")
+# Every property below must hold with free placement and on an 8-pixel grid.
+@pytest.fixture(scope="module", params=[0, 8], ids=["free", "grid8"])
+def single(request):
+    return generate(240, image_size=64, seed=3, part="val", split="single", grid=request.param)
 
 
-@pytest.fixture(scope="module")
-def pair():
-    return generate(160, image_size=64, seed=3, part="val", split="pair")
+@pytest.fixture(scope="module", params=[0, 8], ids=["free", "grid8"])
+def pair(request):
+    return generate(160, image_size=64, seed=3, part="val", split="pair", grid=request.param)
+
+
+def test_grid_objects_sit_on_cells():
+    """On a grid, a small object stays inside one cell and a large one inside a 2x2 block."""
+    g = 8
+    data = generate(120, image_size=48, seed=1, split="single", grid=g)
+    for image in data.images:
+        ys, xs = np.nonzero(object_mask(image))
+        large = len(xs) > g * g  # a small object covers at most ~0.7 of a cell
+        cells = 2 if large else 1
+        assert xs.max() // g - xs.min() // g < cells and ys.max() // g - ys.min() // g < cells + (
+            1 if large else 0
+        )
+    with pytest.raises(ValueError, match="grid"):
+        generate(2, image_size=32, grid=8)
 
 
 def test_vocabulary():

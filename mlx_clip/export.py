@@ -1,0 +1,69 @@
+"""`python -m mlx_clip.export --checkpoint DIR --to hf|open_clip|torch_ref --out OUT`
+
+Writes an mlx_clip checkpoint (a step_N directory, a checkpoints/ root or a run directory: its
+latest checkpoint) in another framework's format:
+
+  hf         config.json, model.safetensors, preprocessor_config.json and the tokenizer as
+             vocab.json + merges.txt: transformers.CLIPModel / AutoProcessor.from_pretrained(OUT)
+  open_clip  open_clip_config.json + open_clip_model.safetensors: open_clip.create_model("local-dir:OUT")
+             (see mlx_clip/interop_open_clip.py for the full recipe)
+  torch_ref  model.safetensors (the canonical file, copied), model.yaml, config.yaml and the tokenizer:
+             torch_ref.load_weights(torch_ref.create_model("OUT/model.yaml"), "OUT/model.safetensors")
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def export_torch_ref(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
+    """torch_ref reads canonical safetensors as they are: copy the file, write the architecture."""
+    from .config import to_dict  # noqa: PLC0415
+    from .interop import read_checkpoint, staged_output  # noqa: PLC0415
+
+    ckpt, cfg, _, tok = read_checkpoint(checkpoint)  # validates config and weights
+    with staged_output(out, force) as tmp:
+        shutil.copyfile(ckpt / "model.safetensors", tmp / "model.safetensors")
+        (tmp / "model.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if (ckpt / "config.yaml").is_file():
+            shutil.copyfile(ckpt / "config.yaml", tmp / "config.yaml")
+        if tok is not None:
+            tok.save(tmp)
+    return [f"from {ckpt}"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_clip.export",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, help="step_N directory, checkpoints/ or run directory")
+    parser.add_argument("--to", required=True, choices=("hf", "open_clip", "torch_ref"))
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    # MLX loads only when the command runs (--help stays instant).
+    try:
+        if args.to == "hf":
+            from .interop_hf import export_hf as run  # noqa: PLC0415
+        elif args.to == "open_clip":
+            from .interop_open_clip import export_open_clip as run  # noqa: PLC0415
+        else:
+            run = export_torch_ref
+        notes = run(args.checkpoint, args.out, force=args.force)
+    except (ValueError, OSError) as e:  # WeightError, ConfigError, missing / unreadable files
+        sys.exit(f"error: {e}")
+    for note in notes:
+        print(note)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

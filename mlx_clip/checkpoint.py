@@ -15,7 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import to_dict
-from .convert import check_state
+from .convert import check_state, resize_positional_embedding
 
 FORMAT = "mlx_clip"
 
@@ -47,6 +47,24 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     check_state(expected, weights, str(path))
     params = dict(tree_flatten(model.parameters()))
     weights = {k: v.astype(params[k].dtype) if v.dtype != params[k].dtype else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Strict load for fine-tuning, except that a position grid of another image size is resampled
+    (bicubic) to the model's, so a 224 px model can be fine-tuned at 160 or 336 px."""
+    weights = read_safetensors(path)
+    key = "visual.positional_embedding"
+    want = model.visual.positional_embedding.shape
+    if key in weights and weights[key].shape != want and weights[key].shape[1:] == want[1:]:
+        grid = int(round((want[0] - 1) ** 0.5))
+        resized = resize_positional_embedding(np.array(weights[key].astype(mx.float32)), grid)
+        print(f"{path}: resampling {key} {tuple(weights[key].shape)} -> {tuple(resized.shape)}")
+        weights[key] = mx.array(resized).astype(weights[key].dtype)
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    check_state(expected, weights, str(path))
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model

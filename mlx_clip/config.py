@@ -140,6 +140,15 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # Per-tower learning rates (None: optim.lr); the schedule scales each the same way.
+    image_lr: float | None = None
+    text_lr: float | None = None
+    # Fine-tuning: lock a tower (LiT locks the image tower); unlock its last N residual blocks
+    # (with the final norm and projection). logit_scale always trains.
+    lock_image: bool = False
+    lock_image_unlocked_layers: int = 0
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
 
 
 @dataclass
@@ -213,6 +222,13 @@ class Config:
             )
         if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
             raise ConfigError(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
+        for name in ("image_lr", "text_lr"):
+            if getattr(o, name) is not None and getattr(o, name) <= 0:
+                raise ConfigError(f"optim.{name} must be > 0 (or null for optim.lr), got {getattr(o, name)}")
+        for tower, layers in (("image", mcfg.vision_layers), ("text", mcfg.text_layers)):
+            n = getattr(o, f"lock_{tower}_unlocked_layers")
+            if not 0 <= n <= layers:
+                raise ConfigError(f"optim.lock_{tower}_unlocked_layers must be in [0, {layers}], got {n}")
         if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0 or o.eps <= 0:
             raise ConfigError("optim.warmup_steps, weight_decay and grad_clip must be >= 0, and eps > 0")
         if t.steps < 1:

@@ -366,3 +366,44 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning at a new image size: resample the vision position grid.
+
+
+def _cubic_weights(in_size: int, out_size: int, a: float = -0.75):
+    """(out_size, 4) source indices and bicubic weights, half-pixel centres, edge-clamped
+    (the convention of torch.nn.functional.interpolate(mode="bicubic", align_corners=False))."""
+    import numpy as np
+
+    scale = in_size / out_size
+    src = (np.arange(out_size) + 0.5) * scale - 0.5
+    base = np.floor(src).astype(np.int64)
+    t = src - base
+    # Keys' cubic convolution kernel evaluated at distances 1+t, t, 1-t, 2-t.
+    d = np.stack([1 + t, t, 1 - t, 2 - t], axis=1)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    w = np.where(d <= 1, near, far)
+    idx = np.clip(base[:, None] + np.arange(-1, 3), 0, in_size - 1)
+    return idx, w
+
+
+def resize_positional_embedding(pe, new_grid: int):
+    """(1 + g*g, W) position embedding (class token first) -> (1 + n*n, W) by bicubic resampling
+    of the g x g grid, as open_clip and timm do when a model is fine-tuned at another image size."""
+    import numpy as np
+
+    pe = np.asarray(pe, dtype=np.float32)
+    cls, grid = pe[:1], pe[1:]
+    g = int(round((grid.shape[0]) ** 0.5))
+    if g * g != grid.shape[0]:
+        raise WeightError(f"visual.positional_embedding has {grid.shape[0]} grid rows, not a square")
+    if g == new_grid:
+        return pe
+    grid = grid.reshape(g, g, -1).astype(np.float64)
+    idx, w = _cubic_weights(g, new_grid)
+    grid = (w[:, :, None, None] * grid[idx]).sum(1)  # rows: (n, g, W)
+    grid = (w[None, :, :, None] * grid[:, idx]).sum(2)  # columns: (n, n, W)
+    return np.concatenate([cls, grid.reshape(new_grid * new_grid, -1).astype(np.float32)])

@@ -15,13 +15,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import checkpoint as ckpt_io
 from .config import Config, config_to_yaml
 from .loss import clip_loss
 from .metrics import evaluate_run
 from .model import CLIP, LOGIT_SCALE_MAX, create_model
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, lock_parameters, lr_at
 from .run_data import RunData, build_run_data, resolve_init
 
 # ---------------------------------------------------------------------------
@@ -180,8 +181,6 @@ def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config):
 
 
 def _leaves(tree):
-    from mlx.utils import tree_flatten
-
     return [v for _, v in tree_flatten(tree)]
 
 
@@ -203,8 +202,12 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
 
     model = create_model(mcfg, seed=seed)
     if init_weights is not None and resume_dir is None:
-        ckpt_io.load_weights(model, init_weights)
+        ckpt_io.load_init_weights(model, init_weights)
         print(f"initialised from {init_weights}", flush=True)
+    locked = lock_parameters(model, cfg.optim)
+    if locked:
+        n_locked = sum(v.size for k, v in tree_flatten(model.parameters()) if k in set(locked))
+        print(f"locked {len(locked)} tensors ({n_locked / 1e6:.2f}M parameters)", flush=True)
     total = cfg.train.steps
     optimizer = build_optimizer(cfg.optim, total)
     optimizer.init(model.trainable_parameters())

@@ -19,7 +19,7 @@ import torch
 import mlx_clip  # noqa: F401  (BLAS fix before anything imports mlx.core via mlx.data)
 from mlx_clip.config import ConfigError, config_to_yaml, load_config
 from mlx_clip.metrics import evaluate_run
-from mlx_clip.optim import decays, lr_at
+from mlx_clip.optim import decays, is_locked, lr_at, tower_lr
 from mlx_clip.run_data import build_run_data, resolve_init
 from mlx_clip.train import parse_args
 
@@ -28,14 +28,19 @@ from .loss import clip_loss
 from .model import LOGIT_SCALE_MAX, create_model
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """The MLX grouping: (tower learning rate) x (decay or not); locked parameters get no gradient."""
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if is_locked(name, cfg, model.config):
+            p.requires_grad_(False)
             continue
         # torch keeps the conv as (out, in, kh, kw): 4-D either way, so the rule is the same
-        (decay if decays(name, p.ndim) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((tower_lr(name, cfg), decays(name, p.ndim)), []).append(p)
+    return [
+        {"params": ps, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
+        for (lr, decay), ps in groups.items()
+    ]
 
 
 def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +63,8 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
 
     o = cfg.optim
     total = cfg.train.steps
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    opt = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    # lr_at(s) / lr multiplies each group's own base rate, as the MLX schedule does
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, total) / o.lr)
 
     def encode(fn, x):
@@ -77,6 +83,7 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
         model.train()
         return metrics
 
+    trainable = [p for g in opt.param_groups for p in g["params"]]
     log = open(out / "metrics.jsonl", "w")
     step, epoch = 0, 0
     window_t, window_n = time.perf_counter(), 0
@@ -92,7 +99,7 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
                 grad_norm = torch.sqrt(
                     sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None)
                 )
-            lr = opt.param_groups[0]["lr"]
+            lr = lr_at(step, o, total)
             opt.step()
             sched.step()
             with torch.no_grad():

@@ -83,7 +83,6 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
         model.train()
         return metrics
 
-    trainable = [p for g in opt.param_groups for p in g["params"]]
     log = open(out / "metrics.jsonl", "w")
     step, epoch = 0, 0
     window_t, window_n = time.perf_counter(), 0

@@ -19,6 +19,7 @@ _LAZY = {
     "model_config": ".config",
     "ModelConfig": ".config",
     "ConfigError": ".config",
+    "load": ".inference",
 }
 
 __all__ = sorted(_LAZY)

@@ -128,6 +128,9 @@ class TokenizerConfig:
 class LossConfig:
     type: str = "clip"
     label_smoothing: float = 0.0
+    # Data parallel only: each rank computes the loss rows of its own samples against the gathered
+    # global batch ((b, W*b) logits) instead of the whole (W*b, W*b) loss; same gradients.
+    local_loss: bool = False
 
 
 @dataclass
@@ -153,16 +156,20 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 450
     seed: int = 0
     precision: str = "float32"
     log_every: int = 20
-    eval_every: int = 200  # 0: only at the end
-    save_every: int = 200  # 0: only at the end
+    eval_every: int = 150  # 0: only at the end
+    save_every: int = 150  # 0: only at the end
     keep_last: int = 2  # recent checkpoints kept, besides the best one
     best_metric: str = "auto"  # metric that picks the best checkpoint (auto: zero-shot top-1 or i2t R@1)
     tensorboard: bool = False
     progress: bool = True
+    # Data parallel only (mlx.launch): a rank that waits longer than this on the others (a dead
+    # rank, a lost link) exits; it must exceed rank 0's longest evaluation + checkpoint.
+    dist_timeout: float = 300.0
+    dist_bucket_mb: float = 25.0  # gradients are averaged in all_sum buckets of about this size
 
 
 @dataclass
@@ -170,7 +177,7 @@ class Config:
     """A whole run. `model` is an architecture name plus optional field overrides.
 
     The defaults are the README's main command: `tiny` on the built-in dataset, sized to finish in
-    under 10 minutes on a 2-core CPU (600 steps of 64 pairs).
+    under 10 minutes on a 2-core CPU (450 steps of 64 pairs).
     """
 
     model: dict = field(default_factory=lambda: {"arch": "tiny"})
@@ -241,6 +248,8 @@ class Config:
             raise ConfigError(f"train.precision: only 'float32' is supported so far, got {t.precision!r}")
         if t.log_every < 1 or t.eval_every < 0 or t.save_every < 0 or t.keep_last < 1:
             raise ConfigError("train.log_every and keep_last must be >= 1; eval_every, save_every >= 0")
+        if t.dist_timeout <= 0 or t.dist_bucket_mb <= 0:
+            raise ConfigError("train.dist_timeout and train.dist_bucket_mb must be > 0")
         kind = self.tokenizer.kind
         if kind == "openai" and mcfg.vocab_size != 49408:
             raise ConfigError(

@@ -5,6 +5,7 @@ Framework-free (numpy + mlx-data), so torch_ref.train builds the very same batch
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,11 @@ def build_tokenizer(
     if saved is not None:
         tok = Tokenizer.load(saved)
     elif kind in ("auto", "trained"):
-        tok = train_tokenizer((c for caps in captions for c in caps), mcfg.vocab_size)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tok = train_tokenizer((c for caps in captions for c in caps), mcfg.vocab_size)
+        for w in caught:  # a small caption vocabulary is normal here: say so once, plainly
+            print(f"tokenizer: {w.message}")
     elif kind == "openai":
         tok = openai_tokenizer()
     else:
@@ -141,9 +146,16 @@ def build_run_data(
     common = dict(num_workers=d.num_workers, prefetch=d.prefetch, rank=rank, world_size=world_size)
     train = None
     if with_train:
+        # data.batch_size is the GLOBAL batch: the Loader gives each rank a contiguous
+        # batch_size / world_size slice of it, so the batches are the same for any world size.
+        if d.batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size={d.batch_size} is the global batch and must be divisible by the "
+                f"number of ranks ({world_size})"
+            )
         train = Loader(
             train_src,
-            d.batch_size,
+            d.batch_size // world_size,
             S,
             train=True,
             seed=cfg.train.seed,

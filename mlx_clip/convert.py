@@ -364,9 +364,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ---------------------------------------------------------------------------
 # Fine-tuning at a new image size: resample the vision position grid.
@@ -407,3 +404,7 @@ def resize_positional_embedding(pe, new_grid: int):
     grid = (w[:, :, None, None] * grid[idx]).sum(1)  # rows: (n, g, W)
     grid = (w[None, :, :, None] * grid[:, idx]).sum(2)  # columns: (n, n, W)
     return np.concatenate([cls, grid.reshape(new_grid * new_grid, -1).astype(np.float32)])
+
+
+if __name__ == "__main__":
+    main()

@@ -67,8 +67,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from .trainer import train  # imports MLX; after the config is known to be valid
 
+    from .convert import WeightError
+    from .readers import DataError
+
     print(f"run directory: {out}", flush=True)
-    summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after)
+    try:
+        summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after)
+    except (DataError, WeightError, FileNotFoundError) as e:
+        # Bad input: one clear line naming the file or key, no traceback.
+        sys.exit(f"error: {e}")
     shown = {k: v for k, v in summary.items() if not k.endswith(("R@5", "R@10"))}
     print(json.dumps(shown, indent=1))
     if "zeroshot_top1" in summary:

@@ -156,3 +156,16 @@ def test_users_csv_trains_with_one_command(tmp_path):
     assert summary["step"] == 3 and summary["retrieval_images"] == 24
     assert "zeroshot_top1" not in summary  # user data has no class set
     assert (out / "checkpoints" / "step_3" / "model.safetensors").is_file()
+
+
+def test_missing_data_and_checkpoint_give_one_clear_line(tmp_path):
+    for args, needle in (
+        (["--data.train", str(tmp_path / "nope.csv")], "nope.csv: no such file"),
+        (["--resume"], "no checkpoint found"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlx_clip.train", "--out", str(tmp_path / "r"), *args],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode != 0 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -25,6 +25,16 @@ prefetch timing, because everything random is a pure function of (seed, epoch[, 
   `default_rng([SAMPLE, seed, epoch, index])`;
 - `ordered_prefetch` returns batches in buffer order, and chunks are consumed in order.
 
+Bad images at decode time (`on_error`): "raise" (the default) raises a DataError naming
+the file. "skip" replaces the sample, so an image that slipped past the pre-flight scan
+(validate.py) never stops an epoch: the substitute is drawn from
+`default_rng([SUBST, seed, epoch, index])`, which then also draws its caption and
+augmentation, so batches stay a pure function of (seed, epoch) and of the files. The
+batch's "index" and caption are the substitute's, so images and captions stay paired.
+Each failed decode is counted (`num_skipped`) and passed to `on_skip` as a Skip, once per
+(epoch, sample, failed index) for the loader's lifetime (under a lock; the order of calls
+across worker threads is not deterministic, their content is).
+
 Sharding: a global batch of batch_size * world_size consecutive indices is split into
 contiguous per-rank slices. Training drops the last incomplete global batch; evaluation
 keeps it (split as evenly as possible; a rank whose share is empty gets one batch fewer),
@@ -37,20 +47,21 @@ the next chunk's workers start while the last `prefetch` batches of the current 
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import mlx.data as dx
 import numpy as np
-from PIL import Image
 
-from .readers import DataError, Sample, TarRef, read_bytes, read_samples, split_samples
+from .readers import ON_ERROR, DataError, Sample, Skip, TarRef, read_samples, split_samples
 from .transforms import EvalTransform, TrainTransform, normalize
+from .validate import open_image
 
 # First words of the seed sequences: they keep the epoch order and the per-sample streams apart.
-PERM, SAMPLE = 1, 2
+PERM, SAMPLE, SUBST = 1, 2, 3
+# on_error="skip": this many failed substitutes in a row mean the data is not readable at all.
+MAX_SUBSTITUTES = 16
 
 
 @dataclass
@@ -78,19 +89,6 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([SAMPLE, seed, epoch, index])
-
-
-def open_image(image: str | TarRef) -> Image.Image:
-    """A sample's image, decoded (any mode); a DataError names the file if that fails."""
-    try:
-        source = io.BytesIO(read_bytes(image)) if isinstance(image, TarRef) else image
-        with Image.open(source) as im:
-            im.load()  # decode now, inside the try; the file is closed on exit
-            return im
-    except DataError:
-        raise
-    except Exception as e:  # OSError (truncated, unknown format), DecompressionBombError, ...
-        raise DataError(f"{image}: cannot decode image: {e}") from None
 
 
 class _Warm:
@@ -137,6 +135,9 @@ class Loader:
 
     `num_workers` mlx-data threads build batches (0: synchronously, in the caller's thread),
     keeping up to `prefetch` batches ready; `chunk_batches` batches form one mlx-data Buffer.
+
+    `on_error` "raise" | "skip" and `on_skip` (a callable taking a Skip): see the module doc.
+    `max_image_pixels` refuses larger images from their header (None: PIL's own limit).
     """
 
     def __init__(
@@ -154,6 +155,9 @@ class Loader:
         augment: dict | bool | None = None,
         tokenize: Callable[[list[str]], np.ndarray] | None = None,
         chunk_batches: int = 32,
+        on_error: str = "raise",
+        on_skip: Callable[[Skip], None] | None = None,
+        max_image_pixels: int | None = None,
     ):
         for name, value, low in [
             ("batch_size", batch_size, 1),
@@ -168,10 +172,18 @@ class Loader:
                 raise ValueError(f"Loader: {name} must be an int >= {low}, got {value!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"Loader: rank must be in [0, {world_size}), got {rank}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"Loader: on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if max_image_pixels is not None and (not isinstance(max_image_pixels, int) or max_image_pixels < 1):
+            raise ValueError(f"Loader: max_image_pixels must be None or an int >= 1: {max_image_pixels!r}")
         self.batch_size, self.image_size, self.train, self.seed = batch_size, image_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch, self.chunk_batches = num_workers, prefetch, chunk_batches
         self.tokenize = tokenize
+        self.on_error, self.on_skip, self.max_image_pixels = on_error, on_skip, max_image_pixels
+        self.num_skipped = 0  # failed decodes replaced by a substitute (on_error="skip")
+        self._skip_lock = threading.Lock()
+        self._reported: set[tuple[int, int, int]] = set()
 
         if isinstance(source, ArraySource):
             self._array, self._images, self.captions = source, None, source.captions
@@ -248,13 +260,66 @@ class Loader:
         rng = sample_rng(self.seed, epoch, i)
         return rng, int(rng.integers(len(self.captions[i])))  # drawn first: independent of augmentation
 
+    def _transform(self, image, rng: np.random.Generator | None) -> np.ndarray:
+        return self._augment(image, rng) if self._augment is not None else self._eval(image)  # (S, S, 3)
+
+    def _decode(self, i: int, rng: np.random.Generator | None) -> np.ndarray:
+        return self._transform(open_image(self._images[i], self.max_image_pixels), rng)
+
+    def _decode_or_substitute(self, epoch: int, i: int) -> tuple[int, np.ndarray, int]:
+        """(index used, image, caption choice): sample i, or a substitute if i cannot be decoded."""
+        rng, choice = self._caption_rng(epoch, i)
+        try:
+            return i, self._decode(i, rng), choice
+        except Exception as e:  # DataError from decoding, or a transform failing on odd pixels
+            failed = [(i, e)]
+        sub = np.random.default_rng([SUBST, self.seed, epoch, i])  # draws index, caption, augmentation
+        for _ in range(MAX_SUBSTITUTES):
+            j = int(sub.integers(self.num_samples))
+            choice = int(sub.integers(len(self.captions[j]))) if self.train else 0
+            try:
+                x = self._decode(j, sub)
+            except Exception as e:
+                failed.append((j, e))
+                continue
+            for k, err in failed:
+                self._report(epoch, i, k, j, err)
+            return j, x, choice
+        raise DataError(
+            f"Loader: sample {i} and {MAX_SUBSTITUTES} substitutes in a row cannot be decoded; "
+            f"is the data readable? First error: {failed[0][1]}"
+        )
+
+    def _report(self, epoch: int, i: int, index: int, substitute: int, e: Exception) -> None:
+        """Count and pass on one failed decode, once per (epoch, position): mlx-data's prefetch
+        can run a sample's transform twice, and repeated evaluations decode the same samples."""
+        with self._skip_lock:
+            if (epoch, i, index) in self._reported:
+                return
+            self._reported.add((epoch, i, index))
+        image = self._images[index]
+        if isinstance(e, DataError):
+            item, reason, detail = e.item or str(image), e.reason, str(e)
+        else:
+            item, reason, detail = str(image), "corrupt_image", f"{image}: cannot preprocess image: {e}"
+        skip = Skip(item, reason, detail, "decode", epoch, index, substitute)
+        with self._skip_lock:
+            self.num_skipped += 1
+            if self.on_skip is not None:
+                self.on_skip(skip)
+
     def _sample_fn(self, epoch: int) -> Callable[[dict], dict]:
         def fn(s: dict) -> dict:
             i = int(s["index"])
-            image = self._array.images[i] if self._array is not None else open_image(self._images[i])
-            rng, choice = self._caption_rng(epoch, i)
-            x = self._augment(image, rng) if self._augment is not None else self._eval(image)  # (S, S, 3)
-            out = {"index": s["index"], "image": x, "caption": np.int64(choice)}
+            if self._array is not None:
+                rng, choice = self._caption_rng(epoch, i)
+                x = self._transform(self._array.images[i], rng)
+            elif self.on_error == "raise":
+                rng, choice = self._caption_rng(epoch, i)
+                x = self._decode(i, rng)
+            else:
+                i, x, choice = self._decode_or_substitute(epoch, i)
+            out = {"index": np.asarray(i, np.int64), "image": x, "caption": np.int64(choice)}
             if self.tokenize is not None:
                 caption = self.captions[i][choice]
                 out["tokens"] = np.asarray(self.tokenize([caption]), np.int32).reshape(-1)  # (L,)

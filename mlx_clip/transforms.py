@@ -83,6 +83,8 @@ def to_rgb(img: Image.Image | np.ndarray) -> Image.Image:
         return Image.fromarray(_array_to_rgb(np.clip(np.asarray(img), 0, 65535).astype(np.uint16)))
     if img.mode == "F":
         return Image.fromarray(_array_to_rgb(np.clip(np.asarray(img), 0, 255).astype(np.uint8)))
+    if img.mode == "La":
+        img = img.convert("LA")  # PIL has no La -> RGBA conversion; un-premultiply first
     if _has_alpha(img):
         rgba = np.asarray(img.convert("RGBA"))
         return Image.fromarray(_composite_white(rgba[..., :3], rgba[..., 3]))

@@ -108,6 +108,12 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     color_jitter: float = 0.0
     hflip: bool = False
+    # bad data (own data only): pre-flight image check "header" | "full" | "off"; a run with a
+    # larger bad share stops before it starts; every skip goes to OUT/skipped.jsonl
+    validate: str = "header"
+    max_bad_fraction: float = 0.05
+    max_image_pixels: int = 89478485  # width x height, read from the header before decoding
+    max_caption_chars: int = 4096  # 0: no limit
     # the built-in dataset
     builtin_train_size: int = 20000
     builtin_val_size: int = 1000
@@ -166,6 +172,9 @@ class TrainConfig:
     best_metric: str = "auto"  # metric that picks the best checkpoint (auto: zero-shot top-1 or i2t R@1)
     tensorboard: bool = False
     progress: bool = True
+    # One OpenBLAS thread: multi-threaded OpenBLAS drifts in the last bits between identical runs
+    # (measured), which would break bit-exact resume; false trades that for BLAS speed.
+    deterministic: bool = True
     # Data parallel only (mlx.launch): a rank that waits longer than this on the others (a dead
     # rank, a lost link) exits; it must exceed rank 0's longest evaluation + checkpoint.
     dist_timeout: float = 300.0
@@ -221,6 +230,12 @@ class Config:
             raise ConfigError(
                 f"data.format must be auto, csv, tsv, json, jsonl, folder or tar, got {d.format!r}"
             )
+        if d.validate not in ("header", "full", "off"):
+            raise ConfigError(f"data.validate must be header, full or off, got {d.validate!r}")
+        if not 0 <= d.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
+        if d.max_image_pixels < 1 or d.max_caption_chars < 0:
+            raise ConfigError("data.max_image_pixels must be >= 1 and data.max_caption_chars >= 0")
         if d.num_workers < 1 or d.prefetch < 1:
             raise ConfigError("data.num_workers and data.prefetch must be at least 1")
         if self.loss.type != "clip":

@@ -364,7 +364,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}")
 
 
-
 # ---------------------------------------------------------------------------
 # Fine-tuning at a new image size: resample the vision position grid.
 

@@ -93,6 +93,25 @@ def build_tokenizer(
     return tok
 
 
+def _checked(source: str, d, kw: dict, skip_log) -> list:
+    """Samples of an own-data source; with a skip log, bad items are scanned for, logged and
+    dropped (validate.prepare), and too large a bad share stops the run here, before training."""
+    if skip_log is None:
+        return read_samples(source, **kw)
+    from . import validate
+
+    report = validate.prepare(
+        source,
+        log=skip_log,
+        mode=d.validate,
+        max_bad_fraction=d.max_bad_fraction,
+        max_image_pixels=d.max_image_pixels,
+        max_caption_chars=d.max_caption_chars,
+        **kw,
+    )
+    return report.samples
+
+
 def build_run_data(
     cfg: Config,
     mcfg: ModelConfig,
@@ -100,6 +119,7 @@ def build_run_data(
     rank: int = 0,
     world_size: int = 1,
     with_train: bool = True,
+    skip_log=None,
 ) -> RunData:
     """Loaders and tokenizer for a run. with_train=False builds the held-out sets only (eval)."""
     d = cfg.data
@@ -125,13 +145,13 @@ def build_run_data(
     else:
         source = d.train
         if with_train:
-            train_src = read_samples(d.train, **kw)
+            train_src = _checked(d.train, d, kw, skip_log)
             if not d.val and d.val_ratio > 0:
                 train_src, val_src = split_samples(train_src, d.val_ratio, cfg.train.seed)
         if d.augment:
             augment = dict(scale=tuple(d.crop_scale), color_jitter=d.color_jitter, hflip=d.hflip)
     if d.val:
-        val_src = read_samples(d.val, **kw)
+        val_src = _checked(d.val, d, kw, skip_log)
     train_caps = (
         train_src.captions if isinstance(train_src, ArraySource) else [s.captions for s in train_src or []]
     )
@@ -144,6 +164,11 @@ def build_run_data(
         return tokenizer(texts, ctx)
 
     common = dict(num_workers=d.num_workers, prefetch=d.prefetch, rank=rank, world_size=world_size)
+    files = {}
+    if skip_log is not None:  # own data: a bad image mid-epoch is replaced and reported, never fatal
+        files = dict(on_error="skip", on_skip=skip_log, max_image_pixels=d.max_image_pixels)
+    if d.train != "builtin":
+        common.update(files)
     train = None
     if with_train:
         # data.batch_size is the GLOBAL batch: the Loader gives each rank a contiguous
@@ -166,6 +191,9 @@ def build_run_data(
     evals = {}
     if len(val_caps):
         # Every rank encodes the whole held-out set, so evaluation needs no gathering.
-        val_loader = Loader(val_src, 256, S, train=False, num_workers=d.num_workers, prefetch=d.prefetch)
+        val_files = files if not isinstance(val_src, ArraySource) else {}
+        val_loader = Loader(
+            val_src, 256, S, train=False, num_workers=d.num_workers, prefetch=d.prefetch, **val_files
+        )
         evals["val"] = EvalSet(val_loader, val_caps, labels)
     return RunData(train, tokenizer, tokenize, evals, classnames, templates, source)

@@ -65,10 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
 
-    from .trainer import train  # imports MLX; after the config is known to be valid
-
     from .convert import WeightError
     from .readers import DataError
+    from .trainer import train  # imports MLX; after the config is known to be valid
 
     print(f"run directory: {out}", flush=True)
     try:

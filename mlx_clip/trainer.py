@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -17,9 +18,11 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import _blas, validate
 from . import checkpoint as ckpt_io
 from .config import Config, config_to_yaml
-from .loss import clip_loss
+from .distributed import World, init_world, pack_dir, unpack_dir
+from .loss import clip_loss, clip_loss_distributed
 from .metrics import evaluate_run
 from .model import CLIP, LOGIT_SCALE_MAX, create_model
 from .optim import build_optimizer, lock_parameters, lr_at
@@ -154,20 +157,50 @@ def config_hash(config_yaml: str) -> str:
     return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
 
 
-def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config):
-    """One compiled training step over the model, optimizer and random state."""
-    smoothing, max_norm = cfg.loss.label_smoothing, cfg.optim.grad_clip
+def make_grad_fn(model: CLIP, cfg: Config, world: World | None = None):
+    """(images, tokens) -> (loss, gradients) of the trainable parameters.
+
+    Data parallel (world.size > 1): the loss sees the global batch through gathered features and
+    the returned loss and gradients are the means over the ranks, i.e. the single-process ones
+    for the concatenated batch (docs/distributed.md).
+    """
+    smoothing = cfg.loss.label_smoothing
+    group = world.group if world is not None and world.size > 1 else None
+    local_loss = cfg.loss.local_loss
 
     def loss_fn(model, images, tokens):
         image_features, text_features, logit_scale = model(images, tokens)
+        if group is not None:
+            return clip_loss_distributed(
+                image_features, text_features, logit_scale, group, local_loss, label_smoothing=smoothing
+            )
         return clip_loss(image_features, text_features, logit_scale, label_smoothing=smoothing)
 
     grad_fn = nn.value_and_grad(model, loss_fn)
+
+    def loss_and_grads(images, tokens):
+        loss, grads = grad_fn(model, images, tokens)
+        if group is not None:
+            grads = world.average_gradients(grads)
+            if local_loss:  # each rank's loss covers its own rows; the global loss is their mean
+                loss = mx.distributed.all_sum(loss, group=group) / world.size
+        return loss, grads
+
+    return loss_and_grads
+
+
+def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config, world: World | None = None):
+    """One compiled training step over the model, optimizer and random state.
+
+    Data parallel: the gradients are averaged over the ranks inside the compiled step, before clipping.
+    """
+    max_norm = cfg.optim.grad_clip
+    loss_and_grads = make_grad_fn(model, cfg, world)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(images, tokens):
-        loss, grads = grad_fn(model, images, tokens)
+        loss, grads = loss_and_grads(images, tokens)
         if max_norm > 0:
             grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
         else:
@@ -185,20 +218,48 @@ def _leaves(tree):
 
 
 def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None = None) -> dict:
-    """Train per `cfg` into `out`; returns the final evaluation metrics."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Train per `cfg` into `out`; returns the final evaluation metrics.
+
+    Under mlx.launch every rank runs this; rank 0 alone reads and writes `out` (docs/distributed.md).
+    """
+    world = init_world(cfg.train.dist_timeout, cfg.train.dist_bucket_mb)  # a world of one: no-ops
+    main = world.is_main
+    if cfg.train.deterministic:
+        _blas.set_threads(1)  # multi-threaded OpenBLAS is not bit-reproducible (see _blas.set_threads)
+    # Own data: every skipped item goes to OUT/skipped.jsonl (rank 0); other ranks log to a temp file.
+    skip_log = None
+    if cfg.data.train != "builtin" or cfg.data.val:
+        skip_path = out / "skipped.jsonl" if main else Path(tempfile.mkdtemp()) / "skipped.jsonl"
+        skip_path.parent.mkdir(parents=True, exist_ok=True)
+        skip_log = validate.SkipLog(skip_path)
     config_yaml = config_to_yaml(cfg)
     ckpt_root = out / "checkpoints"
     mcfg = cfg.model_config()
     seed = cfg.train.seed
-
-    resume_dir = ckpt_io.resolve_checkpoint(ckpt_root) if resume else None
-    init_weights, init_tokenizer = resolve_init(cfg.model.get("init_from"))
+    resume_dir = init_weights = data = None
 
     t0 = time.perf_counter()
-    data = build_run_data(cfg, mcfg, tokenizer_dir=resume_dir or init_tokenizer)
+
+    def load_data():  # rank 0 (or the only process): the disk, and the tokenizer for the others
+        nonlocal resume_dir, init_weights, data
+        out.mkdir(parents=True, exist_ok=True)
+        resume_dir = ckpt_io.resolve_checkpoint(ckpt_root) if resume else None
+        init_weights, init_tokenizer = resolve_init(cfg.model.get("init_from"))
+        tokenizer_dir = resume_dir or init_tokenizer
+        data = build_run_data(cfg, mcfg, tokenizer_dir, world.rank, world.size, skip_log=skip_log)
+        return pack_dir(data.tokenizer.save) if world.size > 1 else None
+
+    tokenizer_files = world.on_main(load_data, "loading the data")
+    if not main:  # the same data, sharded for this rank, with rank 0's tokenizer
+        with unpack_dir(tokenizer_files) as tokenizer_dir:
+            data = build_run_data(cfg, mcfg, tokenizer_dir, world.rank, world.size, skip_log=skip_log)
+    world.check_same({"config": config_hash(config_yaml), "training samples": str(data.train.num_samples)})
     print(f"data: {data.describe()} ({time.perf_counter() - t0:.1f}s)", flush=True)
-    (out / "config.yaml").write_text(config_yaml)
+    if world.size > 1:
+        per_rank = cfg.data.batch_size // world.size
+        print(f"data parallel: {world.size} ranks x {per_rank} = global batch {cfg.data.batch_size}")
+    if main:
+        (out / "config.yaml").write_text(config_yaml)
 
     model = create_model(mcfg, seed=seed)
     if init_weights is not None and resume_dir is None:
@@ -213,19 +274,39 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
     optimizer.init(model.trainable_parameters())
     step_no, epoch, batch_in_epoch = 0, 0, 0
     best = {"name": None, "value": -math.inf, "checkpoint": None}
-    if resume_dir is not None:
+
+    def restore() -> dict | None:  # rank 0 (or the only process)
+        if resume_dir is None:
+            return None
         state = ckpt_io.load_checkpoint(resume_dir, model, optimizer)
+        if state.get("world_size", 1) != world.size:
+            raise ValueError(
+                f"checkpoint {resume_dir} was trained by {state.get('world_size', 1)} rank(s) but this run "
+                f"has {world.size}; resume with the same number of ranks (mlx.launch -n "
+                f"{state.get('world_size', 1)} ...), or start a new run from its weights with "
+                f"--model.init_from {resume_dir}"
+            )
         if state.get("config_hash") != config_hash(config_yaml):
             print(f"warning: the config differs from the one checkpoint {resume_dir.name} was trained with")
-        step_no, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best = state.get("best", best)
-        print(f"resumed from {resume_dir} at step {step_no}", flush=True)
+        print(f"resumed from {resume_dir} at step {state['step']}", flush=True)
+        return {k: state[k] for k in ("step", "epoch", "batch_in_epoch")} | {"best": state.get("best", best)}
+
+    position = world.on_main(restore, "restoring the checkpoint")
+    if position is not None:
+        step_no, epoch, batch_in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
+        best = position["best"]
+    if world.size > 1:  # every rank starts from rank 0's weights and optimizer state
+        model.update(world.broadcast_tree(model.parameters()))
+        optimizer.state = world.broadcast_tree(optimizer.state)
     # Batches are a pure function of (seed, epoch, index) (data.py) and the compiled step draws
     # no random numbers, so resuming is exact; anything random later is keyed on (seed, step).
     mx.random.seed(seed * 1_000_003 + step_no)
 
-    step_fn, state = make_step(model, optimizer, cfg)
-    logger = Logger(out, total, cfg.train.progress, open_tensorboard(out) if cfg.train.tensorboard else None)
+    step_fn, state = make_step(model, optimizer, cfg, world)
+    logger = None
+    if main:
+        tensorboard = open_tensorboard(out) if cfg.train.tensorboard else None
+        logger = Logger(out, total, cfg.train.progress, tensorboard)
     batches_per_epoch = len(data.train)
     if batches_per_epoch == 0:
         raise ValueError(
@@ -244,6 +325,7 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
             "seed": seed,
+            "world_size": world.size,
             "config_hash": config_hash(config_yaml),
             "best": best,
             "metrics": metrics or {},
@@ -270,14 +352,15 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
     loss_v = float("nan")
     while step_no < stop_at:
         for batch in data.train.epoch(epoch, start_batch=batch_in_epoch):
-            loss, grad_norm = step_fn(mx.array(batch["images"]), mx.array(batch["tokens"]))
-            mx.eval(state, loss, grad_norm)
+            with world.guard(f"training step {step_no + 1}"):  # waits on the other ranks' gradients
+                loss, grad_norm = step_fn(mx.array(batch["images"]), mx.array(batch["tokens"]))
+                mx.eval(state, loss, grad_norm)
             step_no += 1
             batch_in_epoch += 1
-            window_n += len(batch["tokens"])
+            window_n += len(batch["tokens"]) * world.size  # the global batch
             if batch_in_epoch == batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
-            if step_no % cfg.train.log_every == 0 or step_no == stop_at:
+            if main and (step_no % cfg.train.log_every == 0 or step_no == stop_at):
                 loss_v = loss.item()
                 now = time.perf_counter()
                 img_s = window_n / (now - window_t)
@@ -298,24 +381,33 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
                 logger.progress_line(step_no, loss_v, lr, img_s, eta, memory_mb())
                 window_t, window_n = now, 0
             evaluate_now = cfg.train.eval_every and step_no % cfg.train.eval_every == 0 and step_no < total
-            if evaluate_now:
+            save_now = cfg.train.save_every and step_no % cfg.train.save_every == 0 and step_no < stop_at
+            if evaluate_now and main:
                 metrics = run_eval(step_no)
-            if cfg.train.save_every and step_no % cfg.train.save_every == 0 and step_no < stop_at:
+            if save_now and main:
                 save(step_no, metrics if evaluate_now else None)
+            if evaluate_now or save_now:
+                world.barrier(f"waiting for rank 0 to evaluate / save at step {step_no}")
             if step_no >= stop_at:
                 break
 
-    if step_no >= total:
-        metrics = run_eval(step_no)
-    else:
-        metrics = {}
-    final = save(step_no, metrics or None)
-    plot_curves(_read_history(out), out / "curves.png")
-    logger.close()
-    elapsed = time.perf_counter() - t0
-    summary = {"step": step_no, "seconds": round(elapsed, 1), "checkpoint": str(final), **metrics}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    def finish() -> dict:  # rank 0 (or the only process); the others wait for its summary
+        metrics = run_eval(step_no) if step_no >= total else {}
+        final = save(step_no, metrics or None)
+        plot_curves(_read_history(out), out / "curves.png")
+        logger.close()
+        elapsed = time.perf_counter() - t0
+        summary = {"step": step_no, "seconds": round(elapsed, 1), "checkpoint": str(final), **metrics}
+        if skip_log is not None:
+            skips = skip_log.summary()
+            skip_log.close()
+            if skips.get("skipped"):
+                summary["skipped"] = skips
+                print(f"skipped {skips['skipped']} bad items ({skips.get('by_reason')}); see {skip_log.path}")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    return world.on_main(finish, "evaluating and saving the final checkpoint")
 
 
 def _read_history(out: Path) -> list[dict]:

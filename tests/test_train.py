@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,38 @@ def test_missing_data_and_checkpoint_give_one_clear_line(tmp_path):
             text=True,
         )
         assert proc.returncode != 0 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact_at_tiny_size(tmp_path):
+    """Large enough matmuls for OpenBLAS to thread: train.deterministic keeps resume bit-exact."""
+    common = [
+        "--steps", "6", "--train.eval_every", "0", "--train.save_every", "0", "--train.progress", "false",
+        "--data.builtin_train_size", "640", "--data.builtin_val_size", "48", "--optim.warmup_steps", "2",
+    ]  # fmt: skip
+    train_main(["--out", str(tmp_path / "full"), *common])
+    train_main(["--out", str(tmp_path / "half"), *common, "--stop-after", "3"])
+    train_main(["--out", str(tmp_path / "half"), "--resume", *common])
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_6" / "model.safetensors"))
+    b = load_file(str(tmp_path / "half" / "checkpoints" / "step_6" / "model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_bad_images_are_skipped_and_reported(tmp_path):
+    from mlx_clip.synthetic import write_dataset
+
+    csv = write_dataset(tmp_path / "d", 64, image_size=40, seed=3, fmt="csv")
+    (tmp_path / "d" / "images" / "000005.png").write_bytes(b"")  # zero bytes
+    (tmp_path / "d" / "images" / "000007.png").unlink()  # missing
+    out, summary = run(tmp_path, "bad", "--data.train", str(csv), "--steps", "2", "--train.eval_every", "0",
+                       "--data.max_bad_fraction", "0.05")  # fmt: skip
+    lines = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert {Path(x["item"]).name for x in lines} == {"000005.png", "000007.png"}
+    assert summary["skipped"]["skipped"] == 2
+
+    # Over the allowed share: the run stops before training, naming the bad files.
+    for i in range(8, 14):
+        (tmp_path / "d" / "images" / f"{i:06d}.png").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="000008.png"):
+        run(tmp_path, "worse", "--data.train", str(csv), "--steps", "2", "--train.eval_every", "0")
+    assert not (tmp_path / "worse" / "checkpoints").exists()

@@ -15,7 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import to_dict
-from .convert import check_state, resize_positional_embedding
+from .convert import WeightError, check_state, resize_positional_embedding
 
 FORMAT = "mlx_clip"
 
@@ -166,16 +166,46 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer=None) -> dict:
-    """Restore model (and optimizer, RNG) from a step_N directory; returns its state.json."""
+def verify_checkpoint(ckpt: str | Path) -> dict:
+    """state.json of a complete, undamaged checkpoint; ValueError/FileNotFoundError naming the file."""
     ckpt = Path(ckpt)
     state_path = ckpt / "state.json"
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path}: missing; {ckpt} is not a complete checkpoint")
-    state = json.loads(state_path.read_text())
+    try:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{state_path}: unreadable ({e})") from None
     for name, digest in state.get("files", {}).items():
         if not (ckpt / name).is_file() or _sha256(ckpt / name) != digest:
             raise ValueError(f"{ckpt / name}: checksum mismatch or missing; the checkpoint is damaged")
+    return state
+
+
+def find_resumable(ckpt_root: str | Path, log=print) -> Path:
+    """The newest intact step_N under ckpt_root; damaged newer ones are reported and passed over."""
+    ckpt_root = Path(ckpt_root)
+    steps = sorted(
+        (p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+        key=lambda p: int(p.name[5:]),
+        reverse=True,
+    )
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found at {ckpt_root} (nothing to resume)")
+    for ckpt in steps:
+        try:
+            verify_checkpoint(ckpt)
+        except (ValueError, FileNotFoundError) as e:
+            log(f"warning: {e}; falling back to an earlier checkpoint")
+            continue
+        return ckpt
+    raise WeightError(f"every checkpoint under {ckpt_root} is damaged; cannot resume")
+
+
+def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer=None) -> dict:
+    """Restore model (and optimizer, RNG) from a step_N directory; returns its state.json."""
+    ckpt = Path(ckpt)
+    state = verify_checkpoint(ckpt)
     load_weights(model, ckpt / "model.safetensors")
     if optimizer is not None:
         opt = read_safetensors(ckpt / "optimizer.safetensors")

@@ -205,3 +205,19 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     with pytest.raises(SystemExit, match="000008.png"):
         run(tmp_path, "worse", "--data.train", str(csv), "--steps", "2", "--train.eval_every", "0")
     assert not (tmp_path / "worse" / "checkpoints").exists()
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
+    common = ["--steps", "6", "--train.eval_every", "0", "--train.save_every", "2", "--train.keep_last", "3"]
+    full, _ = run(tmp_path, "full", *common)
+    half, _ = run(tmp_path, "half", *common, "--stop-after", "4")
+    damaged = half / "checkpoints" / "step_4" / "model.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit pattern in the weights
+    damaged.write_bytes(bytes(data))
+    train_main(["--out", str(half), "--resume", *SMALL, *common])
+    out = capsys.readouterr().out
+    assert "step_4/model.safetensors: checksum mismatch" in out and "resumed from" in out and "step_2" in out
+    a = load_file(str(full / "checkpoints" / "step_6" / "model.safetensors"))
+    b = load_file(str(half / "checkpoints" / "step_6" / "model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)

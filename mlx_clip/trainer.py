@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -350,6 +352,11 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
     window_t, window_n, t_start, start_step = time.perf_counter(), 0, time.perf_counter(), step_no
     metrics: dict = {}
     loss_v = float("nan")
+    # Ctrl-C (single process): finish the step in flight, save a checkpoint, exit cleanly.
+    interrupted = []
+    previous_handler = None
+    if world.size == 1 and threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     while step_no < stop_at:
         for batch in data.train.epoch(epoch, start_batch=batch_in_epoch):
             with world.guard(f"training step {step_no + 1}"):  # waits on the other ranks' gradients
@@ -388,8 +395,13 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
                 save(step_no, metrics if evaluate_now else None)
             if evaluate_now or save_now:
                 world.barrier(f"waiting for rank 0 to evaluate / save at step {step_no}")
+            if interrupted:
+                stop_at = step_no
+                logger.message(f"interrupted at step {step_no}: saving a checkpoint (continue with --resume)")
             if step_no >= stop_at:
                 break
+    if previous_handler is not None:
+        signal.signal(signal.SIGINT, previous_handler)
 
     def finish() -> dict:  # rank 0 (or the only process); the others wait for its summary
         metrics = run_eval(step_no) if step_no >= total else {}

@@ -221,3 +221,26 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
     a = load_file(str(full / "checkpoints" / "step_6" / "model.safetensors"))
     b = load_file(str(half / "checkpoints" / "step_6" / "model.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "sig"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_clip.train", "--out", str(out), *SMALL, "--steps", "5000",
+         "--train.log_every", "1", "--train.eval_every", "0", "--train.save_every", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "interrupted at step" in stdout
+    latest = (out / "checkpoints" / "latest").resolve()
+    state = json.loads((latest / "state.json").read_text())
+    assert 3 <= state["step"] < 5000 and latest.name == f"step_{state['step']}"

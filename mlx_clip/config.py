@@ -175,6 +175,8 @@ class TrainConfig:
     # One OpenBLAS thread: multi-threaded OpenBLAS drifts in the last bits between identical runs
     # (measured), which would break bit-exact resume; false trades that for BLAS speed.
     deterministic: bool = True
+    # Non-finite loss or gradient: the step is skipped; this many in a row stop the run.
+    max_bad_steps: int = 5
     # Data parallel only (mlx.launch): a rank that waits longer than this on the others (a dead
     # rank, a lost link) exits; it must exceed rank 0's longest evaluation + checkpoint.
     dist_timeout: float = 300.0
@@ -261,6 +263,8 @@ class Config:
             raise ConfigError(f"train.steps must be at least 1, got {t.steps}")
         if t.precision != "float32":
             raise ConfigError(f"train.precision: only 'float32' is supported so far, got {t.precision!r}")
+        if t.max_bad_steps < 1:
+            raise ConfigError(f"train.max_bad_steps must be at least 1, got {t.max_bad_steps}")
         if t.log_every < 1 or t.eval_every < 0 or t.save_every < 0 or t.keep_last < 1:
             raise ConfigError("train.log_every and keep_last must be >= 1; eval_every, save_every >= 0")
         if t.dist_timeout <= 0 or t.dist_bucket_mb <= 0:

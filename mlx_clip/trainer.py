@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from . import _blas, validate
 from . import checkpoint as ckpt_io
@@ -191,6 +191,10 @@ def make_grad_fn(model: CLIP, cfg: Config, world: World | None = None):
     return loss_and_grads
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite steps: training stopped, the last good checkpoint kept."""
+
+
 def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config, world: World | None = None):
     """One compiled training step over the model, optimizer and random state.
 
@@ -207,12 +211,40 @@ def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config, world: World
             grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
         else:
             grad_norm = mx.sqrt(sum(mx.sum(g * g) for g in _leaves(grads)))
+        # A non-finite loss or gradient skips the update: every parameter and optimizer value
+        # keeps its old array (the old ones are live inputs anyway, so this costs no memory).
+        ok = mx.isfinite(loss) & mx.isfinite(grad_norm)
+        old_params, old_opt = model.trainable_parameters(), _snapshot(optimizer.state)
         optimizer.update(model, grads)
         # CLIP clamps the temperature so the logit scale never exceeds 100.
         model.logit_scale = mx.clip(model.logit_scale, 0.0, LOGIT_SCALE_MAX)
-        return loss, grad_norm
+        model.update(
+            tree_map(lambda new, old: mx.where(ok, new, old), model.trainable_parameters(), old_params)
+        )
+        _select_in_place(optimizer.state, old_opt, ok)
+        return loss, grad_norm  # the host tells a skipped step by a non-finite loss or norm
 
     return step, state
+
+
+def _snapshot(tree):
+    """The same nesting of dicts/lists, holding the current arrays (arrays are immutable)."""
+    if isinstance(tree, dict):
+        return {k: _snapshot(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_snapshot(v) for v in tree]
+    return tree
+
+
+def _select_in_place(tree, old, ok):
+    """tree[...] = where(ok, tree[...], old[...]) for every array, mutating tree's containers in
+    place (mx.compile tracks the optimizer's own dicts, not new ones)."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for k, v in list(items):
+        if isinstance(v, (dict, list)):
+            _select_in_place(v, old[k], ok)
+        elif isinstance(v, mx.array):
+            tree[k] = mx.where(ok, v, old[k])
 
 
 def _leaves(tree):
@@ -357,6 +389,7 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
     previous_handler = None
     if world.size == 1 and threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    bad_streak = skipped_steps = 0
     while step_no < stop_at:
         for batch in data.train.epoch(epoch, start_batch=batch_in_epoch):
             with world.guard(f"training step {step_no + 1}"):  # waits on the other ranks' gradients
@@ -365,6 +398,22 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
             step_no += 1
             batch_in_epoch += 1
             window_n += len(batch["tokens"]) * world.size  # the global batch
+            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
+                # The compiled step already left weights and optimizer state untouched.
+                bad_streak += 1
+                skipped_steps += 1
+                if main:
+                    logger.log({"event": "skip", "step": step_no, "reason": "non-finite loss or gradient"})
+                    logger.message(f"step {step_no}: non-finite loss or gradient, update skipped")
+                if bad_streak >= cfg.train.max_bad_steps:
+                    raise NonFiniteError(
+                        f"{bad_streak} consecutive steps with a non-finite loss or gradient (last: step "
+                        f"{step_no}); stopped without saving, so the last good checkpoint in {ckpt_root} "
+                        "is kept. Lower optim.lr (or raise optim.warmup_steps), keep the temperature "
+                        "clamped (logit scale <= 100), and train in float32."
+                    )
+            else:
+                bad_streak = 0
             if batch_in_epoch == batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
             if main and (step_no % cfg.train.log_every == 0 or step_no == stop_at):
@@ -410,6 +459,8 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
         logger.close()
         elapsed = time.perf_counter() - t0
         summary = {"step": step_no, "seconds": round(elapsed, 1), "checkpoint": str(final), **metrics}
+        if skipped_steps:
+            summary["skipped_steps"] = skipped_steps
         if skip_log is not None:
             skips = skip_log.summary()
             skip_log.close()

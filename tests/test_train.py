@@ -244,3 +244,45 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     latest = (out / "checkpoints" / "latest").resolve()
     state = json.loads((latest / "state.json").read_text())
     assert 3 <= state["step"] < 5000 and latest.name == f"step_{state['step']}"
+
+
+def nan_batches_at(monkeypatch, bad_steps):
+    """Make the training loader's batches at the given 1-based step numbers all-NaN images."""
+    from mlx_clip.data import Loader
+
+    original = Loader.epoch
+    seen = {"n": 0}
+
+    def epoch(self, *args, **kwargs):
+        for batch in original(self, *args, **kwargs):
+            if self.train:
+                seen["n"] += 1
+                if seen["n"] in bad_steps:
+                    batch = dict(batch, images=np.full_like(batch["images"], np.nan))
+            yield batch
+
+    monkeypatch.setattr(Loader, "epoch", epoch)
+
+
+def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
+    nan_batches_at(monkeypatch, {3})
+    out, summary = run(tmp_path, "nan", "--steps", "4", "--train.eval_every", "0", "--train.save_every", "1",
+                       "--train.keep_last", "10")  # fmt: skip
+    ck = out / "checkpoints"
+    w2, w3 = (load_file(str(ck / f"step_{i}" / "model.safetensors")) for i in (2, 3))
+    o2, o3 = (load_file(str(ck / f"step_{i}" / "optimizer.safetensors")) for i in (2, 3))
+    assert all(np.array_equal(w2[k], w3[k]) for k in w2) and all(np.array_equal(o2[k], o3[k]) for k in o2)
+    w4 = load_file(str(ck / "step_4" / "model.safetensors"))
+    assert not all(np.array_equal(w3[k], w4[k]) for k in w3) and all(np.isfinite(w4[k]).all() for k in w4)
+    assert summary["skipped_steps"] == 1
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "skip"] == [3]
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
+    nan_batches_at(monkeypatch, {3, 4, 5, 6})
+    with pytest.raises(SystemExit, match="2 consecutive steps.*Lower optim.lr"):
+        run(tmp_path, "nan2", "--steps", "8", "--train.eval_every", "0", "--train.save_every", "2",
+            "--train.max_bad_steps", "2")  # fmt: skip
+    latest = (tmp_path / "nan2" / "checkpoints" / "latest").resolve()
+    assert latest.name == "step_2"

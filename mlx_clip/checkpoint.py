@@ -77,6 +77,10 @@ def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json", "config.yaml")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names it and the checkpoint kept."""
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -130,6 +134,12 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(ckpt_root)
+    except OSError as e:
+        # Full disk, lost permissions...: the temp dir goes, `latest` and older checkpoints stay.
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = os.readlink(ckpt_root / "latest") if (ckpt_root / "latest").is_symlink() else None
+        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {e}{kept}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

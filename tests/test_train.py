@@ -286,3 +286,66 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
             "--train.max_bad_steps", "2")  # fmt: skip
     latest = (tmp_path / "nan2" / "checkpoints" / "latest").resolve()
     assert latest.name == "step_2"
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import mlx.core as mx
+
+    real_save = mx.save_safetensors
+    calls = {"n": 0}
+
+    def save(path, *args, **kwargs):
+        if "optimizer" in str(path) and "step_4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        calls["n"] += 1
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "save_safetensors", save)
+    with pytest.raises(
+        SystemExit, match=r"could not write checkpoint .*step_4.*No space left.*step_2 is intact"
+    ):
+        run(tmp_path, "disk", "--steps", "6", "--train.eval_every", "0", "--train.save_every", "2")
+    ck = tmp_path / "disk" / "checkpoints"
+    assert (ck / "latest").resolve().name == "step_2" and not list(ck.glob(".tmp-*"))
+    from mlx_clip.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(ck / "step_2")["step"] == 2
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path):
+    import os
+    import random
+    import signal
+    import time
+
+    common = [*SMALL, "--steps", "60", "--train.eval_every", "0", "--train.save_every", "1",
+              "--train.keep_last", "2", "--train.log_every", "1"]  # fmt: skip
+    full, _ = run(tmp_path, "full", *common)
+    out = tmp_path / "killed"
+    latest = out / "checkpoints" / "latest"
+
+    def newest() -> int:
+        return int(os.readlink(latest)[5:]) if latest.is_symlink() else 0
+
+    rng = random.Random(0)
+    for _ in range(3):
+        before = newest()
+        args = [sys.executable, "-m", "mlx_clip.train", "--out", str(out), *common]
+        proc = subprocess.Popen(args + (["--resume"] if before else []), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 60  # training has moved on past the last checkpoint...
+        while time.time() < deadline and newest() <= before and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))  # ...then a kill at a random moment, often mid-write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    from mlx_clip.checkpoint import find_resumable
+
+    assert int(find_resumable(out / "checkpoints").name[5:]) < 60  # the kills did interrupt it
+    train_main(["--out", str(out), "--resume", *common])
+    a = load_file(str(full / "checkpoints" / "step_60" / "model.safetensors"))
+    b = load_file(str(out / "checkpoints" / "step_60" / "model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)

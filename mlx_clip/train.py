@@ -68,12 +68,23 @@ def main(argv: list[str] | None = None) -> dict:
     from .checkpoint import CheckpointWriteError
     from .convert import WeightError
     from .readers import DataError
-    from .trainer import NonFiniteError, train  # imports MLX; after the config is known to be valid
+    from .trainer import (
+        NonFiniteError,
+        OutOfMemoryError,
+        train,
+    )  # imports MLX; after the config is known to be valid
 
     print(f"run directory: {out}", flush=True)
     try:
         summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after)
-    except (DataError, WeightError, FileNotFoundError, NonFiniteError, CheckpointWriteError) as e:
+    except (
+        DataError,
+        WeightError,
+        FileNotFoundError,
+        NonFiniteError,
+        CheckpointWriteError,
+        OutOfMemoryError,
+    ) as e:
         # Bad input: one clear line naming the file or key, no traceback.
         sys.exit(f"error: {e}")
     shown = {k: v for k, v in summary.items() if not k.endswith(("R@5", "R@10"))}

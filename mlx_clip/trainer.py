@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -189,6 +190,28 @@ def make_grad_fn(model: CLIP, cfg: Config, world: World | None = None):
         return loss, grads
 
     return loss_and_grads
+
+
+class OutOfMemoryError(RuntimeError):
+    """An allocation failed in a training step; the message says what to change."""
+
+
+# Words of the allocation failures MLX raises (Metal/CUDA malloc, CPU std::bad_alloc -> MemoryError).
+_OOM_WORDS = ("malloc", "allocate", "out of memory", "resource limit", "bad_alloc")
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(cfg: Config):
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and not any(w in str(e).lower() for w in _OOM_WORDS):
+            raise
+        raise OutOfMemoryError(
+            f"out of memory in a training step ({e}). Use a smaller data.batch_size (now "
+            f"{cfg.data.batch_size}), gradient checkpointing or gradient accumulation, or a smaller "
+            "model.image_size / architecture."
+        ) from e
 
 
 class NonFiniteError(RuntimeError):
@@ -392,9 +415,9 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
     bad_streak = skipped_steps = 0
     while step_no < stop_at:
         for batch in data.train.epoch(epoch, start_batch=batch_in_epoch):
-            with world.guard(f"training step {step_no + 1}"):  # waits on the other ranks' gradients
+            with world.guard(f"training step {step_no + 1}"), out_of_memory_hint(cfg):
                 loss, grad_norm = step_fn(mx.array(batch["images"]), mx.array(batch["tokens"]))
-                mx.eval(state, loss, grad_norm)
+                mx.eval(state, loss, grad_norm)  # (the guard bounds waits on the other ranks)
             step_no += 1
             batch_in_epoch += 1
             window_n += len(batch["tokens"]) * world.size  # the global batch

@@ -53,3 +53,58 @@ def test_unknown_architecture_suggests():
 
 def test_defaults_are_vit_b32():
     assert ModelConfig() == model_config("vit_b32")
+
+
+def _sections():
+    import dataclasses
+
+    from mlx_clip.config import Config
+
+    for section in dataclasses.fields(Config):
+        if section.name == "model":
+            continue
+        for f in dataclasses.fields(section.default_factory()):
+            yield f"{section.name}.{f.name}", f.type
+
+
+@pytest.mark.parametrize("key,tp", list(_sections()))
+def test_every_run_key_rejects_a_wrong_type_by_name(key, tp):
+    from mlx_clip.config import load_config
+
+    wrong = 123 if "str" in str(tp) else "not-a-value"
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [(key, wrong)])
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("data.batch_size", "1", "at least 2 pairs"),
+        ("data.val_ratio", "1.5", "val_ratio"),
+        ("data.crop_scale", "[0.9, 0.2]", "crop_scale"),
+        ("data.builtin_split", "triple", "builtin_split"),
+        ("data.format", "xml", "data.format"),
+        ("data.num_workers", "0", "num_workers"),
+        ("data.validate", "maybe", "data.validate"),
+        ("data.max_bad_fraction", "2", "max_bad_fraction"),
+        ("data.max_image_pixels", "0", "max_image_pixels"),
+        ("loss.type", "triplet", "loss.type"),
+        ("loss.label_smoothing", "1.0", "label_smoothing"),
+        ("optim.lr", "0", "optim.lr"),
+        ("optim.min_lr", "1", "min_lr"),
+        ("optim.beta2", "1.0", "beta"),
+        ("optim.eps", "0", "eps"),
+        ("optim.image_lr", "-1", "image_lr"),
+        ("optim.lock_image_unlocked_layers", "99", "lock_image_unlocked_layers"),
+        ("train.steps", "0", "train.steps"),
+        ("train.precision", "float8", "precision"),
+        ("train.keep_last", "0", "keep_last"),
+        ("train.max_bad_steps", "0", "max_bad_steps"),
+        ("tokenizer.kind", "openai", "49408"),
+    ],
+)
+def test_out_of_range_values_name_the_field(key, value, message):
+    from mlx_clip.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [(key, value)])

@@ -349,3 +349,24 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
     a = load_file(str(full / "checkpoints" / "step_60" / "model.safetensors"))
     b = load_file(str(out / "checkpoints" / "step_60" / "model.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("[metal::malloc] Attempting to allocate 9 GB"), MemoryError()]
+)
+def test_out_of_memory_suggests_what_to_change(tmp_path, monkeypatch, error):
+    import mlx_clip.trainer as trainer
+
+    real = trainer.make_step
+
+    def failing_make_step(*args, **kwargs):
+        _, state = real(*args, **kwargs)
+
+        def step(images, tokens):
+            raise error
+
+        return step, state
+
+    monkeypatch.setattr(trainer, "make_step", failing_make_step)
+    with pytest.raises(SystemExit, match="out of memory.*smaller data.batch_size.*gradient checkpointing"):
+        run(tmp_path, "oom", "--steps", "2", "--train.eval_every", "0")

@@ -108,3 +108,16 @@ def test_out_of_range_values_name_the_field(key, value, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [(key, value)])
+
+
+def test_yaml_is_read_safely_and_missing_files_are_named(tmp_path):
+    from mlx_clip.config import load_config
+
+    evil = tmp_path / "evil.yaml"
+    marker = tmp_path / "pwned"
+    evil.write_text(f"train: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="evil.yaml: invalid YAML"):
+        load_config(evil)
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")

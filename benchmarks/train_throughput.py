@@ -1,0 +1,564 @@
+"""Training-step throughput of one architecture on every backend at hand.
+
+    python -m benchmarks.train_throughput [--arch vit_b32] [--batch 32] [--backends mlx-cpu,torch_ref-cpu]
+                                          [--steps 10] [--warmup 3] [--rounds 1] [--plot] [--out FILE]
+
+Backends: mlx-cpu, mlx-gpu (Metal or CUDA), torch_ref-{cpu,mps,cuda}, open_clip-{cpu,mps,cuda}
+(open_clip's own CLIP built from our ModelConfig via mlx_clip.interop_open_clip.open_clip_cfg, with
+its ClipLoss). Default: every one available here. All get the same architecture, batch and
+synthetic batch (benchmarks.common.synthetic_batch), and time a FULL fp32 training step:
+
+- MLX: mlx_clip.trainer.make_step (one compiled forward + backward + grad clip + AdamW update),
+  then one mx.eval of the model/optimizer state and the loss;
+- torch: forward, clip loss, backward, clip_grad_norm_(1.0), AdamW.step, LR schedule step,
+  logit-scale clamp, device synchronize (eager mode, as torch_ref.train runs).
+
+AdamW everywhere: lr 1e-3 with the run schedule, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on
+matrices only (mlx_clip.optim.decays). The batch is made once, before timing, and reused.
+
+Each backend runs in its own subprocess, one after the other: a clean peak RSS and no thread pool
+or BLAS shared with another framework (the torch workers set MLX_CLIP_BLAS=none so OpenBLAS is not
+loaded next to torch's BLAS). Per backend it reports the median step time over --steps timed steps
+after --warmup steps, images/s, peak memory (MLX's or CUDA's allocator peak, else the process peak
+RSS; the source is named), and MFU = model FLOPs per step (benchmarks.flops, train = 3 x forward)
+/ median step time / the fp32 GEMM peak measured by the same worker, framework and device right
+after the timed steps (best of --gemm-reps n x n matmuls, n = --gemm-size). A bf16 GEMM peak is
+measured too where the device multiplies bf16 natively (GPUs; CPUs with AVX512-BF16 / AMX).
+"others' CPU" is the share of the machine's CPU time that other processes used while the timed
+steps ran (/proc/stat minus the worker's own getrusage): on a shared machine it says how far to
+trust a row. --rounds N runs the backends round-robin N times and keeps, per backend, the round
+with the least of it (all rounds stay in the JSON).
+
+The JSON goes to benchmarks/results/<host>-<UTC date and time>.json (or --out); a markdown table
+is printed; --plot writes a bar chart with the same name and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+# Importing mlx_clip (any submodule) loads OpenBLAS for MLX on Linux, before anything imports mlx.core.
+from mlx_clip.config import model_config, to_dict
+
+from .common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    contention,
+    cpu_has_native_bf16,
+    cpu_snapshot,
+    git_info,
+    machine_info,
+    peak_rss_bytes,
+    synthetic_batch,
+    timestamp,
+    versions,
+)
+from .flops import clip_flops_per_pair, format_flops
+
+BACKENDS = (
+    "mlx-cpu",
+    "mlx-gpu",
+    "torch_ref-cpu",
+    "torch_ref-mps",
+    "torch_ref-cuda",
+    "open_clip-cpu",
+    "open_clip-mps",
+    "open_clip-cuda",
+)
+SCHEMA = "mlx_clip.train_throughput/1"
+
+
+def _log(backend: str, msg: str) -> None:
+    print(f"[{backend}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Which backends exist here (the parent imports the frameworks only to ask)
+
+
+def available_backends() -> list[str]:
+    found = []
+    if importlib.util.find_spec("mlx") is not None:
+        import mlx.core as mx  # after mlx_clip (imported above): OpenBLAS is bound first
+
+        found.append("mlx-cpu")
+        gpu = False
+        for backend in ("metal", "cuda"):
+            try:
+                gpu = gpu or bool(getattr(mx, backend).is_available())
+            except AttributeError:
+                pass
+        if gpu:
+            found.append("mlx-gpu")
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        devices = ["cpu"]
+        if torch.backends.mps.is_available():
+            devices.append("mps")
+        if torch.cuda.is_available():
+            devices.append("cuda")
+        found += [f"torch_ref-{d}" for d in devices]
+        if importlib.util.find_spec("open_clip") is not None:
+            found += [f"open_clip-{d}" for d in devices]
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Worker side: one backend, in its own process
+
+
+def _time_steps(step, sync, warmup: int, steps: int, backend: str) -> tuple[list[float], list, dict | None]:
+    """Run warmup + steps calls of `step` (which must finish the work, sync included); time the last.
+
+    Also returns how much CPU other processes used while the timed steps ran (common.contention).
+    """
+    times, outputs, before = [], [], None
+    for i in range(warmup + steps):
+        if i == warmup:
+            before = cpu_snapshot()
+        t0 = time.perf_counter()
+        out = step()
+        sync()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+            outputs.append(out)
+        _log(backend, f"{'warm-up' if i < warmup else 'step'} {i + 1}/{warmup + steps}: {dt * 1e3:.1f} ms")
+    return times, outputs, contention(before, cpu_snapshot())
+
+
+def _gemm_peak(matmul, sync, n: int, reps: int) -> float:
+    """Best-of-`reps` FLOP/s of one n x n x n matmul (after one untimed call)."""
+    matmul()
+    sync()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        matmul()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _mlx_worker(spec: dict, cfg) -> dict:
+    import mlx.core as mx  # after mlx_clip (imported above): OpenBLAS is bound first
+    from mlx.utils import tree_flatten
+
+    from mlx_clip.config import Config
+    from mlx_clip.model import create_model
+    from mlx_clip.optim import build_optimizer
+    from mlx_clip.trainer import make_step
+
+    backend = spec["backend"]
+    device = mx.gpu if backend == "mlx-gpu" else mx.cpu
+    mx.set_default_device(device)
+    run = Config()  # the run defaults: AdamW 0.9/0.98/1e-6, wd 0.2, grad clip 1.0, no label smoothing
+    model = create_model(cfg, seed=spec["seed"])
+    optimizer = build_optimizer(run.optim, spec["warmup"] + spec["steps"])
+    optimizer.init(model.trainable_parameters())  # the compiled step captures a populated state
+    step_fn, state = make_step(model, optimizer, run)
+    images_np, tokens_np = synthetic_batch(cfg, spec["batch"], spec["seed"])
+    images, tokens = mx.array(images_np), mx.array(tokens_np)
+    mx.eval(images, tokens)
+
+    def step():
+        loss, grad_norm = step_fn(images, tokens)
+        mx.eval(state, loss, grad_norm)  # the whole update, as the training loop does it
+        return loss
+
+    times, losses, load = _time_steps(step, lambda: None, spec["warmup"], spec["steps"], backend)
+    peak = mx.get_peak_memory()
+    result = {
+        "device_name": str(mx.device_info().get("device_name", device)) if backend == "mlx-gpu" else "cpu",
+        "num_params": sum(v.size for _, v in tree_flatten(model.parameters())),
+        "losses": [x.item() for x in losses],
+        "contention": load,
+        "peak_memory_bytes": peak if peak > 0 else peak_rss_bytes(),
+        "peak_memory_source": "mx.get_peak_memory" if peak > 0 else "peak RSS (VmHWM / getrusage)",
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+    n, peaks, before = spec["gemm_size"], {}, cpu_snapshot()
+    for name, dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16)):
+        if name == "bfloat16" and backend == "mlx-cpu" and not cpu_has_native_bf16():
+            peaks[name] = None
+            continue
+        a, b = (mx.random.normal((n, n)).astype(dtype) for _ in range(2))
+        mx.eval(a, b)
+        peaks[name] = _gemm_peak(lambda a=a, b=b: mx.eval(a @ b), lambda: None, n, spec["gemm_reps"])
+    result["gemm_contention"] = contention(before, cpu_snapshot())
+    return {**result, "step_times_s": times, "gemm_peak_flops": peaks}
+
+
+def _torch_worker(spec: dict, cfg) -> dict:
+    import torch
+
+    from mlx_clip.config import Config
+    from mlx_clip.optim import decays, lr_at
+
+    backend = spec["backend"]
+    framework, dev = backend.rsplit("-", 1)
+    device = torch.device(dev)
+    torch.manual_seed(spec["seed"])
+    if framework == "torch_ref":
+        import torch_ref
+
+        model = torch_ref.create_model(cfg, seed=spec["seed"], device=device)
+        loss_fn = torch_ref.clip_loss
+    else:
+        import open_clip
+
+        from mlx_clip.interop_open_clip import open_clip_cfg
+
+        model = open_clip.model.CLIP(**open_clip_cfg(cfg)).to(device)
+        loss_fn = open_clip.loss.ClipLoss()
+    model.train()
+    o = Config().optim
+    groups: dict[bool, list] = {True: [], False: []}
+    for name, p in model.named_parameters():
+        groups[decays(name, p.ndim)].append(p)
+    params = [p for ps in groups.values() for p in ps]
+    opt = torch.optim.AdamW(
+        [
+            {"params": groups[True], "weight_decay": o.weight_decay},
+            {"params": groups[False], "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+    )
+    total = spec["warmup"] + spec["steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, total) / o.lr)
+    images_np, tokens_np = synthetic_batch(cfg, spec["batch"], spec["seed"])
+    images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(device)  # NHWC -> NCHW
+    tokens = torch.from_numpy(tokens_np).long().to(device)
+    sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(dev, lambda: None)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        loss = loss_fn(*model(images, tokens))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100.0))
+        return loss.detach()
+
+    times, losses, load = _time_steps(step, sync, spec["warmup"], spec["steps"], backend)
+    result = {
+        "device_name": torch.cuda.get_device_name() if dev == "cuda" else dev,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "losses": [float(x) for x in losses],
+        "contention": load,
+        "threads": torch.get_num_threads(),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    if dev == "cuda":
+        result.update(
+            peak_memory_bytes=torch.cuda.max_memory_allocated(),
+            peak_memory_source="torch.cuda.max_memory_allocated",
+        )
+    else:
+        result.update(peak_memory_bytes=peak_rss_bytes(), peak_memory_source="peak RSS (VmHWM / getrusage)")
+
+    n, peaks, before = spec["gemm_size"], {}, cpu_snapshot()
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        if name == "bfloat16" and dev == "cpu" and not cpu_has_native_bf16():
+            peaks[name] = None
+            continue
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        peaks[name] = _gemm_peak(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), sync, n, spec["gemm_reps"])
+    result["gemm_contention"] = contention(before, cpu_snapshot())
+    return {**result, "step_times_s": times, "gemm_peak_flops": peaks}
+
+
+def run_worker(spec: dict) -> dict:
+    """Measure one backend in this process; the result carries `error` instead of numbers on failure."""
+    backend = spec["backend"]
+    out = {"backend": backend, "framework": backend.rsplit("-", 1)[0], "device": backend.rsplit("-", 1)[1]}
+    # Other work on the machine skews every number: record the load average as the worker starts.
+    out["load_avg_at_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    try:
+        cfg = model_config(spec["arch"])
+        t0 = time.perf_counter()
+        worker = _mlx_worker if backend.startswith("mlx-") else _torch_worker
+        res = worker(spec, cfg)
+        times = res["step_times_s"]
+        median = statistics.median(times)
+        model_flops = clip_flops_per_pair(cfg, spec["batch"])["train"] * spec["batch"]
+        fp32 = res["gemm_peak_flops"]["float32"]
+        out.update(res)
+        out.update(
+            median_step_s=median,
+            min_step_s=min(times),
+            max_step_s=max(times),
+            images_per_s=spec["batch"] / median,
+            model_flops_per_step=model_flops,
+            achieved_flops=model_flops / median,
+            mfu=model_flops / median / fp32,
+            loss_finite=all(math.isfinite(x) for x in res["losses"]),
+            wall_s=time.perf_counter() - t0,
+        )
+    except Exception as e:  # recorded, so that one broken backend does not hide the others
+        traceback.print_exc()
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Parent side: one subprocess per backend, then the JSON, the table and the plot
+
+
+def run_backend(spec: dict, timeout: float | None) -> dict:
+    backend = spec["backend"]
+    env = dict(os.environ)
+    if not backend.startswith("mlx-"):
+        env["MLX_CLIP_BLAS"] = "none"  # keep OpenBLAS out of torch's process
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
+        cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", str(spec_path)]
+        _log(backend, "starting worker")
+        try:
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"backend": backend, "error": f"timed out after {timeout:.0f} s"}
+        if out_path.is_file():
+            return json.loads(out_path.read_text())
+        return {"backend": backend, "error": f"worker exited with code {proc.returncode} and no result"}
+
+
+def _others(r: dict) -> float:
+    return r["contention"]["others_share"] if r.get("contention") else 0.0
+
+
+def run_rounds(spec: dict, backends: list[str], rounds: int, timeout: float | None) -> list[dict]:
+    """Each backend once per round, round-robin; per backend, the least-disturbed successful round."""
+    runs: dict[str, list[dict]] = {b: [] for b in backends}
+    for k in range(rounds):
+        for b in backends:
+            r = run_backend({**spec, "backend": b}, timeout)
+            r["round"] = k
+            runs[b].append(r)
+    results = []
+    for b in backends:
+        ok = [r for r in runs[b] if "error" not in r]
+        best = min(ok, key=_others) if ok else runs[b][-1]
+        if rounds > 1:
+            best = {**best, "rounds": runs[b]}
+        results.append(best)
+    return results
+
+
+def add_device_mfu(results: list[dict]) -> None:
+    """mfu_device: achieved FLOP/s over the best fp32 GEMM peak any framework reached on the device.
+
+    `mfu` divides by the worker's own framework's GEMM peak (how well it uses its own BLAS);
+    this one compares backends against one yardstick: what the hardware showed it can do.
+    """
+    ok = [r for r in results if "error" not in r]
+    for r in ok:
+        same = [x["gemm_peak_flops"]["float32"] for x in ok if x["device_name"] == r["device_name"]]
+        r["device_gemm_peak_flops"] = max(same)
+        r["mfu_device"] = r["achieved_flops"] / max(same)
+
+
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MB"
+
+
+def _gflops(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e9:,.1f}"
+
+
+def markdown_table(doc: dict) -> str:
+    results = doc["results"]
+    rate = {r["backend"]: r["images_per_s"] for r in results if "error" not in r}
+    refs = [b for b in ("torch_ref-cpu", "open_clip-cpu") if b in rate]
+    head = ["backend", "device", "step ms (median, min-max)", "img/s", *[f"x {b}" for b in refs]]
+    head += [
+        "others' CPU",
+        "peak memory (counter)",
+        "peak RSS",
+        "MFU fp32 (own GEMM)",
+        "MFU fp32 (best GEMM)",
+        "model GFLOP/s",
+        "GEMM fp32 GFLOP/s",
+        "GEMM bf16 GFLOP/s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | error: {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        src = "RSS" if "RSS" in r["peak_memory_source"] else r["peak_memory_source"].split(".")[-1]
+        row = [
+            r["backend"],
+            r["device_name"],
+            f"{r['median_step_s'] * 1e3:,.1f} ({r['min_step_s'] * 1e3:,.1f}-{r['max_step_s'] * 1e3:,.1f})",
+            f"{r['images_per_s']:,.1f}",
+            *[f"{r['images_per_s'] / rate[b]:.2f}" for b in refs],
+            "-" if not r.get("contention") else f"{100 * r['contention']['others_share']:.0f}%",
+            f"{_mb(r['peak_memory_bytes'])} ({src})",
+            _mb(r["peak_rss_bytes"]),
+            f"{100 * r['mfu']:.1f}%",
+            f"{100 * r['mfu_device']:.1f}%" if "mfu_device" in r else "-",
+            _gflops(r["achieved_flops"]),
+            _gflops(r["gemm_peak_flops"]["float32"]),
+            _gflops(r["gemm_peak_flops"].get("bfloat16")),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in doc["results"] if "error" not in r]
+    names = [r["backend"] for r in ok]
+    s = doc["settings"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 0.5 * len(ok) + 1.8))
+    ax1.barh(names, [r["images_per_s"] for r in ok], color="tab:blue")
+    ax1.set(xlabel="images / s", title=f"{s['arch']}, batch {s['batch']}, fp32 training step")
+    ax2.barh(names, [100 * r.get("mfu_device", r["mfu"]) for r in ok], color="tab:orange")
+    ax2.set(
+        xlabel="MFU (% of the best fp32 GEMM peak measured on the device)", title="model FLOPs utilisation"
+    )
+    ax2.set_yticklabels([])
+    for ax in (ax1, ax2):
+        ax.invert_yaxis()
+        ax.margins(x=0.15)  # room for the value labels
+        for bar in ax.patches:
+            x, y = bar.get_width(), bar.get_y() + bar.get_height() / 2
+            ax.annotate(
+                f"{x:.1f}", (x, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8
+            )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def default_out() -> Path:
+    host = machine_info()["host"].split(".")[0]
+    return RESULTS_DIR / f"{host}-{time.strftime('%Y-%m-%d-%H%M%S', time.gmtime())}.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.train_throughput", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--arch", default="vit_b32", help="architecture name or model YAML (default vit_b32)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--backends", default=None, help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--gemm-size", type=int, default=2048)
+    p.add_argument("--gemm-reps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the backends round-robin this many times; each row is the round where other "
+        "processes used the least CPU (for shared machines; every round is kept in the JSON)",
+    )
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per backend (default 3600)")
+    p.add_argument("--plot", action="store_true", help="also write a PNG bar chart next to the JSON")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.batch < 2 or args.steps < 1 or args.warmup < 0:
+        p.error("--batch must be >= 2, --steps >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.worker is not None:  # internal: one backend, in this (fresh) process
+        spec = json.loads(args.worker.read_text())  # written by run_backend
+        Path(spec["result_path"]).write_text(json.dumps(run_worker(spec)))
+        return {}
+
+    cfg = model_config(args.arch)  # fails fast, before any worker starts
+    here = available_backends()
+    if args.backends:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            sys.exit(f"error: unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)}")
+        missing = [b for b in backends if b not in here]
+        if missing:
+            sys.exit(f"error: not available on this machine: {missing} (available: {', '.join(here)})")
+    else:
+        backends = here
+    flops = clip_flops_per_pair(cfg, args.batch)
+    print(
+        f"{args.arch}: {format_flops(flops['forward'])} forward per pair, "
+        f"{format_flops(flops['train'] * args.batch)} per training step of {args.batch}; "
+        f"backends: {', '.join(backends)}",
+        flush=True,
+    )
+    spec = dict(
+        arch=args.arch,
+        batch=args.batch,
+        warmup=args.warmup,
+        steps=args.steps,
+        gemm_size=args.gemm_size,
+        gemm_reps=args.gemm_reps,
+        seed=args.seed,
+    )
+    doc = {
+        "schema": SCHEMA,
+        "created": timestamp(),
+        "machine": machine_info(),
+        "versions": versions(),
+        "git": git_info(),
+        "settings": {
+            **spec,
+            "rounds": args.rounds,
+            "precision": "float32",
+            "backends": backends,
+            "model": to_dict(cfg),
+        },
+        "flops": {
+            "convention": "matmuls only, 2*M*N*K; dense attention; train = 3 x forward (benchmarks/flops.py)",
+            "forward_per_pair": flops["forward"],
+            "train_per_pair": flops["train"],
+            "train_per_step": flops["train"] * args.batch,
+            "per_pair_parts": {"image": flops["image"], "text": flops["text"], "logits": flops["logits"]},
+        },
+        "results": run_rounds(spec, backends, args.rounds, args.timeout),
+    }
+    add_device_mfu(doc["results"])
+    out = args.out or default_out()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(markdown_table(doc))
+    print(f"wrote {out}")
+    if args.plot:
+        plot(doc, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

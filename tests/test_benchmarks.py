@@ -1,0 +1,213 @@
+"""The benchmark instrument: FLOP counter vs torch's, one step per backend, JSON schema, table.
+
+Speed targets live in the benchmark (benchmarks/RESULTS.md), not here: these tests only check that
+the numbers are computed correctly and recorded completely.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ODD_ARCH
+
+from benchmarks import train_throughput as tt
+from benchmarks.common import synthetic_batch
+from benchmarks.data_throughput import loader_rate, write_sources
+from benchmarks.flops import clip_flops_per_pair
+from mlx_clip.config import model_config
+from mlx_clip.data import Loader
+from mlx_clip.readers import read_samples
+
+torch = pytest.importorskip("torch")
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import torch_ref  # noqa: E402
+
+ARCHS = {"tiny": "tiny", "odd": ODD_ARCH}
+
+
+def _torch_batch(cfg, batch: int):
+    images, tokens = synthetic_batch(cfg, batch, seed=1)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(tokens).long()
+
+
+# ---------------------------------------------------------------------------
+# FLOPs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_flops_equal_torch_flop_counter(arch):
+    """Exact: FlopCounterMode counts every mm/addmm/bmm/conv of a torch_ref forward independently.
+
+    The math SDPA kernel is forced because torch 2.x has no FLOP formula for the fused CPU kernel
+    (aten._scaled_dot_product_flash_attention_for_cpu): with it, attention would count as 0. The
+    math kernel is two bmms over the full (T, T) scores, causal or not, as flops.py counts them.
+    """
+    cfg = model_config(ARCHS[arch])
+    B = 3
+    model = torch_ref.create_model(cfg, device="cpu")
+    images, tokens = _torch_batch(cfg, B)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(images, tokens)
+    assert counter.get_total_flops() == B * clip_flops_per_pair(cfg)["forward"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_flops_are_three_forwards(arch):
+    """Forward + loss + backward, counted by torch, is 3 x forward less one patch-embedding forward.
+
+    Each matmul's backward is two matmuls of its size (input and weight gradients); the patch
+    embedding needs no input gradient because the pixels need none. The logits of the loss,
+    (B, E) @ (E, B), are in `logits` when clip_flops_per_pair gets the batch size.
+    """
+    cfg = model_config(ARCHS[arch])
+    B = 4
+    model = torch_ref.create_model(cfg, device="cpu")
+    images, tokens = _torch_batch(cfg, B)
+    flops = clip_flops_per_pair(cfg, batch_size=B)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        torch_ref.clip_loss(*model(images, tokens)).backward()
+    assert flops["logits"] == 2 * B * cfg.embed_dim
+    assert counter.get_total_flops() == B * (flops["train"] - flops["image"]["patch_embed"])
+    # the convention's error at ViT-B/32 (documented in flops.py)
+    b32 = clip_flops_per_pair(model_config("vit_b32"))
+    assert 0.005 < b32["image"]["patch_embed"] / b32["train"] < 0.006
+
+
+def test_flops_hand_computed_vit_b32():
+    """ViT-B/32 by hand: image 8.82 GFLOP, text 5.96 GFLOP per pair forward.
+
+    In MACs (what fvcore / timm / open_clip's profiles call "GFLOPs") that is the usual 4.4 + 3.0.
+    """
+    f = clip_flops_per_pair(model_config("vit_b32"))
+    patch = 2 * 49 * 3072 * 768  # 49 patches x (32*32*3) inputs x 768 outputs
+    assert f["image"]["patch_embed"] == patch
+    # one block at (T tokens, width W): qkv 6TW^2 + out_proj 2TW^2 + MLP 16TW^2 + attention 4T^2W
+    block = lambda T, W: 24 * T * W**2 + 4 * T**2 * W
+    assert f["image"]["total"] == patch + 12 * block(50, 768) + 2 * 768 * 512
+    assert f["text"]["total"] == 12 * block(77, 512) + 2 * 512 * 512
+    assert round(f["image"]["total"] / 2e9, 2) == 4.41 and round(f["text"]["total"] / 2e9, 2) == 2.98
+    assert f["train"] == 3 * f["forward"] and f["logits"] == 0
+
+
+# ---------------------------------------------------------------------------
+# One run of the CLI over every backend present (one fast step each)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    argv = ["--arch", "tiny", "--batch", "4", "--warmup", "1", "--steps", "2"]
+    argv += ["--gemm-size", "256", "--gemm-reps", "2", "--plot", "--out", str(out)]
+    doc = tt.main(argv)
+    return doc, out
+
+
+def test_one_step_per_backend_runs_and_is_finite(bench):
+    doc, _ = bench
+    here = tt.available_backends()
+    assert {"mlx-cpu", "torch_ref-cpu"} <= set(here)
+    assert [r["backend"] for r in doc["results"]] == here
+    for r in doc["results"]:
+        assert "error" not in r, r
+        assert len(r["step_times_s"]) == 2 and all(t > 0 for t in r["step_times_s"])
+        assert r["loss_finite"] and all(math.isfinite(x) for x in r["losses"])
+        assert r["images_per_s"] == pytest.approx(4 / r["median_step_s"])
+        assert r["gemm_peak_flops"]["float32"] > 0
+        assert 0 < r["mfu"] < 2 and r["peak_memory_bytes"] > 0
+        assert 0 < r["mfu_device"] <= r["mfu"]  # the best GEMM peak on the device is at least the own one
+        assert r["model_flops_per_step"] == 4 * clip_flops_per_pair(model_config("tiny"), 4)["train"]
+    # the same model everywhere: identical parameter counts
+    assert len({r["num_params"] for r in doc["results"]}) == 1
+
+
+REQUIRED = {
+    "schema": str,
+    "created": str,
+    "machine": {"host": str, "cpu_model": str, "cpu_count": int, "memory_bytes": int, "os": str},
+    "versions": {"python": str, "mlx": str, "numpy": str, "torch": str},
+    "git": {"commit": str, "dirty": bool, "dirty_files": list},
+    "settings": {"arch": str, "batch": int, "warmup": int, "steps": int, "precision": str, "backends": list},
+    "flops": {"forward_per_pair": int, "train_per_pair": int, "train_per_step": int},
+    "results": list,
+}
+RESULT_KEYS = {
+    "backend": str,
+    "framework": str,
+    "device": str,
+    "device_name": str,
+    "step_times_s": list,
+    "median_step_s": float,
+    "images_per_s": float,
+    "peak_memory_bytes": int,
+    "peak_memory_source": str,
+    "peak_rss_bytes": int,
+    "gemm_peak_flops": dict,
+    "model_flops_per_step": int,
+    "mfu": float,
+    "mfu_device": float,
+    "contention": dict,
+    "load_avg_at_start": list,
+    "num_params": int,
+}
+
+
+def _check(obj, spec, where):
+    for key, tp in spec.items():
+        assert key in obj, f"{where}.{key} missing"
+        if isinstance(tp, dict):
+            _check(obj[key], tp, f"{where}.{key}")
+        else:
+            assert isinstance(obj[key], tp), (
+                f"{where}.{key}: {type(obj[key]).__name__}, expected {tp.__name__}"
+            )
+
+
+def test_json_schema(bench):
+    doc, out = bench
+    on_disk = json.loads(Path(out).read_text())  # what was written, not the in-memory dict
+    assert on_disk["schema"] == tt.SCHEMA
+    _check(on_disk, REQUIRED, "doc")
+    for r in on_disk["results"]:
+        _check(r, RESULT_KEYS, r["backend"])
+        assert set(r["gemm_peak_flops"]) == {"float32", "bfloat16"}
+    if any(b.startswith("open_clip") for b in on_disk["settings"]["backends"]):
+        assert isinstance(on_disk["versions"]["open_clip_torch"], str)
+
+
+def test_markdown_table_and_plot(bench):
+    doc, out = bench
+    table = tt.markdown_table(doc)
+    rows = table.splitlines()
+    assert len(rows) == 2 + len(doc["results"])
+    assert len({row.count("|") for row in rows}) == 1  # every row has the header's columns
+    for r in doc["results"]:
+        assert any(row.startswith(f"| {r['backend']} |") for row in rows)
+    assert "x torch_ref-cpu" in rows[0]
+    assert Path(out).with_suffix(".png").stat().st_size > 0
+
+
+def test_unknown_or_missing_backend_is_refused():
+    with pytest.raises(SystemExit, match="unknown backend"):
+        tt.main(["--arch", "tiny", "--backends", "mlx-tpu"])
+
+
+def test_synthetic_batch_pools_at_eot():
+    cfg = model_config("tiny")
+    images, tokens = synthetic_batch(cfg, 6)
+    assert images.shape == (6, cfg.image_size, cfg.image_size, 3) and images.dtype == np.float32
+    assert tokens.shape == (6, cfg.context_length) and tokens.dtype == np.int32
+    assert (tokens.max(axis=1) == cfg.vocab_size - 1).all()  # EOT has the largest id: the pooled token
+    np.testing.assert_array_equal(tokens, synthetic_batch(cfg, 6)[1])  # seeded
+
+
+def test_data_pipeline_rate_from_jpeg_and_tar(tmp_path):
+    sources = write_sources(tmp_path, 12, 64, 48)
+    for kind in ("jpeg", "tar"):
+        samples = read_samples(sources[kind])
+        assert len(samples) == 12
+        r = loader_rate(Loader(samples, 4, 32, train=True, num_workers=0))
+        assert r["images"] == 12 and r["images_per_s"] > 0 and 0 < r["first_batch_s"] <= r["seconds"]

@@ -12,9 +12,10 @@
 - The training step's rate for the same arch and batch comes from the mlx-cpu row of a
   train_throughput JSON (--results), else from a short measured MLX step in a subprocess.
 - default-run: the default `python -m mlx_clip.train` configuration (tiny, built-in data in memory,
-  batch 64, data.num_workers workers): its loader alone, the compiled step on a fixed batch, and the
-  step fed by the loader in the same process, as the training loop does (on a small CPU the
-  workers and the step share the cores, which only this last measurement shows).
+  batch 64, data.num_workers workers, 1 OpenBLAS thread as train.deterministic sets): its loader
+  alone, the compiled step on a fixed batch, and the step fed by the loader in the same process,
+  as the training loop does (on a small CPU the workers and the step share the cores, which only
+  this last measurement shows).
 
 Writes benchmarks/results/<host>-<UTC date and time>-data.json (or --out) and prints tables.
 """
@@ -38,7 +39,7 @@ from mlx_clip.config import Config, model_config, to_dict
 from mlx_clip.data import Loader
 from mlx_clip.readers import read_samples
 
-from .common import git_info, machine_info, timestamp, versions
+from .common import contention, cpu_snapshot, git_info, machine_info, timestamp, versions
 from .train_throughput import default_out, run_backend
 
 SCHEMA = "mlx_clip.data_throughput/1"
@@ -134,6 +135,7 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
     """The default run's loader alone, its step on a fixed batch, and its step fed by the loader."""
     import mlx.core as mx
 
+    from mlx_clip import _blas
     from mlx_clip.model import create_model
     from mlx_clip.optim import build_optimizer
     from mlx_clip.run_data import build_run_data
@@ -141,6 +143,8 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
 
     cfg = Config()
     B = cfg.data.batch_size
+    if cfg.train.deterministic:
+        _blas.set_threads(1)  # as mlx_clip.trainer.train does by default (bit-reproducible runs)
     # Only the epoch length changes (enough batches for the measurement): per-batch work is the same.
     cfg.data.builtin_train_size = B * (2 * (warmup + steps) + 4)
     cfg.data.builtin_val_size = B
@@ -170,7 +174,9 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
         return times
 
     fixed = next(loader.epoch(0))
+    snap = cpu_snapshot()
     t_fixed = timed(fixed for _ in range(warmup + steps))
+    load_fixed, snap = contention(snap, cpu_snapshot()), cpu_snapshot()
     # Fed: time from asking the loader for a batch to the end of its step, as the training loop sees it.
     it, t_fed = loader.epoch(1), []
     for i in range(warmup + steps):
@@ -178,16 +184,22 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
         step(next(it))
         if i >= warmup:
             t_fed.append(time.perf_counter() - t0)
+    load_fed = contention(snap, cpu_snapshot())
     fixed_rate, fed_rate = B / statistics.median(t_fixed), B / statistics.median(t_fed)
     return {
         "arch": cfg.model["arch"],
         "batch": B,
         "num_workers": cfg.data.num_workers,
         "prefetch": cfg.data.prefetch,
+        "blas_threads": 1 if cfg.train.deterministic else "default",
         "loader_images_per_s": alone["images_per_s"],
         "step_fixed_batch_images_per_s": fixed_rate,
         "step_fed_by_loader_images_per_s": fed_rate,
         "fed_over_fixed": fed_rate / fixed_rate,
+        # CPU used by other processes meanwhile (common.contention); the loader's own worker
+        # threads count as this process, not as others
+        "contention_fixed": load_fixed,
+        "contention_fed": load_fed,
         "steps": steps,
         "warmup": warmup,
     }
@@ -268,6 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
     return doc
 
 
+def _share(c: dict | None) -> str:
+    return "-" if c is None else f"{100 * c['others_share']:.0f}%"
+
+
 def markdown(doc: dict) -> str:
     lines = []
     if doc["pipeline"]:
@@ -289,10 +305,11 @@ def markdown(doc: dict) -> str:
             "",
             f"Default run ({r['arch']}, built-in data, batch {r['batch']}, {r['num_workers']} workers):",
             "",
-            "| loader alone | step, fixed batch | step fed by the loader | fed / fixed |",
-            "|---|---|---|---|",
+            "| loader alone | step, fixed batch | step fed by the loader | fed / fixed | others' CPU |",
+            "|---|---|---|---|---|",
             f"| {r['loader_images_per_s']:,.0f} img/s | {r['step_fixed_batch_images_per_s']:,.0f} img/s "
-            f"| {r['step_fed_by_loader_images_per_s']:,.0f} img/s | {r['fed_over_fixed']:.2f} |",
+            f"| {r['step_fed_by_loader_images_per_s']:,.0f} img/s | {r['fed_over_fixed']:.2f} "
+            f"| {_share(r['contention_fixed'])} / {_share(r['contention_fed'])} |",
         ]
     return "\n".join(lines)
 

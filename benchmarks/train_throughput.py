@@ -16,14 +16,16 @@ synthetic batch (benchmarks.common.synthetic_batch), and time a FULL fp32 traini
 AdamW everywhere: lr 1e-3 with the run schedule, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on
 matrices only (mlx_clip.optim.decays). The batch is made once, before timing, and reused.
 
-Each backend runs in its own subprocess, one after the other: a clean peak RSS and no thread pool
-or BLAS shared with another framework (the torch workers set MLX_CLIP_BLAS=none so OpenBLAS is not
-loaded next to torch's BLAS). Per backend it reports the median step time over --steps timed steps
-after --warmup steps, images/s, peak memory (MLX's or CUDA's allocator peak, else the process peak
-RSS; the source is named), and MFU = model FLOPs per step (benchmarks.flops, train = 3 x forward)
-/ median step time / the fp32 GEMM peak measured by the same worker, framework and device right
-after the timed steps (best of --gemm-reps n x n matmuls, n = --gemm-size). A bf16 GEMM peak is
-measured too where the device multiplies bf16 natively (GPUs; CPUs with AVX512-BF16 / AMX).
+Each backend runs in its own subprocess (benchmarks/step_workers.py), one after the other: a clean
+peak RSS, no thread pool or BLAS shared with another framework (the torch workers set
+MLX_CLIP_BLAS=none so OpenBLAS is not loaded next to torch's BLAS). Per backend it reports the
+median step time over --steps timed steps after --warmup steps, images/s, peak memory (MLX's or
+CUDA's allocator peak, else the process peak RSS; the source is named), and MFU = model FLOPs per
+step (benchmarks.flops, train = 3 x forward) / median step time / the fp32 GEMM peak measured by
+the same worker, framework and device right after the timed steps (best of --gemm-reps n x n
+matmuls, n = --gemm-size). A bf16 GEMM peak is measured too where the device multiplies bf16
+natively (GPUs; CPUs with AVX512-BF16 / AMX). "MFU (best GEMM)" divides by the highest fp32 GEMM
+peak any backend measured on the same device in the run.
 "others' CPU" is the share of the machine's CPU time that other processes used while the timed
 steps ran (/proc/stat minus the worker's own getrusage): on a shared machine it says how far to
 trust a row. --rounds N runs the backends round-robin N times and keeps, per backend, the round
@@ -38,14 +40,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 # Importing mlx_clip (any submodule) loads OpenBLAS for MLX on Linux, before anything imports mlx.core.
@@ -54,17 +53,13 @@ from mlx_clip.config import model_config, to_dict
 from .common import (
     REPO_ROOT,
     RESULTS_DIR,
-    contention,
-    cpu_has_native_bf16,
-    cpu_snapshot,
     git_info,
     machine_info,
-    peak_rss_bytes,
-    synthetic_batch,
     timestamp,
     versions,
 )
 from .flops import clip_flops_per_pair, format_flops
+from .step_workers import log, run_worker
 
 BACKENDS = (
     "mlx-cpu",
@@ -77,10 +72,6 @@ BACKENDS = (
     "open_clip-cuda",
 )
 SCHEMA = "mlx_clip.train_throughput/1"
-
-
-def _log(backend: str, msg: str) -> None:
-    print(f"[{backend}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -116,212 +107,6 @@ def available_backends() -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Worker side: one backend, in its own process
-
-
-def _time_steps(step, sync, warmup: int, steps: int, backend: str) -> tuple[list[float], list, dict | None]:
-    """Run warmup + steps calls of `step` (which must finish the work, sync included); time the last.
-
-    Also returns how much CPU other processes used while the timed steps ran (common.contention).
-    """
-    times, outputs, before = [], [], None
-    for i in range(warmup + steps):
-        if i == warmup:
-            before = cpu_snapshot()
-        t0 = time.perf_counter()
-        out = step()
-        sync()
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
-            outputs.append(out)
-        _log(backend, f"{'warm-up' if i < warmup else 'step'} {i + 1}/{warmup + steps}: {dt * 1e3:.1f} ms")
-    return times, outputs, contention(before, cpu_snapshot())
-
-
-def _gemm_peak(matmul, sync, n: int, reps: int) -> float:
-    """Best-of-`reps` FLOP/s of one n x n x n matmul (after one untimed call)."""
-    matmul()
-    sync()
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        matmul()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def _mlx_worker(spec: dict, cfg) -> dict:
-    import mlx.core as mx  # after mlx_clip (imported above): OpenBLAS is bound first
-    from mlx.utils import tree_flatten
-
-    from mlx_clip.config import Config
-    from mlx_clip.model import create_model
-    from mlx_clip.optim import build_optimizer
-    from mlx_clip.trainer import make_step
-
-    backend = spec["backend"]
-    device = mx.gpu if backend == "mlx-gpu" else mx.cpu
-    mx.set_default_device(device)
-    run = Config()  # the run defaults: AdamW 0.9/0.98/1e-6, wd 0.2, grad clip 1.0, no label smoothing
-    model = create_model(cfg, seed=spec["seed"])
-    optimizer = build_optimizer(run.optim, spec["warmup"] + spec["steps"])
-    optimizer.init(model.trainable_parameters())  # the compiled step captures a populated state
-    step_fn, state = make_step(model, optimizer, run)
-    images_np, tokens_np = synthetic_batch(cfg, spec["batch"], spec["seed"])
-    images, tokens = mx.array(images_np), mx.array(tokens_np)
-    mx.eval(images, tokens)
-
-    def step():
-        loss, grad_norm = step_fn(images, tokens)
-        mx.eval(state, loss, grad_norm)  # the whole update, as the training loop does it
-        return loss
-
-    times, losses, load = _time_steps(step, lambda: None, spec["warmup"], spec["steps"], backend)
-    peak = mx.get_peak_memory()
-    result = {
-        "device_name": str(mx.device_info().get("device_name", device)) if backend == "mlx-gpu" else "cpu",
-        "num_params": sum(v.size for _, v in tree_flatten(model.parameters())),
-        "losses": [x.item() for x in losses],
-        "contention": load,
-        "peak_memory_bytes": peak if peak > 0 else peak_rss_bytes(),
-        "peak_memory_source": "mx.get_peak_memory" if peak > 0 else "peak RSS (VmHWM / getrusage)",
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
-
-    n, peaks, before = spec["gemm_size"], {}, cpu_snapshot()
-    for name, dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16)):
-        if name == "bfloat16" and backend == "mlx-cpu" and not cpu_has_native_bf16():
-            peaks[name] = None
-            continue
-        a, b = (mx.random.normal((n, n)).astype(dtype) for _ in range(2))
-        mx.eval(a, b)
-        peaks[name] = _gemm_peak(lambda a=a, b=b: mx.eval(a @ b), lambda: None, n, spec["gemm_reps"])
-    result["gemm_contention"] = contention(before, cpu_snapshot())
-    return {**result, "step_times_s": times, "gemm_peak_flops": peaks}
-
-
-def _torch_worker(spec: dict, cfg) -> dict:
-    import torch
-
-    from mlx_clip.config import Config
-    from mlx_clip.optim import decays, lr_at
-
-    backend = spec["backend"]
-    framework, dev = backend.rsplit("-", 1)
-    device = torch.device(dev)
-    torch.manual_seed(spec["seed"])
-    if framework == "torch_ref":
-        import torch_ref
-
-        model = torch_ref.create_model(cfg, seed=spec["seed"], device=device)
-        loss_fn = torch_ref.clip_loss
-    else:
-        import open_clip
-
-        from mlx_clip.interop_open_clip import open_clip_cfg
-
-        model = open_clip.model.CLIP(**open_clip_cfg(cfg)).to(device)
-        loss_fn = open_clip.loss.ClipLoss()
-    model.train()
-    o = Config().optim
-    groups: dict[bool, list] = {True: [], False: []}
-    for name, p in model.named_parameters():
-        groups[decays(name, p.ndim)].append(p)
-    params = [p for ps in groups.values() for p in ps]
-    opt = torch.optim.AdamW(
-        [
-            {"params": groups[True], "weight_decay": o.weight_decay},
-            {"params": groups[False], "weight_decay": 0.0},
-        ],
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-    )
-    total = spec["warmup"] + spec["steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, total) / o.lr)
-    images_np, tokens_np = synthetic_batch(cfg, spec["batch"], spec["seed"])
-    images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(device)  # NHWC -> NCHW
-    tokens = torch.from_numpy(tokens_np).long().to(device)
-    sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(dev, lambda: None)
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        loss = loss_fn(*model(images, tokens))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100.0))
-        return loss.detach()
-
-    times, losses, load = _time_steps(step, sync, spec["warmup"], spec["steps"], backend)
-    result = {
-        "device_name": torch.cuda.get_device_name() if dev == "cuda" else dev,
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "losses": [float(x) for x in losses],
-        "contention": load,
-        "threads": torch.get_num_threads(),
-        "peak_rss_bytes": peak_rss_bytes(),
-    }
-    if dev == "cuda":
-        result.update(
-            peak_memory_bytes=torch.cuda.max_memory_allocated(),
-            peak_memory_source="torch.cuda.max_memory_allocated",
-        )
-    else:
-        result.update(peak_memory_bytes=peak_rss_bytes(), peak_memory_source="peak RSS (VmHWM / getrusage)")
-
-    n, peaks, before = spec["gemm_size"], {}, cpu_snapshot()
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        if name == "bfloat16" and dev == "cpu" and not cpu_has_native_bf16():
-            peaks[name] = None
-            continue
-        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        c = torch.empty(n, n, device=device, dtype=dtype)
-        peaks[name] = _gemm_peak(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), sync, n, spec["gemm_reps"])
-    result["gemm_contention"] = contention(before, cpu_snapshot())
-    return {**result, "step_times_s": times, "gemm_peak_flops": peaks}
-
-
-def run_worker(spec: dict) -> dict:
-    """Measure one backend in this process; the result carries `error` instead of numbers on failure."""
-    backend = spec["backend"]
-    out = {"backend": backend, "framework": backend.rsplit("-", 1)[0], "device": backend.rsplit("-", 1)[1]}
-    # Other work on the machine skews every number: record the load average as the worker starts.
-    out["load_avg_at_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    try:
-        cfg = model_config(spec["arch"])
-        t0 = time.perf_counter()
-        worker = _mlx_worker if backend.startswith("mlx-") else _torch_worker
-        res = worker(spec, cfg)
-        times = res["step_times_s"]
-        median = statistics.median(times)
-        model_flops = clip_flops_per_pair(cfg, spec["batch"])["train"] * spec["batch"]
-        fp32 = res["gemm_peak_flops"]["float32"]
-        out.update(res)
-        out.update(
-            median_step_s=median,
-            min_step_s=min(times),
-            max_step_s=max(times),
-            images_per_s=spec["batch"] / median,
-            model_flops_per_step=model_flops,
-            achieved_flops=model_flops / median,
-            mfu=model_flops / median / fp32,
-            loss_finite=all(math.isfinite(x) for x in res["losses"]),
-            wall_s=time.perf_counter() - t0,
-        )
-    except Exception as e:  # recorded, so that one broken backend does not hide the others
-        traceback.print_exc()
-        out["error"] = f"{type(e).__name__}: {e}"
-    return out
-
-
-# ---------------------------------------------------------------------------
 # Parent side: one subprocess per backend, then the JSON, the table and the plot
 
 
@@ -334,7 +119,7 @@ def run_backend(spec: dict, timeout: float | None) -> dict:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
         cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", str(spec_path)]
-        _log(backend, "starting worker")
+        log(backend, "starting worker")
         try:
             proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -493,7 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.worker is not None:  # internal: one backend, in this (fresh) process
+    if args.worker is not None:  # internal: one backend, in this (fresh) process (step_workers.py)
         spec = json.loads(args.worker.read_text())  # written by run_backend
         Path(spec["result_path"]).write_text(json.dumps(run_worker(spec)))
         return {}

@@ -185,3 +185,14 @@ def contention(before: dict | None, after: dict | None) -> dict | None:
     others = max(0.0, after["busy_s"] - before["busy_s"] - own)
     capacity = wall * (os.cpu_count() or 1)
     return {"wall_s": wall, "self_cpu_s": own, "others_cpu_s": others, "others_share": others / capacity}
+
+
+def record_header(schema: str) -> dict:
+    """The fields every results JSON starts with: what ran, where, with which versions and commit."""
+    return {
+        "schema": schema,
+        "created": timestamp(),
+        "machine": machine_info(),
+        "versions": versions(),
+        "git": git_info(),
+    }

@@ -39,7 +39,7 @@ from mlx_clip.config import Config, model_config, to_dict
 from mlx_clip.data import Loader
 from mlx_clip.readers import read_samples
 
-from .common import contention, cpu_snapshot, git_info, machine_info, timestamp, versions
+from .common import contention, cpu_snapshot, record_header
 from .train_throughput import default_out, run_backend
 
 SCHEMA = "mlx_clip.data_throughput/1"
@@ -235,11 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     d = Config().data
     augment = dict(scale=tuple(d.crop_scale), color_jitter=d.color_jitter, hflip=d.hflip)  # as run_data
     doc = {
-        "schema": SCHEMA,
-        "created": timestamp(),
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_info(),
+        **record_header(SCHEMA),
         "settings": {
             **{k: v for k, v in vars(args).items() if k not in ("results", "out")},
             "model": to_dict(cfg),

@@ -53,10 +53,8 @@ from mlx_clip.config import model_config, to_dict
 from .common import (
     REPO_ROOT,
     RESULTS_DIR,
-    git_info,
     machine_info,
-    timestamp,
-    versions,
+    record_header,
 )
 from .flops import clip_flops_per_pair, format_flops
 from .step_workers import log, run_worker
@@ -312,11 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
     )
     doc = {
-        "schema": SCHEMA,
-        "created": timestamp(),
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_info(),
+        **record_header(SCHEMA),
         "settings": {
             **spec,
             "rounds": args.rounds,

@@ -40,16 +40,19 @@ def read_safetensors(path: str | Path) -> dict[str, mx.array]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load canonical safetensors into `model`; a missing, extra or mis-shaped key is an error."""
-    weights = read_safetensors(path)
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_state(expected, weights, str(path))
+def _load_into(model: nn.Module, weights: dict[str, mx.array], source: str) -> nn.Module:
+    """Strict: same keys and shapes as the model (errors name the key); dtypes follow the model."""
     params = dict(tree_flatten(model.parameters()))
+    check_state({k: v.shape for k, v in params.items()}, weights, source)
     weights = {k: v.astype(params[k].dtype) if v.dtype != params[k].dtype else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load canonical safetensors into `model`; a missing, extra or mis-shaped key is an error."""
+    return _load_into(model, read_safetensors(path), str(path))
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -63,11 +66,7 @@ def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
         resized = resize_positional_embedding(np.array(weights[key].astype(mx.float32)), grid)
         print(f"{path}: resampling {key} {tuple(weights[key].shape)} -> {tuple(resized.shape)}")
         weights[key] = mx.array(resized).astype(weights[key].dtype)
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_state(expected, weights, str(path))
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
-    return model
+    return _load_into(model, weights, str(path))
 
 
 # ---------------------------------------------------------------------------

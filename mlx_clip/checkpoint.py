@@ -66,6 +66,15 @@ def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
         resized = resize_positional_embedding(np.array(weights[key].astype(mx.float32)), grid)
         print(f"{path}: resampling {key} {tuple(weights[key].shape)} -> {tuple(resized.shape)}")
         weights[key] = mx.array(resized).astype(weights[key].dtype)
+    # SigLIP's bias is part of the objective, not of the towers: a CLIP checkpoint fine-tuned with
+    # loss.type siglip starts from the configured bias; a SigLIP one fine-tuned with another loss drops it.
+    has_bias = "logit_bias" in model.parameters()
+    if has_bias and "logit_bias" not in weights:
+        weights["logit_bias"] = model.logit_bias
+        print(f"{path}: no logit_bias; starting it at {model.logit_bias.item():g} (model.init_logit_bias)")
+    elif not has_bias and "logit_bias" in weights:
+        del weights["logit_bias"]
+        print(f"{path}: logit_bias not used by this objective (loss.type is not siglip); dropped")
     return _load_into(model, weights, str(path))
 
 

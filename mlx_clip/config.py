@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"
+SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper: t' = log 10, b = -10
+SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 
 class ConfigError(ValueError):
@@ -47,6 +50,10 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # Temperature and bias at init: logit_scale = init_logit_scale (None: log(1/0.07), CLIP's);
+    # a learnable logit_bias exists only when init_logit_bias is set (SigLIP: log 10 and -10).
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
 
     def validate(self, where: str = "model") -> None:
         for name in (
@@ -100,7 +107,7 @@ class DataConfig:
     format: str = "auto"
     image_key: str = "image"
     caption_key: str = "caption"
-    batch_size: int = 64
+    batch_size: int | str = 64  # or "auto": the largest batch within train.memory_budget_gb
     num_workers: int = 2
     prefetch: int = 4
     # augmentation, train split only (no horizontal flip by default: captions say left/right)
@@ -120,6 +127,10 @@ class DataConfig:
     builtin_split: str = "mixed"  # single | pair | mixed
     # Objects snapped to a grid of this many pixels (-1: the model's patch size; 0: free placement).
     builtin_grid: int = -1
+    # Captions written per built-in image (paraphrases); training samples one per step.
+    builtin_captions: int = 1
+    # "random" or "hard_negative": batches group samples whose captions share nouns (harder negatives).
+    sampler: str = "random"
 
 
 @dataclass
@@ -130,13 +141,87 @@ class TokenizerConfig:
     kind: str = "auto"
 
 
+LOSS_TYPES = ("clip", "siglip", "hard_negative", "multi_scale")
+TEMPERATURE_SCHEDULES = ("learnable", "constant", "warmup", "cosine", "exponential", "adaptive")
+
+
+@dataclass
+class TemperatureConfig:
+    """The softmax temperature tau (logits = cosine / tau; the logit scale is 1 / tau)."""
+
+    # learnable (CLIP: a trained log(1/tau), clamped at tau >= 0.01) | constant | warmup | cosine |
+    # exponential | adaptive (lower tau by `factor` when the val loss stops improving)
+    schedule: str = "learnable"
+    start: float = 0.07  # tau at step 0
+    end: float = (
+        0.01  # warmup: reached after warmup_steps; cosine/exponential: at the last step; adaptive: floor
+    )
+    warmup_steps: int = 100
+    patience: int = 1  # adaptive: evaluations without a val-loss improvement before lowering tau
+    factor: float = 0.5  # adaptive: tau <- max(end, tau * factor)
+    threshold: float = 1e-3  # adaptive: a relative val-loss drop smaller than this is no improvement
+
+    def validate(self, where: str = "loss.temperature") -> None:
+        if self.schedule not in TEMPERATURE_SCHEDULES:
+            raise ConfigError(
+                f"{where}.schedule must be one of {', '.join(TEMPERATURE_SCHEDULES)}, got {self.schedule!r}"
+            )
+        for name in ("start", "end"):
+            tau = getattr(self, name)
+            if not 0.01 <= tau <= 100:
+                raise ConfigError(
+                    f"{where}.{name} must be in [0.01, 100] (the logit scale 1/tau is at most 100), got {tau}"
+                )
+        if self.warmup_steps < 0 or self.patience < 1:
+            raise ConfigError(f"{where}.warmup_steps must be >= 0 and {where}.patience >= 1")
+        if not 0 < self.factor < 1:
+            raise ConfigError(f"{where}.factor must be in (0, 1), got {self.factor}")
+        if self.threshold < 0:
+            raise ConfigError(f"{where}.threshold must be >= 0, got {self.threshold}")
+
+
 @dataclass
 class LossConfig:
+    # clip (symmetric InfoNCE) | siglip (pairwise sigmoid) | hard_negative | multi_scale
     type: str = "clip"
     label_smoothing: float = 0.0
     # Data parallel only: each rank computes the loss rows of its own samples against the gathered
     # global batch ((b, W*b) logits) instead of the whole (W*b, W*b) loss; same gradients.
     local_loss: bool = False
+    # hard_negative: which negatives get extra weight, and how much (docs/objectives.md)
+    strategy: str = "hard"  # semi-hard | hard | weighted
+    ratio: float = 0.1  # share of each row's negatives that count as hard (hard, semi-hard)
+    weight: float = 1.0  # extra weight of the hard negatives; 0 is plain clip
+    margin: float = 0.2  # semi-hard: cosine margin below the positive
+    # multi_scale: the clip loss at these multiples of the logit scale, mixed by normalised weights
+    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    scale_weights: list[float] | None = None  # None: equal
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+
+    def validate(self) -> None:
+        if self.type not in LOSS_TYPES:
+            raise ConfigError(f"loss.type must be one of {', '.join(LOSS_TYPES)}, got {self.type!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.label_smoothing and self.type == "siglip":
+            raise ConfigError("loss.label_smoothing applies to softmax losses, not loss.type=siglip")
+        if self.strategy not in ("semi-hard", "hard", "weighted"):
+            raise ConfigError(f"loss.strategy must be semi-hard, hard or weighted, got {self.strategy!r}")
+        if not 0 < self.ratio <= 1:
+            raise ConfigError(f"loss.ratio must be in (0, 1], got {self.ratio}")
+        if self.weight < 0:
+            raise ConfigError(f"loss.weight must be >= 0, got {self.weight}")
+        if not 0 < self.margin <= 2:
+            raise ConfigError(f"loss.margin must be in (0, 2] (cosine similarity units), got {self.margin}")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ConfigError(f"loss.scales must be a non-empty list of positive numbers, got {self.scales}")
+        w = self.scale_weights
+        if w is not None and (len(w) != len(self.scales) or any(x < 0 for x in w) or sum(w) <= 0):
+            raise ConfigError(
+                f"loss.scale_weights must be {len(self.scales)} non-negative numbers (one per loss.scales) "
+                f"with a positive sum, got {w}"
+            )
+        self.temperature.validate()
 
 
 @dataclass
@@ -158,13 +243,18 @@ class OptimConfig:
     lock_image_unlocked_layers: int = 0
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
+    # GradCache / open_clip accum-freq: the batch is run as accum_steps micro-batches whose features
+    # form one contrastive batch; same gradients as the whole batch, activations of one micro-batch.
+    accum_steps: int = 1
 
 
 @dataclass
 class TrainConfig:
     steps: int = 450
     seed: int = 0
-    precision: str = "float32"
+    precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 weights and optimizer)
+    grad_checkpointing: bool = False  # recompute each transformer block in backward: less memory
+    memory_budget_gb: float | None = None  # data.batch_size auto: None is 60% of device memory
     log_every: int = 20
     eval_every: int = 150  # 0: only at the end
     save_every: int = 150  # 0: only at the end
@@ -204,6 +294,13 @@ class Config:
         spec.pop("init_from", None)
         # "custom": every field comes from this section (over ModelConfig's defaults).
         base = to_dict(ModelConfig()) if arch == "custom" else to_dict(model_config(arch))
+        if self.loss.type == "siglip":  # the SigLIP paper's init, unless the model section says otherwise
+            base["init_logit_scale"] = (
+                SIGLIP_LOGIT_SCALE_INIT if base["init_logit_scale"] is None else base["init_logit_scale"]
+            )
+            base["init_logit_bias"] = (
+                SIGLIP_LOGIT_BIAS_INIT if base["init_logit_bias"] is None else base["init_logit_bias"]
+            )
         return model_config({**base, **spec})
 
     def validate(self) -> None:
@@ -215,7 +312,10 @@ class Config:
                 )
         mcfg = self.model_config()
         d, o, t = self.data, self.optim, self.train
-        if d.batch_size < 2:
+        if isinstance(d.batch_size, str):
+            if d.batch_size != "auto":
+                raise ConfigError(f"data.batch_size must be an integer or 'auto', got {d.batch_size!r}")
+        elif d.batch_size < 2:
             raise ConfigError(
                 f"data.batch_size={d.batch_size}: a contrastive loss needs at least 2 pairs per batch "
                 "(the other pairs are the negatives)"
@@ -240,10 +340,11 @@ class Config:
             raise ConfigError("data.max_image_pixels must be >= 1 and data.max_caption_chars >= 0")
         if d.num_workers < 1 or d.prefetch < 1:
             raise ConfigError("data.num_workers and data.prefetch must be at least 1")
-        if self.loss.type != "clip":
-            raise ConfigError(f"loss.type must be 'clip', got {self.loss.type!r}")
-        if not 0 <= self.loss.label_smoothing < 1:
-            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.loss.label_smoothing}")
+        if d.builtin_captions < 1:
+            raise ConfigError(f"data.builtin_captions must be at least 1, got {d.builtin_captions}")
+        if d.sampler not in ("random", "hard_negative"):
+            raise ConfigError(f"data.sampler must be random or hard_negative, got {d.sampler!r}")
+        self.loss.validate()
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise ConfigError(
                 f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})"
@@ -257,12 +358,21 @@ class Config:
             n = getattr(o, f"lock_{tower}_unlocked_layers")
             if not 0 <= n <= layers:
                 raise ConfigError(f"optim.lock_{tower}_unlocked_layers must be in [0, {layers}], got {n}")
+        if o.accum_steps < 1:
+            raise ConfigError(f"optim.accum_steps must be at least 1, got {o.accum_steps}")
+        if isinstance(d.batch_size, int) and d.batch_size % o.accum_steps:
+            raise ConfigError(
+                f"data.batch_size={d.batch_size} is not divisible by optim.accum_steps={o.accum_steps}: "
+                "the batch is split into accum_steps equal micro-batches"
+            )
         if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0 or o.eps <= 0:
             raise ConfigError("optim.warmup_steps, weight_decay and grad_clip must be >= 0, and eps > 0")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be at least 1, got {t.steps}")
-        if t.precision != "float32":
-            raise ConfigError(f"train.precision: only 'float32' is supported so far, got {t.precision!r}")
+        if t.precision not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.precision must be float32 or bfloat16, got {t.precision!r}")
+        if t.memory_budget_gb is not None and t.memory_budget_gb <= 0:
+            raise ConfigError(f"train.memory_budget_gb must be > 0 (or null), got {t.memory_budget_gb}")
         if t.max_bad_steps < 1:
             raise ConfigError(f"train.max_bad_steps must be at least 1, got {t.max_bad_steps}")
         if t.log_every < 1 or t.eval_every < 0 or t.save_every < 0 or t.keep_last < 1:

@@ -9,7 +9,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_map, tree_map_with_path
 
 from .config import ModelConfig, model_config
 from .transformer import TextTransformer, VisionTransformer
@@ -28,7 +28,15 @@ class CLIP(nn.Module):
         self.config = cfg
         self.visual = VisionTransformer(cfg)
         self.text = TextTransformer(cfg)
-        self.logit_scale = mx.array(LOGIT_SCALE_INIT)
+        self.logit_scale = mx.array(logit_scale_init(cfg))
+        if cfg.init_logit_bias is not None:  # SigLIP's learnable bias
+            self.logit_bias = mx.array(float(cfg.init_logit_bias))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block's activations in the backward pass (less memory, ~1/3
+        more compute); the results are the same."""
+        self.visual.transformer.grad_checkpointing = enable
+        self.text.transformer.grad_checkpointing = enable
 
     def encode_image(self, images: mx.array, normalize: bool = True) -> mx.array:
         """images: (B, H, W, 3) float, already normalized with the CLIP mean/std."""
@@ -47,6 +55,29 @@ class CLIP(nn.Module):
         return image_features, text_features, mx.exp(mx.minimum(self.logit_scale, LOGIT_SCALE_MAX))
 
 
+def encode_pair(model: CLIP, images: mx.array, tokens: mx.array, dtype=None) -> tuple[mx.array, mx.array]:
+    """Both towers' L2-normalised features, in float32.
+
+    dtype=mx.bfloat16 is mixed precision: the towers run in bf16 on bf16 copies of the weights,
+    cast inside the traced function, so the gradients flow back (in float32) to the float32
+    master weights, which the optimizer keeps; the features are normalised in float32.
+    """
+    if dtype is None or dtype == mx.float32:
+        return model.encode_image(images), model.encode_text(tokens)
+    master = model.parameters()
+    model.update(tree_map(lambda p: p.astype(dtype) if p.ndim else p, master))  # scalars stay fp32
+    try:
+        x = model.encode_image(images.astype(dtype), normalize=False)
+        t = model.encode_text(tokens, normalize=False)
+    finally:
+        model.update(master)
+    return _normalize(x.astype(mx.float32)), _normalize(t.astype(mx.float32))
+
+
+def logit_scale_init(cfg: ModelConfig) -> float:
+    return LOGIT_SCALE_INIT if cfg.init_logit_scale is None else float(cfg.init_logit_scale)
+
+
 def init_weights(model: CLIP, seed: int | None = None) -> CLIP:
     """CLIP / open_clip initialisation (normal std per layer type), in place."""
     if seed is not None:
@@ -63,7 +94,9 @@ def init_weights(model: CLIP, seed: int | None = None) -> CLIP:
         tower, _, rest = path.partition(".")
         parts = rest.split(".")
         if path == "logit_scale":
-            return mx.full(p.shape, LOGIT_SCALE_INIT)
+            return mx.full(p.shape, logit_scale_init(cfg))
+        if path == "logit_bias":
+            return mx.full(p.shape, float(cfg.init_logit_bias))
         if parts[-1] == "bias" or "ln_" in rest:
             # LayerNorm gains start at 1; every bias at 0.
             return mx.ones(p.shape) if parts[-1] == "weight" else mx.zeros(p.shape)

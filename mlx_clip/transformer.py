@@ -70,11 +70,26 @@ class Transformer(nn.Module):
         self.resblocks = [
             ResidualAttentionBlock(width, heads, mlp_ratio, activation, eps) for _ in range(layers)
         ]
+        self.grad_checkpointing = False  # set by CLIP.set_grad_checkpointing
 
     def __call__(self, x: mx.array, causal: bool = False) -> mx.array:
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            x = _checkpointed(block, x, causal) if self.grad_checkpointing else block(x, causal=causal)
         return x
+
+
+def _checkpointed(block: nn.Module, x: mx.array, causal: bool) -> mx.array:
+    """block(x) whose activations are recomputed in the backward pass instead of kept.
+
+    The block's trainable parameters go through mx.checkpoint as inputs, so their gradients flow;
+    only the block's input is stored for the backward pass.
+    """
+
+    def run(params, x):
+        block.update(params)
+        return block(x, causal=causal)
+
+    return mx.checkpoint(run)(block.trainable_parameters(), x)
 
 
 class PatchEmbed(nn.Module):

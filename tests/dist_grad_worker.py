@@ -3,10 +3,11 @@
     python tests/dist_grad_worker.py OUT                                  # one process, the whole batch
     mlx.launch -n 2 --backend ring python tests/dist_grad_worker.py OUT   # each rank its half
 
-For each variant, `global` (every rank computes the whole loss), `local` (loss.local_loss) and
-`naive` (the global loss through MLX's plain all_gather, whose VJP does not sum over the ranks:
-wrong on purpose, to show the test can tell), each rank writes OUT/{variant}_rank{R}_of{W}.safetensors
-with its loss and averaged gradients, exactly as the trainer's compiled step would use them.
+For each variant of VARIANTS: the clip loss `global` (every rank computes the whole loss), `local`
+(loss.local_loss) and `naive` (the global loss through MLX's plain all_gather, whose VJP does not
+sum over the ranks: wrong on purpose, to show the test can tell), then the other loss types, global
+and local, each rank writes OUT/{variant}_rank{R}_of{W}.safetensors with its loss and averaged
+gradients, exactly as the trainer's compiled step would use them.
 """
 
 # ruff: noqa: I001  (mlx_clip must be imported before mlx.core: it picks the BLAS on Linux)
@@ -46,6 +47,24 @@ def batch(cfg) -> tuple[np.ndarray, np.ndarray]:
     return images, tokens
 
 
+# name -> loss-section overrides; "naive" swaps the gather
+HARD = [
+    ("loss.type", "hard_negative"),
+    ("loss.strategy", "hard"),
+    ("loss.ratio", "0.3"),
+    ("loss.weight", "2"),
+]
+VARIANTS = {
+    "global": [],
+    "local": [("loss.local_loss", "true")],
+    "naive": [],
+    "siglip_global": [("loss.type", "siglip")],
+    "siglip_local": [("loss.type", "siglip"), ("loss.local_loss", "true")],
+    "hard_negative_global": HARD,
+    "hard_negative_local": [*HARD, ("loss.local_loss", "true")],
+}
+
+
 def naive_gather(x, group):
     """MLX's all_gather as is: its VJP is this rank's slice of its own cotangent, no sum over ranks."""
     return mx.distributed.all_gather(x, group=group)
@@ -54,8 +73,8 @@ def naive_gather(x, group):
 def main(out: Path) -> None:
     world = init_world(timeout=60)
     gather = loss_mod.gather_with_grad
-    for variant in ("global", "local", "naive"):
-        cfg = load_config(None, [*ARCH, ("loss.local_loss", str(variant == "local").lower())])
+    for variant, overrides in VARIANTS.items():
+        cfg = load_config(None, [*ARCH, *overrides])
         loss_mod.gather_with_grad = naive_gather if variant == "naive" else gather
         model = create_model(cfg.model_config(), seed=0)
         images, tokens = batch(cfg)

@@ -1,6 +1,7 @@
 """Strict architecture configs: errors name the key, the type or the reason."""
 
 import pytest
+import yaml
 from conftest import ODD_ARCH
 
 from mlx_clip.config import ConfigError, ModelConfig, model_config
@@ -10,7 +11,7 @@ def test_name_dict_and_path_resolve_the_same(tmp_path):
     by_name = model_config("tiny")
     assert model_config(vars(by_name).copy()) == by_name
     path = tmp_path / "arch.yaml"
-    path.write_text("\n".join(f"{k}: {v}" for k, v in vars(by_name).items()))
+    path.write_text(yaml.safe_dump(vars(by_name)))
     assert model_config(str(path)) == by_name
 
 
@@ -71,7 +72,7 @@ def _sections():
 def test_every_run_key_rejects_a_wrong_type_by_name(key, tp):
     from mlx_clip.config import load_config
 
-    wrong = 123 if "str" in str(tp) else "not-a-value"
+    wrong = [1, 2] if str(tp) == "int | str" else 123 if "str" in str(tp) else "not-a-value"
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [(key, wrong)])
 

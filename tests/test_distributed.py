@@ -85,7 +85,8 @@ def check(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_gradients_match_single_process(tmp_path):
-    """2 ranks x B/2 == 1 process x B, per parameter, for both loss variants.
+    """2 ranks x B/2 == 1 process x B, per parameter, for the clip loss (global and local) and for
+    siglip and hard_negative (hard, k = 2 of 7 negatives), each global and local.
 
     Tolerance: 1e-5 absolute, relative for gradients larger than 1 (float32 sums in another order;
     the observed worst is ~1e-6 relative). MLX's plain all_gather (VJP without the sum over ranks)
@@ -96,7 +97,9 @@ def test_gradients_match_single_process(tmp_path):
     )
     assert single.returncode == 0, single.stderr
     check(launch(str(WORKER), str(tmp_path)))
-    for variant in ("global", "local", "naive"):
+    variants = ["global", "local", "naive"]
+    variants += [f"{t}_{form}" for t in ("siglip", "hard_negative") for form in ("global", "local")]
+    for variant in variants:
         ref = load_file(str(tmp_path / f"{variant}_rank0_of1.safetensors"))
         r0 = load_file(str(tmp_path / f"{variant}_rank0_of2.safetensors"))
         r1 = load_file(str(tmp_path / f"{variant}_rank1_of2.safetensors"))

@@ -116,7 +116,7 @@ def test_cli_overrides_and_errors():
     assert cfg.train.steps == 7 and cfg.optim.lr == 3e-4 and cfg.data.batch_size == 64
     with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
         load_config(None, [("optim.lrate", "1")])
-    with pytest.raises(ConfigError, match="data.batch_size: expected int"):
+    with pytest.raises(ConfigError, match="data.batch_size must be an integer or 'auto'"):
         load_config(None, [("data.batch_size", "big")])
     with pytest.raises(ConfigError, match="at least 2 pairs"):
         load_config(None, [("data.batch_size", "1")])

@@ -17,13 +17,19 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
+def logit_scale_init(cfg: ModelConfig) -> float:
+    return LOGIT_SCALE_INIT if cfg.init_logit_scale is None else float(cfg.init_logit_scale)
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.visual = VisionTransformer(cfg)
         self.text = TextTransformer(cfg)
-        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.logit_scale = nn.Parameter(torch.tensor(logit_scale_init(cfg)))
+        if cfg.init_logit_bias is not None:  # SigLIP's learnable bias
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images: (B, 3, H, W) float, already normalized with the CLIP mean/std."""
@@ -48,7 +54,9 @@ def init_weights(model: CLIP) -> CLIP:
         tower, _, rest = name.partition(".")
         parts = rest.split(".")
         if name == "logit_scale":
-            p.fill_(LOGIT_SCALE_INIT)
+            p.fill_(logit_scale_init(cfg))
+        elif name == "logit_bias":
+            p.fill_(float(cfg.init_logit_bias))
         elif parts[-1] == "bias" or "ln_" in rest:
             p.fill_(1.0 if parts[-1] == "weight" else 0.0)
         elif "resblocks" in parts:

@@ -38,20 +38,35 @@ class WeightError(ValueError):
     """A checkpoint does not fit the model: the message names the key."""
 
 
+# SigLIP's learnable bias (a scalar, canonical key "logit_bias") exists only in a model whose
+# ModelConfig sets init_logit_bias; a mismatch is a model built from the wrong config.
+BIAS_KEY = "logit_bias"
+_BIAS_HINTS = {
+    "missing": " (the model config sets init_logit_bias, so the model has SigLIP's logit_bias, and "
+    "these weights have none: the config and the weights do not belong together)",
+    "unexpected": " (these weights have SigLIP's logit_bias, and the model config sets no "
+    "init_logit_bias: build the model from the checkpoint's own config; loss.type siglip sets it)",
+}
+
+
+def has_logit_bias(cfg: Any) -> bool:
+    return getattr(cfg, "init_logit_bias", None) is not None
+
+
+def _key_error(source: str, kind: str, keys: list[str]) -> WeightError:
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    hint = _BIAS_HINTS[kind] if keys == [BIAS_KEY] else ""
+    return WeightError(f"{source}: {kind} key '{keys[0]}'{more}{hint}")
+
+
 def check_state(expected: Mapping[str, tuple], state: Mapping[str, Any], source: str) -> None:
     """Strict load check: same key set, same shapes; errors name the key and the file."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing:
-        raise WeightError(
-            f"{source}: missing key '{missing[0]}'"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
+        raise _key_error(source, "missing", missing)
     if extra:
-        raise WeightError(
-            f"{source}: unexpected key '{extra[0]}'"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-        )
+        raise _key_error(source, "unexpected", extra)
     for key, shape in expected.items():
         got = _shape(state[key])
         if got != tuple(shape):
@@ -130,10 +145,30 @@ def _layers_of(cfg: Any) -> dict[str, int]:
     return {"visual": cfg.vision_layers, "text": cfg.text_layers}
 
 
+HF_NO_LOGIT_BIAS = (
+    "logit_bias: this model has SigLIP's learnable logit bias (model.init_logit_bias={init}, trained "
+    "value {value}), and transformers' CLIPModel has no such parameter: without it the exported "
+    "model's logits (logit_scale * cosine) and sigmoid probabilities would not be this model's. "
+    "Export with --to open_clip (open_clip's CLIP keeps logit_bias) or --to torch_ref instead."
+)
+
+
 def canonical_to_hf(state: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
-    """Canonical weights -> a transformers CLIPModel state dict (same array type)."""
+    """Canonical weights -> a transformers CLIPModel state dict (same array type).
+
+    A SigLIP model (with logit_bias) is refused: CLIPModel has no bias, and dropping it would
+    change the model's logits."""
+    if has_logit_bias(cfg) or BIAS_KEY in state:
+        value = f"{float(state[BIAS_KEY]):g}" if BIAS_KEY in state else "unknown"
+        init = getattr(cfg, "init_logit_bias", None)
+        raise WeightError(HF_NO_LOGIT_BIAS.format(init=init, value=value))
+    mapping = _hf_key_map(_layers_of(cfg))
+    fused = {k for k in state if k.endswith((".attn.in_proj.weight", ".attn.in_proj.bias"))}
+    extra = sorted(set(state) - set(mapping) - fused)
+    if extra:  # nothing is dropped on the way out
+        raise _key_error("canonical weights", "unexpected", extra)
     out: dict[str, Any] = {}
-    for ours, theirs in _hf_key_map(_layers_of(cfg)).items():
+    for ours, theirs in mapping.items():
         out[theirs] = state[ours]
     out["vision_model.embeddings.patch_embedding.weight"] = _permute(
         state["visual.patch_embed.weight"], OHWI_TO_OIHW
@@ -224,6 +259,8 @@ def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
 # open_clip keeps the text tower at the top level (CustomTextCLIP nests it under "text."),
 # stores the fused qkv as in_proj_weight / in_proj_bias, the conv in OIHW and both
 # projections as (width, embed) matrices applied as x @ P, i.e. the transpose of our Linear.
+# A model built with init_logit_bias (SigLIP) has "logit_bias" beside "logit_scale"; with
+# nonscalar_logit_scale both are shape (1,) instead of scalars.
 
 _OC_TOP = {
     "visual.patch_embed.weight": "visual.conv1.weight",
@@ -258,9 +295,12 @@ _OC_IGNORED = ("input_resolution", "context_length", "vocab_size")
 _OC_IGNORED_SUFFIXES = ("attn_mask",)
 
 
-def _oc_key_map(num_layers: dict[str, int], text_prefix: str = "") -> dict[str, str]:
-    """canonical key -> open_clip key. text_prefix is "" (CLIP) or "text." (CustomTextCLIP)."""
+def _oc_key_map(num_layers: dict[str, int], text_prefix: str = "", bias: bool = False) -> dict[str, str]:
+    """canonical key -> open_clip key. text_prefix is "" (CLIP) or "text." (CustomTextCLIP);
+    bias: the model has SigLIP's logit_bias."""
     mapping = {ours: theirs.format(t=text_prefix) for ours, theirs in _OC_TOP.items()}
+    if bias:
+        mapping[BIAS_KEY] = BIAS_KEY
     towers = {"visual": "visual.transformer", "text": f"{text_prefix}transformer"}
     for tower, theirs in towers.items():
         for i in range(num_layers[tower]):
@@ -270,9 +310,14 @@ def _oc_key_map(num_layers: dict[str, int], text_prefix: str = "") -> dict[str, 
 
 
 def canonical_to_open_clip(state: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
-    """Canonical weights -> an open_clip `CLIP` state dict (same array type)."""
+    """Canonical weights -> an open_clip `CLIP` state dict (same array type); logit_scale and
+    logit_bias stay scalars (open_clip's default, nonscalar_logit_scale False)."""
+    mapping = _oc_key_map(_layers_of(cfg), bias=has_logit_bias(cfg))
+    extra = sorted(set(state) - set(mapping))
+    if extra:  # nothing is dropped on the way out
+        raise _key_error("canonical weights", "unexpected", extra)
     out = {}
-    for ours, theirs in _oc_key_map(_layers_of(cfg)).items():
+    for ours, theirs in mapping.items():
         x = state[ours]
         if ours in CONV_KEYS:
             x = _permute(x, OHWI_TO_OIHW)
@@ -293,11 +338,11 @@ def open_clip_to_canonical(oc_state: Mapping[str, Any], cfg: Any) -> dict[str, A
         k: v for k, v in oc_state.items() if k not in _OC_IGNORED and not k.endswith(_OC_IGNORED_SUFFIXES)
     }
     text_prefix = "text." if "text.token_embedding.weight" in state else ""
-    mapping = _oc_key_map(_layers_of(cfg), text_prefix)
+    mapping = _oc_key_map(_layers_of(cfg), text_prefix, bias=has_logit_bias(cfg))
     out = {}
     for ours, theirs in mapping.items():
         if theirs not in state:
-            raise WeightError(f"{src}: missing key '{theirs}'")
+            raise _key_error(src, "missing", [theirs])
         x = state[theirs]
         if ours in CONV_KEYS:
             x = _permute(x, OIHW_TO_OHWI)
@@ -305,10 +350,12 @@ def open_clip_to_canonical(oc_state: Mapping[str, Any], cfg: Any) -> dict[str, A
             if len(_shape(x)) != 2:
                 raise WeightError(f"{src}: key '{theirs}' has shape {_shape(x)}, expected a matrix")
             x = _permute(x, (1, 0))
-        elif ours == "logit_scale" and _shape(x) == (1,):
+        elif ours in ("logit_scale", BIAS_KEY) and _shape(x) == (1,):
             x = x.reshape(())  # open_clip's nonscalar_logit_scale
         out[ours] = x
     extra = sorted(set(state) - set(mapping.values()))
+    if extra == [BIAS_KEY]:
+        raise _key_error(src, "unexpected", extra)
     if extra:
         raise WeightError(f"{src}: unexpected key '{extra[0]}' (not part of this architecture)")
     return out

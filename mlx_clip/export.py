@@ -4,11 +4,13 @@ Writes an mlx_clip checkpoint (a step_N directory, a checkpoints/ root or a run 
 latest checkpoint) in another framework's format:
 
   hf         config.json, model.safetensors, preprocessor_config.json and the tokenizer as
-             vocab.json + merges.txt: transformers.CLIPModel / AutoProcessor.from_pretrained(OUT)
+             vocab.json + merges.txt: transformers.CLIPModel / AutoProcessor.from_pretrained(OUT).
+             Not for a SigLIP model (one with a logit_bias): CLIPModel has no bias parameter
   open_clip  open_clip_config.json + open_clip_model.safetensors: open_clip.create_model("local-dir:OUT")
-             (see mlx_clip/interop_open_clip.py for the full recipe)
+             (see mlx_clip/interop_open_clip.py for the full recipe); carries a SigLIP logit_bias
   torch_ref  model.safetensors (the canonical file, copied), model.yaml, config.yaml and the tokenizer:
-             torch_ref.load_weights(torch_ref.create_model("OUT/model.yaml"), "OUT/model.safetensors")
+             torch_ref.load_weights(torch_ref.create_model("OUT/model.yaml"), "OUT/model.safetensors");
+             model.yaml keeps init_logit_scale / init_logit_bias, so a SigLIP model has its logit_bias
 """
 
 from __future__ import annotations

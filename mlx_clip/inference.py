@@ -3,7 +3,12 @@ keep a folder's image embeddings in an on-disk index for text search.
 
     model, tokenizer, preprocess = mlx_clip.load("runs/X")            # run dir, checkpoints/ or step_N/
     feats = encode_images(model, preprocess, ["a.jpg", "b.png"])      # (N, E) unit vectors (numpy)
-    probs = zero_shot_probs(model, tokenizer, feats, ["cat", "a dog"])  # (N, C), rows sum to 1
+    probs = zero_shot_probs(model, tokenizer, feats, ["cat", "a dog"])  # (N, C) in [0, 1]
+
+Zero-shot probabilities follow the objective the model was trained with: a CLIP model (softmax
+loss) gives a softmax over the labels, each row summing to 1; a SigLIP model (loss.type siglip: it
+has a learnable `logit_bias`) gives each label its own sigmoid(logit_scale * cos + logit_bias),
+independent of the other labels (`probability_kind` tells which).
 
 Index cache (`index_folder`): FOLDER/.mlx_clip_index/ (or CACHE/<folder name>-<path hash>/) holds,
 per model, `<sha16>.safetensors` (tensor "embeddings", (N, E) float32) and `<sha16>.json` (the
@@ -194,8 +199,24 @@ def logit_scale(model) -> float:
     return float(np.exp(min(model.logit_scale.item(), LOGIT_SCALE_MAX)))
 
 
+def logit_bias(model) -> float | None:
+    """SigLIP's learned bias, or None for a model without one (trained with a softmax loss)."""
+    bias = getattr(model, "logit_bias", None)
+    return None if bias is None else float(bias.item())
+
+
+def probability_kind(model) -> str:
+    """How zero_shot_probs scores: "sigmoid" (per label) with a logit_bias, else "softmax" (over labels)."""
+    return "softmax" if logit_bias(model) is None else "sigmoid"
+
+
 def zero_shot_probs(model, tokenizer, images, labels, templates=DEFAULT_TEMPLATES) -> np.ndarray:
-    """softmax(logit_scale * image @ classes.T): (N, C), each row sums to 1.
+    """(N, C) probabilities of each label for each image, as the model was trained to score pairs.
+
+    CLIP (no logit_bias): softmax over the labels of logit_scale * cos; each row sums to 1.
+    SigLIP (a logit_bias): sigmoid(logit_scale * cos + logit_bias) for every label on its own, the
+    pairwise objective it was trained with; a row need not sum to 1 (no label may fit, or several).
+    cos is the cosine of the image with the label's prompt-ensembled class vector.
 
     images: preprocessed float32 (N, S, S, 3), or image features (N, E) from encode_images."""
     images = np.asarray(images, np.float32)
@@ -204,8 +225,12 @@ def zero_shot_probs(model, tokenizer, images, labels, templates=DEFAULT_TEMPLATE
             [np.array(model.encode_image(mx.array(images[i : i + 64]))) for i in range(0, len(images), 64)]
         )
     feats = images / np.linalg.norm(images, axis=-1, keepdims=True)
-    logits = logit_scale(model) * (feats @ class_embeddings(model, tokenizer, labels, templates).T)
-    logits = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)  # (N, C), stable softmax
+    cos = (feats @ class_embeddings(model, tokenizer, labels, templates).T).astype(np.float64)  # (N, C)
+    logits = logit_scale(model) * cos
+    bias = logit_bias(model)
+    if bias is not None:  # sigmoid(x) = exp(-log(1 + exp(-x))): no overflow for any x
+        return np.exp(-np.logaddexp(0.0, -(logits + bias))).astype(np.float32)
+    logits -= logits.max(axis=1, keepdims=True)  # stable softmax
     probs = np.exp(logits)
     return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 

@@ -27,7 +27,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .checkpoint import read_safetensors, resolve_checkpoint, save_weights
-from .config import Config, available_models, config_to_yaml, load_config, model_config, to_dict
+from .config import (
+    Config,
+    LossConfig,
+    available_models,
+    config_to_yaml,
+    load_config,
+    model_config,
+    to_dict,
+)
 from .convert import WeightError, check_state
 from .model import CLIP
 from .tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
@@ -123,10 +131,12 @@ def read_sharded(index_path: Path) -> dict[str, np.ndarray]:
 
 def checkpoint_config_yaml(cfg) -> str:
     """A full run config for a converted model: its fields written out, named after the matching
-    built-in architecture when there is one."""
+    built-in architecture when there is one. A model with SigLIP's logit_bias was trained with the
+    sigmoid loss, and its config says so (loss.type siglip)."""
     fields = to_dict(cfg)
     arch = next((name for name in available_models() if model_config(name) == cfg), "custom")
-    return config_to_yaml(Config(model={"arch": arch, **fields}))
+    loss = LossConfig(type="siglip" if cfg.init_logit_bias is not None else "clip")
+    return config_to_yaml(Config(model={"arch": arch, **fields}, loss=loss))
 
 
 def expected_shapes(cfg) -> dict[str, tuple]:

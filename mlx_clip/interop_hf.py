@@ -16,7 +16,9 @@ with 0. Features are unchanged: CLIP pools at the first EOT and attention is cau
 the id-0 token "!" instead would make HF split a real "!" as that special token.)
 
 The exported config keeps `text_config.eos_token_id = 2`, which selects HF's argmax pooling:
-exactly mlx_clip's. Key names and layouts change in convert.py only.
+exactly mlx_clip's. A model with SigLIP's `logit_bias` (trained with loss.type siglip) is refused
+with an error that says so: CLIPModel has no bias parameter, so its logits would not be ours; export
+such a model to open_clip or torch_ref. Key names and layouts change in convert.py only.
 """
 
 from __future__ import annotations

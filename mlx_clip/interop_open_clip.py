@@ -11,8 +11,15 @@ Import (`python -m mlx_clip.convert --from open_clip SRC --out OUT [--arch NAME]
   importing torch), a path to such a JSON, or an mlx_clip architecture name (vit_b32, ...).
 
 Only the ViT + text-transformer CLIP with argmax text pooling maps onto mlx_clip; any other variant
-(other pooling, layer scale, attentional pooler, timm / HF towers, SigLIP bias, ...) is refused
-with an error that names the config field. The tokenizer is the OpenAI one when vocab_size is 49408.
+(other pooling, layer scale, attentional pooler, timm / HF towers, ...) is refused with an error
+that names the config field. The tokenizer is the OpenAI one when vocab_size is 49408.
+
+A model trained with a sigmoid (SigLIP) loss has a learnable `logit_bias` beside `logit_scale`:
+open_clip's `init_logit_bias` / `init_logit_scale` map to ModelConfig's fields of the same names
+both ways, and the tensor travels as "logit_bias" (a scalar; shape (1,) under open_clip's
+`nonscalar_logit_scale`, read as a scalar). A state dict that has a logit_bias while its config
+sets no init_logit_bias (open_clip_train --siglip passes both as arguments, not in the config) is
+read with open_clip_train's SigLIP init, log 10 and -10.
 
 Export (`python -m mlx_clip.export --to open_clip --out OUT`) writes open_clip_config.json and
 open_clip_model.safetensors. Load recipe (open_clip >= 2.23, checked with 3.3.0, offline):
@@ -30,14 +37,22 @@ loads it (it pads with EOT instead of 0, which leaves the features unchanged).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from .config import ConfigError, ModelConfig, available_models, model_config
-from .convert import WeightError, canonical_to_open_clip, open_clip_to_canonical
+from .config import (
+    SIGLIP_LOGIT_BIAS_INIT,
+    SIGLIP_LOGIT_SCALE_INIT,
+    ConfigError,
+    ModelConfig,
+    available_models,
+    model_config,
+)
+from .convert import BIAS_KEY, WeightError, canonical_to_open_clip, open_clip_to_canonical
 from .interop import contiguous, read_checkpoint, read_state_dict, staged_output, write_checkpoint
 from .interop_hf import read_hf_tokenizer, write_hf_tokenizer
 from .tokenizer import OPENAI_VOCAB_SIZE, openai_tokenizer
@@ -91,10 +106,11 @@ _TEXT_INERT = {
     "pad_id", "eos_id", "output_tokens", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type",
     "hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs",
 }  # fmt: skip
-_TOP_FIXED = {"init_logit_bias": (None,), "custom_text": (False, True)}
-# Shape fields and the logit-scale init (the checkpoint holds the trained value).
+_TOP_FIXED = {"custom_text": (False, True)}
+# Shape fields, and the logit scale / bias inits (ModelConfig's; the checkpoint holds the trained values).
 _TOP_KNOWN = {
-    "embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "nonscalar_logit_scale",
+    "embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+    "nonscalar_logit_scale",
 }  # fmt: skip
 
 
@@ -162,17 +178,31 @@ def open_clip_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelCo
         mlp_ratio=float(text["mlp_ratio"]),
         activation="quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
         layer_norm_eps=eps,
+        init_logit_scale=_optional_float(model_cfg, "init_logit_scale", where),
+        init_logit_bias=_optional_float(model_cfg, "init_logit_bias", where),
     )
     cfg.validate(where)
     return cfg
 
 
+def _optional_float(section: dict, key: str, where: str) -> float | None:
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}.{key}={value!r}: expected a number")
+    return float(value)
+
+
 def open_clip_cfg(cfg: ModelConfig) -> dict:
     """ModelConfig -> an open_clip model_cfg (the content of a model_configs/*.json)."""
     norm = {"norm_kwargs": {"eps": cfg.layer_norm_eps}} if cfg.layer_norm_eps != 1e-5 else {}
+    # Unset inits stay out: open_clip's defaults are ours (log(1/0.07), no bias).
+    inits = {k: v for k in ("init_logit_scale", "init_logit_bias") if (v := getattr(cfg, k)) is not None}
     return {
         "embed_dim": cfg.embed_dim,
         "quick_gelu": cfg.activation == "quick_gelu",
+        **inits,
         "vision_cfg": {
             "image_size": cfg.image_size,
             "patch_size": cfg.patch_size,
@@ -263,11 +293,19 @@ def import_open_clip(
 ) -> list[str]:
     """An open_clip checkpoint -> an mlx_clip checkpoint directory. Returns notes to print."""
     cfg, raw, weights, oc_state = _source(Path(src), arch)
+    notes = [f"read {weights}"]
+    if BIAS_KEY in oc_state and cfg.init_logit_bias is None:
+        scale = SIGLIP_LOGIT_SCALE_INIT if cfg.init_logit_scale is None else cfg.init_logit_scale
+        cfg = dataclasses.replace(cfg, init_logit_scale=scale, init_logit_bias=SIGLIP_LOGIT_BIAS_INIT)
+        notes.append(
+            f"the weights have a logit_bias and the config sets no init_logit_bias: a SigLIP model, "
+            f"recorded with open_clip_train --siglip's init (init_logit_scale {scale:.6g}, "
+            f"init_logit_bias {SIGLIP_LOGIT_BIAS_INIT:g})"
+        )
     try:
         state = open_clip_to_canonical(oc_state, cfg)
     except WeightError as e:
         raise WeightError(f"{weights}: {e}") from None
-    notes = [f"read {weights}"]
     tok = None
     hf_name = raw.get("text_cfg", {}).get("hf_tokenizer_name")
     if hf_name:
@@ -292,6 +330,8 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, force: bool = Fals
     oc_state = contiguous(canonical_to_open_clip(state, cfg))
     model_cfg = open_clip_cfg(cfg)
     notes = [f"from {ckpt}"]
+    if cfg.init_logit_bias is not None:
+        notes.append(f"logit_bias: {float(state[BIAS_KEY]):g} (SigLIP; model_cfg.init_logit_bias is set)")
     with staged_output(out, force) as tmp:
         if tok is not None and tok.kind != "openai":
             # open_clip's default tokenizer is OpenAI's: point it at HF files of ours instead.

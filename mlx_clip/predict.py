@@ -3,9 +3,13 @@
 Zero-shot classification of images against text labels, or text search over a folder of images.
 
   zero-shot  --images A.jpg B.png --labels cat "a dog" "a red car." [--templates default|none|builtin|T ...]
-             prints each image's labels by probability (softmax of logit_scale x cosine). A bare class
-             name ("cat") is ensembled over CLIP-style prompt templates, a label with its own article
-             ("a dog") takes the templates' article, and a sentence ("a red car.") is used as it is;
+             prints each image's labels by probability. A CLIP model (softmax loss): the softmax over
+             the labels of logit_scale x cosine, an image's probabilities summing to 100%. A SigLIP
+             model (loss.type siglip, which has a logit_bias): each label's own sigmoid(logit_scale x
+             cosine + logit_bias), independent of the other labels, so they need not sum to 100% (no
+             label may fit, or several). A bare class name ("cat") is ensembled over CLIP-style prompt
+             templates, a label with its own article ("a dog") takes the templates' article, and a
+             sentence ("a red car.") is used as it is;
              `--templates none` uses every label as it is, `builtin` the built-in dataset's templates,
              and any other values are templates with a "{}" for the label.
   search     --index FOLDER --query "a red circle" ["a blue square" ...] ranks the images below FOLDER
@@ -13,7 +17,8 @@ Zero-shot classification of images against text labels, or text search over a fo
              embeddings are cached in FOLDER/.mlx_clip_index/ (or --cache DIR), per model, and
              refreshed incrementally: only new or changed files are embedded.
 
-`--json` prints the results as one JSON object instead of tables. Unreadable images are an error in
+`--json` prints the results as one JSON object instead of tables ("probability": "softmax" or
+"sigmoid" says which of the two the probabilities are). Unreadable images are an error in
 zero-shot mode and skipped with a warning in search mode.
 """
 
@@ -80,7 +85,7 @@ def resolve_templates(spec: list[str]) -> tuple[str, ...]:
 
 
 def zero_shot(args, model, tokenizer, preprocess) -> dict:
-    from .inference import encode_images, prompts_for, zero_shot_probs
+    from .inference import encode_images, probability_kind, prompts_for, zero_shot_probs
 
     top = args.top or 5
     for path in args.images:
@@ -99,7 +104,13 @@ def zero_shot(args, model, tokenizer, preprocess) -> dict:
             }
         )
     prompts = {label: prompts_for(label, args.templates) for label in args.labels}
-    return {"mode": "zero_shot", "templates": list(args.templates), "prompts": prompts, "results": results}
+    return {
+        "mode": "zero_shot",
+        "probability": probability_kind(model),
+        "templates": list(args.templates),
+        "prompts": prompts,
+        "results": results,
+    }
 
 
 def search(args, model, tokenizer, preprocess, ckpt: Path) -> dict:

@@ -1,4 +1,6 @@
-"""Weight exchange: canonical files across frameworks, strict loading, the HF key mapping."""
+"""Weight exchange: canonical files across frameworks, strict loading, the HF and open_clip key mappings."""
+
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -7,19 +9,39 @@ from conftest import ODD_ARCH, random_tokens
 from mlx.utils import tree_flatten
 
 import mlx_clip
-from mlx_clip.convert import WeightError, canonical_to_hf, hf_config_kwargs, hf_to_canonical
+from mlx_clip.config import load_config
+from mlx_clip.convert import (
+    WeightError,
+    canonical_to_hf,
+    canonical_to_open_clip,
+    hf_config_kwargs,
+    hf_to_canonical,
+    open_clip_to_canonical,
+)
 
 torch = pytest.importorskip("torch")
 import torch_ref  # noqa: E402
 
+# SigLIP: a learnable scalar logit_bias beside logit_scale.
+SIGLIP_ARCH = dict(ODD_ARCH, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 
-def test_mlx_torch_mlx_round_trip_is_bit_exact(tmp_path):
-    m = mlx_clip.create_model(ODD_ARCH, seed=3)
+
+def perturbed(arch, seed):
+    """A model whose every tensor, the logit scalars included, differs from its init."""
+    m = mlx_clip.create_model(arch, seed=seed)
+    m.update({k: v + 0.1 for k, v in m.parameters().items() if k.startswith("logit_")})
+    return m
+
+
+@pytest.mark.parametrize("arch", [ODD_ARCH, SIGLIP_ARCH], ids=["clip", "siglip"])
+def test_mlx_torch_mlx_round_trip_is_bit_exact(tmp_path, arch):
+    m = perturbed(arch, seed=3)
     mlx_clip.save_weights(m, tmp_path / "a.safetensors")
-    t = torch_ref.create_model(ODD_ARCH, seed=4, device="cpu")
+    t = torch_ref.create_model(arch, seed=4, device="cpu")
     torch_ref.load_weights(t, tmp_path / "a.safetensors")
+    assert hasattr(t, "logit_bias") == ("init_logit_bias" in arch)
     torch_ref.save_weights(t, tmp_path / "b.safetensors")
-    m2 = mlx_clip.create_model(ODD_ARCH, seed=5)
+    m2 = mlx_clip.create_model(arch, seed=5)
     mlx_clip.load_weights(m2, tmp_path / "b.safetensors")
     a, b = dict(tree_flatten(m.parameters())), dict(tree_flatten(m2.parameters()))
     assert a.keys() == b.keys()
@@ -143,3 +165,66 @@ def test_hf_mapping_rejects_foreign_keys():
     del hf_state["text_projection.weight"]
     with pytest.raises(WeightError, match="missing key 'text_projection.weight'"):
         hf_to_canonical(hf_state, cfg, concat=np.concatenate)
+
+
+def test_logit_bias_mismatch_names_the_key_and_the_cause(tmp_path):
+    """A SigLIP checkpoint into a model built without init_logit_bias, and the reverse, in both
+    frameworks: the error names logit_bias and says the config and the weights do not match."""
+    mlx_clip.save_weights(mlx_clip.create_model(SIGLIP_ARCH), tmp_path / "siglip.safetensors")
+    mlx_clip.save_weights(mlx_clip.create_model(ODD_ARCH), tmp_path / "clip.safetensors")
+    for create, load in [
+        (mlx_clip.create_model, mlx_clip.load_weights),
+        (lambda a: torch_ref.create_model(a, device="cpu"), torch_ref.load_weights),
+    ]:
+        with pytest.raises(WeightError, match=r"unexpected key 'logit_bias' \(these weights have SigLIP's"):
+            load(create(ODD_ARCH), tmp_path / "siglip.safetensors")
+        with pytest.raises(
+            WeightError, match=r"missing key 'logit_bias' \(the model config sets init_logit_bias"
+        ):
+            load(create(SIGLIP_ARCH), tmp_path / "clip.safetensors")
+
+
+def test_siglip_config_builds_the_bias_in_both_frameworks():
+    """loss.type siglip -> ModelConfig with the SigLIP inits -> logit_bias in MLX and torch_ref alike."""
+    cfg = load_config(None, [("loss.type", "siglip")]).model_config()
+    m, t = mlx_clip.create_model(cfg), torch_ref.create_model(cfg, device="cpu")
+    assert m.logit_bias.item() == t.logit_bias.item() == -10.0
+    assert (
+        m.logit_scale.item() == pytest.approx(math.log(10.0)) and t.logit_scale.item() == m.logit_scale.item()
+    )
+
+
+def test_hf_mapping_refuses_logit_bias():
+    cfg = mlx_clip.model_config(SIGLIP_ARCH)
+    state = {k: np.array(v) for k, v in tree_flatten(mlx_clip.create_model(cfg).parameters())}
+    with pytest.raises(WeightError, match=r"^logit_bias: .*CLIPModel has no such parameter"):
+        canonical_to_hf(state, cfg)
+    # Nor is any other key dropped silently.
+    plain = mlx_clip.model_config(ODD_ARCH)
+    state = {k: v for k, v in state.items() if k != "logit_bias"}
+    with pytest.raises(WeightError, match="unexpected key 'visual.extra'"):
+        canonical_to_hf(dict(state, **{"visual.extra": np.zeros(1)}), plain)
+
+
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["scalar", "nonscalar"])
+def test_open_clip_mapping_carries_logit_bias(shape):
+    cfg = mlx_clip.model_config(SIGLIP_ARCH)
+    state = {k: np.array(v) for k, v in tree_flatten(perturbed(cfg, seed=6).parameters())}
+    oc = canonical_to_open_clip(state, cfg)
+    assert oc["logit_bias"].shape == () and oc["logit_bias"] == state["logit_bias"] != np.float32(-10.0)
+    oc = {
+        k: v.reshape(shape) if k.startswith("logit_") else v for k, v in oc.items()
+    }  # nonscalar_logit_scale
+    back = open_clip_to_canonical(oc, cfg)
+    assert back.keys() == state.keys()
+    for k in state:
+        assert back[k].shape == state[k].shape and np.array_equal(back[k], state[k]), k
+
+    plain = mlx_clip.model_config(ODD_ARCH)  # a config without the bias: named, not dropped
+    with pytest.raises(WeightError, match="unexpected key 'logit_bias' .*init_logit_bias"):
+        open_clip_to_canonical(oc, plain)
+    with pytest.raises(WeightError, match="unexpected key 'logit_bias'"):
+        canonical_to_open_clip(state, plain)
+    del oc["logit_bias"]
+    with pytest.raises(WeightError, match="missing key 'logit_bias'"):
+        open_clip_to_canonical(oc, cfg)

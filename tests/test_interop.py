@@ -9,6 +9,7 @@ MLX takes images NHWC, torch NCHW.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -53,6 +54,8 @@ ODD = dict(
     layer_norm_eps=1e-5,
 )
 ODD_GELU = dict(ODD, activation="gelu", layer_norm_eps=1e-6, mlp_ratio=4.0, embed_dim=20)
+# A SigLIP model: a learnable logit_bias beside logit_scale (the SigLIP paper's init, log 10 and -10).
+ODD_SIGLIP = dict(ODD, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 CAPTIONS = [
     "A photo of a cat.",
     "two dogs  playing   in the SNOW!",
@@ -203,7 +206,7 @@ def test_convert_hf_features_match(tmp_path, case):
     convert.main(["--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mlx")])
 
     m = load_mlx(tmp_path / "mlx")
-    assert to_dict(m.config) == arch
+    assert m.config == model_config(arch)
     images, tokens = inputs(m.config)
     ours = mlx_features(m, images, tokens)
     theirs = torch_features(hf.get_image_features, hf.get_text_features, images, tokens)
@@ -334,6 +337,16 @@ OC_CASES = {
         vision_cfg=dict(image_size=36, patch_size=6, width=60, layers=1, head_width=12),
         text_cfg=dict(context_length=13, vocab_size=600, width=50, heads=5, layers=2),
     ),
+    # SigLIP's logit_bias, with logit_scale and logit_bias of shape (1,) (nonscalar_logit_scale)
+    "siglip_nonscalar": dict(
+        embed_dim=24,
+        quick_gelu=True,
+        init_logit_scale=math.log(10.0),
+        init_logit_bias=-10,
+        nonscalar_logit_scale=True,
+        vision_cfg=dict(image_size=36, patch_size=6, width=60, layers=1, head_width=12),
+        text_cfg=dict(context_length=13, vocab_size=600, width=50, heads=5, layers=1),
+    ),
 }
 
 
@@ -360,6 +373,16 @@ def test_convert_open_clip_features_match(tmp_path, case):
     theirs = torch_features(oc.encode_image, oc.encode_text, images, tokens)
     for a, b in zip(mlx_features(m, images, tokens), theirs, strict=True):
         np.testing.assert_allclose(a, b, atol=ATOL)
+    # The scalars, bit for bit ((1,) under nonscalar_logit_scale -> ()), and the inits.
+    assert m.logit_scale.shape == () and m.logit_scale.item() == oc.logit_scale.item()
+    bias = OC_CASES[case].get("init_logit_bias")
+    assert m.config.init_logit_bias == bias and m.config.init_logit_scale == OC_CASES[case].get(
+        "init_logit_scale"
+    )
+    if bias is None:
+        assert oc.logit_bias is None and "logit_bias" not in m.parameters()
+    else:
+        assert m.logit_bias.shape == () and m.logit_bias.item() == oc.logit_bias.item() != bias
 
 
 def test_convert_open_clip_state_dict_with_arch(tmp_path):
@@ -419,7 +442,7 @@ def test_every_open_clip_config_maps_or_names_the_field():
             refused.append(name)
     assert len(mapped) > 10 and len(refused) > 10
     for name, field in [
-        ("ViT-B-16-SigLIP", "init_logit_bias"),  # SigLIP's logit bias
+        ("ViT-B-16-SigLIP", "vision_cfg.timm_model_name"),  # its logit bias maps, its timm tower not
         ("RN50", "vision_cfg.layers"),  # ResNet tower
         ("coca_ViT-B-32", "multimodal_cfg"),  # CoCa
         ("ViT-L-14-CLIPA", "vision_cfg.no_ln_pre"),
@@ -463,6 +486,80 @@ def test_export_open_clip_round_trip(tmp_path, vocab, trained_tok):
     np.testing.assert_array_equal(Tokenizer.load(tmp_path / "back")(CAPTIONS, ctx), tok(CAPTIONS, ctx))
 
 
+def siglip_logits(image_features, text_features, scale, bias):
+    """The pairwise logits a SigLIP model is trained on (numpy, float64): scale * cos + bias."""
+    a, b = (np.asarray(x, np.float64) for x in (image_features, text_features))
+    a, b = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (a, b))
+    return scale * a @ b.T + bias
+
+
+def test_export_open_clip_round_trip_with_logit_bias(tmp_path, trained_tok):
+    """MLX (SigLIP) -> open_clip -> MLX: open_clip builds the bias from model_cfg, loads ours strictly and
+    gives our pairwise logits; back, every weight (logit_bias too) and the inits are bit-exact."""
+    open_clip = pytest.importorskip("open_clip")
+    m = mlx_model(ODD_SIGLIP, seed=20)  # perturbed: the bias is a trained value, not -10
+    ckpt = save_mlx(m, tmp_path / "ckpt", trained_tok)
+    out = tmp_path / "oc"
+    export.main(["--checkpoint", str(ckpt), "--to", "open_clip", "--out", str(out)])
+
+    model_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
+    assert model_cfg["init_logit_bias"] == -10.0 and model_cfg["init_logit_scale"] == math.log(10.0)
+    oc = open_clip.create_model(f"local-dir:{out}").eval()  # strict load_state_dict inside
+    assert oc.logit_bias.shape == () and oc.logit_bias.item() == m.logit_bias.item() != -10.0
+    assert oc.logit_scale.item() == m.logit_scale.item()
+    images, tokens = inputs(m.config, seed=21, batch=4)
+    with torch.no_grad():  # open_clip's own forward returns (image, text, exp(scale), bias) for SigLIP
+        img, txt, scale, bias = oc(
+            torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long()
+        )
+    ours = siglip_logits(
+        *mlx_features(m, images, tokens), math.exp(m.logit_scale.item()), m.logit_bias.item()
+    )
+    np.testing.assert_allclose(siglip_logits(img, txt, scale.item(), bias.item()), ours, atol=1e-4)
+
+    convert.main(["--from", "open_clip", str(out), "--out", str(tmp_path / "back")])
+    assert_same_weights(ckpt, tmp_path / "back")
+    assert load_mlx(tmp_path / "back").config == m.config
+    assert load_config(tmp_path / "back" / "config.yaml").loss.type == "siglip"  # the objective it had
+
+
+def test_convert_open_clip_state_dict_with_logit_bias(tmp_path):
+    """A SigLIP state dict whose config has no init_logit_bias (open_clip_train --siglip passes it as an
+    argument) is read as SigLIP with open_clip_train's init; the bias is the trained one."""
+    open_clip = pytest.importorskip("open_clip")
+    from mlx_clip.interop_open_clip import open_clip_cfg
+
+    torch.manual_seed(22)
+    oc = perturb_torch(open_clip.model.CLIP(**open_clip_cfg(model_config("tiny")), init_logit_bias=-3.0), 22)
+    torch.save(oc.state_dict(), tmp_path / "siglip.pt")
+    argv = [
+        "--from",
+        "open_clip",
+        str(tmp_path / "siglip.pt"),
+        "--arch",
+        "tiny",
+        "--out",
+        str(tmp_path / "mlx"),
+    ]
+    convert.main(argv)
+    m = load_mlx(tmp_path / "mlx")
+    assert (m.config.init_logit_scale, m.config.init_logit_bias) == (math.log(10.0), -10.0)
+    assert m.logit_bias.item() == oc.logit_bias.item() and m.logit_scale.item() == oc.logit_scale.item()
+
+
+def test_export_hf_refuses_logit_bias(tmp_path):
+    """transformers' CLIPModel has no logit_bias: the export stops, says why and where to go instead,
+    and writes nothing (it does not drop the bias)."""
+    m = mlx_model(ODD_SIGLIP, seed=23)
+    ckpt = save_mlx(m, tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf")])
+    msg = str(e.value.code)
+    assert msg.startswith("error: logit_bias: ") and "CLIPModel has no such parameter" in msg
+    assert "--to open_clip" in msg and "--to torch_ref" in msg and f"{m.logit_bias.item():g}" in msg
+    assert not (tmp_path / "hf").exists()
+
+
 # ---------------------------------------------------------------------------
 # torch_ref, run directories
 
@@ -486,6 +583,32 @@ def test_export_torch_ref_from_run_dir(tmp_path, trained_tok):
     assert Tokenizer.load(tmp_path / "tr").vocab_size == 600
     with pytest.raises(SystemExit, match="not empty"):
         export.main(["--checkpoint", str(run), "--to", "torch_ref", "--out", str(tmp_path / "tr")])
+
+
+def test_export_torch_ref_with_logit_bias(tmp_path):
+    """model.yaml carries init_logit_scale / init_logit_bias: torch_ref rebuilds the bias and loads it
+    strictly; torch_ref's save is the same canonical file, which MLX loads back bit-exact."""
+    import torch_ref
+
+    m = mlx_model(ODD_SIGLIP, seed=24)
+    ckpt = save_mlx(m, tmp_path / "ckpt")
+    export.main(["--checkpoint", str(ckpt), "--to", "torch_ref", "--out", str(tmp_path / "tr")])
+
+    t = torch_ref.create_model(str(tmp_path / "tr" / "model.yaml"), device="cpu")
+    assert t.config == m.config and t.logit_bias.item() == -10.0  # init, before loading
+    torch_ref.load_weights(t, tmp_path / "tr" / "model.safetensors")
+    assert t.logit_bias.item() == m.logit_bias.item() != -10.0
+    images, tokens = inputs(m.config, seed=25)
+    img, txt = torch_features(t.eval().visual, t.text, images, tokens)
+    ours = siglip_logits(
+        *mlx_features(m, images, tokens), math.exp(m.logit_scale.item()), m.logit_bias.item()
+    )
+    theirs = siglip_logits(img, txt, math.exp(t.logit_scale.item()), t.logit_bias.item())
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    torch_ref.save_weights(t, tmp_path / "tr" / "again.safetensors")
+    back = load_mlx(ckpt)  # config.yaml -> a model with the bias
+    mlx_clip.load_weights(back, tmp_path / "tr" / "again.safetensors")
+    assert back.logit_bias.item() == m.logit_bias.item()
 
 
 # ---------------------------------------------------------------------------
@@ -556,8 +679,14 @@ def test_unsupported_configs_name_the_field(tmp_path):
         bad[section][key] = value
         with pytest.raises(ConfigError, match=rf"model_cfg.{section}.{key}"):
             open_clip_model_config(bad)
-    with pytest.raises(ConfigError, match="init_logit_bias"):
-        open_clip_model_config(dict(oc, init_logit_bias=-10.0))
+    # SigLIP's inits map both ways; open_clip's defaults (log(1/0.07), no bias) are ours (None).
+    siglip = model_config(ODD_SIGLIP)
+    assert open_clip_cfg(siglip)["init_logit_bias"] == -10.0
+    assert open_clip_cfg(siglip)["init_logit_scale"] == math.log(10.0)
+    assert open_clip_model_config(open_clip_cfg(siglip)) == siglip
+    assert "init_logit_bias" not in oc and "init_logit_scale" not in oc
+    with pytest.raises(ConfigError, match=r"model_cfg.init_logit_bias='-10': expected a number"):
+        open_clip_model_config(dict(oc, init_logit_bias="-10"))
 
     # Through the CLI: the error names the file and the field, and nothing is written.
     src = tmp_path / "oc"

@@ -49,6 +49,16 @@ def loaded(run_dir):
 
 
 @pytest.fixture(scope="module")
+def siglip_run(tmp_path_factory):
+    """A run trained with the sigmoid loss: its model has a learnable logit_bias."""
+    from mlx_clip.train import main as train_main
+
+    out = tmp_path_factory.mktemp("predict_siglip") / "run"
+    train_main(["--out", str(out), *TINY, "--loss.type", "siglip"])
+    return out
+
+
+@pytest.fixture(scope="module")
 def image_src(tmp_path_factory):
     # 48 px images, so the 32 px model's preprocessing really resizes and crops.
     return write_dataset(tmp_path_factory.mktemp("images"), 6, image_size=48, fmt="folder")
@@ -146,6 +156,57 @@ def test_zero_shot_probs_match_hand_computation(loaded, image_src):
     np.testing.assert_allclose(
         inference.zero_shot_probs(model, tokenizer, feats, labels, templates), probs, atol=1e-6
     )
+
+
+def test_siglip_probs_are_independent_sigmoids(siglip_run, image_src):
+    """A model trained with loss.type siglip scores each label on its own:
+    sigmoid(logit_scale * cos + logit_bias), not a softmax over the labels."""
+    model, tokenizer, preprocess = mlx_clip.load(siglip_run)
+    saved = mx.load(str(siglip_run / "checkpoints" / "latest" / "model.safetensors"))
+    assert model.logit_bias.item() == saved["logit_bias"].item()  # loaded, not the -10 init
+    assert inference.probability_kind(model) == "sigmoid" and inference.logit_bias(model) is not None
+    x = np.stack([preprocess(p) for p in sorted(image_src.glob("*.png"))])
+    labels, templates = ["red circle", "a blue square", "green cross."], ("a {}.",)
+    probs = inference.zero_shot_probs(model, tokenizer, x, labels, templates)
+
+    # Independent: explicit prompts, numpy cosine, the sigmoid written out.
+    prompts = [["a red circle."], ["a blue square."], ["green cross."]]
+    classes = np.stack(
+        [_unit(np.array(model.encode_text(mx.array(tokenizer(p)), normalize=False)))[0] for p in prompts]
+    )
+    img = _unit(np.array(model.encode_image(mx.array(x), normalize=False)))
+    scale = math.exp(min(model.logit_scale.item(), math.log(100)))
+    expected = 1 / (1 + np.exp(-(scale * img @ classes.T + model.logit_bias.item())))
+    np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(probs.sum(axis=1), 1.0, atol=0.05)  # no normalisation over the labels
+    # A label's probability does not depend on which other labels are asked about.
+    alone = inference.zero_shot_probs(model, tokenizer, x, labels[1:2], templates)
+    np.testing.assert_allclose(alone[:, 0], probs[:, 1], rtol=1e-5)
+
+
+def test_siglip_run_predict_and_eval_cli(siglip_run, image_src, tmp_path):
+    """predict --json says the probabilities are sigmoids and gives zero_shot_probs'; mlx_clip.eval
+    rebuilds the model with its bias from config.yaml and evaluates it; without config.yaml the
+    safetensors header's ModelConfig rebuilds the bias too."""
+    from mlx_clip.eval import main as eval_main
+
+    images = sorted(image_src.glob("*.png"))[:2]
+    labels = ["red circle", "blue square", "green cross"]
+    out = predict_main(["--checkpoint", str(siglip_run), "--images", *map(str, images), "--labels", *labels])
+    assert out["probability"] == "sigmoid"
+    model, tokenizer, preprocess = mlx_clip.load(siglip_run)
+    feats = encode_images(model, preprocess, images)
+    expected = inference.zero_shot_probs(model, tokenizer, feats, labels)
+    for res, row in zip(out["results"], expected, strict=True):
+        np.testing.assert_allclose([res["probs"][label] for label in labels], row, rtol=1e-6)
+
+    metrics = eval_main(["--checkpoint", str(siglip_run), "--out", str(tmp_path / "eval.json")])
+    assert 0 <= metrics["zeroshot_top1"] <= 1 and "i2t_R@1" in metrics
+
+    bare = tmp_path / "bare"
+    shutil.copytree(siglip_run / "checkpoints" / "latest", bare)
+    (bare / "config.yaml").unlink()
+    assert mlx_clip.load(bare)[0].logit_bias.item() == model.logit_bias.item()
 
 
 def test_search_ranks_by_cosine_similarity(loaded, run_dir, folder):
@@ -276,6 +337,7 @@ def test_cli_zero_shot(run_dir, image_src):
     r = _cli("--checkpoint", run_dir, "--images", *images, "--labels", *labels, "--top", "2", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert out["probability"] == "softmax"
     assert [res["image"] for res in out["results"]] == [str(p) for p in images]
     for res in out["results"]:
         assert abs(sum(res["probs"].values()) - 1) < 1e-5 and len(res["top"]) == 2

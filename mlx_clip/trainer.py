@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,29 +20,52 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+import yaml
 from mlx.utils import tree_flatten, tree_map
 
 from . import _blas, validate
 from . import checkpoint as ckpt_io
+from .autobatch import find_batch_size
 from .config import Config, config_to_yaml
 from .distributed import World, init_world, pack_dir, unpack_dir
-from .loss import clip_loss, clip_loss_distributed
+from .loss import contrastive_loss
 from .metrics import evaluate_run
-from .model import CLIP, LOGIT_SCALE_MAX, create_model
+from .model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
 from .optim import build_optimizer, lock_parameters, lr_at
 from .run_data import RunData, build_run_data, resolve_init
+from .temperature import Temperature
 
 # ---------------------------------------------------------------------------
 # Evaluation
 
 
-def evaluate(model: CLIP, data: RunData) -> dict:
-    """Zero-shot and retrieval metrics of `model` on the run's held-out sets."""
-    return evaluate_run(
+def evaluate(model: CLIP, data: RunData, cfg: Config | None = None) -> dict:
+    """Zero-shot and retrieval metrics of `model` on the run's held-out sets, and with `cfg` the
+    training loss on the val set (`val_loss`)."""
+    metrics = evaluate_run(
         data,
         encode_image=lambda images: np.array(model.encode_image(mx.array(images))),
         encode_text=lambda tokens: np.array(model.encode_text(mx.array(tokens))),
     )
+    if cfg is not None and "val" in data.evals:
+        metrics["val_loss"] = val_loss(model, data, cfg)
+    return metrics
+
+
+def val_loss(model: CLIP, data: RunData, cfg: Config) -> float:
+    """The training objective on the val set: the mean over its eval batches (256 pairs, each
+    image with its first caption) of the loss at the current temperature, in float32."""
+    _, features_loss = make_loss_parts(cfg)  # one process: rank 0 evaluates alone
+    ev, losses, sizes = data.evals["val"], [], []
+    for batch in ev.loader.epoch(0):
+        if len(batch["index"]) < 2:  # a contrastive loss needs negatives
+            continue
+        tokens = data.tokenize([ev.captions[i][0] for i in batch["index"].tolist()])
+        image_features = model.encode_image(mx.array(batch["images"]))
+        text_features = model.encode_text(mx.array(tokens))
+        losses.append(features_loss(model, image_features, text_features).item())
+        sizes.append(len(batch["index"]))
+    return float(np.average(losses, weights=sizes)) if losses else float("nan")
 
 
 def pick_best_metric(cfg: Config, metrics: dict) -> str | None:
@@ -160,6 +184,34 @@ def config_hash(config_yaml: str) -> str:
     return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
 
 
+def compute_dtype(cfg: Config):
+    """The towers' compute dtype: None (float32) or mx.bfloat16 (mixed precision)."""
+    return mx.bfloat16 if cfg.train.precision == "bfloat16" else None
+
+
+def make_loss_parts(cfg: Config, world: World | None = None):
+    """The two halves of a training loss, kept apart so gradient caching (accum.py) can cut between them.
+
+    encode(model, images, tokens) -> (image_features, text_features): float32, L2-normalised, in
+        the configured precision.
+    features_loss(model, image_features, text_features) -> this rank's loss, from the model's logit
+        scale (clamped at 100) and bias; data parallel, the features are gathered over the ranks
+        inside (with gradients) and the mean over ranks of the value is the global-batch loss.
+    """
+    dtype = compute_dtype(cfg)
+    group = world.group if world is not None and world.size > 1 else None
+
+    def encode(model, images, tokens):
+        return encode_pair(model, images, tokens, dtype)
+
+    def features_loss(model, image_features, text_features):
+        scale = mx.exp(mx.minimum(model.logit_scale, LOGIT_SCALE_MAX))
+        bias = getattr(model, "logit_bias", None)
+        return contrastive_loss(cfg.loss, image_features, text_features, scale, bias, group)
+
+    return encode, features_loss
+
+
 def make_grad_fn(model: CLIP, cfg: Config, world: World | None = None):
     """(images, tokens) -> (loss, gradients) of the trainable parameters.
 
@@ -167,29 +219,25 @@ def make_grad_fn(model: CLIP, cfg: Config, world: World | None = None):
     the returned loss and gradients are the means over the ranks, i.e. the single-process ones
     for the concatenated batch (docs/distributed.md).
     """
-    smoothing = cfg.loss.label_smoothing
-    group = world.group if world is not None and world.size > 1 else None
-    local_loss = cfg.loss.local_loss
-
-    def loss_fn(model, images, tokens):
-        image_features, text_features, logit_scale = model(images, tokens)
-        if group is not None:
-            return clip_loss_distributed(
-                image_features, text_features, logit_scale, group, local_loss, label_smoothing=smoothing
-            )
-        return clip_loss(image_features, text_features, logit_scale, label_smoothing=smoothing)
-
-    grad_fn = nn.value_and_grad(model, loss_fn)
+    encode, features_loss = make_loss_parts(cfg, world)
+    grad_fn = nn.value_and_grad(model, lambda m, images, tokens: features_loss(m, *encode(m, images, tokens)))
+    mean_over_ranks = make_rank_mean(world)
 
     def loss_and_grads(images, tokens):
-        loss, grads = grad_fn(model, images, tokens)
-        if group is not None:
-            grads = world.average_gradients(grads)
-            if local_loss:  # each rank's loss covers its own rows; the global loss is their mean
-                loss = mx.distributed.all_sum(loss, group=group) / world.size
-        return loss, grads
+        return mean_over_ranks(*grad_fn(model, images, tokens))
 
     return loss_and_grads
+
+
+def make_rank_mean(world: World | None):
+    """(loss, grads) of this rank -> their means over the ranks (identity for one process)."""
+    if world is None or world.size == 1:
+        return lambda loss, grads: (loss, grads)
+
+    def mean(loss, grads):
+        return mx.distributed.all_sum(loss, group=world.group) / world.size, world.average_gradients(grads)
+
+    return mean
 
 
 class OutOfMemoryError(RuntimeError):
@@ -218,18 +266,12 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps: training stopped, the last good checkpoint kept."""
 
 
-def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config, world: World | None = None):
-    """One compiled training step over the model, optimizer and random state.
-
-    Data parallel: the gradients are averaged over the ranks inside the compiled step, before clipping.
-    """
+def make_update(model: CLIP, optimizer: optim.Optimizer, cfg: Config):
+    """(loss, grads) -> (loss, grad_norm): clip, then update weights and optimizer state unless
+    the loss or the gradient is not finite. Traceable: it runs inside the compiled step."""
     max_norm = cfg.optim.grad_clip
-    loss_and_grads = make_grad_fn(model, cfg, world)
-    state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(images, tokens):
-        loss, grads = loss_and_grads(images, tokens)
+    def update(loss, grads):
         if max_norm > 0:
             grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
         else:
@@ -246,6 +288,32 @@ def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config, world: World
         )
         _select_in_place(optimizer.state, old_opt, ok)
         return loss, grad_norm  # the host tells a skipped step by a non-finite loss or norm
+
+    return update
+
+
+def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config, world: World | None = None):
+    """One training step over the model, optimizer and random state: step(images, tokens) ->
+    (loss, grad_norm), and the state arrays to evaluate after it.
+
+    Data parallel: the gradients are averaged over the ranks before clipping. With
+    optim.accum_steps > 1 the step caches features micro-batch by micro-batch (accum.py).
+    """
+    if cfg.optim.accum_steps > 1:
+        from .accum import make_accum_step
+
+        encode, features_loss = make_loss_parts(cfg, world)
+        finish = make_update(model, optimizer, cfg)
+        return make_accum_step(
+            model, optimizer, cfg.optim.accum_steps, encode, features_loss, make_rank_mean(world), finish
+        )
+    loss_and_grads = make_grad_fn(model, cfg, world)
+    update = make_update(model, optimizer, cfg)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(images, tokens):
+        return update(*loss_and_grads(images, tokens))
 
     return step, state
 
@@ -274,6 +342,22 @@ def _leaves(tree):
     return [v for _, v in tree_flatten(tree)]
 
 
+def resolve_auto_batch(cfg: Config, world: World, ckpt_root: Path, resume: bool) -> int:
+    """data.batch_size auto -> a number: the resumed run's own, else the largest that fits (rank 0
+    measures, every rank gets its answer)."""
+
+    def find() -> int:
+        previous = ckpt_io.find_resumable(ckpt_root) if resume else None
+        if previous is not None:
+            size = yaml.safe_load((previous / "config.yaml").read_text())["data"]["batch_size"]
+            print(f"batch_size auto: {size}, as in {previous}", flush=True)
+            return int(size)
+        cap = cfg.data.builtin_train_size if cfg.data.train == "builtin" else None
+        return find_batch_size(cfg, world.size, max_batch=cap)
+
+    return world.on_main(find, "finding the largest batch that fits")
+
+
 def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None = None) -> dict:
     """Train per `cfg` into `out`; returns the final evaluation metrics.
 
@@ -289,8 +373,13 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
         skip_path = out / "skipped.jsonl" if main else Path(tempfile.mkdtemp()) / "skipped.jsonl"
         skip_path.parent.mkdir(parents=True, exist_ok=True)
         skip_log = validate.SkipLog(skip_path)
-    config_yaml = config_to_yaml(cfg)
     ckpt_root = out / "checkpoints"
+    if cfg.data.batch_size == "auto":
+        cfg = dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(cfg.data, batch_size=resolve_auto_batch(cfg, world, ckpt_root, resume)),
+        )
+    config_yaml = config_to_yaml(cfg)
     mcfg = cfg.model_config()
     seed = cfg.train.seed
     resume_dir = init_weights = data = None
@@ -322,7 +411,11 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
     if init_weights is not None and resume_dir is None:
         ckpt_io.load_init_weights(model, init_weights)
         print(f"initialised from {init_weights}", flush=True)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     locked = lock_parameters(model, cfg.optim)
+    temperature = Temperature(cfg.loss.temperature, cfg.train.steps)
+    if not temperature.learnable:  # the schedule writes logit_scale before every step
+        model.freeze(recurse=False, keys=["logit_scale"])
     if locked:
         n_locked = sum(v.size for k, v in tree_flatten(model.parameters()) if k in set(locked))
         print(f"locked {len(locked)} tensors ({n_locked / 1e6:.2f}M parameters)", flush=True)
@@ -346,12 +439,16 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
         if state.get("config_hash") != config_hash(config_yaml):
             print(f"warning: the config differs from the one checkpoint {resume_dir.name} was trained with")
         print(f"resumed from {resume_dir} at step {state['step']}", flush=True)
-        return {k: state[k] for k in ("step", "epoch", "batch_in_epoch")} | {"best": state.get("best", best)}
+        return {k: state[k] for k in ("step", "epoch", "batch_in_epoch")} | {
+            "best": state.get("best", best),
+            "temperature": state.get("temperature", {}),
+        }
 
     position = world.on_main(restore, "restoring the checkpoint")
     if position is not None:
         step_no, epoch, batch_in_epoch = position["step"], position["epoch"], position["batch_in_epoch"]
         best = position["best"]
+        temperature.load_state_dict(position["temperature"])
     if world.size > 1:  # every rank starts from rank 0's weights and optimizer state
         model.update(world.broadcast_tree(model.parameters()))
         optimizer.state = world.broadcast_tree(optimizer.state)
@@ -386,6 +483,7 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
             "config_hash": config_hash(config_yaml),
             "best": best,
             "metrics": metrics or {},
+            "temperature": temperature.state_dict(),
         }
         path = ckpt_io.save_checkpoint(
             ckpt_root, step, model, optimizer, data.tokenizer, config_yaml, run_state
@@ -397,8 +495,10 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
 
     def run_eval(step: int) -> dict:
         te = time.perf_counter()
-        metrics = evaluate(model, data)
+        metrics = evaluate(model, data, cfg)
         logger.log({"event": "eval", "step": step, **metrics})
+        if temperature.observe(metrics.get("val_loss", math.nan)):
+            logger.message(f"val loss plateaued: temperature lowered to {temperature.tau:.4g}")
         shown = {k: round(v, 4) for k, v in metrics.items() if "R@5" not in k and "R@10" not in k}
         logger.message(f"eval @ {step} ({time.perf_counter() - te:.1f}s): {json.dumps(shown)}")
         return metrics
@@ -415,9 +515,15 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
     bad_streak = skipped_steps = 0
     while step_no < stop_at:
         for batch in data.train.epoch(epoch, start_batch=batch_in_epoch):
+            if not temperature.learnable:
+                model.logit_scale = mx.array(temperature.logit_scale_param(step_no), mx.float32)
+            scale_used = model.logit_scale  # (arrays are immutable: the step assigns a new one)
             with world.guard(f"training step {step_no + 1}"), out_of_memory_hint(cfg):
                 loss, grad_norm = step_fn(mx.array(batch["images"]), mx.array(batch["tokens"]))
                 mx.eval(state, loss, grad_norm)  # (the guard bounds waits on the other ranks)
+            if main:  # the temperature this step's loss used
+                tau = math.exp(-min(scale_used.item(), LOGIT_SCALE_MAX))
+                logger.log({"event": "temperature", "step": step_no + 1, "temperature": tau})
             step_no += 1
             batch_in_epoch += 1
             window_n += len(batch["tokens"]) * world.size  # the global batch
@@ -455,6 +561,7 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
                         "img_per_s": img_s,
                         "grad_norm": grad_norm.item(),
                         "logit_scale": math.exp(model.logit_scale.item()),
+                        "temperature": tau,
                     }
                 )
                 logger.progress_line(step_no, loss_v, lr, img_s, eta, memory_mb())
@@ -467,6 +574,8 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
                 save(step_no, metrics if evaluate_now else None)
             if evaluate_now or save_now:
                 world.barrier(f"waiting for rank 0 to evaluate / save at step {step_no}")
+            if evaluate_now and world.size > 1 and cfg.loss.temperature.schedule == "adaptive":
+                temperature.load_state_dict(world.broadcast_object(temperature.state_dict()))
             if interrupted:
                 stop_at = step_no
                 logger.message(f"interrupted at step {step_no}: saving a checkpoint (continue with --resume)")

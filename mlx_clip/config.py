@@ -127,8 +127,9 @@ class DataConfig:
     builtin_split: str = "mixed"  # single | pair | mixed
     # Objects snapped to a grid of this many pixels (-1: the model's patch size; 0: free placement).
     builtin_grid: int = -1
-    # Captions written per built-in image (paraphrases); training samples one per step.
-    builtin_captions: int = 1
+    # Built-in training captions: 0 = five captions of varying detail per image (the default data);
+    # 2-10 = that many complete paraphrases instead. Training draws one caption per step.
+    builtin_paraphrases: int = 0
     # "random" or "hard_negative": batches group samples whose captions share nouns (harder negatives).
     sampler: str = "random"
 
@@ -340,8 +341,11 @@ class Config:
             raise ConfigError("data.max_image_pixels must be >= 1 and data.max_caption_chars >= 0")
         if d.num_workers < 1 or d.prefetch < 1:
             raise ConfigError("data.num_workers and data.prefetch must be at least 1")
-        if d.builtin_captions < 1:
-            raise ConfigError(f"data.builtin_captions must be at least 1, got {d.builtin_captions}")
+        if d.builtin_paraphrases != 0 and not 2 <= d.builtin_paraphrases <= 10:
+            raise ConfigError(
+                f"data.builtin_paraphrases must be 0 (the five default captions per image) or 2-10 "
+                f"paraphrases, got {d.builtin_paraphrases}"
+            )
         if d.sampler not in ("random", "hard_negative"):
             raise ConfigError(f"data.sampler must be random or hard_negative, got {d.sampler!r}")
         self.loss.validate()

@@ -20,7 +20,8 @@ so the worker threads run in parallel.
 
 Determinism: batch k of epoch e holds the same content for any thread count or
 prefetch timing, because everything random is a pure function of (seed, epoch[, index]):
-- the epoch order is `default_rng([PERM, seed, epoch]).permutation(n)`;
+- the epoch order is `default_rng([PERM, seed, epoch]).permutation(n)`, or with
+  `sampler="hard_negative"` sampler.hard_negative_order(keys, seed, epoch, global batch);
 - each sample draws its caption, then its augmentation, from
   `default_rng([SAMPLE, seed, epoch, index])`;
 - `ordered_prefetch` returns batches in buffer order, and chunks are consumed in order.
@@ -35,10 +36,14 @@ Each failed decode is counted (`num_skipped`) and passed to `on_skip` as a Skip,
 (epoch, sample, failed index) for the loader's lifetime (under a lock; the order of calls
 across worker threads is not deterministic, their content is).
 
-Sharding: a global batch of batch_size * world_size consecutive indices is split into
-contiguous per-rank slices. Training drops the last incomplete global batch; evaluation
-keeps it (split as evenly as possible; a rank whose share is empty gets one batch fewer),
-never shuffles and never augments.
+Several captions per sample: training draws one per (seed, epoch, index), uniformly, so an
+image shows different captions in different epochs and a resumed run draws the same ones;
+evaluation returns the first (retrieval metrics use them all: metrics.evaluate_run).
+
+Sharding: a global batch of batch_size * world_size consecutive indices of the epoch order
+(either sampler) is split into contiguous per-rank slices. Training drops the last incomplete
+global batch; evaluation keeps it (split as evenly as possible; a rank whose share is empty
+gets one batch fewer), never shuffles and never augments.
 
 Chunks: a Buffer costs ~2.5 us and ~0.8 kB per record to build, too much for a whole
 epoch of millions of samples, so each epoch is built `chunk_batches` batches at a time;
@@ -55,11 +60,13 @@ import mlx.data as dx
 import numpy as np
 
 from .readers import ON_ERROR, DataError, Sample, Skip, TarRef, read_samples, split_samples
+from .sampler import SAMPLERS, KeyWords, epoch_permutation, hard_negative_order, key_words
 from .transforms import EvalTransform, TrainTransform, normalize
 from .validate import open_image
 
-# First words of the seed sequences: they keep the epoch order and the per-sample streams apart.
-PERM, SAMPLE, SUBST = 1, 2, 3
+# First words of the seed sequences: they keep the epoch orders (sampler.PERM, sampler.HARD) and
+# the per-sample streams apart.
+SAMPLE, SUBST = 2, 3
 # on_error="skip": this many failed substitutes in a row mean the data is not readable at all.
 MAX_SUBSTITUTES = 16
 
@@ -81,10 +88,6 @@ class ArraySource:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([PERM, seed, epoch]).permutation(n)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -138,6 +141,8 @@ class Loader:
 
     `on_error` "raise" | "skip" and `on_skip` (a callable taking a Skip): see the module doc.
     `max_image_pixels` refuses larger images from their header (None: PIL's own limit).
+    `sampler` (training only): "random" shuffles; "hard_negative" groups samples whose captions
+    share a content word into the same global batch (mlx_clip/sampler.py).
     """
 
     def __init__(
@@ -158,6 +163,7 @@ class Loader:
         on_error: str = "raise",
         on_skip: Callable[[Skip], None] | None = None,
         max_image_pixels: int | None = None,
+        sampler: str = "random",
     ):
         for name, value, low in [
             ("batch_size", batch_size, 1),
@@ -174,6 +180,8 @@ class Loader:
             raise ValueError(f"Loader: rank must be in [0, {world_size}), got {rank}")
         if on_error not in ON_ERROR:
             raise ValueError(f"Loader: on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"Loader: sampler must be one of {SAMPLERS}, got {sampler!r}")
         if max_image_pixels is not None and (not isinstance(max_image_pixels, int) or max_image_pixels < 1):
             raise ValueError(f"Loader: max_image_pixels must be None or an int >= 1: {max_image_pixels!r}")
         self.batch_size, self.image_size, self.train, self.seed = batch_size, image_size, train, seed
@@ -201,6 +209,9 @@ class Loader:
                 f"Loader: {self.num_samples} samples are fewer than one global batch "
                 f"({batch_size} x {world_size} ranks); lower batch_size"
             )
+
+        self.sampler = sampler if train else "random"  # evaluation keeps the dataset order
+        self._keys: KeyWords | None = None  # hard_negative: found on first use, once
 
         self._eval = EvalTransform(image_size)
         self._augment = self._make_augment(augment)
@@ -233,11 +244,25 @@ class Loader:
         rest = n % g  # the last, partial global batch reaches ranks < rest only
         return n // g + (1 if rest and self.rank < rest else 0)
 
+    @property
+    def key_words(self) -> KeyWords:
+        """The hard-negative sampler's key words per sample (content words shared by its captions)."""
+        if self._keys is None:
+            self._keys = key_words(self.captions)
+        return self._keys
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The training order of `epoch`: a permutation of all samples, the same on every rank."""
+        n, g = self.num_samples, self.batch_size * self.world_size
+        if self.sampler == "hard_negative":
+            return hard_negative_order(self.key_words, self.seed, epoch, g)
+        return epoch_permutation(self.seed, epoch, n)
+
     def rank_batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's dataset indices for every batch of `epoch`: int64 arrays of length <= B."""
         n, b, g, r = self.num_samples, self.batch_size, self.batch_size * self.world_size, self.rank
         if self.train:
-            order = epoch_permutation(self.seed, epoch, n)
+            order = self.epoch_order(epoch)
             return [order[k * g + r * b : k * g + (r + 1) * b] for k in range(n // g)]
         order, out = np.arange(n, dtype=np.int64), []
         for k in range(0, n, g):

@@ -35,8 +35,15 @@ def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, tex
     image->text: the rank of the best-ranked of the image's own captions (a hit on any counts).
     text->image: the rank of the caption's image. Ranks are 1-based; R@k = share with rank <= k.
     """
+    n_images = len(image_features)
+    text_to_image = np.asarray(text_to_image)
+    if len(text_to_image) != len(text_features):
+        raise ValueError(f"{len(text_features)} captions but {len(text_to_image)} text_to_image entries")
+    if len(text_to_image) and not 0 <= text_to_image.min() <= text_to_image.max() < n_images:
+        raise ValueError(f"text_to_image must index the {n_images} images")
+    if len(np.unique(text_to_image)) != n_images:  # an image with no caption could never be found
+        raise ValueError("every image needs at least one caption in text_to_image")
     sims = _l2n(image_features) @ _l2n(text_features).T  # (N, M)
-    n_images = sims.shape[0]
     own = np.zeros_like(sims, dtype=bool)
     own[text_to_image, np.arange(sims.shape[1])] = True
 
@@ -78,6 +85,11 @@ def evaluate_run(
     for name, ev in data.evals.items():
         prefix = "" if name == "val" else f"{name}_"
         image_features = np.concatenate([encode_image(b["images"]) for b in ev.loader.epoch(0)])
+        if len(image_features) != len(ev.captions):
+            raise ValueError(
+                f"{name}: {len(image_features)} images encoded, {len(ev.captions)} caption lists"
+            )
+        # Every caption of every image is a text->image query; image->text hits on any of them.
         captions = [c for caps in ev.captions for c in caps]
         owner = np.repeat(np.arange(len(ev.captions)), [len(c) for c in ev.captions])
         text_features = texts_to_features(captions)

@@ -7,7 +7,8 @@ Supported sources (auto-detected from the path, see `read_samples`):
   key and a caption key whose value is a string or a list of strings (`captions` works too);
 - a folder of images with `captions.txt` (`name<TAB>caption` lines) or with a sidecar
   `.txt` per image (one caption per non-empty line);
-- WebDataset `.tar` shards (`key.jpg|jpeg|png|webp` + `key.txt`) given as a path, a glob
+- WebDataset `.tar` shards (`key.jpg|jpeg|png|webp` + `key.txt`, one caption per non-empty
+  line; a key's second `.txt` member adds its lines) given as a path, a glob
   (`shards/*.tar`) or a brace pattern (`shards-{000..009}.tar`, `{a,b}.tar`). Shards are
   indexed, not extracted: a sample holds a `TarRef` (shard, byte offset, size) that is
   read when the loader decodes it.
@@ -455,7 +456,7 @@ def _read_tar(path: str, out: _Collector) -> None:
     names cannot write anywhere. A shard cut short keeps the members before the cut.
     """
     images: dict[str, tarfile.TarInfo] = {}
-    texts: dict[str, str] = {}
+    texts: dict[str, list[str]] = {}  # a key's .txt members, in shard order
     problem, size = None, 0
     try:
         size = os.path.getsize(path)
@@ -472,7 +473,8 @@ def _read_tar(path: str, out: _Collector) -> None:
                 if ext in TAR_IMAGE_EXTENSIONS and key not in images:
                     images[key] = m
                 elif ext == "txt":
-                    texts[key] = tf.extractfile(m).read().decode("utf-8", errors="surrogateescape")
+                    text = tf.extractfile(m).read().decode("utf-8", errors="surrogateescape")
+                    texts.setdefault(key, []).append(text)
             # tarfile ends quietly at EOF or at a garbled header; only the zero-block
             # end-of-archive marker says that nothing was lost.
             tf.fileobj.seek(tf.offset)
@@ -500,7 +502,8 @@ def _read_tar(path: str, out: _Collector) -> None:
         msg = f"{path}: sample '{key}' has {key}.txt but no image"
         out.fail(DataError(msg, "unpaired", f"{path}:{key}.txt"))
     for key, m in images.items():
-        out.add(TarRef(path, m.offset_data, m.size, m.name), _lines(texts[key]), f"{path}:{key}.txt")
+        captions = [c for text in texts[key] for c in _lines(text)]
+        out.add(TarRef(path, m.offset_data, m.size, m.name), captions, f"{path}:{key}.txt")
 
 
 # ---------------------------------------------------------------------------

@@ -131,13 +131,15 @@ def build_run_data(
         grid = d.builtin_grid
         if grid < 0:  # auto: the patch grid, when it has room for two large objects side by side
             grid = mcfg.patch_size if S // mcfg.patch_size >= 5 else 0
-        source = f"built-in shapes ({d.builtin_split}, {S}px, grid {grid or 'off'})"
+        paraphrases = f", {d.builtin_paraphrases} paraphrases" if d.builtin_paraphrases else ""
+        source = f"built-in shapes ({d.builtin_split}, {S}px, grid {grid or 'off'}{paraphrases})"
         if with_train:
             train_set = synthetic.generate(
-                d.builtin_train_size, S, BUILTIN_SEED, "train", d.builtin_split, grid
+                d.builtin_train_size, S, BUILTIN_SEED, "train", d.builtin_split, grid, d.builtin_paraphrases or 1
             )
             train_src = ArraySource(train_set.images, train_set.captions)
         if not d.val:
+            # The held-out captions ignore builtin_paraphrases: runs are compared on the same set.
             val_set = synthetic.generate(d.builtin_val_size, S, BUILTIN_SEED, "val", "single", grid)
             val_src, labels = ArraySource(val_set.images, val_set.captions), val_set.labels
             classnames, templates = list(synthetic.CLASSNAMES), list(synthetic.TEMPLATES)
@@ -185,6 +187,7 @@ def build_run_data(
             train=True,
             seed=cfg.train.seed,
             augment=augment,
+            sampler=d.sampler,
             tokenize=tokenize,
             **common,
         )

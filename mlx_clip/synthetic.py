@@ -7,6 +7,7 @@ default training run needs no download and its result is reproducible bit for bi
     data.images    # (n, S, S, 3) uint8
     data.captions  # n lists of N_CAPTIONS strings, e.g. "a large red circle on the left"
     data.labels    # (n,) int32 index into CLASSNAMES (-1 for two-object images)
+    generate(20_000, paraphrases=3).captions  # n lists of 3 complete paraphrases each
 
 Zero-shot classification uses CLASSNAMES (6 colours x 4 shapes = 24 classes, chance 1/24 = 4.2%)
 with the TEMPLATES prompt ensemble. Each `part` draws from its own derived seed, so the "val" images
@@ -16,6 +17,13 @@ Splits:
   single  one object; captions vary colour, shape, size (small / large) and position.
   pair    two non-overlapping objects and their relation: "a small red circle left of a blue square".
   mixed   3 single images then 1 pair image, repeating (75% / 25%).
+
+Captions: by default (`paraphrases=1`) each image has N_CAPTIONS phrasings of varying detail:
+all name the colour and shape, some also the size and position ("a red circle.", "small red circle
+in the top left"). `paraphrases=k` (2 <= k <= MAX_PARAPHRASES) writes k complete paraphrases
+instead: different templates and word order, each naming every fact (size, colour, shape and
+position; for pairs both objects with their sizes and the relation). Captions are drawn after
+the pixels, so the images do not depend on `paraphrases`.
 
 `write_dataset` (and `python -m mlx_clip.synthetic --out DIR --n 1000`) exports images + captions to
 disk, to try the bring-your-own-data path with known-good data.
@@ -98,6 +106,33 @@ _PAIR_TEMPLATES = (
     "{b} {inv} {a}",
 )
 _SIZE_WORDS = (("small",), ("large", "big"))
+# Complete paraphrases (`paraphrases` >= 2): every template states every fact, in its own word order.
+_SINGLE_PARAPHRASES = (
+    "a {size} {color} {shape} {pos}.",
+    "a photo of a {size} {color} {shape} {pos}.",
+    "{pos}, a {size} {color} {shape}.",
+    "there is a {size} {color} {shape} {pos}.",
+    "{pos} there is a {size} {color} {shape}.",
+    "a {color} {shape}, {size}, {pos}.",
+    "the {color} {shape} {pos} is {size}.",
+    "a picture of a {size} {color} {shape} {pos}.",
+    "{size} {color} {shape} {pos}",
+    "a {size} {shape} coloured {color}, {pos}.",
+)
+# {a} and {b} carry their size words; {a} is the left / upper object, as in _PAIR_TEMPLATES.
+_PAIR_PARAPHRASES = (
+    "a {a} {rel} a {b}.",
+    "a {b} {inv} a {a}.",
+    "a photo of a {a} {rel} a {b}.",
+    "a picture of a {b} {inv} a {a}.",
+    "there is a {a} {rel} a {b}.",
+    "there is a {b} {inv} a {a}.",
+    "the {a} is {rel} the {b}.",
+    "the {b} is {inv} the {a}.",
+    "{a} {rel} {b}",
+    "{b} {inv} {a}",
+)
+MAX_PARAPHRASES = min(len(_SINGLE_PARAPHRASES), len(_PAIR_PARAPHRASES))
 
 
 @dataclass
@@ -105,7 +140,7 @@ class SyntheticData:
     """A generated dataset, aligned by index.
 
     images:   (n, S, S, 3) uint8, RGB.
-    captions: n lists of N_CAPTIONS distinct captions of the same image.
+    captions: n lists of distinct captions of the same image (N_CAPTIONS, or `paraphrases` if >= 2).
     labels:   (n,) int32 class index into CLASSNAMES; -1 for two-object ("pair") images.
     """
 
@@ -374,9 +409,56 @@ def _position_phrase(cx: float, cy: float, S: int) -> str:
     return "in the center"
 
 
-def _pick_templates(rng: np.random.Generator, n: int, n_templates: int) -> np.ndarray:
-    """(n, N_CAPTIONS) distinct template indices per row: a random permutation prefix per image."""
-    return np.argsort(rng.random((n, n_templates)), axis=1)[:, :N_CAPTIONS]
+def _pick_templates(rng: np.random.Generator, n: int, n_templates: int, k: int = N_CAPTIONS) -> np.ndarray:
+    """(n, k) distinct template indices per row: a random permutation prefix per image."""
+    return np.argsort(rng.random((n, n_templates)), axis=1)[:, :k]
+
+
+def _single_paraphrases(rng: np.random.Generator, obj: _Objects, S: int, k: int) -> list[list[str]]:
+    """k complete paraphrases per image: distinct templates, so the k strings differ."""
+    n = len(obj.r)
+    picks = _pick_templates(rng, n, len(_SINGLE_PARAPHRASES), k)
+    synonym = rng.integers(0, 2, size=(n, k))  # "large" or "big", per caption
+    colors, out = list(COLORS), []
+    for i in range(n):
+        words = _SIZE_WORDS[int(obj.large[i])]
+        facts = dict(
+            color=colors[obj.color[i]],
+            shape=SHAPES[obj.shape[i]],
+            pos=_position_phrase(float(obj.cx[i]), float(obj.cy[i]), S),
+        )
+        out.append(
+            [
+                _SINGLE_PARAPHRASES[t].format(size=words[synonym[i, j] % len(words)], **facts)
+                for j, t in enumerate(picks[i])
+            ]
+        )
+    return out
+
+
+def _pair_paraphrases(
+    rng: np.random.Generator, a: _Objects, b: _Objects, vertical: np.ndarray, k: int
+) -> list[list[str]]:
+    n = len(a.r)
+    picks = _pick_templates(rng, n, len(_PAIR_PARAPHRASES), k)
+    synonym = rng.integers(0, 2, size=(n, k, 2))  # per caption and object: "large" or "big"
+    colors, out = list(COLORS), []
+
+    def describe(o: _Objects, i: int, syn: int) -> str:
+        words = _SIZE_WORDS[int(o.large[i])]
+        return f"{words[syn % len(words)]} {colors[o.color[i]]} {SHAPES[o.shape[i]]}"
+
+    for i in range(n):
+        rel, inv = ("above", "below") if vertical[i] else ("left of", "right of")
+        out.append(
+            [
+                _PAIR_PARAPHRASES[t].format(
+                    a=describe(a, i, synonym[i, j, 0]), b=describe(b, i, synonym[i, j, 1]), rel=rel, inv=inv
+                )
+                for j, t in enumerate(picks[i])
+            ]
+        )
+    return out
 
 
 def _single_captions(rng: np.random.Generator, obj: _Objects, S: int) -> list[list[str]]:
@@ -430,23 +512,42 @@ def _pair_captions(
 # ----------------------------------------------------------------------------- public API
 
 
-def _generate_single(n: int, S: int, seed: int, part: str, grid: int = 0) -> SyntheticData:
+def _generate_single(
+    n: int, S: int, seed: int, part: str, grid: int = 0, paraphrases: int = 1
+) -> SyntheticData:
     rng = _rng(seed, part, 0)
     obj = _sample_single_grid(rng, n, S, grid) if grid else _sample_single(rng, n, S)
     images = _render_all(rng, [obj], S)
     labels = (obj.color * len(SHAPES) + obj.shape).astype(np.int32)
-    return SyntheticData(images, _single_captions(rng, obj, S), labels)
+    # Captions are drawn last from the stream, so the pixels never depend on `paraphrases`.
+    if paraphrases > 1:
+        captions = _single_paraphrases(rng, obj, S, paraphrases)
+    else:
+        captions = _single_captions(rng, obj, S)
+    return SyntheticData(images, captions, labels)
 
 
-def _generate_pair(n: int, S: int, seed: int, part: str, grid: int = 0) -> SyntheticData:
+def _generate_pair(
+    n: int, S: int, seed: int, part: str, grid: int = 0, paraphrases: int = 1
+) -> SyntheticData:
     rng = _rng(seed, part, 1)
     a, b, vertical = _sample_pair_grid(rng, n, S, grid) if grid else _sample_pair(rng, n, S)
     images = _render_all(rng, [a, b], S)
-    return SyntheticData(images, _pair_captions(rng, a, b, vertical), np.full(n, -1, dtype=np.int32))
+    if paraphrases > 1:
+        captions = _pair_paraphrases(rng, a, b, vertical, paraphrases)
+    else:
+        captions = _pair_captions(rng, a, b, vertical)
+    return SyntheticData(images, captions, np.full(n, -1, dtype=np.int32))
 
 
 def generate(
-    n: int, image_size: int = 64, seed: int = 0, part: str = "train", split: str = "single", grid: int = 0
+    n: int,
+    image_size: int = 64,
+    seed: int = 0,
+    part: str = "train",
+    split: str = "single",
+    grid: int = 0,
+    paraphrases: int = 1,
 ) -> SyntheticData:
     """Render n captioned images of coloured shapes.
 
@@ -459,6 +560,9 @@ def generate(
                 or "mixed" (every 4th image is a pair: 75% single / 25% pair).
     grid:       0 places objects freely; g > 0 (a ViT's patch size) snaps them to a g-pixel grid with
                 fixed sizes (one cell small, 2x2 cells large), which small ViTs learn much faster.
+    paraphrases: 1 gives the N_CAPTIONS captions of varying detail; k in [2, MAX_PARAPHRASES] gives
+                k complete paraphrases per image instead (same facts, different templates and word
+                order). The images are the same for any value.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -468,14 +572,19 @@ def generate(
         raise ValueError(f"need n >= 0, image_size >= 16, seed >= 0; got {n}, {image_size}, {seed}")
     if grid < 0 or (grid and image_size // grid < 5):
         raise ValueError(f"grid must be 0 or leave at least 5 cells per side; got {grid} at {image_size}px")
+    if not isinstance(paraphrases, (int, np.integer)) or not 1 <= paraphrases <= MAX_PARAPHRASES:
+        raise ValueError(
+            f"paraphrases (data.builtin_paraphrases) must be an int in [1, {MAX_PARAPHRASES}], "
+            f"got {paraphrases!r}"
+        )
     if split == "single":
-        return _generate_single(n, image_size, seed, part, grid)
+        return _generate_single(n, image_size, seed, part, grid, paraphrases)
     if split == "pair":
-        return _generate_pair(n, image_size, seed, part, grid)
+        return _generate_pair(n, image_size, seed, part, grid, paraphrases)
     # mixed: the single and pair streams are generated whole, then interleaved by index.
     is_pair = np.arange(n) % 4 == 3
-    single = _generate_single(int((~is_pair).sum()), image_size, seed, part, grid)
-    pair = _generate_pair(int(is_pair.sum()), image_size, seed, part, grid)
+    single = _generate_single(int((~is_pair).sum()), image_size, seed, part, grid, paraphrases)
+    pair = _generate_pair(int(is_pair.sum()), image_size, seed, part, grid, paraphrases)
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     images[~is_pair], images[is_pair] = single.images, pair.images
     labels = np.full(n, -1, dtype=np.int32)

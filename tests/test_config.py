@@ -102,6 +102,17 @@ def test_every_run_key_rejects_a_wrong_type_by_name(key, tp):
         ("train.keep_last", "0", "keep_last"),
         ("train.max_bad_steps", "0", "max_bad_steps"),
         ("tokenizer.kind", "openai", "49408"),
+        ("data.builtin_paraphrases", "1", "data.builtin_paraphrases"),
+        ("data.builtin_paraphrases", "11", "data.builtin_paraphrases"),
+        ("data.sampler", "nouns", "data.sampler"),
+        ("loss.strategy", "easy", "loss.strategy"),
+        ("loss.ratio", "0", "loss.ratio"),
+        ("loss.weight", "-1", "loss.weight"),
+        ("loss.margin", "3", "loss.margin"),
+        ("loss.scales", "[]", "loss.scales"),
+        ("loss.scales", "[1.0, -2.0]", "loss.scales"),
+        ("loss.scale_weights", "[1.0]", "loss.scale_weights"),
+        ("loss.scale_weights", "[0, 0, 0]", "loss.scale_weights"),
     ],
 )
 def test_out_of_range_values_name_the_field(key, value, message):
@@ -122,3 +133,22 @@ def test_yaml_is_read_safely_and_missing_files_are_named(tmp_path):
     assert not marker.exists()
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_label_smoothing_is_refused_for_siglip():
+    from mlx_clip.config import load_config
+
+    with pytest.raises(ConfigError, match="label_smoothing.*siglip"):
+        load_config(None, [("loss.type", "siglip"), ("loss.label_smoothing", "0.1")])
+
+
+def test_siglip_sets_its_init_unless_the_model_section_does():
+    import math
+
+    from mlx_clip.config import load_config
+
+    m = load_config(None, [("loss.type", "siglip")]).model_config()
+    assert m.init_logit_scale == pytest.approx(math.log(10)) and m.init_logit_bias == -10.0
+    m = load_config(None, [("loss.type", "siglip"), ("model.init_logit_bias", "-5")]).model_config()
+    assert m.init_logit_bias == -5.0
+    assert load_config(None, []).model_config().init_logit_bias is None

@@ -43,3 +43,32 @@ def test_retrieval_ranks_with_several_captions_per_image():
     assert m["t2i_R@1"] == pytest.approx(2 / 4)
     assert m["t2i_mean_rank"] == pytest.approx((3 + 1 + 1 + 2) / 4)
     assert m["t2i_R@5"] == 1.0
+
+
+def test_image_to_text_hits_on_any_of_its_captions():
+    images = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    # Image 0 has two captions: a poor one first (closer to image 1), the matching one second.
+    texts = np.array([[-0.5, 0, 1.0], [1.0, 0, 0], [0, 1.0, 0]])
+    m = retrieval_metrics(images, texts, np.array([0, 0, 1]))
+    assert m["i2t_R@1"] == 1.0  # the first caption alone would rank 2nd for image 0
+    # Every caption is a text->image query: the poor one ranks image 0 second.
+    assert m["t2i_R@1"] == pytest.approx(2 / 3) and m["t2i_mean_rank"] == pytest.approx(4 / 3)
+
+
+def test_image_to_text_misses_when_no_own_caption_wins():
+    images = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    # Each image's two captions describe the other image: both of another image's captions rank first.
+    texts = np.array([[0, 1.0, 0], [0, 0.9, 0.1], [1.0, 0, 0], [0.9, 0, 0.1]])
+    m = retrieval_metrics(images, texts, np.array([0, 0, 1, 1]))
+    assert m["i2t_R@1"] == 0.0 and m["i2t_mean_rank"] == 3.0 and m["i2t_R@5"] == 1.0
+    assert m["t2i_R@1"] == 0.0
+
+
+def test_retrieval_rejects_captions_that_do_not_cover_the_images():
+    images, texts = np.eye(3), np.eye(3)[:2]
+    with pytest.raises(ValueError, match="at least one caption"):
+        retrieval_metrics(images, texts, np.array([0, 1]))  # image 2 has no caption
+    with pytest.raises(ValueError, match="index"):
+        retrieval_metrics(images[:2], texts, np.array([0, 2]))
+    with pytest.raises(ValueError, match="text_to_image entries"):
+        retrieval_metrics(images, texts, np.array([0, 1, 2]))

@@ -5,13 +5,24 @@ they test the rendering against the captions rather than the generator against i
 """
 
 import csv
+import hashlib
+import json
 import re
 
 import numpy as np
 import pytest
 
 from mlx_clip import synthetic
-from mlx_clip.synthetic import CLASSNAMES, COLORS, N_CAPTIONS, SHAPES, TEMPLATES, generate, write_dataset
+from mlx_clip.synthetic import (
+    CLASSNAMES,
+    COLORS,
+    MAX_PARAPHRASES,
+    N_CAPTIONS,
+    SHAPES,
+    TEMPLATES,
+    generate,
+    write_dataset,
+)
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (6, 3)
 RELATIONS = ("left of", "right of", "above", "below")
@@ -46,15 +57,21 @@ def read_image(path) -> np.ndarray:
         return dx.buffer_from_vector([{"file": str(path).encode()}]).load_image("file")[0]["file"]
 
 
-# Every property below must hold with free placement and on an 8-pixel grid.
-@pytest.fixture(scope="module", params=[0, 8], ids=["free", "grid8"])
+# Every property below must hold with free placement, on an 8-pixel grid, and for the complete
+# paraphrases of `paraphrases=3` (data.builtin_paraphrases: 3).
+VARIANTS = dict(params=[(0, 1), (8, 1), (8, 3)], ids=["free", "grid8", "grid8-paraphrases3"])
+
+
+@pytest.fixture(scope="module", **VARIANTS)
 def single(request):
-    return generate(240, image_size=64, seed=3, part="val", split="single", grid=request.param)
+    grid, k = request.param
+    return generate(240, image_size=64, seed=3, part="val", split="single", grid=grid, paraphrases=k)
 
 
-@pytest.fixture(scope="module", params=[0, 8], ids=["free", "grid8"])
+@pytest.fixture(scope="module", **VARIANTS)
 def pair(request):
-    return generate(160, image_size=64, seed=3, part="val", split="pair", grid=request.param)
+    grid, k = request.param
+    return generate(160, image_size=64, seed=3, part="val", split="pair", grid=grid, paraphrases=k)
 
 
 def test_grid_objects_sit_on_cells():
@@ -131,6 +148,8 @@ def test_single_captions_name_the_label(single):
 
 
 def test_prompts_are_in_distribution(single):
+    if len(single.captions[0]) != N_CAPTIONS:
+        pytest.skip("complete paraphrases always say size and position; the plain prompt is not one")
     # The plainest prompt, "a {classname}.", is itself one of the caption phrasings.
     captions = {c for caps in single.captions for c in caps}
     assert sum(TEMPLATES[0].format(name) in captions for name in CLASSNAMES) >= 20
@@ -241,3 +260,75 @@ def test_cli(tmp_path, capsys):
     path = synthetic.main(["--out", str(tmp_path / "cli"), "--n", "4", "--image-size", "32", "--part", "val"])
     assert path.name == "captions.csv" and len(path.read_text().splitlines()) == 1 + 4
     assert "wrote 4" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# paraphrases (data.builtin_paraphrases)
+
+
+def digest(d) -> str:
+    h = hashlib.sha256(d.images.tobytes())
+    h.update(json.dumps(d.captions).encode())
+    h.update(d.labels.tobytes())
+    return h.hexdigest()[:16]
+
+
+# Captured from the generator before `paraphrases` existed: the default data must not change.
+BEFORE = [
+    (dict(n=64, image_size=32, seed=3, part="train", split="mixed", grid=0), "bfbb8cb48071de6a"),
+    (dict(n=40, image_size=48, seed=0, part="val", split="single", grid=8), "1a115a81db8289ae"),
+    (dict(n=24, image_size=64, seed=1, part="train", split="pair", grid=8), "2ba941675b34aafc"),
+]
+
+
+@pytest.mark.parametrize("kwargs,expected", BEFORE, ids=["mixed", "single-grid", "pair-grid"])
+def test_default_data_is_unchanged(kwargs, expected):
+    assert digest(generate(**kwargs)) == expected
+    assert digest(generate(**kwargs, paraphrases=1)) == expected
+
+
+def facts(caption: str) -> list[str]:
+    """What a caption states, minus the word order: objects, sizes and positions (not the
+    relation word, which a converse phrasing swaps)."""
+    words = re.findall(r"[a-z]+", caption.replace("big", "large"))
+    keep = set(COLORS) | set(SHAPES) | {"small", "large", "left", "right", "top", "bottom", "center"}
+    if any(r in caption for r in RELATIONS):
+        keep -= {"left", "right"}
+    return sorted(w for w in words if w in keep)
+
+
+def skeleton(caption: str) -> str:
+    """A caption with its facts blanked: "a small red circle on the left." -> "a Z C S POS."."""
+    c = re.sub(r"\b(in|on|at) the (top |bottom )?(left|right|top|bottom|center)\b", "POS", caption)
+    c = re.sub(r"\b(left of|right of|above|below)\b", "REL", c)
+    c = re.sub(rf"\b({'|'.join(COLORS)})\b", "C", c)
+    c = re.sub(rf"\b({'|'.join(SHAPES)})\b", "S", c)
+    return re.sub(r"\b(small|large|big)\b", "Z", c)
+
+
+@pytest.mark.parametrize("split", ["single", "pair"])
+def test_paraphrases_are_distinct_and_state_the_same_facts(split):
+    k = 3
+    d = generate(200, image_size=32, seed=5, split=split, paraphrases=k)
+    assert np.array_equal(d.images, generate(200, image_size=32, seed=5, split=split).images)
+    assert d.captions == generate(200, image_size=32, seed=5, split=split, paraphrases=k).captions
+    templates = set()
+    for caps in d.captions:
+        assert len(caps) == len(set(caps)) == k
+        assert len({tuple(facts(c)) for c in caps}) == 1, caps  # same objects, sizes, places
+        n_objects = 1 if split == "single" else 2
+        stated = facts(caps[0])
+        assert sum(w in COLORS for w in stated) == sum(w in SHAPES for w in stated) == n_objects
+        assert sum(w in ("small", "large") for w in stated) == n_objects, caps  # every size is said
+        templates.update(skeleton(c) for c in caps)
+    assert len(templates) >= 5, templates  # many phrasings, not one template with different words
+
+
+def test_paraphrase_bounds():
+    assert (
+        len(generate(3, image_size=32, split="mixed", paraphrases=MAX_PARAPHRASES).captions[0])
+        == MAX_PARAPHRASES
+    )
+    for bad in (0, MAX_PARAPHRASES + 1):
+        with pytest.raises(ValueError, match="paraphrases"):
+            generate(2, image_size=32, paraphrases=bad)

@@ -134,9 +134,8 @@ def build_run_data(
         paraphrases = f", {d.builtin_paraphrases} paraphrases" if d.builtin_paraphrases else ""
         source = f"built-in shapes ({d.builtin_split}, {S}px, grid {grid or 'off'}{paraphrases})"
         if with_train:
-            train_set = synthetic.generate(
-                d.builtin_train_size, S, BUILTIN_SEED, "train", d.builtin_split, grid, d.builtin_paraphrases or 1
-            )
+            n, split, paraphrases = d.builtin_train_size, d.builtin_split, d.builtin_paraphrases or 1
+            train_set = synthetic.generate(n, S, BUILTIN_SEED, "train", split, grid, paraphrases)
             train_src = ArraySource(train_set.images, train_set.captions)
         if not d.val:
             # The held-out captions ignore builtin_paraphrases: runs are compared on the same set.

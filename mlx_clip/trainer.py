@@ -53,19 +53,22 @@ def evaluate(model: CLIP, data: RunData, cfg: Config | None = None) -> dict:
 
 
 def val_loss(model: CLIP, data: RunData, cfg: Config) -> float:
-    """The training objective on the val set: the mean over its eval batches (256 pairs, each
-    image with its first caption) of the loss at the current temperature, in float32."""
+    """The training objective on the val set, in float32 at the current temperature."""
     _, features_loss = make_loss_parts(cfg)  # one process: rank 0 evaluates alone
-    ev, losses, sizes = data.evals["val"], [], []
+    losses = [
+        (features_loss(model, *encode_pair(model, mx.array(images), mx.array(tokens))).item(), len(tokens))
+        for images, tokens in val_pairs(data)
+    ]
+    return float(np.average([x for x, _ in losses], weights=[n for _, n in losses])) if losses else math.nan
+
+
+def val_pairs(data: RunData):
+    """(images, tokens) numpy batches of the val set (256 pairs, each image with its first caption);
+    the val loss is their size-weighted mean loss. Shared with torch_ref.train."""
+    ev = data.evals["val"]
     for batch in ev.loader.epoch(0):
-        if len(batch["index"]) < 2:  # a contrastive loss needs negatives
-            continue
-        tokens = data.tokenize([ev.captions[i][0] for i in batch["index"].tolist()])
-        image_features = model.encode_image(mx.array(batch["images"]))
-        text_features = model.encode_text(mx.array(tokens))
-        losses.append(features_loss(model, image_features, text_features).item())
-        sizes.append(len(batch["index"]))
-    return float(np.average(losses, weights=sizes)) if losses else float("nan")
+        if len(batch["index"]) >= 2:  # a contrastive loss needs negatives
+            yield batch["images"], data.tokenize([ev.captions[i][0] for i in batch["index"].tolist()])
 
 
 def pick_best_metric(cfg: Config, metrics: dict) -> str | None:

@@ -19,14 +19,33 @@ def losses(out):
     return [r["loss"] for r in records if r["event"] == "train"]
 
 
-def test_twenty_steps_mlx_and_torch_ref_agree(tmp_path):
-    """Same init, same built-in batches: loss curves within 1e-3 relative at every step."""
-    _, overrides = parse_args(SMALL)
+def temperatures(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["temperature"] for r in records if r["event"] == "temperature"]
+
+
+OBJECTIVES = {
+    "clip": [],
+    "siglip": ["--loss.type", "siglip"],
+    "hard_negative-cosine-accum": [
+        "--loss.type", "hard_negative", "--loss.strategy", "weighted", "--loss.ratio", "0.25",
+        "--loss.temperature.schedule", "cosine", "--loss.temperature.start", "0.1",
+        "--loss.temperature.end", "0.03", "--optim.accum_steps", "2",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_twenty_steps_mlx_and_torch_ref_agree(tmp_path, objective):
+    """Same init, same built-in batches: loss curves within 1e-3 relative at every step, and the
+    same temperature at every step, for each objective (SigLIP's bias trains in both)."""
+    _, overrides = parse_args([*SMALL, *OBJECTIVES[objective]])
     model = mlx_clip.create_model(load_config(None, overrides).model_config(), seed=11)
     mlx_clip.save_weights(model, tmp_path / "init.safetensors")
     common = [
-        *SMALL, "--steps", "20", "--train.log_every", "1", "--train.eval_every", "0",
-        "--model.init_from", str(tmp_path / "init.safetensors"), "--optim.lr", "2e-3",
+        *SMALL, *OBJECTIVES[objective], "--steps", "20", "--train.log_every", "1",
+        "--train.eval_every", "0", "--model.init_from", str(tmp_path / "init.safetensors"),
+        "--optim.lr", "2e-3",
     ]  # fmt: skip
     m = mlx_main(["--out", str(tmp_path / "mlx"), *common])
     t = torch_main(["--out", str(tmp_path / "torch"), "--device", "cpu", *common])
@@ -35,5 +54,9 @@ def test_twenty_steps_mlx_and_torch_ref_agree(tmp_path):
     for step, (a, b) in enumerate(zip(lm, lt, strict=True), 1):
         assert abs(a - b) <= 1e-3 * abs(b), (step, a, b)
     assert lm[-1] < lm[0]
+    tm, tt = temperatures(tmp_path / "mlx"), temperatures(tmp_path / "torch")
+    assert len(tm) == len(tt) == 20
+    assert tm == pytest.approx(tt, rel=1e-4)
     # the same evaluation code on both sides gives close metrics
     assert abs(m["i2t_mean_rank"] - t["i2t_mean_rank"]) < 0.05 * t["i2t_mean_rank"]
+    assert m["val_loss"] == pytest.approx(t["val_loss"], rel=2e-2)

@@ -31,6 +31,10 @@ class CLIP(nn.Module):
         if cfg.init_logit_bias is not None:  # SigLIP's learnable bias
             self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enable
+        self.text.transformer.grad_checkpointing = enable
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images: (B, 3, H, W) float, already normalized with the CLIP mean/std."""
         x = self.visual(images)

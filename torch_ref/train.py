@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import mlx_clip  # noqa: F401  (BLAS fix before anything imports mlx.core via mlx.data)
@@ -21,10 +22,13 @@ from mlx_clip.config import ConfigError, config_to_yaml, load_config
 from mlx_clip.metrics import evaluate_run
 from mlx_clip.optim import decays, is_locked, lr_at, tower_lr
 from mlx_clip.run_data import build_run_data, resolve_init
+from mlx_clip.temperature import Temperature
 from mlx_clip.train import parse_args
+from mlx_clip.trainer import val_pairs
 
+from .accum import accum_backward
 from .checkpoint import load_weights, save_weights
-from .loss import clip_loss
+from .loss import contrastive_loss
 from .model import LOGIT_SCALE_MAX, create_model
 
 
@@ -59,6 +63,20 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
     dev = next(model.parameters()).device
     if init_weights:
         load_weights(model, init_weights)
+    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    temperature = Temperature(cfg.loss.temperature, cfg.train.steps)
+    if not temperature.learnable:  # the schedule writes logit_scale before every step
+        model.logit_scale.requires_grad_(False)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bfloat16")
+
+    def loss_fn(image_features, text_features, logit_scale):
+        bias = getattr(model, "logit_bias", None)
+        return contrastive_loss(cfg.loss, image_features.float(), text_features.float(), logit_scale, bias)
+
+    def forward(images, tokens):
+        with autocast:
+            return model(images, tokens)
+
     print(f"torch_ref on {dev}; data: {data.describe()}", flush=True)
 
     o = cfg.optim
@@ -80,6 +98,15 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
             ),
             encode_text=lambda tok: encode(model.encode_text, torch.from_numpy(tok).long().to(dev)),
         )
+        if "val" in data.evals:
+            with torch.no_grad():
+                losses = [
+                    (loss_fn(*model(*to_device({"images": im, "tokens": tok}, dev))).item(), len(tok))
+                    for im, tok in val_pairs(data)
+                ]
+            metrics["val_loss"] = float(np.average([x for x, _ in losses], weights=[n for _, n in losses]))
+        if temperature.observe(metrics.get("val_loss", math.nan)):
+            print(f"val loss plateaued: temperature lowered to {temperature.tau:.4g}")
         model.train()
         return metrics
 
@@ -89,9 +116,18 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
     while step < total:
         for batch in data.train.epoch(epoch):
             images, tokens = to_device(batch, dev)
-            loss = clip_loss(*model(images, tokens), label_smoothing=cfg.loss.label_smoothing)
+            if not temperature.learnable:
+                with torch.no_grad():
+                    model.logit_scale.fill_(temperature.logit_scale_param(step))
+            tau = math.exp(-min(model.logit_scale.item(), LOGIT_SCALE_MAX))  # the one this step uses
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if o.accum_steps > 1:
+                with autocast:  # (casts the towers' forward ops; loss_fn works in float32)
+                    loss = accum_backward(model, images, tokens, o.accum_steps, loss_fn)
+            else:
+                loss = loss_fn(*forward(images, tokens))
+                loss.backward()
+            log.write(json.dumps({"event": "temperature", "step": step + 1, "temperature": tau}) + "\n")
             if o.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             else:
@@ -116,6 +152,7 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
                     "img_per_s": window_n / (now - window_t),
                     "grad_norm": float(grad_norm),
                     "logit_scale": math.exp(model.logit_scale.item()),
+                    "temperature": tau,
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()

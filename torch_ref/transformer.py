@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mlx_clip.config import ModelConfig
 
@@ -66,10 +67,14 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(
             [ResidualAttentionBlock(width, heads, mlp_ratio, activation, eps) for _ in range(layers)]
         )
+        self.grad_checkpointing = False  # set by CLIP.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
         return x
 
 

@@ -61,8 +61,8 @@ def _gemm_peak(matmul, sync, n: int, reps: int) -> float:
 def _blas_info() -> dict:
     """Which BLAS MLX's CPU matmuls use here, and with how many threads (OpenBLAS default: all cores).
 
-    The benchmark leaves OpenBLAS at its default; a training run with train.deterministic (the
-    default) pins it to 1 thread for bit-reproducibility, which is slower on matmul-bound models.
+    The MLX step sets it as a training run does (mlx_clip.trainer.set_blas_threads), with
+    train.deterministic off: one thread per stream with several streams, else OpenBLAS's default.
     """
     from mlx_clip import _blas
 
@@ -79,15 +79,21 @@ def _mlx_worker(spec: dict, cfg) -> dict:
     import mlx.core as mx  # after mlx_clip (imported above): OpenBLAS is bound first
     from mlx.utils import tree_flatten
 
+    from mlx_clip import _blas
     from mlx_clip.config import Config
     from mlx_clip.model import create_model
     from mlx_clip.optim import build_optimizer
-    from mlx_clip.trainer import make_step
+    from mlx_clip.streams import resolve
+    from mlx_clip.trainer import make_step, set_blas_threads
 
     backend = spec["backend"]
     device = mx.gpu if backend == "mlx-gpu" else mx.cpu
     mx.set_default_device(device)
     run = Config()  # the run defaults: AdamW 0.9/0.98/1e-6, wd 0.2, grad clip 1.0, no label smoothing
+    run.train.deterministic = False  # (1 OpenBLAS thread for bit-reproducibility is a run's choice)
+    run.train.streams = spec.get("mlx_streams", "auto")
+    default_threads = _blas_info()["threads"]
+    set_blas_threads(run)
     model = create_model(cfg, seed=spec["seed"])
     optimizer = build_optimizer(run.optim, spec["warmup"] + spec["steps"])
     optimizer.init(model.trainable_parameters())  # the compiled step captures a populated state
@@ -105,6 +111,7 @@ def _mlx_worker(spec: dict, cfg) -> dict:
     peak = mx.get_peak_memory()
     result = {
         "blas": _blas_info(),
+        "streams": resolve(run.train.streams, device),
         "device_name": str(mx.device_info().get("device_name", device)) if backend == "mlx-gpu" else "cpu",
         "num_params": sum(v.size for _, v in tree_flatten(model.parameters())),
         "losses": [x.item() for x in losses],
@@ -114,6 +121,8 @@ def _mlx_worker(spec: dict, cfg) -> dict:
         "peak_rss_bytes": peak_rss_bytes(),
     }
 
+    if default_threads:  # the device's GEMM peak: OpenBLAS on all its threads again
+        _blas.set_threads(default_threads)
     n, peaks, before = spec["gemm_size"], {}, cpu_snapshot()
     for name, dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16)):
         if name == "bfloat16" and backend == "mlx-cpu" and not cpu_has_native_bf16():

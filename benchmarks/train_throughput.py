@@ -258,6 +258,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gemm-reps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--mlx-streams",
+        default="auto",
+        help="train.streams of the MLX step: 'auto' (one per core on the CPU backend) or an int; "
+        "1 is the single-stream step with OpenBLAS on all cores",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -308,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         gemm_size=args.gemm_size,
         gemm_reps=args.gemm_reps,
         seed=args.seed,
+        mlx_streams=args.mlx_streams if args.mlx_streams == "auto" else int(args.mlx_streams),
     )
     doc = {
         **record_header(SCHEMA),

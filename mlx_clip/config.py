@@ -255,6 +255,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 weights and optimizer)
     grad_checkpointing: bool = False  # recompute each transformer block in backward: less memory
+    # Batch shards run on their own MLX streams (mlx_clip/streams.py): "auto" is one per core on
+    # the CPU backend, where a stream is one busy core, and 1 on a GPU.
+    streams: int | str = "auto"
     memory_budget_gb: float | None = None  # data.batch_size auto: None is 60% of device memory
     log_every: int = 20
     eval_every: int = 150  # 0: only at the end
@@ -375,6 +378,8 @@ class Config:
             raise ConfigError(f"train.steps must be at least 1, got {t.steps}")
         if t.precision not in ("float32", "bfloat16"):
             raise ConfigError(f"train.precision must be float32 or bfloat16, got {t.precision!r}")
+        if t.streams != "auto" and (isinstance(t.streams, str) or t.streams < 1):
+            raise ConfigError(f"train.streams must be a positive integer or 'auto', got {t.streams!r}")
         if t.memory_budget_gb is not None and t.memory_budget_gb <= 0:
             raise ConfigError(f"train.memory_budget_gb must be > 0 (or null), got {t.memory_budget_gb}")
         if t.max_bad_steps < 1:

@@ -60,9 +60,7 @@ def erf(x: mx.array) -> mx.array:
     return x * _horner(t, _ERF_P) / _horner(t, _ERF_Q)
 
 
-@mx.custom_function
-def exp(x: mx.array) -> mx.array:
-    """exp via 2^k * 2^f: k from the float exponent bits, 2^f from a polynomial."""
+def _exp(x: mx.array) -> mx.array:
     y = mx.clip(x, -87.0, 88.0) * _LOG2E
     k = mx.floor(y)
     f = y - k
@@ -71,13 +69,40 @@ def exp(x: mx.array) -> mx.array:
     return _horner(f, _EXP2_C).astype(x.dtype) * two_k.astype(x.dtype)
 
 
-@exp.vjp
 def _exp_vjp(primals, cotangent, output):
     return cotangent * output
 
 
+def on_this_stream(fun, vjp):
+    """mx.custom_function(fun) with the hand-written `vjp`, built on the current default stream.
+
+    MLX runs a custom VJP's Python when the backward graph is built, on whatever stream is the
+    default then, not on the stream the forward ran on. The training step runs shards of the
+    batch on their own CPU streams (mlx_clip/streams.py), so the VJP is pinned to the stream of
+    the forward here; otherwise every shard's activation backward would queue on one stream.
+    """
+    stream = mx.default_stream(mx.default_device())
+    f = mx.custom_function(fun)
+
+    @f.vjp
+    def _vjp(primals, cotangent, output):
+        with mx.stream(stream):
+            return vjp(primals, cotangent, output)
+
+    return f
+
+
+def exp(x: mx.array) -> mx.array:
+    """exp via 2^k * 2^f: k from the float exponent bits, 2^f from a polynomial."""
+    return on_this_stream(_exp, _exp_vjp)(x)
+
+
 def sigmoid(x: mx.array) -> mx.array:
     return 1.0 / (1.0 + exp(-x))
+
+
+def _sigmoid(x: mx.array) -> mx.array:  # inside a custom_function: no autodiff of its own
+    return 1.0 / (1.0 + _exp(-x))
 
 
 def use_fast_math() -> bool:
@@ -91,41 +116,45 @@ _INV_SQRT2 = 1 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1 / math.sqrt(2.0 * math.pi)
 
 
-@mx.custom_function
 def _fast_gelu(x: mx.array) -> mx.array:
     return 0.5 * x * (1 + erf(x * _INV_SQRT2))
 
 
-@_fast_gelu.vjp
 def _fast_gelu_vjp(primals, cotangent, output):
     x = primals  # a single array for a one-input custom_function
     # d/dx x*Phi(x) = Phi(x) + x*phi(x)
     cdf = 0.5 * (1 + erf(x * _INV_SQRT2))
-    pdf = _INV_SQRT_2PI * exp(-0.5 * x * x)
+    pdf = _INV_SQRT_2PI * _exp(-0.5 * x * x)
     return cotangent * (cdf + x * pdf)
 
 
-@mx.custom_function
 def _fast_quick_gelu(x: mx.array) -> mx.array:
-    return x * sigmoid(1.702 * x)
+    return x * _sigmoid(1.702 * x)
 
 
-@_fast_quick_gelu.vjp
 def _fast_quick_gelu_vjp(primals, cotangent, output):
     x = primals  # a single array for a one-input custom_function
-    s = sigmoid(1.702 * x)
+    s = _sigmoid(1.702 * x)
     return cotangent * (s + 1.702 * x * s * (1 - s))
+
+
+def fast_gelu(x: mx.array) -> mx.array:
+    return on_this_stream(_fast_gelu, _fast_gelu_vjp)(x)
+
+
+def fast_quick_gelu(x: mx.array) -> mx.array:
+    return on_this_stream(_fast_quick_gelu, _fast_quick_gelu_vjp)(x)
 
 
 def gelu(x: mx.array) -> mx.array:
     """Exact-form GELU, x * Phi(x), as torch.nn.GELU() and HF "gelu"."""
     if use_fast_math():
-        return _fast_gelu(x)
+        return fast_gelu(x)
     return 0.5 * x * (1 + mx.erf(x * _INV_SQRT2))
 
 
 def quick_gelu(x: mx.array) -> mx.array:
     """OpenAI CLIP's x * sigmoid(1.702 x)."""
     if use_fast_math():
-        return _fast_quick_gelu(x)
+        return fast_quick_gelu(x)
     return x * mx.sigmoid(1.702 * x)

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from mlx.utils import tree_flatten, tree_map
 
-from . import _blas, validate
+from . import _blas, streams, validate
 from . import checkpoint as ckpt_io
 from .autobatch import find_batch_size
 from .config import Config, config_to_yaml
@@ -33,6 +33,7 @@ from .metrics import evaluate_run
 from .model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
 from .optim import build_optimizer, lock_parameters, lr_at
 from .run_data import RunData, build_run_data, resolve_init
+from .streams import Shards
 from .temperature import Temperature
 
 # ---------------------------------------------------------------------------
@@ -192,6 +193,14 @@ def compute_dtype(cfg: Config):
     return mx.bfloat16 if cfg.train.precision == "bfloat16" else None
 
 
+def set_blas_threads(cfg: Config) -> None:
+    """One OpenBLAS thread when the run is deterministic (multi-threaded OpenBLAS is not
+    bit-reproducible, see _blas.set_threads) or runs several streams (streams.py: the cores are
+    already shared out, one GEMM per stream); else OpenBLAS's own default."""
+    if cfg.train.deterministic or streams.resolve(cfg.train.streams) > 1:
+        _blas.set_threads(1)
+
+
 def make_loss_parts(cfg: Config, world: World | None = None):
     """The two halves of a training loss, kept apart so gradient caching (accum.py) can cut between them.
 
@@ -203,9 +212,10 @@ def make_loss_parts(cfg: Config, world: World | None = None):
     """
     dtype = compute_dtype(cfg)
     group = world.group if world is not None and world.size > 1 else None
+    shards = Shards(streams.resolve(cfg.train.streams))
 
-    def encode(model, images, tokens):
-        return encode_pair(model, images, tokens, dtype)
+    def encode(model, images, tokens):  # shard by shard, each on its own stream (streams.py)
+        return shards.map(lambda i, t: encode_pair(model, i, t, dtype), images, tokens)
 
     def features_loss(model, image_features, text_features):
         scale = mx.exp(mx.minimum(model.logit_scale, LOGIT_SCALE_MAX))
@@ -368,8 +378,7 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
     """
     world = init_world(cfg.train.dist_timeout, cfg.train.dist_bucket_mb)  # a world of one: no-ops
     main = world.is_main
-    if cfg.train.deterministic:
-        _blas.set_threads(1)  # multi-threaded OpenBLAS is not bit-reproducible (see _blas.set_threads)
+    set_blas_threads(cfg)
     # Own data: every skipped item goes to OUT/skipped.jsonl (rank 0); other ranks log to a temp file.
     skip_log = None
     if cfg.data.train != "builtin" or cfg.data.val:

@@ -4,14 +4,9 @@ Importing this package first gives MLX an optimized BLAS on Linux (see _blas.py)
 the heavy modules load lazily, on first use of a public name.
 """
 
-import os
-
 from ._blas import ensure_fast_blas
 
 ensure_fast_blas()
-# How many graph branches MLX's evaluator interleaves (libmlx reads it once). Its default, 20,
-# serialises the per-stream shards of a training step; see streams.py.
-os.environ.setdefault("MLX_BFS_MAX_WIDTH", "1000")
 
 __version__ = "0.1.0"
 

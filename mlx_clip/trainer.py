@@ -21,7 +21,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import yaml
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from . import _blas, streams, validate
 from . import checkpoint as ckpt_io
@@ -33,7 +33,7 @@ from .metrics import evaluate_run
 from .model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
 from .optim import build_optimizer, lock_parameters, lr_at
 from .run_data import RunData, build_run_data, resolve_init
-from .streams import Shards
+from .streams import Shards, Spread
 from .temperature import Temperature
 
 # ---------------------------------------------------------------------------
@@ -196,8 +196,11 @@ def compute_dtype(cfg: Config):
 def set_blas_threads(cfg: Config) -> None:
     """One OpenBLAS thread when the run is deterministic (multi-threaded OpenBLAS is not
     bit-reproducible, see _blas.set_threads) or runs several streams (streams.py: the cores are
-    already shared out, one GEMM per stream); else OpenBLAS's own default."""
-    if cfg.train.deterministic or streams.resolve(cfg.train.streams) > 1:
+    already shared out, one GEMM per stream); else OpenBLAS's own default. Also widens MLX's
+    evaluation for several streams (streams.widen_evaluation): call it before evaluating anything."""
+    n = streams.resolve(cfg.train.streams)
+    streams.widen_evaluation(n, cfg.train.grad_checkpointing)
+    if cfg.train.deterministic or n > 1:
         _blas.set_threads(1)
 
 
@@ -281,14 +284,20 @@ class NonFiniteError(RuntimeError):
 
 def make_update(model: CLIP, optimizer: optim.Optimizer, cfg: Config):
     """(loss, grads) -> (loss, grad_norm): clip, then update weights and optimizer state unless
-    the loss or the gradient is not finite. Traceable: it runs inside the compiled step."""
+    the loss or the gradient is not finite. Traceable: it runs inside the compiled step.
+
+    Per-tensor work runs on the train.streams streams (streams.Spread), as the towers do.
+    """
     max_norm = cfg.optim.grad_clip
+    spread = Spread(streams.resolve(cfg.train.streams))
+    spread.spread_optimizer(optimizer)
 
     def update(loss, grads):
-        if max_norm > 0:
-            grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
-        else:
-            grad_norm = mx.sqrt(sum(mx.sum(g * g) for g in _leaves(grads)))
+        leaves = _leaves(spread.map(lambda g: mx.sum(g * g), grads))
+        grad_norm = mx.sqrt(sum(leaves[1:], leaves[0]))
+        if max_norm > 0:  # as mlx.optimizers.clip_grad_norm
+            scale = mx.minimum(max_norm / (grad_norm + 1e-6), 1.0)
+            grads = spread.map(lambda g: g * scale, grads)
         # A non-finite loss or gradient skips the update: every parameter and optimizer value
         # keeps its old array (the old ones are live inputs anyway, so this costs no memory).
         ok = mx.isfinite(loss) & mx.isfinite(grad_norm)
@@ -296,13 +305,16 @@ def make_update(model: CLIP, optimizer: optim.Optimizer, cfg: Config):
         optimizer.update(model, grads)
         # CLIP clamps the temperature so the logit scale never exceeds 100.
         model.logit_scale = mx.clip(model.logit_scale, 0.0, LOGIT_SCALE_MAX)
-        model.update(
-            tree_map(lambda new, old: mx.where(ok, new, old), model.trainable_parameters(), old_params)
-        )
-        _select_in_place(optimizer.state, old_opt, ok)
+        keep = partial(_keep_if, ok)
+        model.update(spread.map(keep, model.trainable_parameters(), old_params))
+        _select_in_place(optimizer.state, old_opt, lambda new, old: spread.run(keep, new, old))
         return loss, grad_norm  # the host tells a skipped step by a non-finite loss or norm
 
     return update
+
+
+def _keep_if(ok, new, old):
+    return mx.where(ok, new, old)
 
 
 def make_step(model: CLIP, optimizer: optim.Optimizer, cfg: Config, world: World | None = None):
@@ -340,15 +352,15 @@ def _snapshot(tree):
     return tree
 
 
-def _select_in_place(tree, old, ok):
-    """tree[...] = where(ok, tree[...], old[...]) for every array, mutating tree's containers in
+def _select_in_place(tree, old, select):
+    """tree[...] = select(tree[...], old[...]) for every array, mutating tree's containers in
     place (mx.compile tracks the optimizer's own dicts, not new ones)."""
     items = tree.items() if isinstance(tree, dict) else enumerate(tree)
     for k, v in list(items):
         if isinstance(v, (dict, list)):
-            _select_in_place(v, old[k], ok)
+            _select_in_place(v, old[k], select)
         elif isinstance(v, mx.array):
-            tree[k] = mx.where(ok, v, old[k])
+            tree[k] = select(v, old[k])
 
 
 def _leaves(tree):
@@ -376,9 +388,9 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
 
     Under mlx.launch every rank runs this; rank 0 alone reads and writes `out` (docs/distributed.md).
     """
+    set_blas_threads(cfg)  # before anything is evaluated (streams.widen_evaluation)
     world = init_world(cfg.train.dist_timeout, cfg.train.dist_bucket_mb)  # a world of one: no-ops
     main = world.is_main
-    set_blas_threads(cfg)
     # Own data: every skipped item goes to OUT/skipped.jsonl (rank 0); other ranks log to a temp file.
     skip_log = None
     if cfg.data.train != "builtin" or cfg.data.val:

@@ -8,6 +8,7 @@ added at the end instead of summed over the whole batch at once).
 
 # ruff: noqa: I001  (mlx_clip must be imported before mlx.core: it picks the BLAS on Linux)
 import json
+import os
 
 import mlx_clip  # noqa: F401
 import mlx.core as mx
@@ -90,3 +91,14 @@ def test_sharded_training_is_bit_reproducible(tmp_path):
 def test_bad_streams_setting_is_refused(value):
     with pytest.raises(ConfigError, match="train.streams"):
         load_config(None, [("train.streams", value)])
+
+
+def test_evaluation_is_widened_only_for_several_streams_without_checkpointing(monkeypatch):
+    monkeypatch.delenv("MLX_BFS_MAX_WIDTH", raising=False)
+    assert not streams.widen_evaluation(1, grad_checkpointing=False)
+    assert not streams.widen_evaluation(2, grad_checkpointing=True)
+    assert "MLX_BFS_MAX_WIDTH" not in os.environ
+    assert streams.widen_evaluation(2, grad_checkpointing=False)
+    assert os.environ["MLX_BFS_MAX_WIDTH"] == streams.WIDE_EVALUATION
+    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "64")  # the user's own value stays
+    assert not streams.widen_evaluation(2, grad_checkpointing=False)

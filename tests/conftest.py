@@ -36,3 +36,16 @@ def random_tokens(rng: np.random.Generator, batch: int, context_length: int, voc
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def check_schema(obj, spec, where):
+    """Assert that a benchmark record has every key of `spec` with the given type (nested dicts
+    are sub-schemas); `where` names the record in the message."""
+    for key, tp in spec.items():
+        assert key in obj, f"{where}.{key} missing"
+        if isinstance(tp, dict):
+            check_schema(obj[key], tp, f"{where}.{key}")
+        else:
+            assert isinstance(obj[key], tp), (
+                f"{where}.{key}: {type(obj[key]).__name__}, expected {tp.__name__}"
+            )

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import yaml
+from conftest import check_schema
 from dist_grad_worker import ARCH
 
 from benchmarks import memory
@@ -35,17 +36,6 @@ RESULT_KEYS = {
 }
 
 
-def _check(obj, spec, where):
-    for key, tp in spec.items():
-        assert key in obj, f"{where}.{key} missing"
-        if isinstance(tp, dict):
-            _check(obj[key], tp, f"{where}.{key}")
-        else:
-            assert isinstance(obj[key], tp), (
-                f"{where}.{key}: {type(obj[key]).__name__}, expected {tp.__name__}"
-            )
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("memory")
@@ -62,11 +52,11 @@ def test_every_default_variant_runs_and_saves_memory(bench):
     doc, out = bench
     on_disk = json.loads(out.read_text())
     assert on_disk["schema"] == memory.SCHEMA
-    _check(on_disk, REQUIRED, "doc")
+    check_schema(on_disk, REQUIRED, "doc")
     results = {r["variant"]: r for r in on_disk["results"]}
     assert list(results) == list(memory.DEFAULT_VARIANTS)
     for r in results.values():
-        _check(r, RESULT_KEYS, r["variant"])
+        check_schema(r, RESULT_KEYS, r["variant"])
         assert r["loss_finite"] and all(math.isfinite(x) for x in r["losses"])
         assert len(r["step_times_s"]) == 1 and r["median_step_s"] > 0
         assert 0 < r["resident_bytes"] < r["peak_memory_bytes"] <= r["peak_rss_bytes"]

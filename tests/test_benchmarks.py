@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ODD_ARCH
+from conftest import ODD_ARCH, check_schema
 
 from benchmarks import train_throughput as tt
 from benchmarks.common import synthetic_batch
@@ -155,24 +155,13 @@ RESULT_KEYS = {
 }
 
 
-def _check(obj, spec, where):
-    for key, tp in spec.items():
-        assert key in obj, f"{where}.{key} missing"
-        if isinstance(tp, dict):
-            _check(obj[key], tp, f"{where}.{key}")
-        else:
-            assert isinstance(obj[key], tp), (
-                f"{where}.{key}: {type(obj[key]).__name__}, expected {tp.__name__}"
-            )
-
-
 def test_json_schema(bench):
     doc, out = bench
     on_disk = json.loads(Path(out).read_text())  # what was written, not the in-memory dict
     assert on_disk["schema"] == tt.SCHEMA
-    _check(on_disk, REQUIRED, "doc")
+    check_schema(on_disk, REQUIRED, "doc")
     for r in on_disk["results"]:
-        _check(r, RESULT_KEYS, r["backend"])
+        check_schema(r, RESULT_KEYS, r["backend"])
         assert set(r["gemm_peak_flops"]) == {"float32", "bfloat16"}
     if any(b.startswith("open_clip") for b in on_disk["settings"]["backends"]):
         assert isinstance(on_disk["versions"]["open_clip_torch"], str)

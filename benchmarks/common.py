@@ -140,7 +140,7 @@ def synthetic_batch(cfg, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     Token rows look like CLIP's: SOT, random ids, EOT (= the largest id, where the text tower
     pools), then zero padding. Every backend gets the very same arrays.
     """
-    from mlx_clip.transforms import normalize
+    from mlx_clip.data.transforms import normalize
 
     rng = np.random.default_rng(seed)
     S, L, V = cfg.image_size, cfg.context_length, cfg.vocab_size

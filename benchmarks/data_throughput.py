@@ -5,7 +5,7 @@
 
 - jpeg / tar: --images JPEGs of --image-size pixels (default 500x375, smooth shapes, quality 90)
   are written into a temporary folder (with captions.txt) and into 4 WebDataset shards, read with
-  mlx_clip.readers.read_samples and batched by mlx_clip.data.Loader exactly as a run does (PIL
+  mlx_clip.data.readers.read_samples and batched by mlx_clip.data.pipeline.Loader exactly as a run does (PIL
   decode, random resized crop to the model size with the run's default augmentation, normalise),
   with each --workers count, timed over the whole epoch (start-up included). Tokenisation is left
   out: the numbers are the image path only.
@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw
 
 import mlx_clip  # noqa: F401  (OpenBLAS before mlx.core, see mlx_clip/_blas.py)
 from mlx_clip.config import Config, model_config, to_dict
-from mlx_clip.data import Loader
-from mlx_clip.readers import read_samples
+from mlx_clip.data.pipeline import Loader
+from mlx_clip.data.readers import read_samples
 
 from .common import contention, cpu_snapshot, record_header
 from .train_throughput import default_out, run_backend
@@ -136,15 +136,15 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
     import mlx.core as mx
 
     from mlx_clip import _blas
-    from mlx_clip.model import create_model
-    from mlx_clip.optim import build_optimizer
-    from mlx_clip.run_data import build_run_data
-    from mlx_clip.trainer import make_step
+    from mlx_clip.data.run_data import build_run_data
+    from mlx_clip.models.model import create_model
+    from mlx_clip.training.loop import make_step
+    from mlx_clip.training.optim import build_optimizer
 
     cfg = Config()
     B = cfg.data.batch_size
     if cfg.train.deterministic:
-        _blas.set_threads(1)  # as mlx_clip.trainer.train does by default (bit-reproducible runs)
+        _blas.set_threads(1)  # as mlx_clip.training.loop.train does by default (bit-reproducible runs)
     # Only the epoch length changes (enough batches for the measurement): per-batch work is the same.
     cfg.data.builtin_train_size = B * (2 * (warmup + steps) + 4)
     cfg.data.builtin_val_size = B

@@ -5,15 +5,15 @@
 
 Variants (config overrides on the run defaults, each measured in its own fresh process):
 
-- plain: the fp32 step of mlx_clip.trainer.make_step (one compiled forward + backward + update);
-- accum2, accum4: optim.accum_steps 2 / 4, gradient caching (mlx_clip/accum.py);
+- plain: the fp32 step of mlx_clip.training.loop.make_step (one compiled forward + backward + update);
+- accum2, accum4: optim.accum_steps 2 / 4, gradient caching (mlx_clip/training/accum.py);
 - grad_checkpointing: train.grad_checkpointing true (each transformer block recomputed in backward);
 - bf16: train.precision bfloat16 (bf16 compute, fp32 master weights and optimizer state);
 - accum2-fused, accum4-fused (not in the default list): gradient caching with all three phases in
   ONE compiled step, in the naive order and with mx.depends forcing micro-batch order
   (`-fused-ordered`): what accum.py's separate compile boundaries are measured against.
 
-Per variant: the model (create_model, seed 0), AdamW (mlx_clip.optim.build_optimizer, populated
+Per variant: the model (create_model, seed 0), AdamW (mlx_clip.training.optim.build_optimizer, populated
 state) and one synthetic batch (benchmarks.common.synthetic_batch) are made and evaluated first;
 then mx.reset_peak_memory(), --warmup + --steps full steps (step, then mx.eval of the model /
 optimizer state, loss and gradient norm, as the training loop does), and mx.get_peak_memory().
@@ -77,8 +77,8 @@ def fused_accum_step(model, optimizer, cfg, ordered: bool):
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
-    from mlx_clip.accum import accum_phases, add_head_grads
-    from mlx_clip.trainer import make_loss_parts, make_update
+    from mlx_clip.training.accum import accum_phases, add_head_grads
+    from mlx_clip.training.loop import make_loss_parts, make_update
 
     k = cfg.optim.accum_steps
     features, loss_and_cotangents, micro_grads = accum_phases(model, *make_loss_parts(cfg))
@@ -110,9 +110,9 @@ def _measure(spec: dict) -> dict:
     from mlx.utils import tree_flatten
 
     from mlx_clip.config import load_config
-    from mlx_clip.model import create_model
-    from mlx_clip.optim import build_optimizer
-    from mlx_clip.trainer import make_step
+    from mlx_clip.models.model import create_model
+    from mlx_clip.training.loop import make_step
+    from mlx_clip.training.optim import build_optimizer
 
     from .step_workers import _blas_info, _time_steps
 

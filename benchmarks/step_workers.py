@@ -61,7 +61,7 @@ def _gemm_peak(matmul, sync, n: int, reps: int) -> float:
 def _blas_info() -> dict:
     """Which BLAS MLX's CPU matmuls use here, and with how many threads (OpenBLAS default: all cores).
 
-    The MLX step sets it as a training run does (mlx_clip.trainer.set_blas_threads), with
+    The MLX step sets it as a training run does (mlx_clip.training.loop.set_blas_threads), with
     train.deterministic off: one thread per stream with several streams, else OpenBLAS's default.
     """
     from mlx_clip import _blas
@@ -81,10 +81,10 @@ def _mlx_worker(spec: dict, cfg) -> dict:
 
     from mlx_clip import _blas
     from mlx_clip.config import Config
-    from mlx_clip.model import create_model
-    from mlx_clip.optim import build_optimizer
-    from mlx_clip.streams import resolve
-    from mlx_clip.trainer import make_step, set_blas_threads
+    from mlx_clip.models.model import create_model
+    from mlx_clip.training.loop import make_step, set_blas_threads
+    from mlx_clip.training.optim import build_optimizer
+    from mlx_clip.training.streams import resolve
 
     backend = spec["backend"]
     device = mx.gpu if backend == "mlx-gpu" else mx.cpu
@@ -139,7 +139,7 @@ def _torch_worker(spec: dict, cfg) -> dict:
     import torch
 
     from mlx_clip.config import Config
-    from mlx_clip.optim import decays, lr_at
+    from mlx_clip.training.optim import decays, lr_at
 
     backend = spec["backend"]
     framework, dev = backend.rsplit("-", 1)
@@ -153,7 +153,7 @@ def _torch_worker(spec: dict, cfg) -> dict:
     else:
         import open_clip
 
-        from mlx_clip.interop_open_clip import open_clip_cfg
+        from mlx_clip.interop.open_clip import open_clip_cfg
 
         model = open_clip.model.CLIP(**open_clip_cfg(cfg)).to(device)
         loss_fn = open_clip.loss.ClipLoss()

@@ -4,17 +4,17 @@
                                           [--steps 10] [--warmup 3] [--rounds 1] [--plot] [--out FILE]
 
 Backends: mlx-cpu, mlx-gpu (Metal or CUDA), torch_ref-{cpu,mps,cuda}, open_clip-{cpu,mps,cuda}
-(open_clip's own CLIP built from our ModelConfig via mlx_clip.interop_open_clip.open_clip_cfg, with
+(open_clip's own CLIP built from our ModelConfig via mlx_clip.interop.open_clip.open_clip_cfg, with
 its ClipLoss). Default: every one available here. All get the same architecture, batch and
 synthetic batch (benchmarks.common.synthetic_batch), and time a FULL fp32 training step:
 
-- MLX: mlx_clip.trainer.make_step (one compiled forward + backward + grad clip + AdamW update),
+- MLX: mlx_clip.training.loop.make_step (one compiled forward + backward + grad clip + AdamW update),
   then one mx.eval of the model/optimizer state and the loss;
 - torch: forward, clip loss, backward, clip_grad_norm_(1.0), AdamW.step, LR schedule step,
   logit-scale clamp, device synchronize (eager mode, as torch_ref.train runs).
 
 AdamW everywhere: lr 1e-3 with the run schedule, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on
-matrices only (mlx_clip.optim.decays). The batch is made once, before timing, and reused.
+matrices only (mlx_clip.training.optim.decays). The batch is made once, before timing, and reused.
 
 Each backend runs in its own subprocess (benchmarks/step_workers.py), one after the other: a clean
 peak RSS, no thread pool or BLAS shared with another framework (the torch workers set

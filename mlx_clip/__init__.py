@@ -11,11 +11,11 @@ ensure_fast_blas()
 __version__ = "0.1.0"
 
 _LAZY = {
-    "create_model": ".model",
-    "CLIP": ".model",
-    "save_weights": ".checkpoint",
-    "load_weights": ".checkpoint",
-    "clip_loss": ".loss",
+    "create_model": ".models.model",
+    "CLIP": ".models.model",
+    "save_weights": ".models.weights",
+    "load_weights": ".models.weights",
+    "clip_loss": ".training.loss",
     "model_config": ".config",
     "ModelConfig": ".config",
     "ConfigError": ".config",

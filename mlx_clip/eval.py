@@ -24,13 +24,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="where to write the metrics JSON (default: CHECKPOINT/eval.json)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from . import checkpoint as ckpt_io
-    from .model import create_model
-    from .run_data import build_run_data
-    from .trainer import evaluate
+    from .data.run_data import build_run_data
+    from .models.model import create_model
+    from .models.weights import load_weights, resolve_checkpoint
+    from .training.loop import evaluate
 
     try:
-        ckpt = ckpt_io.resolve_checkpoint(args.checkpoint)
+        ckpt = resolve_checkpoint(args.checkpoint)
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
     overrides = []
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     mcfg = cfg.model_config()
     data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
     model = create_model(mcfg, seed=None)
-    ckpt_io.load_weights(model, ckpt / "model.safetensors")
+    load_weights(model, ckpt / "model.safetensors")
     metrics = {"checkpoint": str(ckpt), **evaluate(model, data)}
     out = Path(args.out) if args.out else ckpt / "eval.json"
     out.write_text(json.dumps(metrics, indent=1))

@@ -7,7 +7,7 @@ latest checkpoint) in another framework's format:
              vocab.json + merges.txt: transformers.CLIPModel / AutoProcessor.from_pretrained(OUT).
              Not for a SigLIP model (one with a logit_bias): CLIPModel has no bias parameter
   open_clip  open_clip_config.json + open_clip_model.safetensors: open_clip.create_model("local-dir:OUT")
-             (see mlx_clip/interop_open_clip.py for the full recipe); carries a SigLIP logit_bias
+             (see mlx_clip/interop/open_clip.py for the full recipe); carries a SigLIP logit_bias
   torch_ref  model.safetensors (the canonical file, copied), model.yaml, config.yaml and the tokenizer:
              torch_ref.load_weights(torch_ref.create_model("OUT/model.yaml"), "OUT/model.safetensors");
              model.yaml keeps init_logit_scale / init_logit_bias, so a SigLIP model has its logit_bias
@@ -26,7 +26,7 @@ import yaml
 def export_torch_ref(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
     """torch_ref reads canonical safetensors as they are: copy the file, write the architecture."""
     from .config import to_dict  # noqa: PLC0415
-    from .interop import read_checkpoint, staged_output  # noqa: PLC0415
+    from .interop.files import read_checkpoint, staged_output  # noqa: PLC0415
 
     ckpt, cfg, _, tok = read_checkpoint(checkpoint)  # validates config and weights
     with staged_output(out, force) as tmp:
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     # MLX loads only when the command runs (--help stays instant).
     try:
         if args.to == "hf":
-            from .interop_hf import export_hf as run  # noqa: PLC0415
+            from .interop.hf import export_hf as run  # noqa: PLC0415
         elif args.to == "open_clip":
-            from .interop_open_clip import export_open_clip as run  # noqa: PLC0415
+            from .interop.open_clip import export_open_clip as run  # noqa: PLC0415
         else:
             run = export_torch_ref
         notes = run(args.checkpoint, args.out, force=args.force)

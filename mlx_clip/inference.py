@@ -36,14 +36,14 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .checkpoint import load_weights, resolve_checkpoint
 from .config import load_config, model_config
-from .data import open_image
-from .metrics import zero_shot_classifier
-from .model import CLIP, LOGIT_SCALE_MAX, create_model
-from .readers import DataError
-from .tokenizer import Tokenizer, load_tokenizer
-from .transforms import EvalTransform
+from .data.pipeline import open_image
+from .data.readers import DataError
+from .data.transforms import EvalTransform
+from .evaluation.metrics import zero_shot_classifier
+from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
+from .models.weights import load_weights, resolve_checkpoint
+from .text.tokenizer import Tokenizer, load_tokenizer
 
 # CLIP-style prompt ensemble. Every template puts an article right before "{}", which a label that
 # brings its own article ("a cat", "the sea") replaces (see `prompts_for`).

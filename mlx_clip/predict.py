@@ -75,7 +75,7 @@ def resolve_templates(spec: list[str]) -> tuple[str, ...]:
     if spec == ["none"]:
         return ()
     if spec == ["builtin"]:
-        from .synthetic import TEMPLATES
+        from .data.synthetic import TEMPLATES
 
         return tuple(TEMPLATES)
     bad = [t for t in spec if "{}" not in t]
@@ -167,10 +167,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from .checkpoint import resolve_checkpoint
     from .config import ConfigError
+    from .data.readers import DataError
     from .inference import load
-    from .readers import DataError
+    from .models.weights import resolve_checkpoint
 
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # "warning: <path>: ..." lines, not Python locations

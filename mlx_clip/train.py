@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
 
-    from .checkpoint import CheckpointWriteError
-    from .convert import WeightError
-    from .readers import DataError
-    from .trainer import (
+    from .data.readers import DataError
+    from .interop.layouts import WeightError
+    from .training.checkpoint import CheckpointWriteError
+    from .training.loop import (
         NonFiniteError,
         OutOfMemoryError,
         train,

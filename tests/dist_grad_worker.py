@@ -19,11 +19,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_clip import loss as loss_mod
+from mlx_clip.training import loss as loss_mod
 from mlx_clip.config import load_config
-from mlx_clip.distributed import init_world
-from mlx_clip.model import create_model
-from mlx_clip.trainer import make_grad_fn
+from mlx_clip.training.distributed import init_world
+from mlx_clip.models.model import create_model
+from mlx_clip.training.loop import make_grad_fn
 
 BATCH = 8  # the global batch
 ARCH = [

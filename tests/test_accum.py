@@ -1,4 +1,4 @@
-"""Gradient caching (mlx_clip/accum.py, torch_ref/accum.py): K micro-batches of B/K give the
+"""Gradient caching (mlx_clip/training/accum.py, torch_ref/accum.py): K micro-batches of B/K give the
 gradients, update and loss of one batch of B.
 
 Gradients are compared per tensor with a relative tolerance plus an absolute one scaled to the
@@ -18,11 +18,11 @@ from dist_grad_worker import ARCH, BATCH, batch
 from mlx.utils import tree_flatten
 from test_train import run as train_run
 
-from mlx_clip.accum import make_accum_grad_fn
+from mlx_clip.training.accum import make_accum_grad_fn
 from mlx_clip.config import load_config
-from mlx_clip.model import create_model
-from mlx_clip.optim import build_optimizer, lock_parameters
-from mlx_clip.trainer import make_grad_fn, make_loss_parts, make_step
+from mlx_clip.models.model import create_model
+from mlx_clip.training.optim import build_optimizer, lock_parameters
+from mlx_clip.training.loop import make_grad_fn, make_loss_parts, make_step
 
 RTOL = 1e-5  # relative, elementwise, plus RTOL * max|plain| absolute per tensor
 
@@ -172,11 +172,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 sys.path.insert(0, "tests")
 from dist_grad_worker import ARCH, BATCH, batch
-from mlx_clip.accum import make_accum_grad_fn
+from mlx_clip.training.accum import make_accum_grad_fn
 from mlx_clip.config import load_config
-from mlx_clip.distributed import init_world
-from mlx_clip.model import create_model
-from mlx_clip.trainer import make_loss_parts, make_rank_mean
+from mlx_clip.training.distributed import init_world
+from mlx_clip.models.model import create_model
+from mlx_clip.training.loop import make_loss_parts, make_rank_mean
 
 world = init_world(timeout=60)
 cfg = load_config(None, [*ARCH, ("loss.type", sys.argv[2])])

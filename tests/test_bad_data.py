@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_clip.data import SUBST, DataError, Loader, Sample, open_image
-from mlx_clip.readers import Skip, read_bytes, read_samples
-from mlx_clip.transforms import eval_transform
-from mlx_clip.validate import BadDataWarning, Report, SkipLog, check_image, prepare, scan
+from mlx_clip.data.checks import BadDataWarning, Report, SkipLog, check_image, prepare, scan
+from mlx_clip.data.pipeline import SUBST, DataError, Loader, Sample, open_image
+from mlx_clip.data.readers import Skip, read_bytes, read_samples
+from mlx_clip.data.transforms import eval_transform
 
-quiet = pytest.mark.filterwarnings("ignore::mlx_clip.validate.BadDataWarning")
+quiet = pytest.mark.filterwarnings("ignore::mlx_clip.data.checks.BadDataWarning")
 
 
 def pixels(seed, w=24, h=20):

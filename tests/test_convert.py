@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 import mlx_clip
 from mlx_clip.config import load_config
-from mlx_clip.convert import (
+from mlx_clip.interop.layouts import (
     WeightError,
     canonical_to_hf,
     canonical_to_open_clip,

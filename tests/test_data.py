@@ -1,4 +1,4 @@
-"""mlx_clip.readers + mlx_clip.data: every source format, clear errors, and seeded, rank-aware batches.
+"""mlx_clip.data.readers + mlx_clip.data.pipeline: every source format, clear errors, seeded batches.
 
 Fixtures are tiny images written with PIL into tmp_path; loaders use 16-pixel outputs.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_clip.data import (
+from mlx_clip.data.pipeline import (
     ArraySource,
     DataError,
     Loader,
@@ -21,8 +21,8 @@ from mlx_clip.data import (
     read_samples,
     sample_rng,
 )
-from mlx_clip.readers import expand_braces, read_bytes, split_samples
-from mlx_clip.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, normalize
+from mlx_clip.data.readers import expand_braces, read_bytes, split_samples
+from mlx_clip.data.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, normalize
 
 MEAN, STD = np.asarray(OPENAI_MEAN), np.asarray(OPENAI_STD)
 

@@ -17,9 +17,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from mlx_clip.config import load_config
-from mlx_clip.distributed import EXIT_PEER_LOST
-from mlx_clip.run_data import build_run_data
+from mlx_clip.data.run_data import build_run_data
 from mlx_clip.train import main as train_main
+from mlx_clip.training.distributed import EXIT_PEER_LOST
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "dist_grad_worker.py"
@@ -186,7 +186,7 @@ def test_global_batch_must_divide_by_ranks():
 
 def test_watchdog_exits_with_a_message():
     code = (
-        "import time\nfrom mlx_clip.distributed import Watchdog\n"
+        "import time\nfrom mlx_clip.training.distributed import Watchdog\n"
         "w = Watchdog(0.5, 'rank 1/2')\nwith w.guard('training step 7'):\n    time.sleep(30)\n"
     )
     t = time.monotonic()

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_clip import fastmath as fm
+from mlx_clip.models import fastmath as fm
 
 
 def test_erf_matches_native_everywhere():

@@ -31,7 +31,7 @@ from mlx_clip.config import (
     model_config,
     to_dict,
 )
-from mlx_clip.tokenizer import Tokenizer, openai_tokenizer, train_tokenizer
+from mlx_clip.text.tokenizer import Tokenizer, openai_tokenizer, train_tokenizer
 
 torch = pytest.importorskip("torch")
 
@@ -283,7 +283,7 @@ def test_export_hf_round_trip(tmp_path, trained_tok):
     )
     from PIL import Image
 
-    from mlx_clip.transforms import eval_transform
+    from mlx_clip.data.transforms import eval_transform
 
     pixels = np.random.default_rng(5).integers(0, 256, (36, 36, 3), dtype=np.uint8)
     hf_pix = processor(images=Image.fromarray(pixels), return_tensors="np")["pixel_values"][0]
@@ -298,7 +298,7 @@ def test_export_hf_round_trip(tmp_path, trained_tok):
 @pytest.mark.parametrize("vocab", ["openai", "trained"])
 def test_exported_hf_tokenizer_ids_equal_ours(tmp_path, vocab, trained_tok):
     transformers = pytest.importorskip("transformers")
-    from mlx_clip.interop_hf import write_hf_tokenizer
+    from mlx_clip.interop.hf import write_hf_tokenizer
 
     tok = openai_tokenizer() if vocab == "openai" else trained_tok
     write_hf_tokenizer(tok, tmp_path, context_length=77)
@@ -388,7 +388,7 @@ def test_convert_open_clip_features_match(tmp_path, case):
 def test_convert_open_clip_state_dict_with_arch(tmp_path):
     """A training checkpoint ({"epoch", "state_dict"} with DDP's "module." prefix) + --arch."""
     open_clip = pytest.importorskip("open_clip")
-    from mlx_clip.interop_open_clip import open_clip_cfg
+    from mlx_clip.interop.open_clip import open_clip_cfg
 
     torch.manual_seed(8)
     oc = perturb_torch(open_clip.model.CLIP(**open_clip_cfg(model_config("tiny"))), 8)
@@ -416,7 +416,7 @@ def test_convert_open_clip_state_dict_with_arch(tmp_path):
 
 def test_open_clip_arch_names():
     pytest.importorskip("open_clip")
-    from mlx_clip.interop_open_clip import arch_config
+    from mlx_clip.interop.open_clip import arch_config
 
     assert arch_config("ViT-B-32-quickgelu") == model_config("vit_b32")
     assert arch_config("ViT-B-16-quickgelu") == model_config("vit_b16")
@@ -431,7 +431,7 @@ def test_open_clip_arch_names():
 def test_every_open_clip_config_maps_or_names_the_field():
     """Each JSON in the installed open_clip either maps onto ModelConfig or is refused by name."""
     open_clip = pytest.importorskip("open_clip")
-    from mlx_clip.interop_open_clip import arch_config
+    from mlx_clip.interop.open_clip import arch_config
 
     mapped, refused = [], []
     for name in open_clip.list_models():
@@ -527,7 +527,7 @@ def test_convert_open_clip_state_dict_with_logit_bias(tmp_path):
     """A SigLIP state dict whose config has no init_logit_bias (open_clip_train --siglip passes it as an
     argument) is read as SigLIP with open_clip_train's init; the bias is the trained one."""
     open_clip = pytest.importorskip("open_clip")
-    from mlx_clip.interop_open_clip import open_clip_cfg
+    from mlx_clip.interop.open_clip import open_clip_cfg
 
     torch.manual_seed(22)
     oc = perturb_torch(open_clip.model.CLIP(**open_clip_cfg(model_config("tiny")), init_logit_bias=-3.0), 22)
@@ -646,8 +646,8 @@ def test_foreign_keys_are_named(tmp_path):
 
 
 def test_unsupported_configs_name_the_field(tmp_path):
-    from mlx_clip.interop_hf import hf_config_json, hf_model_config
-    from mlx_clip.interop_open_clip import open_clip_cfg, open_clip_model_config
+    from mlx_clip.interop.hf import hf_config_json, hf_model_config
+    from mlx_clip.interop.open_clip import open_clip_cfg, open_clip_model_config
 
     cfg = model_config(ODD)
     hf = hf_config_json(cfg)

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_clip.loss import clip_loss
+from mlx_clip.training.loss import clip_loss
 
 
 def test_hand_computed_two_pairs():

@@ -9,11 +9,11 @@ import pytest
 from mlx.utils import tree_flatten
 from test_train import SMALL, run
 
-from mlx_clip import autobatch
 from mlx_clip.config import ConfigError, load_config
-from mlx_clip.model import create_model
-from mlx_clip.optim import build_optimizer
-from mlx_clip.trainer import make_grad_fn, make_step
+from mlx_clip.models.model import create_model
+from mlx_clip.training import autobatch
+from mlx_clip.training.loop import make_grad_fn, make_step
+from mlx_clip.training.optim import build_optimizer
 
 SMALL_ARCH = [
     (SMALL[i][2:], SMALL[i + 1]) for i in range(0, len(SMALL), 2) if SMALL[i].startswith("--model.")
@@ -183,7 +183,7 @@ def test_bad_memory_settings_name_the_key(key, value, words):
 def test_value_and_grad_through_checkpoint_matches_nn_value_and_grad():
     """The checkpointed block passes its parameters through mx.checkpoint: frozen ones stay frozen."""
     cfg = small_cfg(("optim.lock_image", "true"))
-    from mlx_clip.optim import lock_parameters
+    from mlx_clip.training.optim import lock_parameters
 
     model = create_model(cfg.model_config(), seed=0)
     model.set_grad_checkpointing(True)

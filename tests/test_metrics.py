@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlx_clip.metrics import retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
+from mlx_clip.evaluation.metrics import retrieval_metrics, zero_shot_accuracy, zero_shot_classifier
 
 
 def test_zero_shot_top1_top5_hand_computed():

@@ -1,4 +1,4 @@
-"""The public model API, shapes and invariants of mlx_clip.model."""
+"""The public model API, shapes and invariants of mlx_clip.models.model."""
 
 import math
 
@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 import mlx_clip
 from mlx_clip.config import available_models, model_config
-from mlx_clip.model import LOGIT_SCALE_MAX
+from mlx_clip.models.model import LOGIT_SCALE_MAX
 
 
 def n_params(model):

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from mlx_clip.config import load_config
-from mlx_clip.data import ArraySource, Loader, read_samples, sample_rng
-from mlx_clip.metrics import evaluate_run
-from mlx_clip.run_data import EvalSet, RunData, build_run_data
+from mlx_clip.data.pipeline import ArraySource, Loader, read_samples, sample_rng
+from mlx_clip.data.run_data import EvalSet, RunData, build_run_data
+from mlx_clip.evaluation.metrics import evaluate_run
 
 CAPS = {"a.png": ["a red circle", "a circle that is red", "red round thing"], "b.png": ["a blue square"]}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_clip.config import LossConfig
-from mlx_clip.loss import (
+from mlx_clip.training.loss import (
     batch_loss,
     clip_loss,
     contrastive_loss,

@@ -9,8 +9,8 @@ from conftest import ODD_ARCH, random_tokens
 from mlx.utils import tree_flatten
 
 import mlx_clip
-from mlx_clip.convert import torch_to_canonical
-from mlx_clip.loss import clip_loss
+from mlx_clip.interop.layouts import torch_to_canonical
+from mlx_clip.training.loss import clip_loss
 
 torch = pytest.importorskip("torch")
 import torch_ref  # noqa: E402

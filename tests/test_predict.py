@@ -17,12 +17,12 @@ from PIL import Image
 
 import mlx_clip
 from mlx_clip import inference
-from mlx_clip.checkpoint import save_weights
+from mlx_clip.data.synthetic import write_dataset
+from mlx_clip.data.transforms import eval_transform
 from mlx_clip.inference import SkippedImageWarning, encode_images, encode_texts, file_sha256, index_folder
-from mlx_clip.model import CLIP, create_model
+from mlx_clip.models.model import CLIP, create_model
+from mlx_clip.models.weights import save_weights
 from mlx_clip.predict import main as predict_main
-from mlx_clip.synthetic import write_dataset
-from mlx_clip.transforms import eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -1,13 +1,13 @@
-"""mlx_clip.sampler + Loader(sampler=...): key words, and hard-negative epoch orders that are
+"""mlx_clip.data.sampler + Loader(sampler=...): key words, and hard-negative epoch orders that are
 permutations, pure functions of (seed, epoch), sharded and resumed like the random order, and
 measurably more alike within a batch than random batches."""
 
 import numpy as np
 import pytest
 
-from mlx_clip import synthetic
-from mlx_clip.data import ArraySource, Loader
-from mlx_clip.sampler import (
+from mlx_clip.data import synthetic
+from mlx_clip.data.pipeline import ArraySource, Loader
+from mlx_clip.data.sampler import (
     epoch_permutation,
     hard_negative_order,
     key_words,

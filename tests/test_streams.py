@@ -1,4 +1,4 @@
-"""Batch shards on their own MLX streams (mlx_clip/streams.py): the same step as one stream, up to
+"""Batch shards on their own MLX streams (mlx_clip/training/streams.py): the same step as one stream, up to
 float rounding; deterministic; and the config switch.
 
 Gradients are compared per tensor as in test_accum.py: |sharded - one| <= 1e-5 * |one| +
@@ -18,11 +18,12 @@ from mlx.utils import tree_flatten
 from test_accum import assert_trees_close
 from test_train import run as train_run
 
-from mlx_clip import fastmath, streams
+from mlx_clip.models import fastmath
+from mlx_clip.training import streams
 from mlx_clip.config import ConfigError, load_config
-from mlx_clip.model import create_model
-from mlx_clip.streams import Shards
-from mlx_clip.trainer import make_grad_fn
+from mlx_clip.models.model import create_model
+from mlx_clip.training.streams import Shards
+from mlx_clip.training.loop import make_grad_fn
 
 
 def test_bounds_cover_the_batch_evenly():

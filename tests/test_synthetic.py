@@ -12,8 +12,8 @@ import re
 import numpy as np
 import pytest
 
-from mlx_clip import synthetic
-from mlx_clip.synthetic import (
+from mlx_clip.data import synthetic
+from mlx_clip.data.synthetic import (
     CLASSNAMES,
     COLORS,
     MAX_PARAPHRASES,

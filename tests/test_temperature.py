@@ -8,7 +8,7 @@ import pytest
 from test_train import run
 
 from mlx_clip.config import ConfigError, TemperatureConfig, load_config
-from mlx_clip.temperature import Temperature
+from mlx_clip.training.temperature import Temperature
 
 
 def schedule(name, total=100, **kw):

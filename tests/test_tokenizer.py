@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from mlx_clip import tokenizer as tokmod
-from mlx_clip.tokenizer import (
+from mlx_clip.text import tokenizer as tokmod
+from mlx_clip.text.tokenizer import (
     Tokenizer,
     clean_text,
     load_tokenizer,

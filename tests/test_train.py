@@ -140,7 +140,7 @@ def test_cli_config_error_exits_with_message(tmp_path):
 
 def test_users_csv_trains_with_one_command(tmp_path):
     """A folder of image files plus a CSV: one command trains on it, with a ratio-split val set."""
-    from mlx_clip.synthetic import write_dataset
+    from mlx_clip.data.synthetic import write_dataset
 
     csv = write_dataset(tmp_path / "mydata", 96, image_size=40, seed=3, fmt="csv")
     out = tmp_path / "csvrun"
@@ -188,7 +188,7 @@ def test_resume_is_bit_exact_at_tiny_size(tmp_path):
 
 
 def test_bad_images_are_skipped_and_reported(tmp_path):
-    from mlx_clip.synthetic import write_dataset
+    from mlx_clip.data.synthetic import write_dataset
 
     csv = write_dataset(tmp_path / "d", 64, image_size=40, seed=3, fmt="csv")
     (tmp_path / "d" / "images" / "000005.png").write_bytes(b"")  # zero bytes
@@ -248,7 +248,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def nan_batches_at(monkeypatch, bad_steps):
     """Make the training loader's batches at the given 1-based step numbers all-NaN images."""
-    from mlx_clip.data import Loader
+    from mlx_clip.data.pipeline import Loader
 
     original = Loader.epoch
     seen = {"n": 0}
@@ -309,7 +309,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
         run(tmp_path, "disk", "--steps", "6", "--train.eval_every", "0", "--train.save_every", "2")
     ck = tmp_path / "disk" / "checkpoints"
     assert (ck / "latest").resolve().name == "step_2" and not list(ck.glob(".tmp-*"))
-    from mlx_clip.checkpoint import verify_checkpoint
+    from mlx_clip.training.checkpoint import verify_checkpoint
 
     assert verify_checkpoint(ck / "step_2")["step"] == 2
 
@@ -342,7 +342,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
         time.sleep(rng.uniform(0.0, 0.3))  # ...then a kill at a random moment, often mid-write
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    from mlx_clip.checkpoint import find_resumable
+    from mlx_clip.training.checkpoint import find_resumable
 
     assert int(find_resumable(out / "checkpoints").name[5:]) < 60  # the kills did interrupt it
     train_main(["--out", str(out), "--resume", *common])
@@ -355,7 +355,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
     "error", [RuntimeError("[metal::malloc] Attempting to allocate 9 GB"), MemoryError()]
 )
 def test_out_of_memory_suggests_what_to_change(tmp_path, monkeypatch, error):
-    import mlx_clip.trainer as trainer
+    import mlx_clip.training.loop as trainer
 
     real = trainer.make_step
 

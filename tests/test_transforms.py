@@ -1,10 +1,10 @@
-"""mlx_clip.transforms: CLIP eval parity, mode conversion, crop geometry, seeded augmentation."""
+"""mlx_clip.data.transforms: CLIP eval parity, mode conversion, crop geometry, seeded augmentation."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_clip.transforms import (
+from mlx_clip.data.transforms import (
     OPENAI_MEAN,
     OPENAI_STD,
     eval_transform,

@@ -1,4 +1,4 @@
-"""PyTorch mirror of mlx_clip/accum.py: gradient caching (GradCache) over micro-batches."""
+"""PyTorch mirror of mlx_clip/training/accum.py: gradient caching (GradCache) over micro-batches."""
 
 from __future__ import annotations
 

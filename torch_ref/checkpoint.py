@@ -1,4 +1,4 @@
-"""PyTorch mirror of mlx_clip/checkpoint.py: the same canonical safetensors files."""
+"""PyTorch mirror of mlx_clip/training/checkpoint.py: the same canonical safetensors files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mlx_clip.config import to_dict
-from mlx_clip.convert import canonical_to_torch, check_state, torch_to_canonical
+from mlx_clip.interop.layouts import canonical_to_torch, check_state, torch_to_canonical
 
 FORMAT = "mlx_clip"
 

@@ -1,4 +1,4 @@
-"""PyTorch mirror of mlx_clip/loss.py: same names and semantics, single process only."""
+"""PyTorch mirror of mlx_clip/training/loss.py: same names and semantics, single process only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PyTorch mirror of mlx_clip/model.py."""
+"""PyTorch mirror of mlx_clip/models/model.py."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class CLIP(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: CLIP) -> CLIP:
-    """Same scheme as mlx_clip.model.init_weights (the RNG streams differ)."""
+    """Same scheme as mlx_clip.models.model.init_weights (the RNG streams differ)."""
     cfg = model.config
     for name, p in model.named_parameters():
         tower, _, rest = name.partition(".")

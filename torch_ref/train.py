@@ -1,6 +1,6 @@
 """`python -m torch_ref.train`: the same run as `python -m mlx_clip.train`, in PyTorch.
 
-Same config, CLI, tokenizer, batches (mlx_clip.run_data), schedule, weight-decay groups,
+Same config, CLI, tokenizer, batches (mlx_clip.data.run_data), schedule, weight-decay groups,
 gradient clipping and metrics, on cpu, mps or cuda (`--device`, default: best available).
 It writes config.yaml, metrics.jsonl, summary.json and model.safetensors (canonical keys).
 Resume is not supported here; it is the reference path, not the product.
@@ -19,12 +19,13 @@ import torch
 
 import mlx_clip  # noqa: F401  (BLAS fix before anything imports mlx.core via mlx.data)
 from mlx_clip.config import ConfigError, config_to_yaml, load_config
-from mlx_clip.metrics import evaluate_run
-from mlx_clip.optim import decays, is_locked, lr_at, tower_lr
-from mlx_clip.run_data import build_run_data, resolve_init
-from mlx_clip.temperature import Temperature
+from mlx_clip.data.run_data import build_run_data
+from mlx_clip.evaluation.metrics import evaluate_run
 from mlx_clip.train import parse_args
-from mlx_clip.trainer import val_pairs
+from mlx_clip.training.checkpoint import resolve_init
+from mlx_clip.training.loop import val_pairs
+from mlx_clip.training.optim import decays, is_locked, lr_at, tower_lr
+from mlx_clip.training.temperature import Temperature
 
 from .accum import accum_backward
 from .checkpoint import load_weights, save_weights

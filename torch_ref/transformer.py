@@ -1,4 +1,4 @@
-"""PyTorch mirror of mlx_clip/transformer.py: same classes, same attribute names."""
+"""PyTorch mirror of mlx_clip/models/transformer.py: same classes, same attribute names."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x)  # exact erf form, as mlx_clip.transformer.gelu
+    return F.gelu(x)  # exact erf form, as mlx_clip.models.transformer.gelu
 
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}

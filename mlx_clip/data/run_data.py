@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import Config, ModelConfig
+from ..text.tokenizer import Tokenizer, load_tokenizer, openai_tokenizer, train_tokenizer
 from . import synthetic
-from .config import Config, ModelConfig
-from .data import ArraySource, Loader
+from .pipeline import ArraySource, Loader
 from .readers import read_samples, split_samples
-from .tokenizer import Tokenizer, load_tokenizer, openai_tokenizer, train_tokenizer
 
 # The built-in dataset is generated from a fixed seed, so every run (whatever train.seed)
 # is evaluated on the same held-out images.
@@ -50,24 +50,6 @@ class RunData:
         )
 
 
-def resolve_init(init_from: str | None) -> tuple[Path | None, Path | None]:
-    """model.init_from (a .safetensors file, a checkpoint dir or a run dir) -> (weights, tokenizer dir)."""
-    if not init_from:
-        return None, None
-    path = Path(init_from)
-    if path.is_file():
-        weights, folder = path, path.parent
-    else:
-        from .checkpoint import resolve_checkpoint  # noqa: PLC0415  (imports MLX; only when needed)
-
-        folder = resolve_checkpoint(path)
-        weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"model.init_from: no weights at {weights}")
-    tokenizer = folder if (folder / "tokenizer_config.json").is_file() else None
-    return weights, tokenizer
-
-
 def build_tokenizer(
     cfg: Config, mcfg: ModelConfig, captions: list[list[str]], saved: Path | None
 ) -> Tokenizer:
@@ -98,7 +80,7 @@ def _checked(source: str, d, kw: dict, skip_log) -> list:
     dropped (validate.prepare), and too large a bad share stops the run here, before training."""
     if skip_log is None:
         return read_samples(source, **kw)
-    from . import validate
+    from . import checks as validate
 
     report = validate.prepare(
         source,

@@ -23,16 +23,19 @@ import numpy as np
 import yaml
 from mlx.utils import tree_flatten
 
-from . import _blas, streams, validate
+from .. import _blas
+from ..config import Config, config_to_yaml
+from ..data import checks as validate
+from ..data.run_data import RunData, build_run_data
+from ..evaluation.metrics import evaluate_run
+from ..models.model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
+from ..models.weights import load_init_weights
 from . import checkpoint as ckpt_io
+from . import streams
 from .autobatch import find_batch_size
-from .config import Config, config_to_yaml
 from .distributed import World, init_world, pack_dir, unpack_dir
 from .loss import contrastive_loss
-from .metrics import evaluate_run
-from .model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
 from .optim import build_optimizer, lock_parameters, lr_at
-from .run_data import RunData, build_run_data, resolve_init
 from .streams import Shards, Spread
 from .temperature import Temperature
 
@@ -414,7 +417,7 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
         nonlocal resume_dir, init_weights, data
         out.mkdir(parents=True, exist_ok=True)
         resume_dir = ckpt_io.find_resumable(ckpt_root) if resume else None
-        init_weights, init_tokenizer = resolve_init(cfg.model.get("init_from"))
+        init_weights, init_tokenizer = ckpt_io.resolve_init(cfg.model.get("init_from"))
         tokenizer_dir = resume_dir or init_tokenizer
         data = build_run_data(cfg, mcfg, tokenizer_dir, world.rank, world.size, skip_log=skip_log)
         return pack_dir(data.tokenizer.save) if world.size > 1 else None
@@ -433,7 +436,7 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
 
     model = create_model(mcfg, seed=seed)
     if init_weights is not None and resume_dir is None:
-        ckpt_io.load_init_weights(model, init_weights)
+        load_init_weights(model, init_weights)
         print(f"initialised from {init_weights}", flush=True)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     locked = lock_parameters(model, cfg.optim)

@@ -17,7 +17,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import LossConfig
+from ..config import LossConfig
 
 Columns = tuple  # (all_image (N, E) | None, all_text (N, E), offset of these rows among the N)
 

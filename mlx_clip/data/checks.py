@@ -9,7 +9,7 @@ Integration (run_data / trainer). Config fields to add under `data:`:
 
 and the calls:
 
-    from mlx_clip import validate
+    from mlx_clip.data import checks as validate
     log = validate.SkipLog(out / "skipped.jsonl")  # one per run; thread-safe; a JSON line per skip
     report = validate.prepare(                     # scan + log + counted warning + threshold check
         d.train, log=log, mode=d.validate, max_bad_fraction=d.max_bad_fraction,

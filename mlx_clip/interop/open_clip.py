@@ -44,7 +44,7 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from .config import (
+from ..config import (
     SIGLIP_LOGIT_BIAS_INIT,
     SIGLIP_LOGIT_SCALE_INIT,
     ConfigError,
@@ -52,11 +52,11 @@ from .config import (
     available_models,
     model_config,
 )
-from .convert import BIAS_KEY, WeightError, canonical_to_open_clip, open_clip_to_canonical
-from .interop import contiguous, read_checkpoint, read_state_dict, staged_output, write_checkpoint
-from .interop_hf import read_hf_tokenizer, write_hf_tokenizer
-from .tokenizer import OPENAI_VOCAB_SIZE, openai_tokenizer
-from .transforms import OPENAI_MEAN, OPENAI_STD
+from ..data.transforms import OPENAI_MEAN, OPENAI_STD
+from ..text.tokenizer import OPENAI_VOCAB_SIZE, openai_tokenizer
+from .files import contiguous, read_checkpoint, read_state_dict, staged_output, write_checkpoint
+from .hf import read_hf_tokenizer, write_hf_tokenizer
+from .layouts import BIAS_KEY, WeightError, canonical_to_open_clip, open_clip_to_canonical
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = (

@@ -16,7 +16,7 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 
-from .config import Config
+from ..config import Config
 
 DEFAULT_FRACTION = 0.6  # of device memory, when train.memory_budget_gb is not set
 PROBES = (8, 16)  # per-rank batches measured to fit the line
@@ -41,9 +41,9 @@ def budget_bytes(cfg: Config) -> int:
 
 def step_peak_bytes(cfg: Config, batch: int) -> int:
     """Peak MLX memory of one training step with `batch` pairs on this process (fresh model)."""
-    from .model import create_model
+    from ..models.model import create_model
+    from .loop import make_step
     from .optim import build_optimizer, lock_parameters
-    from .trainer import make_step
 
     mcfg = cfg.model_config()
     mx.clear_cache()

@@ -78,7 +78,7 @@ def on_this_stream(fun, vjp):
 
     MLX runs a custom VJP's Python when the backward graph is built, on whatever stream is the
     default then, not on the stream the forward ran on. The training step runs shards of the
-    batch on their own CPU streams (mlx_clip/streams.py), so the VJP is pinned to the stream of
+    batch on their own CPU streams (mlx_clip/training/streams.py), so the VJP is pinned to the stream of
     the forward here; otherwise every shard's activation backward would queue on one stream.
     """
     stream = mx.default_stream(mx.default_device())

@@ -30,17 +30,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from .config import ConfigError, ModelConfig
-from .convert import WeightError, canonical_to_hf, hf_config_kwargs, hf_to_canonical
-from .interop import (
-    contiguous,
-    read_checkpoint,
-    read_sharded,
-    read_state_dict,
-    staged_output,
-    write_checkpoint,
-)
-from .tokenizer import (
+from ..config import ConfigError, ModelConfig
+from ..data.transforms import OPENAI_MEAN, OPENAI_STD
+from ..text.tokenizer import (
     END_OF_WORD,
     HF_EOT_TOKEN,
     HF_SOT_TOKEN,
@@ -50,7 +42,15 @@ from .tokenizer import (
     _read_hf_dir,
     openai_tokenizer,
 )
-from .transforms import OPENAI_MEAN, OPENAI_STD
+from .files import (
+    contiguous,
+    read_checkpoint,
+    read_sharded,
+    read_state_dict,
+    staged_output,
+    write_checkpoint,
+)
+from .layouts import WeightError, canonical_to_hf, hf_config_kwargs, hf_to_canonical
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults (used when config.json omits a field).
 _TEXT_DEFAULTS = dict(

@@ -26,8 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .checkpoint import read_safetensors, resolve_checkpoint, save_weights
-from .config import (
+from ..config import (
     Config,
     LossConfig,
     available_models,
@@ -36,10 +35,11 @@ from .config import (
     model_config,
     to_dict,
 )
-from .convert import WeightError, check_state
-from .model import CLIP
-from .tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
-from .tokenizer import Tokenizer
+from ..models.model import CLIP
+from ..models.weights import read_safetensors, resolve_checkpoint, save_weights
+from ..text.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from ..text.tokenizer import Tokenizer
+from .layouts import WeightError, check_state
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 

@@ -59,10 +59,10 @@ from dataclasses import dataclass
 import mlx.data as dx
 import numpy as np
 
+from .checks import open_image
 from .readers import ON_ERROR, DataError, Sample, Skip, TarRef, read_samples, split_samples
 from .sampler import SAMPLERS, KeyWords, epoch_permutation, hard_negative_order, key_words
 from .transforms import EvalTransform, TrainTransform, normalize
-from .validate import open_image
 
 # First words of the seed sequences: they keep the epoch orders (sampler.PERM, sampler.HARD) and
 # the per-sample streams apart.
@@ -142,7 +142,7 @@ class Loader:
     `on_error` "raise" | "skip" and `on_skip` (a callable taking a Skip): see the module doc.
     `max_image_pixels` refuses larger images from their header (None: PIL's own limit).
     `sampler` (training only): "random" shuffles; "hard_negative" groups samples whose captions
-    share a content word into the same global batch (mlx_clip/sampler.py).
+    share a content word into the same global batch (mlx_clip/data/sampler.py).
     """
 
     def __init__(

@@ -67,7 +67,7 @@ MIN_VOCAB_SIZE = 2 * 256 + 2  # base symbols with and without "</w>", SOT, EOT
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
-CONFIG_FORMAT = "mlx_clip.tokenizer"
+CONFIG_FORMAT = "mlx_clip.text.tokenizer"
 CONFIG_VERSION = 1
 
 GET_OPENAI_VOCAB = (

@@ -1,4 +1,5 @@
-"""Weights on disk: canonical safetensors, strict loading."""
+"""Run checkpoints: OUT/checkpoints/step_N/ written atomically with checksums, found again for
+--resume and model.init_from, and pruned."""
 
 from __future__ import annotations
 
@@ -14,69 +15,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import to_dict
-from .convert import WeightError, check_state, resize_positional_embedding
-
-FORMAT = "mlx_clip"
-
-
-def save_weights(model: nn.Module, path: str | Path) -> None:
-    """Write the model's parameters as canonical safetensors (keys = attribute paths)."""
-    weights = dict(tree_flatten(model.parameters()))
-    metadata = {"format": FORMAT}
-    if hasattr(model, "config"):
-        metadata["config"] = json.dumps(to_dict(model.config))
-    mx.eval(weights)
-    mx.save_safetensors(str(path), weights, metadata=metadata)
-
-
-def read_safetensors(path: str | Path) -> dict[str, mx.array]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        return mx.load(str(path))
-    except Exception as e:  # MLX raises a bare RuntimeError/ValueError on a corrupt header
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def _load_into(model: nn.Module, weights: dict[str, mx.array], source: str) -> nn.Module:
-    """Strict: same keys and shapes as the model (errors name the key); dtypes follow the model."""
-    params = dict(tree_flatten(model.parameters()))
-    check_state({k: v.shape for k, v in params.items()}, weights, source)
-    weights = {k: v.astype(params[k].dtype) if v.dtype != params[k].dtype else v for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
-    return model
-
-
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load canonical safetensors into `model`; a missing, extra or mis-shaped key is an error."""
-    return _load_into(model, read_safetensors(path), str(path))
-
-
-def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Strict load for fine-tuning, except that a position grid of another image size is resampled
-    (bicubic) to the model's, so a 224 px model can be fine-tuned at 160 or 336 px."""
-    weights = read_safetensors(path)
-    key = "visual.positional_embedding"
-    want = model.visual.positional_embedding.shape
-    if key in weights and weights[key].shape != want and weights[key].shape[1:] == want[1:]:
-        grid = int(round((want[0] - 1) ** 0.5))
-        resized = resize_positional_embedding(np.array(weights[key].astype(mx.float32)), grid)
-        print(f"{path}: resampling {key} {tuple(weights[key].shape)} -> {tuple(resized.shape)}")
-        weights[key] = mx.array(resized).astype(weights[key].dtype)
-    # SigLIP's bias is part of the objective, not of the towers: a CLIP checkpoint fine-tuned with
-    # loss.type siglip starts from the configured bias; a SigLIP one fine-tuned with another loss drops it.
-    has_bias = "logit_bias" in model.parameters()
-    if has_bias and "logit_bias" not in weights:
-        weights["logit_bias"] = model.logit_bias
-        print(f"{path}: no logit_bias; starting it at {model.logit_bias.item():g} (model.init_logit_bias)")
-    elif not has_bias and "logit_bias" in weights:
-        del weights["logit_bias"]
-        print(f"{path}: logit_bias not used by this objective (loss.type is not siglip); dropped")
-    return _load_into(model, weights, str(path))
-
+from ..interop.layouts import WeightError, check_state
+from ..models.weights import FORMAT, load_weights, read_safetensors, resolve_checkpoint, save_weights
 
 # ---------------------------------------------------------------------------
 # Run checkpoints: OUT/checkpoints/step_N/{model,optimizer}.safetensors, state.json,
@@ -168,22 +108,6 @@ def _point_latest(ckpt_root: Path, name: str) -> None:
     os.replace(tmp, link)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step_N directory, a checkpoints/ root, or a run directory -> the newest checkpoint dir."""
-    path = Path(path)
-    for root in (path, path / "checkpoints"):
-        link = root / "latest"
-        if link.is_symlink():
-            return (root / os.readlink(link)).resolve()
-        if link.is_file():
-            return root / link.read_text().strip()
-    if (path / "model.safetensors").is_file():
-        return path
-    raise FileNotFoundError(
-        f"no checkpoint found at {path} (expected step_N/, checkpoints/latest or a run dir)"
-    )
-
-
 def verify_checkpoint(ckpt: str | Path) -> dict:
     """state.json of a complete, undamaged checkpoint; ValueError/FileNotFoundError naming the file."""
     ckpt = Path(ckpt)
@@ -247,3 +171,19 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep: set[str] = fr
     for p in steps[:-keep_last]:
         if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_init(init_from: str | None) -> tuple[Path | None, Path | None]:
+    """model.init_from (a .safetensors file, a checkpoint dir or a run dir) -> (weights, tokenizer dir)."""
+    if not init_from:
+        return None, None
+    path = Path(init_from)
+    if path.is_file():
+        weights, folder = path, path.parent
+    else:
+        folder = resolve_checkpoint(path)
+        weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"model.init_from: no weights at {weights}")
+    tokenizer = folder if (folder / "tokenizer_config.json").is_file() else None
+    return weights, tokenizer

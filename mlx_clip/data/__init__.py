@@ -1,0 +1,10 @@
+"""Data: from files on disk to seeded, rank-aware batches of images and token ids.
+
+readers.py     own-data formats (csv/tsv, json/jsonl, folders, tar shards) -> samples
+checks.py      bad-data checks before training (bad images and captions skipped and logged)
+transforms.py  CLIP preprocessing and train-time augmentation
+sampler.py     batch orders: random, hard-negative
+pipeline.py    the mlx-data loader: batches as a pure function of (seed, epoch, index)
+synthetic.py   the built-in dataset (`python -m mlx_clip.data.synthetic` writes it to disk)
+run_data.py    what a run reads: train and held-out sets plus the tokenizer
+"""

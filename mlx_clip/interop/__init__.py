@@ -1,0 +1,7 @@
+"""Weight exchange: the ONLY place weight layouts and key names change.
+
+layouts.py     key maps and the conv layout: canonical <-> torch, Hugging Face, open_clip (framework-free)
+files.py       reading torch / safetensors state dicts, writing checkpoint directories atomically
+hf.py          Hugging Face transformers CLIPModel import and export
+open_clip.py   open_clip import and export
+"""

@@ -1,0 +1,8 @@
+"""The model library, in plain MLX: what a checkpoint holds and how it computes features.
+
+config.py        ModelConfig: an architecture (configs/models/*.yaml), framework-free
+transformer.py   attention, MLP, residual blocks, the vision and text towers
+model.py         CLIP: the two towers, logit scale (and SigLIP's bias); features, never a loss
+kernels.py       the one switch for backend-specific kernels (arithmetic GELUs on MLX's CPU backend)
+weights.py       canonical safetensors: save, strict load, find a checkpoint directory
+"""

@@ -1,0 +1,91 @@
+"""Weights on disk: canonical safetensors (keys = attribute paths, MLX layouts), strict loading."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..config import to_dict
+from ..interop.layouts import check_state, resize_positional_embedding
+
+FORMAT = "mlx_clip"
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Write the model's parameters as canonical safetensors (keys = attribute paths)."""
+    weights = dict(tree_flatten(model.parameters()))
+    metadata = {"format": FORMAT}
+    if hasattr(model, "config"):
+        metadata["config"] = json.dumps(to_dict(model.config))
+    mx.eval(weights)
+    mx.save_safetensors(str(path), weights, metadata=metadata)
+
+
+def read_safetensors(path: str | Path) -> dict[str, mx.array]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # MLX raises a bare RuntimeError/ValueError on a corrupt header
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _load_into(model: nn.Module, weights: dict[str, mx.array], source: str) -> nn.Module:
+    """Strict: same keys and shapes as the model (errors name the key); dtypes follow the model."""
+    params = dict(tree_flatten(model.parameters()))
+    check_state({k: v.shape for k, v in params.items()}, weights, source)
+    weights = {k: v.astype(params[k].dtype) if v.dtype != params[k].dtype else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load canonical safetensors into `model`; a missing, extra or mis-shaped key is an error."""
+    return _load_into(model, read_safetensors(path), str(path))
+
+
+def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Strict load for fine-tuning, except that a position grid of another image size is resampled
+    (bicubic) to the model's, so a 224 px model can be fine-tuned at 160 or 336 px."""
+    weights = read_safetensors(path)
+    key = "visual.positional_embedding"
+    want = model.visual.positional_embedding.shape
+    if key in weights and weights[key].shape != want and weights[key].shape[1:] == want[1:]:
+        grid = int(round((want[0] - 1) ** 0.5))
+        resized = resize_positional_embedding(np.array(weights[key].astype(mx.float32)), grid)
+        print(f"{path}: resampling {key} {tuple(weights[key].shape)} -> {tuple(resized.shape)}")
+        weights[key] = mx.array(resized).astype(weights[key].dtype)
+    # SigLIP's bias is part of the objective, not of the towers: a CLIP checkpoint fine-tuned with
+    # loss.type siglip starts from the configured bias; a SigLIP one fine-tuned with another loss drops it.
+    has_bias = "logit_bias" in model.parameters()
+    if has_bias and "logit_bias" not in weights:
+        weights["logit_bias"] = model.logit_bias
+        print(f"{path}: no logit_bias; starting it at {model.logit_bias.item():g} (model.init_logit_bias)")
+    elif not has_bias and "logit_bias" in weights:
+        del weights["logit_bias"]
+        print(f"{path}: logit_bias not used by this objective (loss.type is not siglip); dropped")
+    return _load_into(model, weights, str(path))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step_N directory, a checkpoints/ root, or a run directory -> the newest checkpoint dir."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        link = root / "latest"
+        if link.is_symlink():
+            return (root / os.readlink(link)).resolve()
+        if link.is_file():
+            return root / link.read_text().strip()
+    if (path / "model.safetensors").is_file():
+        return path
+    raise FileNotFoundError(
+        f"no checkpoint found at {path} (expected step_N/, checkpoints/latest or a run dir)"
+    )

@@ -1,0 +1,15 @@
+"""The training program: everything `python -m mlx_clip.train` runs beyond the library.
+
+build.py        build_training: model + optimizer + compiled step + run state, the one place they are made
+loop.py         train(): set-up, the step loop, finish
+state.py        RunState: what a checkpoint's state.json records, to and from JSON
+loss.py         contrastive objectives (clip, siglip, hard_negative, multi_scale) and feature gathering
+optim.py        AdamW groups, learning-rate schedule, tower locking
+accum.py        gradient caching over micro-batches (optim.accum_steps)
+temperature.py  temperature schedules
+streams.py      CPU-only: batch shards and per-tensor work on several MLX streams
+distributed.py  data parallel over mx.distributed
+checkpoint.py   atomic run checkpoints, resume, pruning, model.init_from
+logging.py      metrics.jsonl, progress line, curves.png, TensorBoard
+autobatch.py    data.batch_size auto
+"""

@@ -135,16 +135,14 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
     """The default run's loader alone, its step on a fixed batch, and its step fed by the loader."""
     import mlx.core as mx
 
-    from mlx_clip import _blas
     from mlx_clip.data.run_data import build_run_data
-    from mlx_clip.models.model import create_model
-    from mlx_clip.training.loop import make_step
-    from mlx_clip.training.optim import build_optimizer
+    from mlx_clip.training import streams
+    from mlx_clip.training.build import build_training
 
     cfg = Config()
     B = cfg.data.batch_size
-    if cfg.train.deterministic:
-        _blas.set_threads(1)  # as mlx_clip.training.loop.train does by default (bit-reproducible runs)
+    n_streams = streams.resolve(cfg.train.streams)
+    streams.setup_process(n_streams, cfg.train.grad_checkpointing, cfg.train.deterministic)  # as a run
     # Only the epoch length changes (enough batches for the measurement): per-batch work is the same.
     cfg.data.builtin_train_size = B * (2 * (warmup + steps) + 4)
     cfg.data.builtin_val_size = B
@@ -153,10 +151,8 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
     loader = data.train
     alone = loader_rate(loader)
 
-    model = create_model(mcfg, seed=0)
-    optimizer = build_optimizer(cfg.optim, cfg.train.steps)
-    optimizer.init(model.trainable_parameters())
-    step_fn, state = make_step(model, optimizer, cfg)
+    training = build_training(cfg, n_streams=n_streams, mcfg=mcfg)  # the default run's own step
+    step_fn, state = training.step, training.state
 
     def step(batch):
         loss, grad_norm = step_fn(mx.array(batch["images"]), mx.array(batch["tokens"]))

@@ -5,7 +5,7 @@
 
 Variants (config overrides on the run defaults, each measured in its own fresh process):
 
-- plain: the fp32 step of mlx_clip.training.loop.make_step (one compiled forward + backward + update);
+- plain: the fp32 step of mlx_clip.training.build.build_training (one compiled forward + backward + update);
 - accum2, accum4: optim.accum_steps 2 / 4, gradient caching (mlx_clip/training/accum.py);
 - grad_checkpointing: train.grad_checkpointing true (each transformer block recomputed in backward);
 - bf16: train.precision bfloat16 (bf16 compute, fp32 master weights and optimizer state);
@@ -13,8 +13,8 @@ Variants (config overrides on the run defaults, each measured in its own fresh p
   ONE compiled step, in the naive order and with mx.depends forcing micro-batch order
   (`-fused-ordered`): what accum.py's separate compile boundaries are measured against.
 
-Per variant: the model (create_model, seed 0), AdamW (mlx_clip.training.optim.build_optimizer, populated
-state) and one synthetic batch (benchmarks.common.synthetic_batch) are made and evaluated first;
+Per variant: the model, AdamW and compiled step of mlx_clip.training.build.build_training (populated
+optimizer state) and one synthetic batch (benchmarks.common.synthetic_batch) are made and evaluated first;
 then mx.reset_peak_memory(), --warmup + --steps full steps (step, then mx.eval of the model /
 optimizer state, loss and gradient norm, as the training loop does), and mx.get_peak_memory().
 "resident" is mx.get_active_memory() just before the steps (weights, optimizer state, batch), so
@@ -78,7 +78,7 @@ def fused_accum_step(model, optimizer, cfg, ordered: bool):
     from mlx.utils import tree_flatten, tree_map
 
     from mlx_clip.training.accum import accum_phases, add_head_grads
-    from mlx_clip.training.loop import make_loss_parts, make_update
+    from mlx_clip.training.build import make_loss_parts, make_update
 
     k = cfg.optim.accum_steps
     features, loss_and_cotangents, micro_grads = accum_phases(model, *make_loss_parts(cfg))
@@ -110,24 +110,24 @@ def _measure(spec: dict) -> dict:
     from mlx.utils import tree_flatten
 
     from mlx_clip.config import load_config
-    from mlx_clip.models.model import create_model
-    from mlx_clip.training.loop import make_step
-    from mlx_clip.training.optim import build_optimizer
+    from mlx_clip.training import streams
+    from mlx_clip.training.build import build_training
 
     from .step_workers import _blas_info, _time_steps
 
     variant = spec["variant"]
     overrides = [("model.arch", spec["arch"]), ("data.batch_size", str(spec["batch"])), *VARIANTS[variant]]
+    overrides += [("train.seed", str(spec["seed"])), ("train.steps", str(spec["warmup"] + spec["steps"]))]
     cfg = load_config(None, overrides)
     mcfg = cfg.model_config()
-    model = create_model(mcfg, seed=spec["seed"])
-    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
-    optimizer = build_optimizer(cfg.optim, spec["warmup"] + spec["steps"])
-    optimizer.init(model.trainable_parameters())  # the compiled step captures a populated state
+    # The run's own step, on train.streams' streams (the process-wide settings stay MLX's defaults,
+    # as in the measurements in RESULTS.md).
+    training = build_training(cfg, n_streams=streams.resolve(cfg.train.streams))
+    model, step_fn, state = training.model, training.step, training.state
     if "fused" in variant:
-        step_fn, state = fused_accum_step(model, optimizer, cfg, ordered=variant.endswith("-ordered"))
-    else:
-        step_fn, state = make_step(model, optimizer, cfg)
+        step_fn, state = fused_accum_step(
+            model, training.optimizer, cfg, ordered=variant.endswith("-ordered")
+        )
     images_np, tokens_np = synthetic_batch(mcfg, spec["batch"], spec["seed"])
     images, tokens = mx.array(images_np), mx.array(tokens_np)
     mx.eval(images, tokens, state)

@@ -61,7 +61,7 @@ def _gemm_peak(matmul, sync, n: int, reps: int) -> float:
 def _blas_info() -> dict:
     """Which BLAS MLX's CPU matmuls use here, and with how many threads (OpenBLAS default: all cores).
 
-    The MLX step sets it as a training run does (mlx_clip.training.loop.set_blas_threads), with
+    The MLX step sets it as a training run does (mlx_clip.training.streams.setup_process), with
     train.deterministic off: one thread per stream with several streams, else OpenBLAS's default.
     """
     from mlx_clip import _blas
@@ -81,23 +81,20 @@ def _mlx_worker(spec: dict, cfg) -> dict:
 
     from mlx_clip import _blas
     from mlx_clip.config import Config
-    from mlx_clip.models.model import create_model
-    from mlx_clip.training.loop import make_step, set_blas_threads
-    from mlx_clip.training.optim import build_optimizer
-    from mlx_clip.training.streams import resolve
+    from mlx_clip.training import streams
+    from mlx_clip.training.build import build_training
 
     backend = spec["backend"]
     device = mx.gpu if backend == "mlx-gpu" else mx.cpu
     mx.set_default_device(device)
     run = Config()  # the run defaults: AdamW 0.9/0.98/1e-6, wd 0.2, grad clip 1.0, no label smoothing
     run.train.deterministic = False  # (1 OpenBLAS thread for bit-reproducibility is a run's choice)
-    run.train.streams = spec.get("mlx_streams", "auto")
+    run.train.seed, run.train.steps = spec["seed"], spec["warmup"] + spec["steps"]
+    n_streams = streams.resolve(spec.get("mlx_streams", "auto"), device)
     default_threads = _blas_info()["threads"]
-    set_blas_threads(run)
-    model = create_model(cfg, seed=spec["seed"])
-    optimizer = build_optimizer(run.optim, spec["warmup"] + spec["steps"])
-    optimizer.init(model.trainable_parameters())  # the compiled step captures a populated state
-    step_fn, state = make_step(model, optimizer, run)
+    streams.setup_process(n_streams, run.train.grad_checkpointing, run.train.deterministic)
+    training = build_training(run, n_streams=n_streams, mcfg=cfg)  # exactly the step a run trains
+    step_fn, state, model = training.step, training.state, training.model
     images_np, tokens_np = synthetic_batch(cfg, spec["batch"], spec["seed"])
     images, tokens = mx.array(images_np), mx.array(tokens_np)
     mx.eval(images, tokens)
@@ -111,7 +108,7 @@ def _mlx_worker(spec: dict, cfg) -> dict:
     peak = mx.get_peak_memory()
     result = {
         "blas": _blas_info(),
-        "streams": resolve(run.train.streams, device),
+        "streams": n_streams,
         "device_name": str(mx.device_info().get("device_name", device)) if backend == "mlx-gpu" else "cpu",
         "num_params": sum(v.size for _, v in tree_flatten(model.parameters())),
         "losses": [x.item() for x in losses],
@@ -139,7 +136,7 @@ def _torch_worker(spec: dict, cfg) -> dict:
     import torch
 
     from mlx_clip.config import Config
-    from mlx_clip.training.optim import decays, lr_at
+    from mlx_clip.training.optim_rules import decays, lr_at
 
     backend = spec["backend"]
     framework, dev = backend.rsplit("-", 1)

@@ -8,7 +8,8 @@ Backends: mlx-cpu, mlx-gpu (Metal or CUDA), torch_ref-{cpu,mps,cuda}, open_clip-
 its ClipLoss). Default: every one available here. All get the same architecture, batch and
 synthetic batch (benchmarks.common.synthetic_batch), and time a FULL fp32 training step:
 
-- MLX: mlx_clip.training.loop.make_step (one compiled forward + backward + grad clip + AdamW update),
+- MLX: the step of mlx_clip.training.build.build_training (one compiled forward + backward + grad clip +
+  AdamW update),
   then one mx.eval of the model/optimizer state and the loss;
 - torch: forward, clip loss, backward, clip_grad_norm_(1.0), AdamW.step, LR schedule step,
   logit-scale clamp, device synchronize (eager mode, as torch_ref.train runs).

@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from .data.run_data import build_run_data
+    from .models.locate import resolve_checkpoint
     from .models.model import create_model
-    from .models.weights import load_weights, resolve_checkpoint
-    from .training.loop import evaluate
+    from .models.weights import load_weights
+    from .training.evaluate import evaluate
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)

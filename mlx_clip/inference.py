@@ -41,8 +41,9 @@ from .data.pipeline import open_image
 from .data.readers import DataError
 from .data.transforms import EvalTransform
 from .evaluation.metrics import zero_shot_classifier
+from .models.locate import resolve_checkpoint
 from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
-from .models.weights import load_weights, resolve_checkpoint
+from .models.weights import load_weights
 from .text.tokenizer import Tokenizer, load_tokenizer
 
 # CLIP-style prompt ensemble. Every template puts an article right before "{}", which a label that

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .config import ConfigError
     from .data.readers import DataError
     from .inference import load
-    from .models.weights import resolve_checkpoint
+    from .models.locate import resolve_checkpoint
 
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # "warning: <path>: ..." lines, not Python locations

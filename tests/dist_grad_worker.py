@@ -23,7 +23,7 @@ from mlx_clip.training import loss as loss_mod
 from mlx_clip.config import load_config
 from mlx_clip.training.distributed import init_world
 from mlx_clip.models.model import create_model
-from mlx_clip.training.loop import make_grad_fn
+from mlx_clip.training.build import make_grad_fn
 
 BATCH = 8  # the global batch
 ARCH = [

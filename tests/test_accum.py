@@ -22,7 +22,7 @@ from mlx_clip.training.accum import make_accum_grad_fn
 from mlx_clip.config import load_config
 from mlx_clip.models.model import create_model
 from mlx_clip.training.optim import build_optimizer, lock_parameters
-from mlx_clip.training.loop import make_grad_fn, make_loss_parts, make_step
+from mlx_clip.training.build import make_grad_fn, make_loss_parts, make_step
 
 RTOL = 1e-5  # relative, elementwise, plus RTOL * max|plain| absolute per tensor
 
@@ -176,7 +176,7 @@ from mlx_clip.training.accum import make_accum_grad_fn
 from mlx_clip.config import load_config
 from mlx_clip.training.distributed import init_world
 from mlx_clip.models.model import create_model
-from mlx_clip.training.loop import make_loss_parts, make_rank_mean
+from mlx_clip.training.build import make_loss_parts, make_rank_mean
 
 world = init_world(timeout=60)
 cfg = load_config(None, [*ARCH, ("loss.type", sys.argv[2])])

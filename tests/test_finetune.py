@@ -8,7 +8,7 @@ from test_train import SMALL
 from mlx_clip.config import ConfigError, OptimConfig, load_config, model_config
 from mlx_clip.interop.layouts import resize_positional_embedding
 from mlx_clip.train import main as train_main
-from mlx_clip.training.optim import is_locked, lr_at, tower_lr
+from mlx_clip.training.optim_rules import is_locked, lr_at, tower_lr
 
 FAST = [*SMALL, "--train.eval_every", "0", "--train.save_every", "0", "--optim.warmup_steps", "0"]
 

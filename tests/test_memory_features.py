@@ -12,7 +12,7 @@ from test_train import SMALL, run
 from mlx_clip.config import ConfigError, load_config
 from mlx_clip.models.model import create_model
 from mlx_clip.training import autobatch
-from mlx_clip.training.loop import make_grad_fn, make_step
+from mlx_clip.training.build import make_grad_fn, make_step
 from mlx_clip.training.optim import build_optimizer
 
 SMALL_ARCH = [

@@ -8,7 +8,8 @@ from mlx.utils import tree_flatten
 
 import mlx_clip
 from mlx_clip.config import OptimConfig
-from mlx_clip.training.optim import build_optimizer, decays, lr_at, mx_schedule
+from mlx_clip.training.optim import build_optimizer, mx_schedule
+from mlx_clip.training.optim_rules import decays, lr_at
 
 
 def test_warmup_then_cosine_to_floor():

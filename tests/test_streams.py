@@ -22,13 +22,13 @@ from mlx_clip.models import fastmath
 from mlx_clip.training import streams
 from mlx_clip.config import ConfigError, load_config
 from mlx_clip.models.model import create_model
-from mlx_clip.training.streams import Shards
-from mlx_clip.training.loop import make_grad_fn
+from mlx_clip.training.streams import Lanes
+from mlx_clip.training.build import make_grad_fn
 
 
 def test_bounds_cover_the_batch_evenly():
     for n in (1, 2, 3, 4):
-        shards = Shards(n)
+        shards = Lanes(n)
         for size in (1, 2, 5, 7, 64):
             bounds = shards.bounds(size)
             assert bounds[0][0] == 0 and bounds[-1][1] == size
@@ -50,11 +50,11 @@ def test_sharded_gradients_equal_one_stream(n, loss):
     """2 and 3 shards (3 does not divide the batch) give one stream's loss and gradients."""
     results = []
     for count in (1, n):
-        overrides = [*ARCH, ("data.batch_size", str(BATCH)), ("train.streams", str(count)), *loss]
-        cfg = load_config(None, overrides)
+        cfg = load_config(None, [*ARCH, ("data.batch_size", str(BATCH)), *loss])
         model = create_model(cfg.model_config(), seed=0)
         images, tokens = batch(cfg)
-        value, grads = mx.compile(make_grad_fn(model, cfg))(mx.array(images), mx.array(tokens))
+        grad_fn = make_grad_fn(model, cfg, lanes=Lanes(count))
+        value, grads = mx.compile(grad_fn)(mx.array(images), mx.array(tokens))
         mx.eval(value, grads)
         results.append((value.item(), dict(tree_flatten(grads))))
     (one_loss, one), (sharded_loss, sharded) = results
@@ -67,7 +67,7 @@ def test_fast_activation_backward_runs_on_the_forward_stream():
     (they are pinned to the stream their forward was built on)."""
     x = mx.random.normal((64, 96), key=mx.random.key(0))
     reference = [mx.grad(lambda v, f=f: f(v).sum())(x) for f in (fastmath.gelu, fastmath.quick_gelu)]
-    stream = Shards(2).streams[1]
+    stream = Lanes(2).streams[1]
 
     def on_stream(v, f):
         with mx.stream(stream):

@@ -7,8 +7,8 @@ from test_train import SMALL
 
 import mlx_clip
 from mlx_clip.config import load_config
+from mlx_clip.run_args import parse_args
 from mlx_clip.train import main as mlx_main
-from mlx_clip.train import parse_args
 
 torch = pytest.importorskip("torch")
 from torch_ref.train import main as torch_main  # noqa: E402

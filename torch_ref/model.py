@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mlx_clip.config import ModelConfig, model_config
+from mlx_clip.models.init_table import LOGIT_SCALE_MAX, init_rule, logit_scale_init
 
 from .device import pick_device
 from .transformer import TextTransformer, VisionTransformer
-
-LOGIT_SCALE_INIT = math.log(1 / 0.07)
-LOGIT_SCALE_MAX = math.log(100.0)
-
-
-def logit_scale_init(cfg: ModelConfig) -> float:
-    return LOGIT_SCALE_INIT if cfg.init_logit_scale is None else float(cfg.init_logit_scale)
 
 
 class CLIP(nn.Module):
@@ -52,34 +44,16 @@ class CLIP(nn.Module):
 
 @torch.no_grad()
 def init_weights(model: CLIP) -> CLIP:
-    """Same scheme as mlx_clip.models.model.init_weights (the RNG streams differ)."""
-    cfg = model.config
+    """The table of mlx_clip/models/init_table.py (the RNG streams differ from MLX's)."""
     for name, p in model.named_parameters():
-        tower, _, rest = name.partition(".")
-        parts = rest.split(".")
-        if name == "logit_scale":
-            p.fill_(logit_scale_init(cfg))
-        elif name == "logit_bias":
-            p.fill_(float(cfg.init_logit_bias))
-        elif parts[-1] == "bias" or "ln_" in rest:
-            p.fill_(1.0 if parts[-1] == "weight" else 0.0)
-        elif "resblocks" in parts:
-            width, layers = (
-                (cfg.vision_width, cfg.vision_layers)
-                if tower == "visual"
-                else (cfg.text_width, cfg.text_layers)
-            )
-            proj = width**-0.5 * (2 * layers) ** -0.5
-            std = {"in_proj": width**-0.5, "out_proj": proj, "c_fc": (2 * width) ** -0.5, "c_proj": proj}
-            nn.init.normal_(p, std=std[parts[-2]])
-        elif name == "text.token_embedding.weight":
-            nn.init.normal_(p, std=0.02)
-        elif name == "text.positional_embedding":
-            nn.init.normal_(p, std=0.01)
-        elif name == "text.text_projection.weight":
-            nn.init.normal_(p, std=cfg.text_width**-0.5)
-        elif tower == "visual" and parts[0] in ("class_embedding", "positional_embedding", "proj"):
-            nn.init.normal_(p, std=cfg.vision_width**-0.5)
+        rule = init_rule(name, model.config)
+        if rule is None:
+            continue
+        kind, value = rule
+        if kind == "fill":
+            p.fill_(value)
+        else:
+            nn.init.normal_(p, std=value)
     return model
 
 

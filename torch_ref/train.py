@@ -21,10 +21,9 @@ import mlx_clip  # noqa: F401  (BLAS fix before anything imports mlx.core via ml
 from mlx_clip.config import ConfigError, config_to_yaml, load_config
 from mlx_clip.data.run_data import build_run_data
 from mlx_clip.evaluation.metrics import evaluate_run
-from mlx_clip.train import parse_args
-from mlx_clip.training.checkpoint import resolve_init
-from mlx_clip.training.loop import val_pairs
-from mlx_clip.training.optim import decays, is_locked, lr_at, tower_lr
+from mlx_clip.models.locate import resolve_init
+from mlx_clip.run_args import parse_args
+from mlx_clip.training.optim_rules import decays, is_locked, lr_at, tower_lr
 from mlx_clip.training.temperature import Temperature
 
 from .accum import accum_backward
@@ -103,7 +102,7 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
             with torch.no_grad():
                 losses = [
                     (loss_fn(*model(*to_device({"images": im, "tokens": tok}, dev))).item(), len(tok))
-                    for im, tok in val_pairs(data)
+                    for im, tok in data.val_pairs()
                 ]
             metrics["val_loss"] = float(np.average([x for x, _ in losses], weights=[n for _, n in losses]))
         if temperature.observe(metrics.get("val_loss", math.nan)):

@@ -49,6 +49,14 @@ class RunData:
             f"{self.source}: {train}held out: {sizes or 'none'}; tokenizer {self.tokenizer.vocab_size} tokens"
         )
 
+    def val_pairs(self):
+        """(images, tokens) numpy batches of the val set (256 pairs, each image with its first
+        caption): the val loss is their size-weighted mean loss, in MLX and in torch_ref.train."""
+        ev = self.evals["val"]
+        for batch in ev.loader.epoch(0):
+            if len(batch["index"]) >= 2:  # a contrastive loss needs negatives
+                yield batch["images"], self.tokenize([ev.captions[i][0] for i in batch["index"].tolist()])
+
 
 def build_tokenizer(
     cfg: Config, mcfg: ModelConfig, captions: list[list[str]], saved: Path | None

@@ -35,8 +35,9 @@ from ..config import (
     model_config,
     to_dict,
 )
+from ..models.locate import resolve_checkpoint
 from ..models.model import CLIP
-from ..models.weights import read_safetensors, resolve_checkpoint, save_weights
+from ..models.weights import read_safetensors, save_weights
 from ..text.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from ..text.tokenizer import Tokenizer
 from .layouts import WeightError, check_state

@@ -5,17 +5,13 @@ The model returns features and the logit scale, never a loss (see loss.py).
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map, tree_map_with_path
 
 from ..config import ModelConfig, model_config
+from .init_table import LOGIT_SCALE_MAX, init_rule, logit_scale_init
 from .transformer import TextTransformer, VisionTransformer
-
-LOGIT_SCALE_INIT = math.log(1 / 0.07)
-LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def _normalize(x: mx.array) -> mx.array:
@@ -74,47 +70,19 @@ def encode_pair(model: CLIP, images: mx.array, tokens: mx.array, dtype=None) -> 
     return _normalize(x.astype(mx.float32)), _normalize(t.astype(mx.float32))
 
 
-def logit_scale_init(cfg: ModelConfig) -> float:
-    return LOGIT_SCALE_INIT if cfg.init_logit_scale is None else float(cfg.init_logit_scale)
-
-
 def init_weights(model: CLIP, seed: int | None = None) -> CLIP:
-    """CLIP / open_clip initialisation (normal std per layer type), in place."""
+    """CLIP / open_clip initialisation (init_table.py), in place."""
     if seed is not None:
         mx.random.seed(seed)
-    cfg = model.config
-
-    def stds(width: int, layers: int) -> dict[str, float]:
-        proj = width**-0.5 * (2 * layers) ** -0.5
-        return {"in_proj": width**-0.5, "out_proj": proj, "c_fc": (2 * width) ** -0.5, "c_proj": proj}
-
-    v_std, t_std = stds(cfg.vision_width, cfg.vision_layers), stds(cfg.text_width, cfg.text_layers)
 
     def init(path: str, p: mx.array) -> mx.array:
-        tower, _, rest = path.partition(".")
-        parts = rest.split(".")
-        if path == "logit_scale":
-            return mx.full(p.shape, logit_scale_init(cfg))
-        if path == "logit_bias":
-            return mx.full(p.shape, float(cfg.init_logit_bias))
-        if parts[-1] == "bias" or "ln_" in rest:
-            # LayerNorm gains start at 1; every bias at 0.
-            return mx.ones(p.shape) if parts[-1] == "weight" else mx.zeros(p.shape)
-        if "resblocks" in parts:
-            std = (v_std if tower == "visual" else t_std)[parts[-2]]
-        elif path == "text.token_embedding.weight":
-            std = 0.02
-        elif path == "text.positional_embedding":
-            std = 0.01
-        elif path == "text.text_projection.weight":
-            std = cfg.text_width**-0.5
-        elif tower == "visual" and parts[0] in ("class_embedding", "positional_embedding", "proj"):
-            std = cfg.vision_width**-0.5
-        else:
-            return p  # patch_embed keeps its fan-in uniform init
-        return std * mx.random.normal(p.shape)
+        rule = init_rule(path, model.config)
+        if rule is None:
+            return p
+        kind, value = rule
+        return mx.full(p.shape, value) if kind == "fill" else value * mx.random.normal(p.shape)
 
-    model.update(tree_map_with_path(lambda path, p: init(path, p), model.parameters()))
+    model.update(tree_map_with_path(init, model.parameters()))
     return model
 
 

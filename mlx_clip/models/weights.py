@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -73,19 +72,3 @@ def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
         del weights["logit_bias"]
         print(f"{path}: logit_bias not used by this objective (loss.type is not siglip); dropped")
     return _load_into(model, weights, str(path))
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step_N directory, a checkpoints/ root, or a run directory -> the newest checkpoint dir."""
-    path = Path(path)
-    for root in (path, path / "checkpoints"):
-        link = root / "latest"
-        if link.is_symlink():
-            return (root / os.readlink(link)).resolve()
-        if link.is_file():
-            return root / link.read_text().strip()
-    if (path / "model.safetensors").is_file():
-        return path
-    raise FileNotFoundError(
-        f"no checkpoint found at {path} (expected step_N/, checkpoints/latest or a run dir)"
-    )

@@ -146,7 +146,7 @@ def make_accum_grad_fn(model: nn.Module, steps: int, encode, features_loss):
 
 
 def make_accum_step(model: nn.Module, optimizer, steps: int, encode, features_loss, rank_mean, finish):
-    """The training step of mlx_clip.training.loop.make_step with gradient caching over `steps`
+    """The training step of mlx_clip.training.build.make_step with gradient caching over `steps`
     micro-batches: step(images, tokens) -> (loss, grad_norm), and the state to evaluate after it.
 
     The averaging over data-parallel ranks, clipping and optimizer update run as one compiled

@@ -17,6 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import Config
+from . import streams
+from .build import build_training
 
 DEFAULT_FRACTION = 0.6  # of device memory, when train.memory_budget_gb is not set
 PROBES = (8, 16)  # per-rank batches measured to fit the line
@@ -39,35 +41,30 @@ def budget_bytes(cfg: Config) -> int:
     return int(DEFAULT_FRACTION * device_memory_bytes())
 
 
-def step_peak_bytes(cfg: Config, batch: int) -> int:
-    """Peak MLX memory of one training step with `batch` pairs on this process (fresh model)."""
-    from ..models.model import create_model
-    from .loop import make_step
-    from .optim import build_optimizer, lock_parameters
-
+def step_peak_bytes(cfg: Config, batch: int, n_streams: int | None = None) -> int:
+    """Peak MLX memory of one training step with `batch` pairs on this process: the run's own step
+    (build_training, `n_streams` streams; default train.streams resolved) on a fresh model."""
     mcfg = cfg.model_config()
     mx.clear_cache()
     mx.reset_peak_memory()
-    model = create_model(mcfg, seed=0)
-    model.set_grad_checkpointing(cfg.train.grad_checkpointing)
-    lock_parameters(model, cfg.optim)
-    optimizer = build_optimizer(cfg.optim, cfg.train.steps)
-    optimizer.init(model.trainable_parameters())
-    run_cfg = replace(cfg, data=replace(cfg.data, batch_size=batch))
-    step, state = make_step(model, optimizer, run_cfg)
+    run_cfg = replace(cfg, data=replace(cfg.data, batch_size=batch), train=replace(cfg.train, seed=0))
+    n_streams = streams.resolve(cfg.train.streams) if n_streams is None else n_streams
+    training = build_training(run_cfg, n_streams=n_streams, mcfg=mcfg)
     rng = np.random.default_rng(0)
     images = mx.array(rng.standard_normal((batch, mcfg.image_size, mcfg.image_size, 3), np.float32))
     tokens = rng.integers(1, mcfg.vocab_size - 1, (batch, mcfg.context_length)).astype(np.int32)
     tokens[:, -1] = mcfg.vocab_size - 1  # an end-of-text token (the largest id) in every row
-    loss, grad_norm = step(images, mx.array(tokens))
-    mx.eval(state, loss, grad_norm)
+    loss, grad_norm = training.step(images, mx.array(tokens))
+    mx.eval(training.state, loss, grad_norm)
     peak = mx.get_peak_memory()
-    del model, optimizer, step, state, loss, grad_norm
+    del training, loss, grad_norm
     mx.clear_cache()
     return peak
 
 
-def find_batch_size(cfg: Config, world_size: int = 1, max_batch: int | None = None, log=print) -> int:
+def find_batch_size(
+    cfg: Config, world_size: int = 1, max_batch: int | None = None, log=print, n_streams: int | None = None
+) -> int:
     """The largest global batch (a multiple of 8 x ranks x accum_steps) whose step fits the budget.
 
     Each rank holds batch / world_size pairs, so the fit is per rank. `max_batch` caps the result
@@ -76,7 +73,7 @@ def find_batch_size(cfg: Config, world_size: int = 1, max_batch: int | None = No
     budget = budget_bytes(cfg)
     quantum = 8 * cfg.optim.accum_steps  # per rank: micro-batches of at least 8
     b1, b2 = (p * cfg.optim.accum_steps for p in PROBES)
-    p1, p2 = step_peak_bytes(cfg, b1), step_peak_bytes(cfg, b2)
+    p1, p2 = step_peak_bytes(cfg, b1, n_streams), step_peak_bytes(cfg, b2, n_streams)
     slope = max((p2 - p1) / (b2 - b1), 1.0)
     fixed = p1 - slope * b1
     limit = (max_batch or MAX_BATCH * world_size) // world_size
@@ -87,7 +84,7 @@ def find_batch_size(cfg: Config, world_size: int = 1, max_batch: int | None = No
         f"-> {slope / 2**20:.2f} MiB per pair over {fixed / 2**20:.0f} MiB; budget {budget / 2**30:.2f} GiB"
     )
     while per_rank >= quantum:
-        peak = step_peak_bytes(cfg, per_rank)
+        peak = step_peak_bytes(cfg, per_rank, n_streams)
         if peak <= budget:
             log(
                 f"batch_size auto: {per_rank * world_size} ({per_rank} per rank), measured peak "

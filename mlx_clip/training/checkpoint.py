@@ -12,11 +12,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..interop.layouts import WeightError, check_state
-from ..models.weights import FORMAT, load_weights, read_safetensors, resolve_checkpoint, save_weights
+from ..models.weights import FORMAT, load_weights, read_safetensors, save_weights
+from .state import RunState
 
 # ---------------------------------------------------------------------------
 # Run checkpoints: OUT/checkpoints/step_N/{model,optimizer}.safetensors, state.json,
@@ -52,18 +52,18 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     ckpt_root: str | Path,
-    step: int,
     model: nn.Module,
     optimizer,
     tokenizer,
     config_yaml: str,
-    state: dict,
+    state: RunState,
 ) -> Path:
-    """Write step_N atomically: a temporary directory, fsynced, then renamed into place."""
+    """Write step_N (N = state.step) atomically: a temporary directory, fsynced, then renamed into
+    place. state.json holds the run state and a sha256 per file."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=ckpt_root))
+    final = ckpt_root / f"step_{state.step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{state.step}-", dir=ckpt_root))
     try:
         save_weights(model, tmp / "model.safetensors")
         opt_state = dict(tree_flatten(optimizer.state))
@@ -72,8 +72,7 @@ def save_checkpoint(
         tokenizer.save(tmp)
         (tmp / "config.yaml").write_text(config_yaml)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        state = dict(state, step=step, mlx_rng_key=np.array(mx.random.state[0]).tolist(), files=files)
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "state.json").write_text(json.dumps({**state.to_json(), "files": files}, indent=1))
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
@@ -144,8 +143,8 @@ def find_resumable(ckpt_root: str | Path, log=print) -> Path:
     raise WeightError(f"every checkpoint under {ckpt_root} is damaged; cannot resume")
 
 
-def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer=None) -> dict:
-    """Restore model (and optimizer, RNG) from a step_N directory; returns its state.json."""
+def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer=None) -> RunState:
+    """Restore model (and optimizer) from an intact step_N directory; returns its run state."""
     ckpt = Path(ckpt)
     state = verify_checkpoint(ckpt)
     load_weights(model, ckpt / "model.safetensors")
@@ -156,9 +155,7 @@ def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer=None) -> dict:
         check_state({k: v.shape for k, v in expected.items()}, opt, str(ckpt / "optimizer.safetensors"))
         optimizer.state = tree_unflatten(list(opt.items()))
         mx.eval(optimizer.state)
-    # MLX has no public setter for its global key: the trainer reseeds from (seed, step) and keeps
-    # the step itself free of global-RNG use, so the recorded key is informational.
-    return state
+    return RunState.from_json(state)
 
 
 def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep: set[str] = frozenset()) -> None:
@@ -171,19 +168,3 @@ def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep: set[str] = fr
     for p in steps[:-keep_last]:
         if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def resolve_init(init_from: str | None) -> tuple[Path | None, Path | None]:
-    """model.init_from (a .safetensors file, a checkpoint dir or a run dir) -> (weights, tokenizer dir)."""
-    if not init_from:
-        return None, None
-    path = Path(init_from)
-    if path.is_file():
-        weights, folder = path, path.parent
-    else:
-        folder = resolve_checkpoint(path)
-        weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"model.init_from: no weights at {weights}")
-    tokenizer = folder if (folder / "tokenizer_config.json").is_file() else None
-    return weights, tokenizer

@@ -276,21 +276,3 @@ def gather_with_grad(x: mx.array, group) -> mx.array:
 
         _GATHERS[key] = (gather, group)  # the group is kept alive with its id
     return _GATHERS[key][0](x)
-
-
-def clip_loss_distributed(
-    image_features: mx.array,
-    text_features: mx.array,
-    logit_scale: mx.array,
-    group,
-    local_loss: bool = False,
-    label_smoothing: float = 0.0,
-) -> mx.array:
-    """This rank's clip loss over the GLOBAL batch; (b, E) local features, W = group.size().
-
-    local_loss=False: every rank computes the whole (W*b, W*b) loss, identical everywhere.
-    local_loss=True: this rank's b rows against all W*b columns, both directions (as open_clip's
-    --local-loss --gather-with-grad): (b, W*b) logits instead of (W*b, W*b).
-    """
-    cfg = LossConfig(type="clip", local_loss=local_loss, label_smoothing=label_smoothing)
-    return contrastive_loss(cfg, image_features, text_features, logit_scale, group=group)

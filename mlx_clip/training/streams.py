@@ -35,7 +35,22 @@ import os
 import mlx.core as mx
 from mlx.utils import tree_map
 
+from .. import _blas
+
 WIDE_EVALUATION = "1000"
+
+
+def setup_process(n_streams: int, grad_checkpointing: bool, deterministic: bool) -> None:
+    """Process-wide settings of a run with `n_streams` streams; call before anything is evaluated.
+
+    One OpenBLAS thread when the run is deterministic (multi-threaded OpenBLAS is not
+    bit-reproducible, see _blas.set_threads) or runs several streams (the cores are already shared
+    out, one GEMM per stream); else OpenBLAS's own default. Several streams also widen MLX's
+    evaluation (widen_evaluation).
+    """
+    widen_evaluation(n_streams, grad_checkpointing)
+    if deterministic or n_streams > 1:
+        _blas.set_threads(1)
 
 
 def widen_evaluation(n_streams: int, grad_checkpointing: bool) -> bool:
@@ -73,11 +88,19 @@ def streams_of(device: mx.Device, n: int) -> list:
     return pool[:n]
 
 
-class Shards:
-    """Run a function of batch arrays shard by shard, each shard on a stream of its own."""
+class Lanes:
+    """The CPU streams of one training step: the batch split into shards, and per-tensor work spread.
+
+    `shard(fn, *arrays)` runs a function of batch arrays shard by shard, each on a stream of its
+    own (the towers, forward and backward). `run(fn, *arrays)` / `map(fn, tree)` put per-tensor
+    elementwise work (gradient clipping, the optimizer, the finite-step guard) on the stream with
+    the fewest bytes so far: elementwise results do not depend on the stream, so that changes
+    nothing but the time. With one lane every call runs as it is, on the default stream.
+    """
 
     def __init__(self, n: int, device: mx.Device | None = None):
         self.streams = streams_of(device or mx.default_device(), n) if n > 1 else []
+        self.loads = [0] * len(self.streams)
 
     def __len__(self) -> int:
         return max(1, len(self.streams))
@@ -88,9 +111,9 @@ class Shards:
         cuts = [batch * k // n for k in range(n + 1)]
         return list(zip(cuts[:-1], cuts[1:], strict=True))
 
-    def map(self, fn, *arrays: mx.array):
+    def shard(self, fn, *arrays: mx.array):
         """fn(*arrays) computed shard by shard; its outputs (a tuple of arrays with the batch first)
-        concatenated back in order. One shard (or a batch of one): fn(*arrays) as it is."""
+        concatenated back in order. One lane (or a batch of one): fn(*arrays) as it is."""
         batch = arrays[0].shape[0]
         if len(self) == 1 or batch < 2:
             return fn(*arrays)
@@ -99,20 +122,6 @@ class Shards:
             with mx.stream(stream):
                 outputs.append(fn(*(x[a:b] for x in arrays)))
         return tuple(mx.concatenate(parts) for parts in zip(*outputs, strict=True))
-
-
-class Spread:
-    """Per-tensor work (gradient clipping, the optimizer, the finite-step guard) spread over
-    streams: each tensor's elementwise update runs on the stream with the fewest bytes so far.
-
-    Elementwise results do not depend on the stream, so this changes nothing but the time: with
-    one stream the update of vit_b32's 151M parameters kept one core busy for ~0.9 s per step
-    while the other idled.
-    """
-
-    def __init__(self, n: int, device: mx.Device | None = None):
-        self.streams = streams_of(device or mx.default_device(), n) if n > 1 else []
-        self.loads = [0] * len(self.streams)
 
     def run(self, fn, *arrays: mx.array):
         """fn(*arrays) on the least-loaded stream (the first array's size is its load)."""
@@ -126,11 +135,3 @@ class Spread:
     def map(self, fn, tree, *rest):
         """tree_map(fn, tree, *rest), each leaf on its own stream."""
         return tree_map(lambda *leaves: self.run(fn, *leaves), tree, *rest)
-
-    def spread_optimizer(self, optimizer) -> None:
-        """Make an mlx.optimizers optimizer (or MultiOptimizer) update each parameter on a stream."""
-        if not self.streams:
-            return
-        for opt in getattr(optimizer, "optimizers", [optimizer]):
-            apply_single = opt.apply_single
-            opt.apply_single = lambda g, p, s, f=apply_single: self.run(f, g, p, s)

@@ -5,7 +5,7 @@ log(1 / tau). A learnable temperature is trained like any weight (clamped at tau
 scheduled one freezes that parameter and the trainer writes log(1 / tau_t) into it before step t,
 so checkpoints, inference and export see the temperature in use.
 
-Framework-free: mlx_clip.training.loop and torch_ref.train share it.
+Framework-free: mlx_clip.training and torch_ref.train share it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Two things make the shards really overlap:
   recomputed activations of many blocks are alive at once and the memory saving is gone (tiny,
   batch 128: 528 -> 573 MiB instead of 312 MiB).
 - A custom VJP's Python runs when the backward graph is built, on the default stream of that
-  moment; mlx_clip.models.fastmath pins its VJPs to the forward's stream.
+  moment; mlx_clip.models.kernels pins its VJPs to the forward's stream.
 
 benchmarks/RESULTS.md has the measured effect. On a GPU (Metal, CUDA) one stream already fills
 the device, and `auto` means 1.

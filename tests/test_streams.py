@@ -16,7 +16,7 @@ import pytest
 from dist_grad_worker import ARCH, BATCH, batch
 from mlx.utils import tree_flatten
 from test_accum import assert_trees_close
-from test_train import run as train_run
+from conftest import train_run
 
 from mlx_clip.models import kernels
 from mlx_clip.training import streams

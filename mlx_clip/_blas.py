@@ -1,7 +1,8 @@
 """Give MLX an optimized BLAS on Linux.
 
-The Linux `mlx[cpu]` wheel bundles the Netlib reference BLAS: an fp32 GEMM runs
-at a few GFLOP/s where OpenBLAS reaches ~30x more on the same cores. Loading an
+The Linux `mlx[cpu]` wheel bundles the Netlib reference BLAS, whose fp32 GEMM is
+far slower than OpenBLAS on the same cores (measured:
+benchmarks/RESULTS.md#numbers-quoted-in-the-code). Loading an
 OpenBLAS with RTLD_GLOBAL *before* `mlx.core` is first imported makes the dynamic
 linker resolve MLX's `cblas_*` calls to it. On macOS MLX uses Accelerate/Metal
 and nothing happens here.

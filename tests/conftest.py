@@ -1,5 +1,9 @@
+import io
+import tarfile
+
 import numpy as np
 import pytest
+from PIL import Image
 
 # Imported before any test module imports mlx.core, so MLX binds the fast BLAS (mlx_clip/_blas.py).
 import mlx_clip  # noqa: F401
@@ -49,3 +53,74 @@ def check_schema(obj, spec, where):
             assert isinstance(obj[key], tp), (
                 f"{where}.{key}: {type(obj[key]).__name__}, expected {tp.__name__}"
             )
+
+
+# ---------------------------------------------------------------------------
+# Image files for the data tests (readers, pipeline, bad data)
+
+
+def pixels(seed, w=40, h=30):
+    """Random RGB pixels, (h, w, 3) uint8, from `seed`."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def encoded(seed=0, fmt="PNG", w=40, h=30, mode="RGB"):
+    """The bytes of pixels(seed, w, h) as an image file of format `fmt` and PIL mode `mode`."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels(seed, w, h)).convert(mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def save_image(path, seed=0, w=40, h=30, mode="RGB"):
+    """pixels(seed, w, h) written to `path` (format from its suffix), parents created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels(seed, w, h)).convert(mode).save(path)
+    return path
+
+
+def write_shard(path, items):
+    """items: (key, ext, image bytes, caption text) -> a WebDataset-style tar."""
+    with tarfile.open(path, "w") as tf:
+        for key, ext, data, caption in items:
+            for name, payload in ((f"{key}.{ext}", data), (f"{key}.txt", caption.encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+
+
+# ---------------------------------------------------------------------------
+# Loader batches
+
+
+def collect(loader, epoch=0, start_batch=0):
+    return list(loader.epoch(epoch, start_batch))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["index"], y["index"])
+        np.testing.assert_array_equal(x["images"], y["images"])
+        assert x["captions"] == y["captions"]
+
+
+# ---------------------------------------------------------------------------
+# A small, fast training run: a shrunken tiny model on a few hundred built-in images.
+
+SMALL = [
+    "--model.image_size", "32", "--model.patch_size", "8", "--model.vision_width", "64",
+    "--model.vision_heads", "2", "--model.vision_layers", "2", "--model.text_width", "64",
+    "--model.text_layers", "2", "--model.context_length", "16", "--model.vocab_size", "600",
+    "--model.embed_dim", "32", "--data.builtin_train_size", "256", "--data.builtin_val_size", "48",
+    "--data.batch_size", "16", "--optim.warmup_steps", "2", "--train.log_every", "2",
+    "--train.progress", "false",
+]  # fmt: skip
+
+
+def train_run(tmp_path, name, *extra):
+    """`python -m mlx_clip.train` in-process on SMALL into tmp_path/name; (run dir, summary)."""
+    from mlx_clip.train import main as train_main  # here, not at the top: conftest stays light
+
+    out = tmp_path / name
+    summary = train_main(["--out", str(out), *SMALL, *extra])
+    return out, summary

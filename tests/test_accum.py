@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from dist_grad_worker import ARCH, BATCH, batch
 from mlx.utils import tree_flatten
-from test_train import run as train_run
+from conftest import train_run
 
 from mlx_clip.training.accum import make_accum_grad_fn
 from mlx_clip.config import load_config

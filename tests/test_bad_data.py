@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import assert_same_batches, collect, encoded, pixels
 from PIL import Image
 
 from mlx_clip.data.checks import BadDataWarning, Report, SkipLog, check_image, prepare, scan
@@ -20,16 +21,6 @@ from mlx_clip.data.readers import Skip, read_bytes, read_samples
 from mlx_clip.data.transforms import eval_transform
 
 quiet = pytest.mark.filterwarnings("ignore::mlx_clip.data.checks.BadDataWarning")
-
-
-def pixels(seed, w=24, h=20):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def encoded(seed=0, fmt="PNG", w=24, h=20, mode="RGB"):
-    buf = io.BytesIO()
-    Image.fromarray(pixels(seed, w, h)).convert(mode).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def bomb_png(w=30000, h=30000):
@@ -63,24 +54,12 @@ def reasons(skipped):
     return {s.item.rsplit("/", 1)[-1]: s.reason for s in skipped}
 
 
-def collect(loader, epoch=0, start_batch=0):
-    return list(loader.epoch(epoch, start_batch))
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x["index"], y["index"])
-        np.testing.assert_array_equal(x["images"], y["images"])
-        assert x["captions"] == y["captions"]
-
-
 @pytest.fixture
 def image_zoo(tmp_path):
     """Good images in odd modes and every kind of broken file, all named in one CSV."""
     d = tmp_path / "zoo"
     good = {
-        "rgb.png": encoded(1),
+        "rgb.png": encoded(1, w=24, h=20),  # 480 pixels: the pixel-limit test
         "gray.png": encoded(2, mode="L"),
         "cmyk.jpg": encoded(3, "JPEG", mode="CMYK"),
         "rgba.png": encoded(4, mode="RGBA"),

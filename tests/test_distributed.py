@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL as SMALL_RUN
 from safetensors.numpy import load_file
 
 from mlx_clip.config import load_config
@@ -26,15 +27,8 @@ WORKER = REPO / "tests" / "dist_grad_worker.py"
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 TIMEOUT = 120  # per launch; a healthy one takes a few seconds
 
-# A shrunken tiny model on a few hundred built-in images (as tests/test_train.py).
-SMALL = [
-    "--model.image_size", "32", "--model.patch_size", "8", "--model.vision_width", "64",
-    "--model.vision_heads", "2", "--model.vision_layers", "2", "--model.text_width", "64",
-    "--model.text_layers", "2", "--model.context_length", "16", "--model.vocab_size", "600",
-    "--model.embed_dim", "32", "--data.builtin_train_size", "256", "--data.builtin_val_size", "48",
-    "--data.batch_size", "16", "--optim.warmup_steps", "2", "--train.log_every", "2",
-    "--train.progress", "false", "--data.num_workers", "1",
-]  # fmt: skip
+# conftest's small run, with one loader worker per rank.
+SMALL = [*SMALL_RUN, "--data.num_workers", "1"]
 TEN_STEPS = ["--steps", "10", "--train.eval_every", "5", "--train.save_every", "5"]
 
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
+from conftest import SMALL
 from safetensors.numpy import load_file
-from test_train import SMALL
 
 from mlx_clip.config import ConfigError, OptimConfig, load_config, model_config
 from mlx_clip.interop.layouts import resize_positional_embedding

@@ -6,8 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import SMALL, train_run
 from mlx.utils import tree_flatten
-from test_train import SMALL, run
 
 from mlx_clip.config import ConfigError, load_config
 from mlx_clip.models.model import create_model
@@ -67,7 +67,7 @@ def test_checkpointing_lowers_peak_memory():
 
 
 def test_checkpointing_run_from_the_cli(tmp_path):
-    _, summary = run(
+    _, summary = train_run(
         tmp_path, "ckpt", "--steps", "2", "--train.eval_every", "0", "--train.grad_checkpointing", "true"
     )
     assert summary["step"] == 2
@@ -117,7 +117,7 @@ def test_bf16_tracks_float32_over_50_steps(tmp_path):
     ]  # fmt: skip
     curves = {}
     for precision in ("float32", "bfloat16"):
-        out, _ = run(tmp_path, precision, *common, "--train.precision", precision)
+        out, _ = train_run(tmp_path, precision, *common, "--train.precision", precision)
         records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         curves[precision] = {r["step"]: r["loss"] for r in records if r["event"] == "train"}
     fp32, bf16 = curves["float32"], curves["bfloat16"]
@@ -156,7 +156,7 @@ def test_auto_batch_respects_cap_ranks_and_accumulation():
 
 
 def test_auto_batch_from_the_cli_is_resolved_in_the_run_config(tmp_path):
-    out, summary = run(
+    out, summary = train_run(
         tmp_path, "auto", "--steps", "1", "--train.eval_every", "0",
         "--data.batch_size", "auto", "--train.memory_budget_gb", "0.2",
     )  # fmt: skip

@@ -377,7 +377,7 @@ def test_every_objective_trains_from_the_cli(tmp_path, name):
     import json
     import math
 
-    from test_train import SMALL
+    from conftest import SMALL
 
     from mlx_clip.train import main as train_main
 

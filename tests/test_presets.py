@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from test_train import SMALL
+from conftest import SMALL
 
 from mlx_clip.config import CONFIG_DIR, load_config
 from mlx_clip.train import main as train_main

@@ -16,9 +16,9 @@ import pytest
 from dist_grad_worker import ARCH, BATCH, batch
 from mlx.utils import tree_flatten
 from test_accum import assert_trees_close
-from test_train import run as train_run
+from conftest import train_run
 
-from mlx_clip.models import fastmath
+from mlx_clip.models import kernels
 from mlx_clip.training import streams
 from mlx_clip.config import ConfigError, load_config
 from mlx_clip.models.model import create_model
@@ -63,17 +63,17 @@ def test_sharded_gradients_equal_one_stream(n, loss):
 
 
 def test_fast_activation_backward_runs_on_the_forward_stream():
-    """The hand-written VJPs of fastmath give the same gradient inside a stream context as outside
-    (they are pinned to the stream their forward was built on)."""
+    """The hand-written VJPs of the CPU kernels (mlx_clip/models/kernels.py) give the same gradient
+    inside a stream context as outside (they are pinned to the stream their forward was built on)."""
     x = mx.random.normal((64, 96), key=mx.random.key(0))
-    reference = [mx.grad(lambda v, f=f: f(v).sum())(x) for f in (fastmath.gelu, fastmath.quick_gelu)]
+    reference = [mx.grad(lambda v, f=f: f(v).sum())(x) for f in (kernels.gelu, kernels.quick_gelu)]
     stream = Lanes(2).streams[1]
 
     def on_stream(v, f):
         with mx.stream(stream):
             return f(v).sum()
 
-    for f, ref in zip((fastmath.gelu, fastmath.quick_gelu), reference, strict=True):
+    for f, ref in zip((kernels.gelu, kernels.quick_gelu), reference, strict=True):
         g = mx.compile(mx.grad(lambda v, f=f: on_stream(v, f)))(x)
         assert mx.array_equal(g, ref).item()
 

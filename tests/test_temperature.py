@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from test_train import run
+from conftest import train_run
 
 from mlx_clip.config import ConfigError, TemperatureConfig, load_config
 from mlx_clip.training.temperature import Temperature
@@ -80,7 +80,7 @@ def test_bad_temperature_config_names_the_key(key, value, words):
 
 
 def test_training_uses_and_logs_the_scheduled_temperature(tmp_path):
-    out, _ = run(
+    out, _ = train_run(
         tmp_path,
         "cosine",
         "--steps", "6", "--train.eval_every", "3", "--train.save_every", "0",
@@ -102,7 +102,9 @@ def test_training_uses_and_logs_the_scheduled_temperature(tmp_path):
 
 
 def test_learnable_temperature_is_logged_and_moves(tmp_path):
-    out, _ = run(tmp_path, "learn", "--steps", "4", "--train.eval_every", "0", "--train.save_every", "0")
+    out, _ = train_run(
+        tmp_path, "learn", "--steps", "4", "--train.eval_every", "0", "--train.save_every", "0"
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     taus = [r["temperature"] for r in records if r["event"] == "temperature"]
     assert len(taus) == 4 and taus[0] == pytest.approx(0.07, rel=1e-6)
@@ -117,7 +119,7 @@ def test_adaptive_run_lowers_temperature_on_plateau_and_resumes(tmp_path):
         "--loss.temperature.schedule", "adaptive", "--loss.temperature.start", "0.08",
         "--loss.temperature.end", "0.01", "--loss.temperature.threshold", "1.0",
     ]  # fmt: skip
-    out, _ = run(tmp_path, "adaptive", *args)
+    out, _ = train_run(tmp_path, "adaptive", *args)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     taus = {r["step"]: r["temperature"] for r in records if r["event"] == "temperature"}
     assert taus[1] == taus[2] == taus[3] == taus[4] == pytest.approx(0.08)  # eval @2: first val loss

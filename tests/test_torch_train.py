@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_train import SMALL
+from conftest import SMALL
 
 import mlx_clip
 from mlx_clip.config import load_config

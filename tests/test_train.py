@@ -8,31 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL, train_run
 from safetensors.numpy import load_file
 
 from mlx_clip.config import ConfigError, load_config
 from mlx_clip.run_args import parse_args
 from mlx_clip.train import main as train_main
 
-# A small, fast run: a shrunken tiny model on a few hundred built-in images.
-SMALL = [
-    "--model.image_size", "32", "--model.patch_size", "8", "--model.vision_width", "64",
-    "--model.vision_heads", "2", "--model.vision_layers", "2", "--model.text_width", "64",
-    "--model.text_layers", "2", "--model.context_length", "16", "--model.vocab_size", "600",
-    "--model.embed_dim", "32", "--data.builtin_train_size", "256", "--data.builtin_val_size", "48",
-    "--data.batch_size", "16", "--optim.warmup_steps", "2", "--train.log_every", "2",
-    "--train.progress", "false",
-]  # fmt: skip
-
-
-def run(tmp_path, name, *extra):
-    out = tmp_path / name
-    summary = train_main(["--out", str(out), *SMALL, *extra])
-    return out, summary
-
 
 def test_end_to_end_outputs(tmp_path):
-    out, summary = run(tmp_path, "run", "--steps", "6", "--train.eval_every", "3", "--train.save_every", "3")
+    out, summary = train_run(
+        tmp_path, "run", "--steps", "6", "--train.eval_every", "3", "--train.save_every", "3"
+    )
     assert summary["step"] == 6
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json"):
         assert (out / name).is_file(), name
@@ -72,8 +59,8 @@ def test_end_to_end_outputs(tmp_path):
 def test_resume_is_bit_exact(tmp_path):
     """train 8 == train 4, stop, resume, train 4 -- bit for bit (CPU)."""
     common = ["--steps", "8", "--train.eval_every", "0", "--train.save_every", "0"]
-    full, _ = run(tmp_path, "full", *common)
-    half, _ = run(tmp_path, "half", *common, "--stop-after", "4")
+    full, _ = train_run(tmp_path, "full", *common)
+    half, _ = train_run(tmp_path, "half", *common, "--stop-after", "4")
     assert json.loads((half / "checkpoints" / "step_4" / "state.json").read_text())["step"] == 4
     resumed = train_main(["--out", str(half), "--resume", *SMALL, *common])
     assert resumed["step"] == 8
@@ -88,7 +75,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_keeps_best_and_last_k(tmp_path):
-    out, _ = run(
+    out, _ = train_run(
         tmp_path, "keep", "--steps", "8", "--train.eval_every", "2", "--train.save_every", "2",
         "--train.keep_last", "1",
     )  # fmt: skip
@@ -100,7 +87,7 @@ def test_keeps_best_and_last_k(tmp_path):
 
 
 def test_eval_cli_matches_training_eval(tmp_path):
-    out, summary = run(tmp_path, "ev", "--steps", "4", "--train.eval_every", "0")
+    out, summary = train_run(tmp_path, "ev", "--steps", "4", "--train.eval_every", "0")
     proc = subprocess.run(
         [sys.executable, "-m", "mlx_clip.eval", "--checkpoint", str(out)], capture_output=True, text=True
     )
@@ -194,8 +181,8 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     csv = write_dataset(tmp_path / "d", 64, image_size=40, seed=3, fmt="csv")
     (tmp_path / "d" / "images" / "000005.png").write_bytes(b"")  # zero bytes
     (tmp_path / "d" / "images" / "000007.png").unlink()  # missing
-    out, summary = run(tmp_path, "bad", "--data.train", str(csv), "--steps", "2", "--train.eval_every", "0",
-                       "--data.max_bad_fraction", "0.05")  # fmt: skip
+    out, summary = train_run(tmp_path, "bad", "--data.train", str(csv), "--steps", "2",
+                             "--train.eval_every", "0", "--data.max_bad_fraction", "0.05")  # fmt: skip
     lines = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
     assert {Path(x["item"]).name for x in lines} == {"000005.png", "000007.png"}
     assert summary["skipped"]["skipped"] == 2
@@ -204,14 +191,14 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     for i in range(8, 14):
         (tmp_path / "d" / "images" / f"{i:06d}.png").write_bytes(b"junk")
     with pytest.raises(SystemExit, match="000008.png"):
-        run(tmp_path, "worse", "--data.train", str(csv), "--steps", "2", "--train.eval_every", "0")
+        train_run(tmp_path, "worse", "--data.train", str(csv), "--steps", "2", "--train.eval_every", "0")
     assert not (tmp_path / "worse" / "checkpoints").exists()
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
     common = ["--steps", "6", "--train.eval_every", "0", "--train.save_every", "2", "--train.keep_last", "3"]
-    full, _ = run(tmp_path, "full", *common)
-    half, _ = run(tmp_path, "half", *common, "--stop-after", "4")
+    full, _ = train_run(tmp_path, "full", *common)
+    half, _ = train_run(tmp_path, "half", *common, "--stop-after", "4")
     damaged = half / "checkpoints" / "step_4" / "model.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-5] ^= 0xFF  # one flipped bit pattern in the weights
@@ -267,8 +254,8 @@ def nan_batches_at(monkeypatch, bad_steps):
 
 def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     nan_batches_at(monkeypatch, {3})
-    out, summary = run(tmp_path, "nan", "--steps", "4", "--train.eval_every", "0", "--train.save_every", "1",
-                       "--train.keep_last", "10")  # fmt: skip
+    out, summary = train_run(tmp_path, "nan", "--steps", "4", "--train.eval_every", "0",
+                             "--train.save_every", "1", "--train.keep_last", "10")  # fmt: skip
     ck = out / "checkpoints"
     w2, w3 = (load_file(str(ck / f"step_{i}" / "model.safetensors")) for i in (2, 3))
     o2, o3 = (load_file(str(ck / f"step_{i}" / "optimizer.safetensors")) for i in (2, 3))
@@ -283,8 +270,8 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
 def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
     nan_batches_at(monkeypatch, {3, 4, 5, 6})
     with pytest.raises(SystemExit, match="2 consecutive steps.*Lower optim.lr"):
-        run(tmp_path, "nan2", "--steps", "8", "--train.eval_every", "0", "--train.save_every", "2",
-            "--train.max_bad_steps", "2")  # fmt: skip
+        train_run(tmp_path, "nan2", "--steps", "8", "--train.eval_every", "0", "--train.save_every", "2",
+                  "--train.max_bad_steps", "2")  # fmt: skip
     latest = (tmp_path / "nan2" / "checkpoints" / "latest").resolve()
     assert latest.name == "step_2"
 
@@ -307,7 +294,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     with pytest.raises(
         SystemExit, match=r"could not write checkpoint .*step_4.*No space left.*step_2 is intact"
     ):
-        run(tmp_path, "disk", "--steps", "6", "--train.eval_every", "0", "--train.save_every", "2")
+        train_run(tmp_path, "disk", "--steps", "6", "--train.eval_every", "0", "--train.save_every", "2")
     ck = tmp_path / "disk" / "checkpoints"
     assert (ck / "latest").resolve().name == "step_2" and not list(ck.glob(".tmp-*"))
     from mlx_clip.training.checkpoint import verify_checkpoint
@@ -324,7 +311,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
 
     common = [*SMALL, "--steps", "60", "--train.eval_every", "0", "--train.save_every", "1",
               "--train.keep_last", "2", "--train.log_every", "1"]  # fmt: skip
-    full, _ = run(tmp_path, "full", *common)
+    full, _ = train_run(tmp_path, "full", *common)
     out = tmp_path / "killed"
     latest = out / "checkpoints" / "latest"
 
@@ -370,4 +357,4 @@ def test_out_of_memory_suggests_what_to_change(tmp_path, monkeypatch, error):
 
     monkeypatch.setattr(trainer, "build_training", failing_build_training)
     with pytest.raises(SystemExit, match="out of memory.*smaller data.batch_size.*gradient checkpointing"):
-        run(tmp_path, "oom", "--steps", "2", "--train.eval_every", "0")
+        train_run(tmp_path, "oom", "--steps", "2", "--train.eval_every", "0")

@@ -36,12 +36,12 @@ dropped caption of an image that still trains does not count, a broken shard cou
 Modes of the image check, and their cost:
 - "header" (default): `Image.open` reads the first bytes only (format, size, mode). It
   catches missing, zero-byte, unreadable and non-image files and decompression bombs,
-  but not a file cut short after its header. Measured: 0.13 ms per local 640x480 JPEG.
+  but not a file cut short after its header. Cheap: no pixel is decoded.
 - "full": also decodes every image (JPEGs at 1/8 scale, which still reads all of the
   data) and converts it to RGB, so truncated and corrupt files are caught as well.
-  Measured: 2.2 ms per 640x480 JPEG (quality 90) on one core, spread over `workers`
-  threads (PIL releases the GIL while decoding): about a minute per 100k images on a
-  4-core laptop. Worth it for datasets of thousands to a few hundred thousand.
+  The decoding is spread over `workers` threads (PIL releases the GIL while decoding).
+  Worth it for datasets of thousands to a few hundred thousand.
+Measured cost of both: benchmarks/RESULTS.md#numbers-quoted-in-the-code.
 - "off": no image is opened; reader-level and caption problems are still skipped.
 Whatever slips through is replaced at decode time by a `Loader(on_error="skip")`.
 

@@ -355,8 +355,9 @@ class Loader:
     def _batch_fn(self, epoch: int, batches: list[np.ndarray]) -> Callable[[dict], dict]:
         """Whole batches at once, for in-memory images that only need normalising.
 
-        Per-sample mlx-data records cost ~0.1 ms each, more than normalising a small image,
-        so this path slices and normalises (B, S, S, 3) in one go and tokenizes once.
+        Per-sample mlx-data records cost more than normalising a small image, so this path
+        slices and normalises (B, S, S, 3) in one go and tokenizes once (measured:
+        benchmarks/RESULTS.md#numbers-quoted-in-the-code).
         """
 
         def fn(s: dict) -> dict:

@@ -94,7 +94,8 @@ def key_words(captions: list[list[str]], max_share: float = MAX_KEY_SHARE) -> Ke
 
 def _unique(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct values of int64 `x` and their counts (np.unique, by sorting: numpy 2.4's
-    hash-based np.unique is ~15x slower on millions of int64)."""
+    hash-based np.unique is much slower on millions of int64; measured:
+    benchmarks/RESULTS.md#numbers-quoted-in-the-code)."""
     x = np.sort(x)
     first = np.flatnonzero(np.concatenate([[True], x[1:] != x[:-1]]))
     return x[first], np.diff(np.append(first, len(x)))

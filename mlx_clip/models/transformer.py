@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import ModelConfig
-from .fastmath import gelu, on_this_stream, quick_gelu
-
-# Exact (erf) GELU as torch.nn.GELU() / HF "gelu", and OpenAI's x * sigmoid(1.702 x); both use
-# arithmetic-only kernels on MLX's CPU backend, where erf/exp are slow (see fastmath.py).
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+from .kernels import activation, checkpoint_block
 
 
 class Attention(nn.Module):
@@ -40,11 +35,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int, activation: str):
+    def __init__(self, width: int, hidden: int, act: str):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
         self.c_proj = nn.Linear(hidden, width)
-        self.act = ACTIVATIONS[activation]
+        self.act = activation(act)  # "quick_gelu" or "gelu"
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -75,36 +70,8 @@ class Transformer(nn.Module):
 
     def __call__(self, x: mx.array, causal: bool = False) -> mx.array:
         for block in self.resblocks:
-            x = _checkpointed(block, x, causal) if self.grad_checkpointing else block(x, causal=causal)
+            x = checkpoint_block(block, x, causal) if self.grad_checkpointing else block(x, causal=causal)
         return x
-
-
-def _checkpointed(block: nn.Module, x: mx.array, causal: bool) -> mx.array:
-    """block(x) whose activations are recomputed in the backward pass instead of kept.
-
-    Only the block's input is stored; the block's trainable parameters are inputs of the custom
-    function, so their gradients flow. Unlike a bare mx.checkpoint, the recomputation depends
-    (mx.depends) on the cotangent arriving from the block above, so the evaluator cannot run every
-    block's recomputation as soon as the backward starts. Measured on tiny at batch 128 (MLX's
-    default evaluation width): the step's peak went from 536 MiB to 422 MiB with it (one stream)
-    and 312 MiB (two streams), against 528 / 540 MiB without it, i.e. no saving. The backward is
-    built on the stream the forward ran on (fastmath.on_this_stream). A wide evaluation width
-    (streams.py) undoes the saving, so runs with checkpointing keep MLX's default width.
-    """
-    flat = tree_flatten(block.trainable_parameters())  # empty for a locked (frozen) block
-    keys, values = [k for k, _ in flat], [v for _, v in flat]
-
-    def run(x, *values):
-        block.update(tree_unflatten(list(zip(keys, values, strict=True))))
-        return block(x, causal=causal)
-
-    def backward(primals, cotangent, output):
-        x, *values = primals
-        (x,) = mx.depends([x], [cotangent])  # recompute only once the cotangent exists
-        _, grads = mx.vjp(lambda *args: [run(*args)], [x, *values], [cotangent])
-        return tuple(grads)
-
-    return on_this_stream(run, backward)(x, *values)
 
 
 class PatchEmbed(nn.Module):

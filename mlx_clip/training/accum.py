@@ -18,17 +18,13 @@ with the activations of one micro-batch alive at a time instead of all B.
 
 Compile boundaries. In one compiled graph holding all K micro-batches, MLX's scheduler does not
 finish (and free) one micro-batch's backward before starting the next one's forward, so most of
-the saving is lost. benchmarks/memory.py (benchmarks/RESULTS.md, "Memory") measures the memory a
-step allocates beyond weights, optimizer state and batch, batch 32:
+the saving is lost. benchmarks/memory.py compares the memory a step allocates beyond weights,
+optimizer state and batch for a plain step, one compiled graph, one graph ordered with
+mx.depends, and separate pieces (as here); measured: benchmarks/RESULTS.md#memory.
 
-                     plain step   one compiled graph   one graph + mx.depends   separate (here)
-    vit_b32, K=2     3,335 MiB    2,314 MiB            1,759 MiB                1,548 MiB
-    tiny, K=2          148 MiB      127 MiB               86 MiB                   77 MiB
-    tiny, K=4          148 MiB      111 MiB               49 MiB                   44 MiB
-
-Separate pieces use the least memory, and ran as fast as the ordered graph (alternating steps of
-the two at vit_b32, K=2: time ratio 1.00), without depending on how the scheduler treats
-mx.depends. So each phase is its own compiled function and the host evaluates between them; only
+Separate pieces use the least memory, and ran as fast as the ordered graph, without depending on
+how the scheduler treats mx.depends. So each phase is its own compiled function and the host
+evaluates between them; only
 the update (`finish`) is compiled with the model / optimizer state as inputs and outputs.
 """
 

@@ -14,9 +14,10 @@ Conventions (docs/distributed.md has the whole story):
 - A lost peer: when its process ends, MLX's ring backend often notices the closed sockets and
   raises (re-raised here as PeerLostError, naming the step); but a peer that hangs, or whose host
   vanishes without closing its sockets, leaves a collective waiting forever, and so, depending on
-  timing, can a killed one (measured on loopback: 2 of 4 kills). So every collective the trainer
-  waits on runs under a `Watchdog` deadline: past `train.dist_timeout` seconds the process prints
-  what it was waiting for and exits with EXIT_PEER_LOST.
+  timing, can a killed one (measured: benchmarks/RESULTS.md#numbers-quoted-in-the-code).
+  So every collective the trainer waits on runs under a `Watchdog` deadline: past
+  `train.dist_timeout` seconds the process prints what it was waiting for and exits with
+  EXIT_PEER_LOST.
 """
 
 from __future__ import annotations

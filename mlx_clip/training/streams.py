@@ -14,15 +14,14 @@ Two things make the shards really overlap:
 
 - MLX orders the operations of one evaluation breadth-first, at most MLX_BFS_MAX_WIDTH (default
   20) branches at a time, and enqueues them in that order. At 20, one shard's backward fills the
-  queue for long stretches while the other stream idles (measured: 1.1 of 2 cores busy on tiny's
-  image tower; 1.9 at 200 or more). `widen_evaluation` sets 1000 for a run with several streams.
-  libmlx reads the variable once per process, at its first evaluation, so it is set before the
-  run evaluates anything (a process that already evaluated keeps its width: results are the same,
-  only the overlap differs). Gradient checkpointing keeps the default: with a wide evaluation the
-  recomputed activations of many blocks are alive at once and the memory saving is gone (tiny,
-  batch 128: 528 -> 573 MiB instead of 312 MiB).
+  queue for long stretches while the other stream idles. `widen_evaluation` sets 1000 for a run
+  with several streams. libmlx reads the variable once per process, at its first evaluation, so
+  it is set before the run evaluates anything (a process that already evaluated keeps its width:
+  results are the same, only the overlap differs). Gradient checkpointing keeps the default: with
+  a wide evaluation the recomputed activations of many blocks are alive at once and the memory
+  saving is gone. Measured, both: benchmarks/RESULTS.md#numbers-quoted-in-the-code.
 - A custom VJP's Python runs when the backward graph is built, on the default stream of that
-  moment; mlx_clip.models.fastmath pins its VJPs to the forward's stream.
+  moment; mlx_clip.models.kernels pins its VJPs to the forward's stream.
 
 benchmarks/RESULTS.md has the measured effect. On a GPU (Metal, CUDA) one stream already fills
 the device, and `auto` means 1.

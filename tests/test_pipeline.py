@@ -1,14 +1,14 @@
-"""mlx_clip.data.readers + mlx_clip.data.pipeline: every source format, clear errors, seeded batches.
+"""mlx_clip.data.pipeline: the seeded rank-aware loader over every source type: content, determinism,
+order, sharding, errors (the readers: tests/test_readers.py).
 
 Fixtures are tiny images written with PIL into tmp_path; loaders use 16-pixel outputs.
 """
 
 import io
-import json
-import tarfile
 
 import numpy as np
 import pytest
+from conftest import assert_same_batches, collect, encoded, pixels, save_image, write_shard
 from PIL import Image
 
 from mlx_clip.data.pipeline import (
@@ -16,45 +16,13 @@ from mlx_clip.data.pipeline import (
     DataError,
     Loader,
     Sample,
-    TarRef,
     epoch_permutation,
     read_samples,
     sample_rng,
 )
-from mlx_clip.data.readers import expand_braces, read_bytes, split_samples
 from mlx_clip.data.transforms import OPENAI_MEAN, OPENAI_STD, eval_transform, normalize
 
 MEAN, STD = np.asarray(OPENAI_MEAN), np.asarray(OPENAI_STD)
-
-
-def pixels(seed, w=40, h=30):
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def save(path, seed=0, w=40, h=30, mode="RGB"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels(seed, w, h)).convert(mode).save(path)
-    return path
-
-
-def encoded(seed, fmt="PNG", w=40, h=30):
-    buf = io.BytesIO()
-    Image.fromarray(pixels(seed, w, h)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def write_shard(path, items):
-    """items: (key, ext, image bytes, caption text) -> a WebDataset-style tar."""
-    with tarfile.open(path, "w") as tf:
-        for key, ext, data, caption in items:
-            for name, payload in ((f"{key}.{ext}", data), (f"{key}.txt", caption.encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tf.addfile(info, io.BytesIO(payload))
-
-
-def by_name(samples):
-    return {str(s.image).rsplit("/", 1)[-1]: s.captions for s in samples}
 
 
 @pytest.fixture
@@ -62,170 +30,12 @@ def csv_dataset(tmp_path):
     """23 images of varied sizes in imgs/; every third one has three captions."""
     rows = ["image,caption"]
     for i in range(23):
-        save(tmp_path / "imgs" / f"{i:02d}.png", seed=i, w=20 + i, h=30 - i % 7)
+        save_image(tmp_path / "imgs" / f"{i:02d}.png", seed=i, w=20 + i, h=30 - i % 7)
         rows += [f"imgs/{i:02d}.png,image {i}"]
         if i % 3 == 0:
             rows += [f"imgs/{i:02d}.png,second {i}", f"imgs/{i:02d}.png,third {i}"]
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
     return read_samples(tmp_path / "data.csv")
-
-
-def collect(loader, epoch=0, start_batch=0):
-    return list(loader.epoch(epoch, start_batch))
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x["index"], y["index"])
-        np.testing.assert_array_equal(x["images"], y["images"])
-        assert x["captions"] == y["captions"]
-
-
-# ---------------------------------------------------------------------------
-# Readers
-
-
-def test_csv_relative_paths_and_merged_captions(tmp_path):
-    save(tmp_path / "sub" / "imgs" / "a.jpg", 1)
-    save(tmp_path / "sub" / "imgs" / "b.jpg", 2)
-    (tmp_path / "sub" / "data.csv").write_text(
-        'image,caption\nimgs/a.jpg,a cat\nimgs/b.jpg,"a dog, sitting"\nimgs/a.jpg,the cat again\n'
-    )
-    samples = read_samples(tmp_path / "sub" / "data.csv")
-    assert [s.image for s in samples] == [str(tmp_path / "sub" / "imgs" / n) for n in ("a.jpg", "b.jpg")]
-    assert samples[0].captions == ["a cat", "the cat again"]
-    assert samples[1].captions == ["a dog, sitting"]
-
-
-def test_tsv_keeps_quotes(tmp_path):
-    save(tmp_path / "a.png")
-    (tmp_path / "d.tsv").write_text('image\tcaption\na.png\ta "quoted" word\n')
-    assert read_samples(tmp_path / "d.tsv")[0].captions == ['a "quoted" word']
-
-
-def test_custom_columns(tmp_path):
-    save(tmp_path / "a.png")
-    (tmp_path / "d.csv").write_text("id,file,text\n1,a.png,hello\n")
-    assert read_samples(tmp_path / "d.csv", image_key="file", caption_key="text")[0].captions == ["hello"]
-
-
-def test_errors_name_file_line_and_column(tmp_path):
-    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(DataError, match=r"data\.csv: no column 'image' \(columns: a, b\)"):
-        read_samples(tmp_path / "data.csv")
-    save(tmp_path / "ok.png")
-    (tmp_path / "miss.csv").write_text("image,caption\nok.png,fine\nnope.png,missing\n")
-    with pytest.raises(DataError, match=r"miss\.csv:3: image not found: .*nope\.png"):
-        read_samples(tmp_path / "miss.csv")
-    (tmp_path / "empty.csv").write_text("image,caption\nok.png,\n")
-    with pytest.raises(DataError, match=r"empty\.csv:2: empty caption"):
-        read_samples(tmp_path / "empty.csv")
-    with pytest.raises(DataError, match=r"absent\.csv: no such file"):
-        read_samples(tmp_path / "absent.csv")
-    with pytest.raises(DataError, match=r"data\.parquet: unknown data source format"):
-        read_samples(tmp_path / "data.parquet")
-
-
-def test_json_with_caption_lists(tmp_path):
-    save(tmp_path / "a.png", 1)
-    save(tmp_path / "b.png", 2)
-    items = [
-        {"image": "a.png", "caption": ["one", "two", "  "]},
-        {"image": "b.png", "captions": ["three"]},
-        {"image": "a.png", "caption": "four"},
-    ]
-    (tmp_path / "d.json").write_text(json.dumps(items))
-    assert by_name(read_samples(tmp_path / "d.json")) == {"a.png": ["one", "two", "four"], "b.png": ["three"]}
-    (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png", "text": "x"}]))
-    with pytest.raises(DataError, match=r"bad\.json: item 0: no key 'caption' \(keys: image, text\)"):
-        read_samples(tmp_path / "bad.json")
-
-
-def test_jsonl_and_its_line_errors(tmp_path):
-    save(tmp_path / "a.png")
-    lines = [
-        json.dumps({"img": "a.png", "caption": ["x", "y"]}),
-        "",
-        json.dumps({"img": "a.png", "caption": "z"}),
-    ]
-    (tmp_path / "d.jsonl").write_text("\n".join(lines))
-    assert read_samples(tmp_path / "d.jsonl", image_key="img")[0].captions == ["x", "y", "z"]
-    (tmp_path / "bad.jsonl").write_text(lines[0] + "\n{not json\n")
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
-        read_samples(tmp_path / "bad.jsonl", image_key="img")
-
-
-def test_folder_with_captions_txt(tmp_path):
-    for n in ("a.jpg", "b.png", "unlisted.png"):
-        save(tmp_path / n)
-    (tmp_path / "captions.txt").write_text("a.jpg\tfirst\nb.png\tsecond\n\na.jpg\tthird\n")
-    assert by_name(read_samples(tmp_path)) == {"a.jpg": ["first", "third"], "b.png": ["second"]}
-    (tmp_path / "captions.txt").write_text("a.jpg first\n")
-    with pytest.raises(DataError, match=r"captions\.txt:1: expected 'name<TAB>caption'"):
-        read_samples(tmp_path)
-
-
-def test_folder_with_sidecars(tmp_path):
-    save(tmp_path / "a.jpg")
-    save(tmp_path / "deep" / "b.webp")
-    (tmp_path / "a.txt").write_text("line one\n\nline two\n")
-    (tmp_path / "deep" / "b.txt").write_text("only\n")
-    samples = read_samples(tmp_path)
-    assert by_name(samples) == {"a.jpg": ["line one", "line two"], "b.webp": ["only"]}
-    save(tmp_path / "c.png")
-    with pytest.raises(DataError, match=r"c\.png: no caption file c\.txt"):
-        read_samples(tmp_path)
-
-
-def test_expand_braces():
-    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
-    assert expand_braces("{a,b}/x{1..2}.tar") == ["a/x1.tar", "a/x2.tar", "b/x1.tar", "b/x2.tar"]
-    assert expand_braces("{a,{b,c}}.tar") == ["a.tar", "b.tar", "c.tar"]
-    assert expand_braces("plain.tar") == ["plain.tar"]
-
-
-def test_tar_shards_by_glob_and_brace(tmp_path):
-    write_shard(
-        tmp_path / "s-000.tar",
-        [("k0", "jpg", encoded(0, "JPEG"), "zero"), ("k1", "png", encoded(1), "one\nuno")],
-    )
-    write_shard(tmp_path / "s-001.tar", [("d/k2", "webp", encoded(2, "WEBP"), "two")])
-    by_glob = read_samples(str(tmp_path / "s-*.tar"))
-    by_range = read_samples(str(tmp_path / "s-{000..001}.tar"))
-    by_list = read_samples(str(tmp_path / "s-{000,001}.tar"))
-    assert by_glob == by_range == by_list
-    assert [s.captions for s in by_glob] == [["zero"], ["one", "uno"], ["two"]]
-    assert all(isinstance(s.image, TarRef) for s in by_glob)
-    assert by_glob[2].image.name == "d/k2.webp"
-    # Indexed, not extracted: the referenced bytes are the member's bytes.
-    assert read_bytes(by_glob[1].image) == encoded(1)
-    assert read_samples(str(tmp_path / "s-000.tar")) == by_glob[:2]
-    with pytest.raises(DataError, match=r"s-002\.tar: no such shard"):
-        read_samples(str(tmp_path / "s-{000..002}.tar"))
-    with pytest.raises(DataError, match=r"x-\*\.tar: no files match"):
-        read_samples(str(tmp_path / "x-*.tar"))
-
-
-def test_tar_sample_without_caption(tmp_path):
-    with tarfile.open(tmp_path / "s.tar", "w") as tf:
-        data = encoded(0)
-        info = tarfile.TarInfo("k0.png")
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-    with pytest.raises(DataError, match=r"s\.tar: sample 'k0' has an image but no k0\.txt"):
-        read_samples(str(tmp_path / "s.tar"))
-
-
-def test_split_samples_is_deterministic_disjoint_and_covering():
-    samples = [Sample(f"{i}.png", [str(i)]) for i in range(100)]
-    train, val = split_samples(samples, 0.2, seed=3)
-    assert len(val) == 20 and len(train) == 80
-    assert sorted(s.image for s in train + val) == sorted(s.image for s in samples)
-    assert split_samples(samples, 0.2, seed=3) == (train, val)
-    assert split_samples(samples, 0.2, seed=4)[1] != val
-    assert [s.image for s in val] == sorted((s.image for s in val), key=lambda p: int(p.split(".")[0]))
-    assert split_samples(samples[:3], 0.01, seed=0)[1] != []  # a requested split is never empty
 
 
 # ---------------------------------------------------------------------------
@@ -234,11 +44,11 @@ def test_split_samples_is_deterministic_disjoint_and_covering():
 
 def test_eval_batches_match_eval_transform(tmp_path):
     """Native decode + Python transform == eval_transform(PIL.Image.open(path)) for every decode path."""
-    save(tmp_path / "rgb.png", 1, 40, 30)
-    save(tmp_path / "gray.png", 2, 30, 41, mode="L")
-    save(tmp_path / "p.png", 3, 33, 33, mode="P")
-    save(tmp_path / "rgba.png", 4, 20, 50, mode="RGBA")  # alpha: decoded by PIL, composited on white
-    save(tmp_path / "a.webp", 5)  # a format the native decoder cannot read
+    save_image(tmp_path / "rgb.png", 1, 40, 30)
+    save_image(tmp_path / "gray.png", 2, 30, 41, mode="L")
+    save_image(tmp_path / "p.png", 3, 33, 33, mode="P")
+    save_image(tmp_path / "rgba.png", 4, 20, 50, mode="RGBA")  # alpha: decoded by PIL, composited on white
+    save_image(tmp_path / "a.webp", 5)  # a format the native decoder cannot read
     Image.fromarray(pixels(6)[..., 0].astype(np.uint16) * 257).save(tmp_path / "i16.png")
     for q, name in ((95, "q95.jpg"), (60, "q60.jpg")):
         Image.fromarray(pixels(7)).save(tmp_path / name, quality=q)
@@ -423,7 +233,7 @@ def test_loader_errors(tmp_path, csv_dataset):
         Loader(csv_dataset, 2, 16, train=False, rank=2, world_size=2)
     with pytest.raises(ValueError, match="unknown augment key"):
         Loader(csv_dataset, 2, 16, train=True, augment={"flip": True})
-    good = str(save(tmp_path / "good.png"))
+    good = str(save_image(tmp_path / "good.png"))
     (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)  # JPEG magic, garbage body
     jpeg = io.BytesIO()
     Image.fromarray(pixels(0, 64, 64)).save(jpeg, format="JPEG")

@@ -1,0 +1,232 @@
+"""Backend-specific kernels behind one switch, so the model code reads as plain MLX.
+
+The model takes two things from here:
+
+- `activation(name)`: "gelu" (exact erf form, as torch.nn.GELU() and HF "gelu") or "quick_gelu"
+  (OpenAI CLIP's x * sigmoid(1.702 x)).
+- `checkpoint_block(block, x, causal)`: a transformer block with gradient checkpointing.
+
+The switch, `use_fast_kernels()`, picks between MLX's native `mx.erf` / `mx.sigmoid` and
+versions built from multiply/add/divide only. On MLX's CPU backend the native transcendentals
+cost far more per element than a fused multiply-add chain (measured:
+benchmarks/RESULTS.md#numbers-quoted-in-the-code), so a native GELU costs more than the matmuls
+around it; the arithmetic versions are accurate to a few float32 ulps and compile into one fused
+elementwise kernel. GPUs (Metal, CUDA) keep the native ops. The environment variable
+MLX_CLIP_KERNELS overrides the choice; it is read whenever an activation is traced:
+
+    auto    (default) arithmetic kernels on the CPU device, native ops elsewhere
+    native  always MLX's native ops: turns the CPU kernels off
+    fast    always the arithmetic kernels, whatever the device
+
+Either way the activations' values agree to ~2e-6 (tests/test_kernels.py).
+
+Streams: the arithmetic activations and `checkpoint_block` have hand-written VJPs, and MLX runs
+a custom VJP's Python on the default stream of the moment the backward graph is built, not on
+the forward's stream. `on_this_stream` pins them to the forward's stream, which the training
+step's batch shards (mlx_clip/training/streams.py) rely on.
+
+Coefficients: least-squares fits in float64 (numpy), reweighted to minimise relative error;
+tests/test_kernels.py checks their accuracy against the native ops over the whole range.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+ENV = "MLX_CLIP_KERNELS"
+CHOICES = ("auto", "native", "fast")
+
+# erf(x) = x * P(x^2) / Q(x^2) on |x| <= ERF_CLAMP; erf(ERF_CLAMP) rounds to 1 in float32.
+ERF_CLAMP = 3.925
+_ERF_P = (
+    1.1283791626766757,
+    0.183789515267457,
+    0.05198260828416279,
+    0.003512702026807894,
+    0.0002845849227805508,
+    2.1712225768966142e-06,
+)
+_ERF_Q = (
+    1.0,
+    0.4962123987172211,
+    0.11147344436851055,
+    0.014457014653201806,
+    0.0011113326132618628,
+    3.9331852487653474e-05,
+)
+# 2^f on f in [0, 1): max relative error 4.4e-9 in float64.
+_EXP2_C = (
+    1.0000000044199466,
+    0.6931469139660769,
+    0.2402303082818542,
+    0.055482150283791665,
+    0.00967998525637806,
+    0.0012437946368677733,
+    0.00021683431304408973,
+)
+_LOG2E = 1.4426950408889634
+
+
+def _horner(t: mx.array, coeffs: tuple[float, ...]) -> mx.array:
+    acc = coeffs[-1]
+    for c in reversed(coeffs[:-1]):
+        acc = acc * t + c
+    return acc
+
+
+def erf(x: mx.array) -> mx.array:
+    """Rational erf; max abs error ~3.5e-7. Its derivative (through autodiff) is rational too."""
+    x = mx.clip(x, -ERF_CLAMP, ERF_CLAMP)
+    t = x * x
+    return x * _horner(t, _ERF_P) / _horner(t, _ERF_Q)
+
+
+def _exp(x: mx.array) -> mx.array:
+    y = mx.clip(x, -87.0, 88.0) * _LOG2E
+    k = mx.floor(y)
+    f = y - k
+    # 2^k built directly in the exponent field of a float32.
+    two_k = mx.left_shift((k.astype(mx.int32) + 127), 23).view(mx.float32)
+    return _horner(f, _EXP2_C).astype(x.dtype) * two_k.astype(x.dtype)
+
+
+def _exp_vjp(primals, cotangent, output):
+    return cotangent * output
+
+
+def on_this_stream(fun, vjp):
+    """mx.custom_function(fun) with the hand-written `vjp`, built on the current default stream.
+
+    MLX runs a custom VJP's Python when the backward graph is built, on whatever stream is the
+    default then, not on the stream the forward ran on. The training step runs shards of the
+    batch on their own CPU streams (mlx_clip/training/streams.py), so the VJP is pinned to the
+    stream of the forward here; otherwise every shard's backward would queue on one stream.
+    """
+    stream = mx.default_stream(mx.default_device())
+    f = mx.custom_function(fun)
+
+    @f.vjp
+    def _vjp(primals, cotangent, output):
+        with mx.stream(stream):
+            return vjp(primals, cotangent, output)
+
+    return f
+
+
+def exp(x: mx.array) -> mx.array:
+    """exp via 2^k * 2^f: k from the float exponent bits, 2^f from a polynomial."""
+    return on_this_stream(_exp, _exp_vjp)(x)
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    return 1.0 / (1.0 + exp(-x))
+
+
+def _sigmoid(x: mx.array) -> mx.array:  # inside a custom_function: no autodiff of its own
+    return 1.0 / (1.0 + _exp(-x))
+
+
+def use_fast_kernels() -> bool:
+    """The switch: True for the arithmetic kernels, False for MLX's native ops (see the module
+    docstring). `auto` is True on MLX's CPU backend, where the arithmetic versions are faster."""
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected one of {', '.join(CHOICES)}")
+    if choice == "auto":
+        return mx.default_device() == mx.cpu
+    return choice == "fast"
+
+
+# The activations get hand-written VJPs: differentiating the rational/polynomial forms
+# through autodiff yields a graph that compiles into many kernels, several times slower
+# (measured: benchmarks/RESULTS.md#numbers-quoted-in-the-code).
+_INV_SQRT2 = 1 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1 / math.sqrt(2.0 * math.pi)
+
+
+def _fast_gelu(x: mx.array) -> mx.array:
+    return 0.5 * x * (1 + erf(x * _INV_SQRT2))
+
+
+def _fast_gelu_vjp(primals, cotangent, output):
+    x = primals  # a single array for a one-input custom_function
+    # d/dx x*Phi(x) = Phi(x) + x*phi(x)
+    cdf = 0.5 * (1 + erf(x * _INV_SQRT2))
+    pdf = _INV_SQRT_2PI * _exp(-0.5 * x * x)
+    return cotangent * (cdf + x * pdf)
+
+
+def _fast_quick_gelu(x: mx.array) -> mx.array:
+    return x * _sigmoid(1.702 * x)
+
+
+def _fast_quick_gelu_vjp(primals, cotangent, output):
+    x = primals  # a single array for a one-input custom_function
+    s = _sigmoid(1.702 * x)
+    return cotangent * (s + 1.702 * x * s * (1 - s))
+
+
+def fast_gelu(x: mx.array) -> mx.array:
+    return on_this_stream(_fast_gelu, _fast_gelu_vjp)(x)
+
+
+def fast_quick_gelu(x: mx.array) -> mx.array:
+    return on_this_stream(_fast_quick_gelu, _fast_quick_gelu_vjp)(x)
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact-form GELU, x * Phi(x), as torch.nn.GELU() and HF "gelu"."""
+    if use_fast_kernels():
+        return fast_gelu(x)
+    return 0.5 * x * (1 + mx.erf(x * _INV_SQRT2))
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    """OpenAI CLIP's x * sigmoid(1.702 x)."""
+    if use_fast_kernels():
+        return fast_quick_gelu(x)
+    return x * mx.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+
+
+def activation(name: str) -> Callable[[mx.array], mx.array]:
+    """The activation function called `name` ("quick_gelu" or "gelu"); each one checks the switch
+    when it runs, so a model built on one device computes correctly on another."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def checkpoint_block(block: nn.Module, x: mx.array, causal: bool) -> mx.array:
+    """block(x, causal=causal) whose activations are recomputed in the backward pass instead of kept.
+
+    Only the block's input is stored; the block's trainable parameters are inputs of the custom
+    function, so their gradients flow. Unlike a bare mx.checkpoint, the recomputation depends
+    (mx.depends) on the cotangent arriving from the block above, so the evaluator cannot run every
+    block's recomputation as soon as the backward starts, which would keep them all alive at once
+    and save nothing (measured: benchmarks/RESULTS.md#memory). The backward is built on the stream
+    the forward ran on (`on_this_stream`); streams.py keeps MLX's default evaluation width for runs
+    that checkpoint, as a wide one undoes the saving.
+    """
+    flat = tree_flatten(block.trainable_parameters())  # empty for a locked (frozen) block
+    keys, values = [k for k, _ in flat], [v for _, v in flat]
+
+    def run(x, *values):
+        block.update(tree_unflatten(list(zip(keys, values, strict=True))))
+        return block(x, causal=causal)
+
+    def backward(primals, cotangent, output):
+        x, *values = primals
+        (x,) = mx.depends([x], [cotangent])  # recompute only once the cotangent exists
+        _, grads = mx.vjp(lambda *args: [run(*args)], [x, *values], [cotangent])
+        return tuple(grads)
+
+    return on_this_stream(run, backward)(x, *values)

@@ -1,0 +1,79 @@
+"""The arithmetic erf/exp/GELU kernels used on MLX's CPU backend match the native ops, and the
+switch (MLX_CLIP_KERNELS) picks them or the native ops."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_clip.models import kernels as fm
+
+
+def test_erf_matches_native_everywhere():
+    x = mx.array(np.linspace(-12, 12, 200001, dtype=np.float32))
+    assert float(mx.abs(fm.erf(x) - mx.erf(x)).max()) < 6e-7
+
+
+def test_exp_relative_error_over_float32_range():
+    x = mx.array(np.linspace(-87, 88, 200001, dtype=np.float32))
+    rel = mx.abs(fm.exp(x) - mx.exp(x)) / mx.exp(x)
+    assert float(rel.max()) < 5e-7
+    assert float(fm.exp(mx.array(-1000.0))) < 1e-37 and math.isfinite(float(fm.exp(mx.array(1000.0))))
+
+
+@pytest.mark.parametrize(
+    "fast,ref",
+    [
+        (fm.fast_gelu, lambda a: 0.5 * a * (1 + mx.erf(a / math.sqrt(2)))),
+        (fm.fast_quick_gelu, lambda a: a * mx.sigmoid(1.702 * a)),
+    ],
+)
+def test_activation_values_and_gradients(fast, ref):
+    x = mx.array(np.linspace(-10, 10, 100001, dtype=np.float32))
+    assert float(mx.abs(fast(x) - ref(x)).max()) < 2e-6
+    g_fast = mx.grad(lambda a: fast(a).sum())(x)
+    g_ref = mx.grad(lambda a: ref(a).sum())(x)
+    assert float(mx.abs(g_fast - g_ref).max()) < 2e-6
+    # and under mx.compile, as in the training step
+    g_comp = mx.compile(mx.grad(lambda a: fast(a).sum()))(x)
+    assert float(mx.abs(g_comp - g_ref).max()) < 2e-6
+
+
+def test_fast_path_only_on_cpu(monkeypatch):
+    monkeypatch.delenv(fm.ENV, raising=False)
+    assert fm.use_fast_kernels() == (mx.default_device() == mx.cpu)
+    monkeypatch.setenv(fm.ENV, "auto")
+    assert fm.use_fast_kernels() == (mx.default_device() == mx.cpu)
+
+
+@pytest.mark.parametrize("choice,fast", [("native", False), ("fast", True), (" Native ", False)])
+def test_environment_overrides_the_switch(monkeypatch, choice, fast):
+    monkeypatch.setenv(fm.ENV, choice)
+    assert fm.use_fast_kernels() is fast
+
+
+def test_environment_picks_the_kernel_the_activation_runs(monkeypatch):
+    """Under `native` the activations are exactly MLX's native formulas; under `fast` they are
+    the arithmetic kernels (which differ from the native ops in the last float bits)."""
+    x = mx.array(np.linspace(-6, 6, 10001, dtype=np.float32))
+    native = {
+        "gelu": lambda a: 0.5 * a * (1 + mx.erf(a * (1 / math.sqrt(2.0)))),
+        "quick_gelu": lambda a: a * mx.sigmoid(1.702 * a),
+    }
+    fast = {"gelu": fm.fast_gelu, "quick_gelu": fm.fast_quick_gelu}
+    for name in ("gelu", "quick_gelu"):
+        act = fm.activation(name)
+        monkeypatch.setenv(fm.ENV, "native")
+        assert mx.array_equal(act(x), native[name](x)).item()
+        monkeypatch.setenv(fm.ENV, "fast")
+        assert mx.array_equal(act(x), fast[name](x)).item()
+        assert not mx.array_equal(act(x), native[name](x)).item()
+
+
+def test_bad_environment_value_and_unknown_activation_are_errors(monkeypatch):
+    monkeypatch.setenv(fm.ENV, "fastest")
+    with pytest.raises(ValueError, match="MLX_CLIP_KERNELS='fastest'.*auto, native, fast"):
+        fm.use_fast_kernels()
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        fm.activation("relu")

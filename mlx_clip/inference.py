@@ -38,7 +38,7 @@ from safetensors.numpy import save_file
 
 from .config import load_config, model_config
 from .data.pipeline import open_image
-from .data.readers import DataError
+from .data.samples import DataError
 from .data.transforms import EvalTransform
 from .evaluation.metrics import zero_shot_classifier
 from .models.locate import resolve_checkpoint

@@ -168,7 +168,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from .config import ConfigError
-    from .data.readers import DataError
+    from .data.samples import DataError
     from .inference import load
     from .models.locate import resolve_checkpoint
 

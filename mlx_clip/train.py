@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
 
-    from .data.readers import DataError
+    from .data.samples import DataError
     from .interop.layouts import WeightError
     from .training.checkpoint import CheckpointWriteError
     from .training.loop import (

@@ -17,7 +17,8 @@ from PIL import Image
 
 from mlx_clip.data.checks import BadDataWarning, Report, SkipLog, check_image, prepare, scan
 from mlx_clip.data.pipeline import SUBST, DataError, Loader, Sample, open_image
-from mlx_clip.data.readers import Skip, read_bytes, read_samples
+from mlx_clip.data.readers import read_samples
+from mlx_clip.data.samples import Skip, read_bytes
 from mlx_clip.data.transforms import eval_transform
 
 quiet = pytest.mark.filterwarnings("ignore::mlx_clip.data.checks.BadDataWarning")

@@ -11,15 +11,9 @@ import tarfile
 import pytest
 from conftest import encoded, save_image, write_shard
 
-from mlx_clip.data.readers import (
-    DataError,
-    Sample,
-    TarRef,
-    expand_braces,
-    read_bytes,
-    read_samples,
-    split_samples,
-)
+from mlx_clip.data.readers import read_samples, split_samples
+from mlx_clip.data.samples import DataError, Sample, TarRef, read_bytes
+from mlx_clip.data.tar_shards import expand_braces
 
 
 def by_name(samples):

@@ -1,6 +1,8 @@
 """Data: from files on disk to seeded, rank-aware batches of images and token ids.
 
-readers.py     own-data formats (csv/tsv, json/jsonl, folders, tar shards) -> samples
+samples.py     what readers produce: samples, skip records, errors naming the file; caption checks
+readers.py     own-data formats (csv/tsv, json/jsonl, folders) -> samples
+tar_shards.py  WebDataset tar shards, indexed in place (never extracted)
 checks.py      bad-data checks before training (bad images and captions skipped and logged)
 transforms.py  CLIP preprocessing and train-time augmentation
 sampler.py     batch orders: random, hard-negative

@@ -66,7 +66,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .readers import REASONS, DataError, Sample, Skip, TarRef, clean_captions, read_bytes, read_samples
+from .readers import read_samples
+from .samples import REASONS, DataError, Sample, Skip, TarRef, clean_captions, read_bytes
 from .transforms import to_rgb
 
 MODES = ("header", "full", "off")

@@ -60,8 +60,9 @@ import mlx.data as dx
 import numpy as np
 
 from .checks import open_image
-from .readers import ON_ERROR, DataError, Sample, Skip, TarRef, read_samples, split_samples
+from .readers import ON_ERROR, read_samples, split_samples
 from .sampler import SAMPLERS, KeyWords, epoch_permutation, hard_negative_order, key_words
+from .samples import DataError, Sample, Skip, TarRef
 from .transforms import EvalTransform, TrainTransform, normalize
 
 # First words of the seed sequences: they keep the epoch orders (sampler.PERM, sampler.HARD) and

@@ -17,17 +17,17 @@ from mlx.utils import tree_flatten, tree_map
 
 import mlx_clip
 from mlx_clip.interop.layouts import WeightError
-from mlx_clip.models.weights import resolve_checkpoint
+from mlx_clip.models.locate import resolve_checkpoint, resolve_init
 from mlx_clip.training.checkpoint import (
     CHECKPOINT_FILES,
     CheckpointWriteError,
     find_resumable,
     load_checkpoint,
     prune_checkpoints,
-    resolve_init,
     save_checkpoint,
     verify_checkpoint,
 )
+from mlx_clip.training.state import RunState
 
 
 class FakeTokenizer:
@@ -47,7 +47,7 @@ def trained(seed):
 
 
 def save_step(root, step, model, opt):
-    return save_checkpoint(root, step, model, opt, FakeTokenizer(), "model: odd\n", {"epoch": 0})
+    return save_checkpoint(root, model, opt, FakeTokenizer(), "model: odd\n", RunState(step=step))
 
 
 def flat(tree):
@@ -110,13 +110,13 @@ def test_save_is_complete_checksummed_and_loads_back_exactly(tmp_path):
     assert ckpt == root / "step_3" and (root / "latest").resolve() == ckpt.resolve()
     assert not list(root.glob(".tmp-*")) and not (root / ".latest.tmp").exists()
     state = verify_checkpoint(ckpt)
-    assert state["step"] == 3 and state["epoch"] == 0 and "mlx_rng_key" in state
+    assert state["step"] == 3 and state["epoch"] == 0 and state["seed"] == 0
     # Every file but state.json itself carries a checksum.
     assert set(state["files"]) == {*CHECKPOINT_FILES, "tokenizer_config.json"} - {"state.json"}
     assert json.loads((ckpt / "state.json").read_text()) == state
 
     other, other_opt = trained(seed=2)
-    assert load_checkpoint(ckpt, other, other_opt) == state
+    assert load_checkpoint(ckpt, other, other_opt) == RunState.from_json(state)
     for want, got in ((model.parameters(), other.parameters()), (opt.state, other_opt.state)):
         want, got = flat(want), flat(got)
         assert want.keys() == got.keys()

@@ -75,7 +75,7 @@ def resolve_templates(spec: list[str]) -> tuple[str, ...]:
     if spec == ["none"]:
         return ()
     if spec == ["builtin"]:
-        from .data.synthetic import TEMPLATES
+        from .data.synthetic_captions import TEMPLATES
 
         return tuple(TEMPLATES)
     bad = [t for t in spec if "{}" not in t]

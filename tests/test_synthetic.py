@@ -13,16 +13,9 @@ import numpy as np
 import pytest
 
 from mlx_clip.data import synthetic
-from mlx_clip.data.synthetic import (
-    CLASSNAMES,
-    COLORS,
-    MAX_PARAPHRASES,
-    N_CAPTIONS,
-    SHAPES,
-    TEMPLATES,
-    generate,
-    write_dataset,
-)
+from mlx_clip.data.synthetic import generate, write_dataset
+from mlx_clip.data.synthetic_captions import MAX_PARAPHRASES, N_CAPTIONS, TEMPLATES
+from mlx_clip.data.synthetic_scene import CLASSNAMES, COLORS, SHAPES
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (6, 3)
 RELATIONS = ("left of", "right of", "above", "below")

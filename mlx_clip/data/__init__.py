@@ -7,6 +7,7 @@ checks.py      bad-data checks before training (bad images and captions skipped 
 transforms.py  CLIP preprocessing and train-time augmentation
 sampler.py     batch orders: random, hard-negative
 pipeline.py    the mlx-data loader: batches as a pure function of (seed, epoch, index)
-synthetic.py   the built-in dataset (`python -m mlx_clip.data.synthetic` writes it to disk)
+synthetic.py   the built-in dataset (`python -m mlx_clip.data.synthetic` writes it to disk), built from
+  synthetic_scene.py (shapes, colours, placement, rendering) and synthetic_captions.py (captions, prompts)
 run_data.py    what a run reads: train and held-out sets plus the tokenizer
 """

@@ -17,6 +17,8 @@ from ..text.tokenizer import Tokenizer, load_tokenizer, openai_tokenizer, train_
 from . import synthetic
 from .pipeline import ArraySource, Loader
 from .readers import read_samples, split_samples
+from .synthetic_captions import TEMPLATES
+from .synthetic_scene import CLASSNAMES
 
 # The built-in dataset is generated from a fixed seed, so every run (whatever train.seed)
 # is evaluated on the same held-out images.
@@ -131,7 +133,7 @@ def build_run_data(
             # The held-out captions ignore builtin_paraphrases: runs are compared on the same set.
             val_set = synthetic.generate(d.builtin_val_size, S, BUILTIN_SEED, "val", "single", grid)
             val_src, labels = ArraySource(val_set.images, val_set.captions), val_set.labels
-            classnames, templates = list(synthetic.CLASSNAMES), list(synthetic.TEMPLATES)
+            classnames, templates = list(CLASSNAMES), list(TEMPLATES)
         # No augmentation: colour and position are what the captions describe.
     else:
         source = d.train

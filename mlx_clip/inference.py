@@ -44,7 +44,8 @@ from .evaluation.metrics import zero_shot_classifier
 from .models.locate import resolve_checkpoint
 from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
 from .models.weights import load_weights
-from .text.tokenizer import Tokenizer, load_tokenizer
+from .text.tokenizer import Tokenizer
+from .text.vocab import load_tokenizer
 
 # CLIP-style prompt ensemble. Every template puts an article right before "{}", which a label that
 # brings its own article ("a cat", "the sea") replaces (see `prompts_for`).

@@ -31,7 +31,8 @@ from mlx_clip.config import (
     model_config,
     to_dict,
 )
-from mlx_clip.text.tokenizer import Tokenizer, openai_tokenizer, train_tokenizer
+from mlx_clip.text.tokenizer import Tokenizer
+from mlx_clip.text.vocab import openai_tokenizer, train_tokenizer
 
 torch = pytest.importorskip("torch")
 

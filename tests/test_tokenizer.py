@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 
 from mlx_clip.text import tokenizer as tokmod
-from mlx_clip.text.tokenizer import (
-    Tokenizer,
-    clean_text,
-    load_tokenizer,
-    openai_tokenizer,
-    train_tokenizer,
-)
+from mlx_clip.text import vocab
+from mlx_clip.text.tokenizer import Tokenizer, clean_text
+from mlx_clip.text.vocab import load_tokenizer, openai_tokenizer, train_tokenizer
 
 LONG = "a very long caption about a red bicycle leaning on a wall " * 12  # ~150 tokens
 
@@ -293,7 +289,7 @@ def test_load_rejects_moved_special_ids(trained, tmp_path):
 
 
 def test_missing_openai_vocab_says_how_to_get_one(monkeypatch, tmp_path):
-    monkeypatch.setattr(tokmod, "_find_openai_source", lambda: None)
+    monkeypatch.setattr(vocab, "_find_openai_source", lambda: None)
     with pytest.raises(FileNotFoundError, match="open_clip_torch.*huggingface-cli download"):
         openai_tokenizer()
     with pytest.raises(FileNotFoundError, match="no_vocab_here"):

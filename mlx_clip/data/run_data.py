@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Config, ModelConfig
-from ..text.tokenizer import Tokenizer, load_tokenizer, openai_tokenizer, train_tokenizer
+from ..text.tokenizer import Tokenizer
+from ..text.vocab import load_tokenizer, openai_tokenizer, train_tokenizer
 from . import synthetic
 from .pipeline import ArraySource, Loader
 from .readers import read_samples, split_samples

@@ -39,9 +39,8 @@ from ..text.tokenizer import (
     OPENAI_VOCAB_SIZE,
     TOKENIZER_FILE,
     Tokenizer,
-    _read_hf_dir,
-    openai_tokenizer,
 )
+from ..text.vocab import _read_hf_dir, openai_tokenizer
 from .files import (
     contiguous,
     read_checkpoint,

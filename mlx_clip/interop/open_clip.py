@@ -53,7 +53,8 @@ from ..config import (
     model_config,
 )
 from ..data.transforms import OPENAI_MEAN, OPENAI_STD
-from ..text.tokenizer import OPENAI_VOCAB_SIZE, openai_tokenizer
+from ..text.tokenizer import OPENAI_VOCAB_SIZE
+from ..text.vocab import openai_tokenizer
 from .files import contiguous, read_checkpoint, read_state_dict, staged_output, write_checkpoint
 from .hf import read_hf_tokenizer, write_hf_tokenizer
 from .layouts import BIAS_KEY, WeightError, canonical_to_open_clip, open_clip_to_canonical

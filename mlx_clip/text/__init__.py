@@ -1,1 +1,6 @@
-"""Text: the CLIP byte-level BPE tokenizer (OpenAI vocabulary or trained on captions), framework-free."""
+"""Text, framework-free.
+
+tokenizer.py   the CLIP byte-level BPE Tokenizer: cleaning, encoding, decoding, save / load
+vocab.py       where a Tokenizer comes from: OpenAI's vocabulary (offline), a BPE trained on captions,
+               a saved directory or a Hugging Face CLIP directory
+"""

@@ -105,6 +105,26 @@ def _checked(source: str, d, kw: dict, skip_log) -> list:
     return report.samples
 
 
+def _builtin_sources(d, mcfg: ModelConfig, with_train: bool):
+    """The built-in dataset: (description, train source or None, val source, val labels or None)."""
+    S = mcfg.image_size
+    grid = d.builtin_grid
+    if grid < 0:  # auto: the patch grid, when it has room for two large objects side by side
+        grid = mcfg.patch_size if S // mcfg.patch_size >= 5 else 0
+    paraphrases = f", {d.builtin_paraphrases} paraphrases" if d.builtin_paraphrases else ""
+    source = f"built-in shapes ({d.builtin_split}, {S}px, grid {grid or 'off'}{paraphrases})"
+    train_src, val_src, labels = None, [], None
+    if with_train:
+        n, split, paraphrases = d.builtin_train_size, d.builtin_split, d.builtin_paraphrases or 1
+        train_set = synthetic.generate(n, S, BUILTIN_SEED, "train", split, grid, paraphrases)
+        train_src = ArraySource(train_set.images, train_set.captions)
+    if not d.val:
+        # The held-out captions ignore builtin_paraphrases: runs are compared on the same set.
+        val_set = synthetic.generate(d.builtin_val_size, S, BUILTIN_SEED, "val", "single", grid)
+        val_src, labels = ArraySource(val_set.images, val_set.captions), val_set.labels
+    return source, train_src, val_src, labels
+
+
 def build_run_data(
     cfg: Config,
     mcfg: ModelConfig,
@@ -117,27 +137,15 @@ def build_run_data(
     """Loaders and tokenizer for a run. with_train=False builds the held-out sets only (eval)."""
     d = cfg.data
     S = mcfg.image_size
-    classnames, templates, labels = [], [], None
     kw = dict(image_key=d.image_key, caption_key=d.caption_key, fmt=d.format)
-    train_src, val_src, augment = None, [], False
+    classnames, templates, labels, augment = [], [], None, False
     if d.train == "builtin":
-        grid = d.builtin_grid
-        if grid < 0:  # auto: the patch grid, when it has room for two large objects side by side
-            grid = mcfg.patch_size if S // mcfg.patch_size >= 5 else 0
-        paraphrases = f", {d.builtin_paraphrases} paraphrases" if d.builtin_paraphrases else ""
-        source = f"built-in shapes ({d.builtin_split}, {S}px, grid {grid or 'off'}{paraphrases})"
-        if with_train:
-            n, split, paraphrases = d.builtin_train_size, d.builtin_split, d.builtin_paraphrases or 1
-            train_set = synthetic.generate(n, S, BUILTIN_SEED, "train", split, grid, paraphrases)
-            train_src = ArraySource(train_set.images, train_set.captions)
-        if not d.val:
-            # The held-out captions ignore builtin_paraphrases: runs are compared on the same set.
-            val_set = synthetic.generate(d.builtin_val_size, S, BUILTIN_SEED, "val", "single", grid)
-            val_src, labels = ArraySource(val_set.images, val_set.captions), val_set.labels
+        source, train_src, val_src, labels = _builtin_sources(d, mcfg, with_train)
+        if labels is not None:
             classnames, templates = list(CLASSNAMES), list(TEMPLATES)
         # No augmentation: colour and position are what the captions describe.
     else:
-        source = d.train
+        source, train_src, val_src = d.train, None, []
         if with_train:
             train_src = _checked(d.train, d, kw, skip_log)
             if not d.val and d.val_ratio > 0:

@@ -4,7 +4,7 @@ Same class names, attribute names and checkpoint keys as mlx_clip; images are
 NCHW here. Used for parity tests, weight exchange and benchmarks.
 """
 
-from .checkpoint import load_weights, save_weights
+from .weights import load_weights, save_weights
 from .device import pick_device
 from .loss import clip_loss
 from .model import CLIP, create_model

@@ -27,7 +27,7 @@ from mlx_clip.training.optim_rules import decays, is_locked, lr_at, tower_lr
 from mlx_clip.training.temperature import Temperature
 
 from .accum import accum_backward
-from .checkpoint import load_weights, save_weights
+from .weights import load_weights, save_weights
 from .loss import contrastive_loss
 from .model import LOGIT_SCALE_MAX, create_model
 

@@ -1,4 +1,4 @@
-"""PyTorch mirror of mlx_clip/training/checkpoint.py: the same canonical safetensors files."""
+"""PyTorch mirror of mlx_clip/models/weights.py: the same canonical safetensors files."""
 
 from __future__ import annotations
 

@@ -27,9 +27,9 @@ from mlx_clip.training.optim_rules import decays, is_locked, lr_at, tower_lr
 from mlx_clip.training.temperature import Temperature
 
 from .accum import accum_backward
-from .weights import load_weights, save_weights
 from .loss import contrastive_loss
 from .model import LOGIT_SCALE_MAX, create_model
+from .weights import load_weights, save_weights
 
 
 def param_groups(model: torch.nn.Module, cfg) -> list[dict]:

@@ -1,17 +1,18 @@
 """Bad data: find it before training, skip and report it, never crash mid-epoch.
 
-Integration (run_data / trainer). Config fields to add under `data:`:
+(`data.validate` names the pre-flight check; this module is the checks as a whole.) The config
+fields under `data:`:
 
     validate: header            # "header" | "full" | "off": the pre-flight image check (below)
     max_bad_fraction: 0.05      # more bad items than this share: DataError before training
     max_image_pixels: 89478485  # width * height limit, read from the header before decoding
     max_caption_chars: 4096     # a longer caption is bad (0: no limit)
 
-and the calls:
+and how data/run_data.py and the training loop use it:
 
-    from mlx_clip.data import checks as validate
-    log = validate.SkipLog(out / "skipped.jsonl")  # one per run; thread-safe; a JSON line per skip
-    report = validate.prepare(                     # scan + log + counted warning + threshold check
+    from mlx_clip.data import checks
+    log = checks.SkipLog(out / "skipped.jsonl")  # one per run; thread-safe; a JSON line per skip
+    report = checks.prepare(                       # scan + log + counted warning + threshold check
         d.train, log=log, mode=d.validate, max_bad_fraction=d.max_bad_fraction,
         max_image_pixels=d.max_image_pixels, max_caption_chars=d.max_caption_chars,
         image_key=d.image_key, caption_key=d.caption_key, fmt=d.format,

@@ -88,12 +88,12 @@ def build_tokenizer(
 
 def _checked(source: str, d, kw: dict, skip_log) -> list:
     """Samples of an own-data source; with a skip log, bad items are scanned for, logged and
-    dropped (validate.prepare), and too large a bad share stops the run here, before training."""
+    dropped (checks.prepare), and too large a bad share stops the run here, before training."""
     if skip_log is None:
         return read_samples(source, **kw)
-    from . import checks as validate
+    from . import checks
 
-    report = validate.prepare(
+    report = checks.prepare(
         source,
         log=skip_log,
         mode=d.validate,

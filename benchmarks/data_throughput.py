@@ -35,9 +35,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import mlx_clip  # noqa: F401  (OpenBLAS before mlx.core, see mlx_clip/_blas.py)
-from mlx_clip.config import Config, model_config, to_dict
+from mlx_clip.config import Config
 from mlx_clip.data.pipeline import Loader
 from mlx_clip.data.readers import read_samples
+from mlx_clip.models.config import model_config
+from mlx_clip.schema import to_dict
 
 from .common import contention, cpu_snapshot, record_header
 from .train_throughput import default_out, run_backend

@@ -36,11 +36,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .config import load_config, model_config
+from .config import load_config
 from .data.pipeline import open_image
 from .data.readers import DataError
 from .data.transforms import EvalTransform
 from .evaluation.metrics import zero_shot_classifier
+from .models.config import model_config
 from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
 from .models.weights import load_weights, resolve_checkpoint
 from .text.tokenizer import Tokenizer, load_tokenizer

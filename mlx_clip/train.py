@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .schema import ConfigError
 
 USAGE = __doc__.splitlines()[0].strip("`")
 

@@ -16,9 +16,9 @@ from benchmarks import train_throughput as tt
 from benchmarks.common import synthetic_batch
 from benchmarks.data_throughput import loader_rate, write_sources
 from benchmarks.flops import clip_flops_per_pair
-from mlx_clip.config import model_config
 from mlx_clip.data.pipeline import Loader
 from mlx_clip.data.readers import read_samples
+from mlx_clip.models.config import model_config
 
 torch = pytest.importorskip("torch")
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402

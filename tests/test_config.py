@@ -4,7 +4,8 @@ import pytest
 import yaml
 from conftest import ODD_ARCH
 
-from mlx_clip.config import ConfigError, ModelConfig, model_config
+from mlx_clip.models.config import ModelConfig, model_config
+from mlx_clip.schema import ConfigError
 
 
 def test_name_dict_and_path_resolve_the_same(tmp_path):

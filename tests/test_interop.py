@@ -22,15 +22,9 @@ from mlx.utils import tree_map
 
 import mlx_clip
 from mlx_clip import convert, export
-from mlx_clip.config import (
-    Config,
-    ConfigError,
-    ModelConfig,
-    config_to_yaml,
-    load_config,
-    model_config,
-    to_dict,
-)
+from mlx_clip.config import Config, config_to_yaml, load_config
+from mlx_clip.models.config import ModelConfig, model_config
+from mlx_clip.schema import ConfigError, to_dict
 from mlx_clip.text.tokenizer import Tokenizer, openai_tokenizer, train_tokenizer
 
 torch = pytest.importorskip("torch")

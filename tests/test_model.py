@@ -9,7 +9,7 @@ from conftest import ODD_ARCH, random_tokens
 from mlx.utils import tree_flatten
 
 import mlx_clip
-from mlx_clip.config import available_models, model_config
+from mlx_clip.models.config import available_models, model_config
 from mlx_clip.models.model import LOGIT_SCALE_MAX
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mlx_clip.config import ConfigError, load_config
+from mlx_clip.config import load_config
+from mlx_clip.schema import ConfigError
 from mlx_clip.train import main as train_main
 from mlx_clip.train import parse_args
 

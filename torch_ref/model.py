@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlx_clip.config import ModelConfig, model_config
+from mlx_clip.models.config import ModelConfig, model_config
 
 from .device import pick_device
 from .transformer import TextTransformer, VisionTransformer

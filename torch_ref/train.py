@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 import mlx_clip  # noqa: F401  (BLAS fix before anything imports mlx.core via mlx.data)
-from mlx_clip.config import ConfigError, config_to_yaml, load_config
+from mlx_clip.config import config_to_yaml, load_config
 from mlx_clip.data.run_data import build_run_data
 from mlx_clip.evaluation.metrics import evaluate_run
+from mlx_clip.schema import ConfigError
 from mlx_clip.train import parse_args
 from mlx_clip.training.checkpoint import resolve_init
 from mlx_clip.training.loop import val_pairs

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mlx_clip.config import ModelConfig
+from mlx_clip.models.config import ModelConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -26,17 +26,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config import (
-    Config,
-    LossConfig,
-    available_models,
-    config_to_yaml,
-    load_config,
-    model_config,
-    to_dict,
-)
+from ..config import Config, LossConfig, config_to_yaml, load_config
+from ..models.config import available_models, model_config
 from ..models.model import CLIP
 from ..models.weights import read_safetensors, resolve_checkpoint, save_weights
+from ..schema import to_dict
 from ..text.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from ..text.tokenizer import Tokenizer
 from .layouts import WeightError, check_state

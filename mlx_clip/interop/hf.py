@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from ..config import ConfigError, ModelConfig
 from ..data.transforms import OPENAI_MEAN, OPENAI_STD
+from ..models.config import ModelConfig
+from ..schema import ConfigError
 from ..text.tokenizer import (
     END_OF_WORD,
     HF_EOT_TOKEN,

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map, tree_map_with_path
 
-from ..config import ModelConfig, model_config
+from .config import ModelConfig, model_config
 from .transformer import TextTransformer, VisionTransformer
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import ModelConfig
+from .config import ModelConfig
 from .fastmath import gelu, on_this_stream, quick_gelu
 
 # Exact (erf) GELU as torch.nn.GELU() / HF "gelu", and OpenAI's x * sigmoid(1.702 x); both use

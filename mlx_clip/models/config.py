@@ -1,0 +1,115 @@
+"""ModelConfig: an architecture, what a checkpoint needs to be rebuilt (configs/models/*.yaml).
+
+Framework-free: mlx_clip's and torch_ref's models are both built from it. Run settings (data,
+loss, optimizer, ...) live in mlx_clip/config.py.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..schema import ConfigError, from_dict, load_yaml
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
+
+
+@dataclass
+class ModelConfig:
+    """Architecture only: what a checkpoint needs to be rebuilt."""
+
+    embed_dim: int = 512
+    # vision tower
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    # text tower
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    # shared
+    mlp_ratio: float = 4.0
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # Temperature and bias at init: logit_scale = init_logit_scale (None: log(1/0.07), CLIP's);
+    # a learnable logit_bias exists only when init_logit_bias is set (SigLIP: log 10 and -10).
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
+
+    def validate(self, where: str = "model") -> None:
+        for name in (
+            "embed_dim",
+            "image_size",
+            "patch_size",
+            "vision_width",
+            "vision_layers",
+            "vision_heads",
+            "context_length",
+            "vocab_size",
+            "text_width",
+            "text_layers",
+            "text_heads",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"{where}.image_size={self.image_size} is not divisible by "
+                f"{where}.patch_size={self.patch_size}: the ViT needs a whole grid of patches"
+            )
+        for tower in ("vision", "text"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if width % heads:
+                raise ConfigError(
+                    f"{where}.{tower}_width={width} is not divisible by "
+                    f"{where}.{tower}_heads={heads}: each head needs an equal slice"
+                )
+        if self.activation not in ("quick_gelu", "gelu"):
+            raise ConfigError(f"{where}.activation must be 'quick_gelu' or 'gelu', got {self.activation!r}")
+        if self.mlp_ratio <= 0 or int(self.vision_width * self.mlp_ratio) <= 0:
+            raise ConfigError(f"{where}.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not 0 < self.layer_norm_eps < 1:
+            raise ConfigError(f"{where}.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def available_models() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+
+
+def model_config(arch: str | dict | ModelConfig) -> ModelConfig:
+    """Resolve an architecture name, YAML path or dict of fields to a validated ModelConfig."""
+    if isinstance(arch, ModelConfig):
+        cfg = arch
+    elif isinstance(arch, dict):
+        cfg = from_dict(ModelConfig, arch, prefix="model")
+    elif isinstance(arch, (str, Path)):
+        path = Path(arch)
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            data = load_yaml(path)
+        elif (MODEL_CONFIG_DIR / f"{arch}.yaml").is_file():
+            data = load_yaml(MODEL_CONFIG_DIR / f"{arch}.yaml")
+        else:
+            names = available_models()
+            close = difflib.get_close_matches(str(arch), names, n=1, cutoff=0.4)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown architecture '{arch}'{hint} (available: {', '.join(names)})")
+        try:
+            cfg = from_dict(ModelConfig, data, prefix="model")
+        except ConfigError as e:
+            raise ConfigError(f"{arch}: {e}") from None
+    else:
+        raise ConfigError(f"arch must be a name, a path or a dict, got {type(arch).__name__}")
+    cfg.validate()
+    return cfg
+
+
+__all__ = ["MODEL_CONFIG_DIR", "ModelConfig", "available_models", "model_config"]

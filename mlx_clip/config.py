@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -22,6 +23,19 @@ CONFIG_DIR = REPO_ROOT / "configs"
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper: t' = log 10, b = -10
 SIGLIP_LOGIT_BIAS_INIT = -10.0
 
+# Allowed values, each listed once: the coercer (schema.py) refuses anything else, naming the key, and
+# the module that acts on a value takes its tuple from here with typing.get_args.
+Auto = Literal["auto"]
+SourceFormat = Literal["csv", "tsv", "json", "jsonl", "folder", "tar"]  # a reader each: data/readers.py
+DataFormat = Literal["auto", SourceFormat]  # auto: detected from the path
+ImageCheck = Literal["header", "full", "off"]  # data/checks.py
+BuiltinSplit = Literal["single", "pair", "mixed"]  # data/synthetic.py
+Sampler = Literal["random", "hard_negative"]  # data/sampler.py
+LossType = Literal["clip", "siglip", "hard_negative", "multi_scale"]  # training/loss.py
+HardNegativeStrategy = Literal["semi-hard", "hard", "weighted"]  # training/loss.py
+TemperatureSchedule = Literal["learnable", "constant", "warmup", "cosine", "exponential", "adaptive"]
+Precision = Literal["float32", "bfloat16"]
+
 
 @dataclass
 class DataConfig:
@@ -32,10 +46,10 @@ class DataConfig:
     train: str = "builtin"
     val: str | None = None
     val_ratio: float = 0.05  # held out of `train` when no `val` is given
-    format: str = "auto"
+    format: DataFormat = "auto"
     image_key: str = "image"
     caption_key: str = "caption"
-    batch_size: int | str = 64  # or "auto": the largest batch within train.memory_budget_gb
+    batch_size: int | Auto = 64  # or "auto": the largest batch within train.memory_budget_gb
     num_workers: int = 2
     prefetch: int = 4
     # augmentation, train split only (no horizontal flip by default: captions say left/right)
@@ -43,23 +57,23 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     color_jitter: float = 0.0
     hflip: bool = False
-    # bad data (own data only): pre-flight image check "header" | "full" | "off"; a run with a
+    # bad data (own data only): the pre-flight image check (data/checks.py); a run with a
     # larger bad share stops before it starts; every skip goes to OUT/skipped.jsonl
-    validate: str = "header"
+    validate: ImageCheck = "header"
     max_bad_fraction: float = 0.05
     max_image_pixels: int = 89478485  # width x height, read from the header before decoding
     max_caption_chars: int = 4096  # 0: no limit
     # the built-in dataset
     builtin_train_size: int = 20000
     builtin_val_size: int = 1000
-    builtin_split: str = "mixed"  # single | pair | mixed
+    builtin_split: BuiltinSplit = "mixed"
     # Objects snapped to a grid of this many pixels (-1: the model's patch size; 0: free placement).
     builtin_grid: int = -1
     # Built-in training captions: 0 = five captions of varying detail per image (the default data);
     # 2-10 = that many complete paraphrases instead. Training draws one caption per step.
     builtin_paraphrases: int = 0
     # "random" or "hard_negative": batches group samples whose captions share nouns (harder negatives).
-    sampler: str = "random"
+    sampler: Sampler = "random"
 
 
 @dataclass
@@ -70,17 +84,13 @@ class TokenizerConfig:
     kind: str = "auto"
 
 
-LOSS_TYPES = ("clip", "siglip", "hard_negative", "multi_scale")
-TEMPERATURE_SCHEDULES = ("learnable", "constant", "warmup", "cosine", "exponential", "adaptive")
-
-
 @dataclass
 class TemperatureConfig:
     """The softmax temperature tau (logits = cosine / tau; the logit scale is 1 / tau)."""
 
     # learnable (CLIP: a trained log(1/tau), clamped at tau >= 0.01) | constant | warmup | cosine |
     # exponential | adaptive (lower tau by `factor` when the val loss stops improving)
-    schedule: str = "learnable"
+    schedule: TemperatureSchedule = "learnable"
     start: float = 0.07  # tau at step 0
     end: float = (
         0.01  # warmup: reached after warmup_steps; cosine/exponential: at the last step; adaptive: floor
@@ -91,10 +101,6 @@ class TemperatureConfig:
     threshold: float = 1e-3  # adaptive: a relative val-loss drop smaller than this is no improvement
 
     def validate(self, where: str = "loss.temperature") -> None:
-        if self.schedule not in TEMPERATURE_SCHEDULES:
-            raise ConfigError(
-                f"{where}.schedule must be one of {', '.join(TEMPERATURE_SCHEDULES)}, got {self.schedule!r}"
-            )
         for name in ("start", "end"):
             tau = getattr(self, name)
             if not 0.01 <= tau <= 100:
@@ -112,13 +118,13 @@ class TemperatureConfig:
 @dataclass
 class LossConfig:
     # clip (symmetric InfoNCE) | siglip (pairwise sigmoid) | hard_negative | multi_scale
-    type: str = "clip"
+    type: LossType = "clip"
     label_smoothing: float = 0.0
     # Data parallel only: each rank computes the loss rows of its own samples against the gathered
     # global batch ((b, W*b) logits) instead of the whole (W*b, W*b) loss; same gradients.
     local_loss: bool = False
     # hard_negative: which negatives get extra weight, and how much (docs/objectives.md)
-    strategy: str = "hard"  # semi-hard | hard | weighted
+    strategy: HardNegativeStrategy = "hard"
     ratio: float = 0.1  # share of each row's negatives that count as hard (hard, semi-hard)
     weight: float = 1.0  # extra weight of the hard negatives; 0 is plain clip
     margin: float = 0.2  # semi-hard: cosine margin below the positive
@@ -128,14 +134,10 @@ class LossConfig:
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
 
     def validate(self) -> None:
-        if self.type not in LOSS_TYPES:
-            raise ConfigError(f"loss.type must be one of {', '.join(LOSS_TYPES)}, got {self.type!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.label_smoothing and self.type == "siglip":
             raise ConfigError("loss.label_smoothing applies to softmax losses, not loss.type=siglip")
-        if self.strategy not in ("semi-hard", "hard", "weighted"):
-            raise ConfigError(f"loss.strategy must be semi-hard, hard or weighted, got {self.strategy!r}")
         if not 0 < self.ratio <= 1:
             raise ConfigError(f"loss.ratio must be in (0, 1], got {self.ratio}")
         if self.weight < 0:
@@ -181,11 +183,11 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 450
     seed: int = 0
-    precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 weights and optimizer)
+    precision: Precision = "float32"  # bfloat16: bf16 compute, float32 weights and optimizer
     grad_checkpointing: bool = False  # recompute each transformer block in backward: less memory
     # Batch shards run on their own MLX streams (mlx_clip/training/streams.py): "auto" is one per core on
     # the CPU backend, where a stream is one busy core, and 1 on a GPU.
-    streams: int | str = "auto"
+    streams: int | Auto = "auto"
     memory_budget_gb: float | None = None  # data.batch_size auto: None is 60% of device memory
     log_every: int = 20
     eval_every: int = 150  # 0: only at the end
@@ -244,10 +246,7 @@ class Config:
                 )
         mcfg = self.model_config()
         d, o, t = self.data, self.optim, self.train
-        if isinstance(d.batch_size, str):
-            if d.batch_size != "auto":
-                raise ConfigError(f"data.batch_size must be an integer or 'auto', got {d.batch_size!r}")
-        elif d.batch_size < 2:
+        if d.batch_size != "auto" and d.batch_size < 2:
             raise ConfigError(
                 f"data.batch_size={d.batch_size}: a contrastive loss needs at least 2 pairs per batch "
                 "(the other pairs are the negatives)"
@@ -258,14 +257,6 @@ class Config:
             raise ConfigError(
                 f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}"
             )
-        if d.builtin_split not in ("single", "pair", "mixed"):
-            raise ConfigError(f"data.builtin_split must be single, pair or mixed, got {d.builtin_split!r}")
-        if d.format not in ("auto", "csv", "tsv", "json", "jsonl", "folder", "tar"):
-            raise ConfigError(
-                f"data.format must be auto, csv, tsv, json, jsonl, folder or tar, got {d.format!r}"
-            )
-        if d.validate not in ("header", "full", "off"):
-            raise ConfigError(f"data.validate must be header, full or off, got {d.validate!r}")
         if not 0 <= d.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
         if d.max_image_pixels < 1 or d.max_caption_chars < 0:
@@ -277,8 +268,6 @@ class Config:
                 f"data.builtin_paraphrases must be 0 (the five default captions per image) or 2-10 "
                 f"paraphrases, got {d.builtin_paraphrases}"
             )
-        if d.sampler not in ("random", "hard_negative"):
-            raise ConfigError(f"data.sampler must be random or hard_negative, got {d.sampler!r}")
         self.loss.validate()
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise ConfigError(
@@ -304,9 +293,7 @@ class Config:
             raise ConfigError("optim.warmup_steps, weight_decay and grad_clip must be >= 0, and eps > 0")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be at least 1, got {t.steps}")
-        if t.precision not in ("float32", "bfloat16"):
-            raise ConfigError(f"train.precision must be float32 or bfloat16, got {t.precision!r}")
-        if t.streams != "auto" and (isinstance(t.streams, str) or t.streams < 1):
+        if t.streams != "auto" and t.streams < 1:
             raise ConfigError(f"train.streams must be a positive integer or 'auto', got {t.streams!r}")
         if t.memory_budget_gb is not None and t.memory_budget_gb <= 0:
             raise ConfigError(f"train.memory_budget_gb must be > 0 (or null), got {t.memory_budget_gb}")

@@ -1,7 +1,9 @@
 """Strict YAML / dict -> dataclass conversion, the machinery under every config in mlx_clip.
 
 A dataclass's type hints are the schema: `from_dict` refuses unknown keys (naming the nearest
-valid one) and values of the wrong type. Framework-free, and it knows no particular config:
+valid one) and values of the wrong type, and a `Literal[...]` hint is the one list of a field's
+allowed values (the modules that act on a value derive their tuples from it with
+`typing.get_args`). Framework-free, and it knows no particular config:
 mlx_clip/config.py (the run) and mlx_clip/models/config.py (an architecture) are built on it.
 """
 
@@ -26,8 +28,28 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _either(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def one_of(values: tuple) -> str:
+    """('a', 'b', 'c') -> "'a', 'b' or 'c'", for error messages."""
+    return _either([repr(v) for v in values])
+
+
+_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _allowed(tp: Any) -> list[str]:
+    """A union member in an error message: a Literal's values, or what a type accepts in words."""
+    if typing.get_origin(tp) is typing.Literal:
+        return [repr(a) for a in typing.get_args(tp)]
+    return [_WORDS.get(tp) or _type_name(tp)]
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    """Check `value` against the annotation `tp`; ints are accepted for floats, and a Literal's
+    value must be one of its arguments."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -40,7 +62,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 pass
+        if any(typing.get_origin(a) is typing.Literal for a in args):  # e.g. int | Literal["auto"]
+            allowed = [word for a in args for word in _allowed(a)]
+            raise ConfigError(f"{key} must be {_either(allowed)}, got {value!r}")
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        # The type is compared too: True == 1 must not pass for a Literal[1].
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ConfigError(f"{key} must be {one_of(allowed)}, got {value!r}")
+        return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -130,4 +161,4 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-__all__ = ["ConfigError", "from_dict", "load_yaml", "set_dotted", "to_dict", "unknown_key_error"]
+__all__ = ["ConfigError", "from_dict", "load_yaml", "one_of", "set_dotted", "to_dict", "unknown_key_error"]

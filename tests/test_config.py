@@ -123,6 +123,21 @@ def test_out_of_range_values_name_the_field(key, value, message):
         load_config(None, [(key, value)])
 
 
+def test_a_fixed_set_of_values_is_named_in_the_error():
+    from mlx_clip.config import load_config
+
+    with pytest.raises(ConfigError, match=r"data\.sampler must be 'random' or 'hard_negative', got 'nouns'"):
+        load_config(None, [("data.sampler", "nouns")])
+    with pytest.raises(ConfigError, match=r"schedule must be 'learnable', .* got 'linear'"):
+        load_config(None, [("loss.temperature.schedule", "linear")])
+    with pytest.raises(ConfigError, match=r"train\.streams must be an integer or 'auto', got 'fast'"):
+        load_config(None, [("train.streams", "fast")])
+    with pytest.raises(ConfigError, match=r"data\.format must be .*, got 5"):  # a non-string, too
+        load_config(None, [("data.format", "5")])
+    cfg = load_config(None, [("data.batch_size", "auto"), ("train.streams", "3")])
+    assert (cfg.data.batch_size, cfg.train.streams) == ("auto", 3)
+
+
 def test_yaml_is_read_safely_and_missing_files_are_named(tmp_path):
     from mlx_clip.config import load_config
 

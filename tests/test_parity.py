@@ -113,3 +113,13 @@ def test_thirty_adamw_steps_track(tmp_path):
     tw = torch_to_canonical({k: v.detach().numpy() for k, v in t.state_dict().items()})
     for k, v in tree_flatten(m.parameters()):
         np.testing.assert_allclose(np.array(v), tw[k], atol=1e-4, err_msg=k)
+
+
+def test_both_frameworks_implement_exactly_the_configurable_activations():
+    """model.activation's Literal is the one list of names; each framework has a function per name."""
+    import typing
+
+    from mlx_clip.models.config import Activation
+    from mlx_clip.models.transformer import ACTIVATIONS
+
+    assert tuple(ACTIVATIONS) == tuple(torch_ref.transformer.ACTIVATIONS) == typing.get_args(Activation)

@@ -45,14 +45,17 @@ import json
 import os
 import re
 import tarfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..config import SourceFormat
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-FORMATS = ("csv", "tsv", "json", "jsonl", "folder", "tar")
+FORMATS = typing.get_args(SourceFormat)
 ON_ERROR = ("raise", "skip")
 
 # Why an item was skipped: the codes that Skip.reason and the summaries count by.

@@ -34,11 +34,14 @@ from __future__ import annotations
 import argparse
 import csv
 import struct
+import typing
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..config import BuiltinSplit
 
 # Well separated in RGB: every colour has one channel <= 60 and one >= 140, so it stands out from both
 # the dark and the light grey backgrounds, and the nearest-colour decision survives the jitter.
@@ -62,7 +65,7 @@ TEMPLATES: list[str] = [
     "a small {}.",
     "a large {}.",
 ]
-SPLITS = ("single", "pair", "mixed")
+SPLITS = typing.get_args(BuiltinSplit)
 PARTS = ("train", "val", "test")
 N_CAPTIONS = 5  # captions per image: the same count for every split, so batches can index uniformly
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..schema import ConfigError, from_dict, load_yaml
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
+# The MLP activations: transformer.ACTIVATIONS (and torch_ref's) implement exactly these.
+Activation = Literal["quick_gelu", "gelu"]
 
 
 @dataclass
@@ -34,7 +37,7 @@ class ModelConfig:
     text_heads: int = 8
     # shared
     mlp_ratio: float = 4.0
-    activation: str = "quick_gelu"
+    activation: Activation = "quick_gelu"
     layer_norm_eps: float = 1e-5
     # Temperature and bias at init: logit_scale = init_logit_scale (None: log(1/0.07), CLIP's);
     # a learnable logit_bias exists only when init_logit_bias is set (SigLIP: log 10 and -10).
@@ -69,8 +72,6 @@ class ModelConfig:
                     f"{where}.{tower}_width={width} is not divisible by "
                     f"{where}.{tower}_heads={heads}: each head needs an equal slice"
                 )
-        if self.activation not in ("quick_gelu", "gelu"):
-            raise ConfigError(f"{where}.activation must be 'quick_gelu' or 'gelu', got {self.activation!r}")
         if self.mlp_ratio <= 0 or int(self.vision_width * self.mlp_ratio) <= 0:
             raise ConfigError(f"{where}.mlp_ratio must be positive, got {self.mlp_ratio}")
         if not 0 < self.layer_norm_eps < 1:

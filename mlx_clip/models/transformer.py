@@ -6,16 +6,18 @@ this file name for name, so both frameworks share one key scheme.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import ModelConfig
+from .config import Activation, ModelConfig
 from .fastmath import gelu, on_this_stream, quick_gelu
 
 # Exact (erf) GELU as torch.nn.GELU() / HF "gelu", and OpenAI's x * sigmoid(1.702 x); both use
 # arithmetic-only kernels on MLX's CPU backend, where erf/exp are slow (see fastmath.py).
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+ACTIVATIONS: dict[Activation, Callable] = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
 class Attention(nn.Module):
@@ -40,7 +42,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int, activation: str):
+    def __init__(self, width: int, hidden: int, activation: Activation):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
         self.c_proj = nn.Linear(hidden, width)

@@ -189,7 +189,7 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
     load_fed = contention(snap, cpu_snapshot())
     fixed_rate, fed_rate = B / statistics.median(t_fixed), B / statistics.median(t_fed)
     return {
-        "arch": cfg.model["arch"],
+        "arch": cfg.model.arch,
         "batch": B,
         "num_workers": cfg.data.num_workers,
         "prefetch": cfg.data.prefetch,

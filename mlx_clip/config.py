@@ -8,7 +8,9 @@ architecture (the model section's base) is mlx_clip/models/config.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,7 +18,7 @@ from typing import Literal
 import yaml
 
 from .models.config import ModelConfig, model_config
-from .schema import ConfigError, from_dict, load_yaml, set_dotted, to_dict, unknown_key_error
+from .schema import ConfigError, from_dict, load_yaml, set_dotted, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -35,6 +37,32 @@ LossType = Literal["clip", "siglip", "hard_negative", "multi_scale"]  # training
 HardNegativeStrategy = Literal["semi-hard", "hard", "weighted"]  # training/loss.py
 TemperatureSchedule = Literal["learnable", "constant", "warmup", "cosine", "exponential", "adaptive"]
 Precision = Literal["float32", "bfloat16"]
+
+
+@dataclass
+class _ModelSectionBase:
+    # a configs/models name or an architecture YAML path; "custom": ModelConfig's defaults, so
+    # every field that differs comes from this section
+    arch: str = "tiny"
+    init_from: str | None = None  # fine-tuning: a .safetensors file, a checkpoint or a run directory
+
+    def overrides(self) -> dict:
+        """The ModelConfig fields this section sets (the others keep the architecture's value)."""
+        return {
+            f.name: v for f in dataclasses.fields(ModelConfig) if (v := getattr(self, f.name)) is not None
+        }
+
+
+# The `model:` section: arch, init_from, and one optional override per ModelConfig field, typed as
+# that field (or None: the architecture's value), so an unknown key or a wrong type is refused by
+# from_dict like anywhere else. Derived from ModelConfig: a new architecture field needs no edit here.
+_MODEL_HINTS = typing.get_type_hints(ModelConfig)
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [(f.name, _MODEL_HINTS[f.name] | None, field(default=None)) for f in dataclasses.fields(ModelConfig)],
+    bases=(_ModelSectionBase,),
+)
+ModelSection.__module__ = __name__  # make_dataclass (3.11) cannot be told; pickle and repr look here
 
 
 @dataclass
@@ -209,13 +237,13 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A whole run. `model` is an architecture name plus optional field overrides.
+    """A whole run. `model` is an architecture name plus optional field overrides (ModelSection).
 
     The defaults are the README's main command: `tiny` on the built-in dataset, sized to finish in
     under 10 minutes on a 2-core CPU (450 steps of 64 pairs).
     """
 
-    model: dict = field(default_factory=lambda: {"arch": "tiny"})
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -223,27 +251,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def model_config(self) -> ModelConfig:
-        spec = dict(self.model)
-        arch = spec.pop("arch", "tiny")
-        spec.pop("init_from", None)
-        # "custom": every field comes from this section (over ModelConfig's defaults).
-        base = to_dict(ModelConfig()) if arch == "custom" else to_dict(model_config(arch))
-        if self.loss.type == "siglip":  # the SigLIP paper's init, unless the model section says otherwise
-            base["init_logit_scale"] = (
-                SIGLIP_LOGIT_SCALE_INIT if base["init_logit_scale"] is None else base["init_logit_scale"]
-            )
-            base["init_logit_bias"] = (
-                SIGLIP_LOGIT_BIAS_INIT if base["init_logit_bias"] is None else base["init_logit_bias"]
-            )
-        return model_config({**base, **spec})
+        """The architecture (ModelConfig's defaults for "custom"), then the SigLIP paper's init where
+        it sets none and loss.type is siglip, then the model section's overrides."""
+        arch = self.model.arch
+        values = to_dict(ModelConfig() if arch == "custom" else model_config(arch))
+        if self.loss.type == "siglip":
+            for name, init in (
+                ("init_logit_scale", SIGLIP_LOGIT_SCALE_INIT),
+                ("init_logit_bias", SIGLIP_LOGIT_BIAS_INIT),
+            ):
+                values[name] = init if values[name] is None else values[name]
+        cfg = ModelConfig(**{**values, **self.model.overrides()})
+        cfg.validate()
+        return cfg
 
     def validate(self) -> None:
-        spec = dict(self.model)
-        for key in spec:
-            if key not in ("arch", "init_from") and key not in ModelConfig.__dataclass_fields__:
-                raise unknown_key_error(
-                    key, ["arch", "init_from", *ModelConfig.__dataclass_fields__], "model"
-                )
         mcfg = self.model_config()
         d, o, t = self.data, self.optim, self.train
         if d.batch_size != "auto" and d.batch_size < 2:
@@ -336,8 +358,8 @@ def config_to_yaml(cfg: Config) -> str:
     """The resolved config: the model section is written out in full."""
     data = to_dict(cfg)
     data["model"] = {
-        "arch": cfg.model.get("arch", "tiny"),
-        **({"init_from": cfg.model["init_from"]} if cfg.model.get("init_from") else {}),
+        "arch": cfg.model.arch,
+        **({"init_from": cfg.model.init_from} if cfg.model.init_from else {}),
         **to_dict(cfg.model_config()),
     }
     return yaml.safe_dump(data, sort_keys=False)
@@ -345,6 +367,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 __all__ = [
     "Config",
+    "ModelSection",
     "DataConfig",
     "LossConfig",
     "OptimConfig",

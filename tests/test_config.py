@@ -138,6 +138,48 @@ def test_a_fixed_set_of_values_is_named_in_the_error():
     assert (cfg.data.batch_size, cfg.train.streams) == ("auto", 3)
 
 
+def test_the_model_section_is_checked_like_the_others():
+    from mlx_clip.config import load_config
+
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'model.vision_layer'.*did you mean 'model.vision_layers'"
+    ):
+        load_config(None, [("model.vision_layer", "3")])
+    with pytest.raises(ConfigError, match=r"model.vision_width: expected int \| None, got str"):
+        load_config(None, [("model.vision_width", "'96'")])
+    with pytest.raises(ConfigError, match=r"model.image_size=50 is not divisible by model.patch_size"):
+        load_config(None, [("model.image_size", "50")])
+    m = load_config(None, [("model.arch", "vit_b32"), ("model.mlp_ratio", "2")]).model_config()
+    assert m == ModelConfig(mlp_ratio=2.0)  # the architecture's fields, one overridden
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        [("loss.type", "siglip"), ("model.arch", "vit_b32"), ("model.init_from", "runs/a")],
+        [("model.arch", "custom"), ("model.vision_layers", "3"), ("model.activation", "gelu")],
+    ],
+    ids=["default", "siglip-init_from", "custom"],
+)
+def test_resolved_config_yaml_lists_every_field_and_loads_back(tmp_path, overrides):
+    import dataclasses
+
+    from mlx_clip.config import config_to_yaml, load_config
+
+    cfg = load_config(None, overrides)
+    text = config_to_yaml(cfg)
+    model = yaml.safe_load(text)["model"]
+    named = ["arch", "init_from"] if cfg.model.init_from else ["arch"]
+    assert list(model) == named + [f.name for f in dataclasses.fields(ModelConfig)]
+    (tmp_path / "config.yaml").write_text(text)
+    back = load_config(tmp_path / "config.yaml")
+    assert config_to_yaml(back) == text
+    assert back.model_config() == cfg.model_config()
+    assert (back.model.arch, back.model.init_from) == (cfg.model.arch, cfg.model.init_from)
+    assert dataclasses.replace(back, model=cfg.model) == cfg  # every other section
+
+
 def test_yaml_is_read_safely_and_missing_files_are_named(tmp_path):
     from mlx_clip.config import load_config
 

@@ -22,7 +22,7 @@ from mlx.utils import tree_map
 
 import mlx_clip
 from mlx_clip import convert, export
-from mlx_clip.config import Config, config_to_yaml, load_config
+from mlx_clip.config import Config, ModelSection, config_to_yaml, load_config
 from mlx_clip.models.config import ModelConfig, model_config
 from mlx_clip.schema import ConfigError, to_dict
 from mlx_clip.text.tokenizer import Tokenizer, openai_tokenizer, train_tokenizer
@@ -103,7 +103,7 @@ def save_mlx(model, directory: Path, tokenizer: Tokenizer | None = None) -> Path
     """A checkpoint directory as training writes one (weights, resolved config, tokenizer)."""
     directory.mkdir(parents=True)
     mlx_clip.save_weights(model, directory / "model.safetensors")
-    config = Config(model={"arch": "tiny", **to_dict(model.config)})
+    config = Config(model=ModelSection(arch="tiny", **to_dict(model.config)))
     (directory / "config.yaml").write_text(config_to_yaml(config))
     if tokenizer is not None:
         tokenizer.save(directory)

@@ -58,7 +58,7 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     mcfg = cfg.model_config()
     t0 = time.perf_counter()
-    init_weights, init_tokenizer = resolve_init(cfg.model.get("init_from"))
+    init_weights, init_tokenizer = resolve_init(cfg.model.init_from)
     data = build_run_data(cfg, mcfg, tokenizer_dir=init_tokenizer)
     (out / "config.yaml").write_text(config_to_yaml(cfg))
     model = create_model(mcfg, seed=cfg.train.seed, device=device)

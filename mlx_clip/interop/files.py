@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config import Config, LossConfig, config_to_yaml, load_config
+from ..config import Config, LossConfig, ModelSection, config_to_yaml, load_config
 from ..models.config import available_models, model_config
 from ..models.model import CLIP
 from ..models.weights import read_safetensors, resolve_checkpoint, save_weights
@@ -127,10 +127,9 @@ def checkpoint_config_yaml(cfg) -> str:
     """A full run config for a converted model: its fields written out, named after the matching
     built-in architecture when there is one. A model with SigLIP's logit_bias was trained with the
     sigmoid loss, and its config says so (loss.type siglip)."""
-    fields = to_dict(cfg)
     arch = next((name for name in available_models() if model_config(name) == cfg), "custom")
     loss = LossConfig(type="siglip" if cfg.init_logit_bias is not None else "clip")
-    return config_to_yaml(Config(model={"arch": arch, **fields}, loss=loss))
+    return config_to_yaml(Config(model=ModelSection(arch=arch, **to_dict(cfg)), loss=loss))
 
 
 def expected_shapes(cfg) -> dict[str, tuple]:

@@ -417,7 +417,7 @@ def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None =
         nonlocal resume_dir, init_weights, data
         out.mkdir(parents=True, exist_ok=True)
         resume_dir = ckpt_io.find_resumable(ckpt_root) if resume else None
-        init_weights, init_tokenizer = ckpt_io.resolve_init(cfg.model.get("init_from"))
+        init_weights, init_tokenizer = ckpt_io.resolve_init(cfg.model.init_from)
         tokenizer_dir = resume_dir or init_tokenizer
         data = build_run_data(cfg, mcfg, tokenizer_dir, world.rank, world.size, skip_log=skip_log)
         return pack_dir(data.tokenizer.save) if world.size > 1 else None

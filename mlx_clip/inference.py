@@ -41,7 +41,7 @@ from .data.pipeline import open_image
 from .data.readers import DataError
 from .data.transforms import EvalTransform
 from .evaluation.metrics import zero_shot_classifier
-from .models.config import model_config
+from .models.config import ModelConfig
 from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
 from .models.weights import load_weights, resolve_checkpoint
 from .text.tokenizer import Tokenizer, load_tokenizer
@@ -99,7 +99,7 @@ def _model_config_and_tokenizer_kind(ckpt: Path):
         meta = f.metadata() or {}
     if "config" not in meta:
         raise FileNotFoundError(f"{cfg_path}: missing, and {ckpt / 'model.safetensors'} records no config")
-    return model_config(json.loads(meta["config"])), "auto"
+    return ModelConfig.from_dict(json.loads(meta["config"])), "auto"
 
 
 def load(path: str | Path) -> tuple[CLIP, Tokenizer, Preprocess]:

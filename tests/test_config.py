@@ -10,7 +10,7 @@ from mlx_clip.schema import ConfigError
 
 def test_name_dict_and_path_resolve_the_same(tmp_path):
     by_name = model_config("tiny")
-    assert model_config(vars(by_name).copy()) == by_name
+    assert ModelConfig.from_dict(vars(by_name).copy()) == by_name
     path = tmp_path / "arch.yaml"
     path.write_text(yaml.safe_dump(vars(by_name)))
     assert model_config(str(path)) == by_name
@@ -20,18 +20,18 @@ def test_unknown_key_names_key_and_nearest():
     with pytest.raises(
         ConfigError, match=r"unknown config key 'model.vision_layer'.*did you mean 'model.vision_layers'"
     ):
-        model_config(dict(ODD_ARCH, vision_layer=3))
+        ModelConfig.from_dict(dict(ODD_ARCH, vision_layer=3))
 
 
 def test_wrong_type_names_field_and_type():
     with pytest.raises(ConfigError, match=r"model.vision_width: expected int, got str"):
-        model_config(dict(ODD_ARCH, vision_width="96"))
+        ModelConfig.from_dict(dict(ODD_ARCH, vision_width="96"))
     with pytest.raises(ConfigError, match=r"model.layer_norm_eps: expected float"):
-        model_config(dict(ODD_ARCH, layer_norm_eps=True))
+        ModelConfig.from_dict(dict(ODD_ARCH, layer_norm_eps=True))
 
 
 def test_ints_are_accepted_for_floats():
-    assert model_config(dict(ODD_ARCH, mlp_ratio=4)).mlp_ratio == 4.0
+    assert ModelConfig.from_dict(dict(ODD_ARCH, mlp_ratio=4)).mlp_ratio == 4.0
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_ints_are_accepted_for_floats():
 )
 def test_impossible_values_say_why(change, message):
     with pytest.raises(ConfigError, match=message):
-        model_config(dict(ODD_ARCH, **change))
+        ModelConfig.from_dict(dict(ODD_ARCH, **change))
 
 
 def test_unknown_architecture_suggests():

@@ -93,7 +93,7 @@ def perturb_torch(module, seed: int):
 
 
 def mlx_model(arch: dict, seed: int):
-    m = mlx_clip.create_model(arch, seed=seed)
+    m = mlx_clip.create_model(ModelConfig.from_dict(arch), seed=seed)
     m.update(tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape), m.parameters()))
     mx.eval(m.parameters())
     return m
@@ -200,7 +200,7 @@ def test_convert_hf_features_match(tmp_path, case):
     convert.main(["--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mlx")])
 
     m = load_mlx(tmp_path / "mlx")
-    assert m.config == model_config(arch)
+    assert m.config == ModelConfig.from_dict(arch)
     images, tokens = inputs(m.config)
     ours = mlx_features(m, images, tokens)
     theirs = torch_features(hf.get_image_features, hf.get_text_features, images, tokens)
@@ -643,7 +643,7 @@ def test_unsupported_configs_name_the_field(tmp_path):
     from mlx_clip.interop.hf import hf_config_json, hf_model_config
     from mlx_clip.interop.open_clip import open_clip_cfg, open_clip_model_config
 
-    cfg = model_config(ODD)
+    cfg = ModelConfig.from_dict(ODD)
     hf = hf_config_json(cfg)
     assert hf_model_config(hf) == cfg
     bad = json.loads(json.dumps(hf))
@@ -674,7 +674,7 @@ def test_unsupported_configs_name_the_field(tmp_path):
         with pytest.raises(ConfigError, match=rf"model_cfg.{section}.{key}"):
             open_clip_model_config(bad)
     # SigLIP's inits map both ways; open_clip's defaults (log(1/0.07), no bias) are ours (None).
-    siglip = model_config(ODD_SIGLIP)
+    siglip = ModelConfig.from_dict(ODD_SIGLIP)
     assert open_clip_cfg(siglip)["init_logit_bias"] == -10.0
     assert open_clip_cfg(siglip)["init_logit_scale"] == math.log(10.0)
     assert open_clip_model_config(open_clip_cfg(siglip)) == siglip

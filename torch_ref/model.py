@@ -83,9 +83,13 @@ def init_weights(model: CLIP) -> CLIP:
     return model
 
 
-def create_model(arch="tiny", seed: int | None = 0, device: str | torch.device | None = None) -> CLIP:
-    """Build a CLIP on `device` (default: cuda, then mps, then cpu)."""
-    cfg = model_config(arch)
+def create_model(
+    arch: str | ModelConfig = "tiny", seed: int | None = 0, device: str | torch.device | None = None
+) -> CLIP:
+    """Build a CLIP on `device` (default: cuda, then mps, then cpu) from an architecture name, a YAML
+    path or a ModelConfig, as mlx_clip.create_model."""
+    cfg = arch if isinstance(arch, ModelConfig) else model_config(arch)
+    cfg.validate()
     if seed is not None:
         torch.manual_seed(seed)
     return init_weights(CLIP(cfg)).to(pick_device(device))

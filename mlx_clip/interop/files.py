@@ -27,7 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..config import Config, LossConfig, ModelSection, config_to_yaml, load_config
-from ..models.config import available_models, model_config
+from ..models.config import ModelConfig, available_models, model_config
 from ..models.model import CLIP
 from ..models.weights import read_safetensors, resolve_checkpoint, save_weights
 from ..schema import to_dict
@@ -163,7 +163,7 @@ def read_checkpoint(path: str | Path):
         _, meta = mx.load(str(weights), return_metadata=True)
         if "config" not in meta:
             raise FileNotFoundError(f"{ckpt}: no config.yaml, and {weights.name} records no config")
-        cfg = model_config(json.loads(meta["config"]))
+        cfg = ModelConfig.from_dict(json.loads(meta["config"]))
     state = read_safetensors(weights)
     check_state(expected_shapes(cfg), state, str(weights))
     state = {k: _to_numpy(k, v, weights) for k, v in state.items()}

@@ -77,6 +77,13 @@ class ModelConfig:
         if not 0 < self.layer_norm_eps < 1:
             raise ConfigError(f"{where}.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
 
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "model") -> ModelConfig:
+        """A mapping of fields (a YAML file's, a safetensors header's) -> a checked ModelConfig."""
+        cfg = from_dict(cls, data, prefix=where)
+        cfg.validate(where)
+        return cfg
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -86,29 +93,24 @@ def available_models() -> list[str]:
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
 
 
-def model_config(arch: str | dict | ModelConfig) -> ModelConfig:
-    """Resolve an architecture name, YAML path or dict of fields to a validated ModelConfig."""
-    if isinstance(arch, ModelConfig):
-        cfg = arch
-    elif isinstance(arch, dict):
-        cfg = from_dict(ModelConfig, arch, prefix="model")
-    elif isinstance(arch, (str, Path)):
-        path = Path(arch)
-        if path.suffix in (".yaml", ".yml") and path.is_file():
-            data = load_yaml(path)
-        elif (MODEL_CONFIG_DIR / f"{arch}.yaml").is_file():
-            data = load_yaml(MODEL_CONFIG_DIR / f"{arch}.yaml")
-        else:
-            names = available_models()
-            close = difflib.get_close_matches(str(arch), names, n=1, cutoff=0.4)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown architecture '{arch}'{hint} (available: {', '.join(names)})")
-        try:
-            cfg = from_dict(ModelConfig, data, prefix="model")
-        except ConfigError as e:
-            raise ConfigError(f"{arch}: {e}") from None
+def model_config(name_or_path: str | Path) -> ModelConfig:
+    """An architecture name (configs/models/NAME.yaml) or a YAML file's path -> a validated ModelConfig.
+
+    A dict of fields is ModelConfig.from_dict's; a ModelConfig needs no resolving."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        data = load_yaml(path)
+    elif (MODEL_CONFIG_DIR / f"{name_or_path}.yaml").is_file():
+        data = load_yaml(MODEL_CONFIG_DIR / f"{name_or_path}.yaml")
     else:
-        raise ConfigError(f"arch must be a name, a path or a dict, got {type(arch).__name__}")
+        names = available_models()
+        close = difflib.get_close_matches(str(name_or_path), names, n=1, cutoff=0.4)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown architecture '{name_or_path}'{hint} (available: {', '.join(names)})")
+    try:
+        cfg = from_dict(ModelConfig, data, prefix="model")
+    except ConfigError as e:
+        raise ConfigError(f"{name_or_path}: {e}") from None
     cfg.validate()
     return cfg
 

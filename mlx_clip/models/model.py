@@ -118,9 +118,11 @@ def init_weights(model: CLIP, seed: int | None = None) -> CLIP:
     return model
 
 
-def create_model(arch: str | dict | ModelConfig = "tiny", seed: int | None = 0) -> CLIP:
-    """Build a CLIP from an architecture name ('tiny', 'vit_b32', ...), YAML path or dict."""
-    cfg = model_config(arch)
+def create_model(arch: str | ModelConfig = "tiny", seed: int | None = 0) -> CLIP:
+    """Build a CLIP from an architecture name ('tiny', 'vit_b32', ...), a YAML path or a ModelConfig."""
+    # The one conversion, at the public edge: a name or path is resolved, a given config is checked.
+    cfg = arch if isinstance(arch, ModelConfig) else model_config(arch)
+    cfg.validate()
     if seed is not None:
         mx.random.seed(seed)
     model = init_weights(CLIP(cfg))

@@ -35,9 +35,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import mlx_clip  # noqa: F401  (OpenBLAS before mlx.core, see mlx_clip/_blas.py)
-from mlx_clip.config import Config, model_config, to_dict
+from mlx_clip.config import Config
 from mlx_clip.data.pipeline import Loader
 from mlx_clip.data.readers import read_samples
+from mlx_clip.models.config import model_config
+from mlx_clip.schema import to_dict
 
 from .common import contention, cpu_snapshot, record_header
 from .train_throughput import default_out, run_backend
@@ -183,7 +185,7 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
     load_fed = contention(snap, cpu_snapshot())
     fixed_rate, fed_rate = B / statistics.median(t_fixed), B / statistics.median(t_fed)
     return {
-        "arch": cfg.model["arch"],
+        "arch": cfg.model.arch,
         "batch": B,
         "num_workers": cfg.data.num_workers,
         "prefetch": cfg.data.prefetch,

@@ -21,7 +21,7 @@ Convention (the usual one for MFU, as in the PaLM / nanoGPT MFU estimates):
 
 from __future__ import annotations
 
-from mlx_clip.config import ModelConfig
+from mlx_clip.models.config import ModelConfig
 
 
 def _tower(tokens: int, width: int, layers: int, mlp_hidden: int) -> dict[str, int]:

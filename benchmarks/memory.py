@@ -41,7 +41,8 @@ import traceback
 from pathlib import Path
 
 # Importing mlx_clip (any submodule) loads OpenBLAS for MLX on Linux, before anything imports mlx.core.
-from mlx_clip.config import model_config, to_dict
+from mlx_clip.models.config import model_config
+from mlx_clip.schema import to_dict
 
 from .common import REPO_ROOT, RESULTS_DIR, machine_info, peak_rss_bytes, record_header, synthetic_batch
 from .step_workers import log

@@ -15,7 +15,7 @@ import time
 import traceback
 
 # Importing mlx_clip (any submodule) loads OpenBLAS for MLX on Linux, before anything imports mlx.core.
-from mlx_clip.config import model_config
+from mlx_clip.models.config import model_config
 
 from .common import contention, cpu_has_native_bf16, cpu_snapshot, peak_rss_bytes, synthetic_batch
 from .flops import clip_flops_per_pair

@@ -49,7 +49,8 @@ import time
 from pathlib import Path
 
 # Importing mlx_clip (any submodule) loads OpenBLAS for MLX on Linux, before anything imports mlx.core.
-from mlx_clip.config import model_config, to_dict
+from mlx_clip.models.config import model_config
+from mlx_clip.schema import to_dict
 
 from .common import (
     REPO_ROOT,

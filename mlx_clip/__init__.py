@@ -16,9 +16,9 @@ _LAZY = {
     "save_weights": ".models.weights",
     "load_weights": ".models.weights",
     "clip_loss": ".training.loss",
-    "model_config": ".config",
-    "ModelConfig": ".config",
-    "ConfigError": ".config",
+    "model_config": ".models.config",
+    "ModelConfig": ".models.config",
+    "ConfigError": ".schema",
     "load": ".inference",
 }
 

@@ -1,98 +1,68 @@
-"""Configuration: dataclasses, strict YAML loading and dotted CLI overrides.
+"""The run config: dataclasses per section, YAML loading with dotted CLI overrides, the resolved config.yaml.
 
 Framework-free on purpose: torch_ref, the benchmarks and the CLIs all read the
 same files through this module, so there is exactly one config path:
-YAML -> dataclass -> constructor.
+YAML -> dataclass -> constructor. The strict conversion is mlx_clip/schema.py; the
+architecture (the model section's base) is mlx_clip/models/config.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import yaml
 
+from .models.config import ModelConfig, model_config
+from .schema import ConfigError, from_dict, load_yaml, set_dotted, to_dict
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper: t' = log 10, b = -10
 SIGLIP_LOGIT_BIAS_INIT = -10.0
 
-
-class ConfigError(ValueError):
-    """A config value, key or file is wrong; the message says which and why."""
+# Allowed values, each listed once: the coercer (schema.py) refuses anything else, naming the key, and
+# the module that acts on a value takes its tuple from here with typing.get_args.
+Auto = Literal["auto"]
+SourceFormat = Literal["csv", "tsv", "json", "jsonl", "folder", "tar"]  # a reader each: data/readers.py
+DataFormat = Literal["auto", SourceFormat]  # auto: detected from the path
+ImageCheck = Literal["header", "full", "off"]  # data/checks.py
+BuiltinSplit = Literal["single", "pair", "mixed"]  # data/synthetic.py
+Sampler = Literal["random", "hard_negative"]  # data/sampler.py
+LossType = Literal["clip", "siglip", "hard_negative", "multi_scale"]  # training/loss.py
+HardNegativeStrategy = Literal["semi-hard", "hard", "weighted"]  # training/loss.py
+TemperatureSchedule = Literal["learnable", "constant", "warmup", "cosine", "exponential", "adaptive"]
+Precision = Literal["float32", "bfloat16"]
 
 
 @dataclass
-class ModelConfig:
-    """Architecture only: what a checkpoint needs to be rebuilt."""
+class _ModelSectionBase:
+    # a configs/models name or an architecture YAML path; "custom": ModelConfig's defaults, so
+    # every field that differs comes from this section
+    arch: str = "tiny"
+    init_from: str | None = None  # fine-tuning: a .safetensors file, a checkpoint or a run directory
 
-    embed_dim: int = 512
-    # vision tower
-    image_size: int = 224
-    patch_size: int = 32
-    vision_width: int = 768
-    vision_layers: int = 12
-    vision_heads: int = 12
-    # text tower
-    context_length: int = 77
-    vocab_size: int = 49408
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
-    # shared
-    mlp_ratio: float = 4.0
-    activation: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    # Temperature and bias at init: logit_scale = init_logit_scale (None: log(1/0.07), CLIP's);
-    # a learnable logit_bias exists only when init_logit_bias is set (SigLIP: log 10 and -10).
-    init_logit_scale: float | None = None
-    init_logit_bias: float | None = None
+    def overrides(self) -> dict:
+        """The ModelConfig fields this section sets (the others keep the architecture's value)."""
+        return {
+            f.name: v for f in dataclasses.fields(ModelConfig) if (v := getattr(self, f.name)) is not None
+        }
 
-    def validate(self, where: str = "model") -> None:
-        for name in (
-            "embed_dim",
-            "image_size",
-            "patch_size",
-            "vision_width",
-            "vision_layers",
-            "vision_heads",
-            "context_length",
-            "vocab_size",
-            "text_width",
-            "text_layers",
-            "text_heads",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
-        if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"{where}.image_size={self.image_size} is not divisible by "
-                f"{where}.patch_size={self.patch_size}: the ViT needs a whole grid of patches"
-            )
-        for tower in ("vision", "text"):
-            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
-            if width % heads:
-                raise ConfigError(
-                    f"{where}.{tower}_width={width} is not divisible by "
-                    f"{where}.{tower}_heads={heads}: each head needs an equal slice"
-                )
-        if self.activation not in ("quick_gelu", "gelu"):
-            raise ConfigError(f"{where}.activation must be 'quick_gelu' or 'gelu', got {self.activation!r}")
-        if self.mlp_ratio <= 0 or int(self.vision_width * self.mlp_ratio) <= 0:
-            raise ConfigError(f"{where}.mlp_ratio must be positive, got {self.mlp_ratio}")
-        if not 0 < self.layer_norm_eps < 1:
-            raise ConfigError(f"{where}.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
 
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+# The `model:` section: arch, init_from, and one optional override per ModelConfig field, typed as
+# that field (or None: the architecture's value), so an unknown key or a wrong type is refused by
+# from_dict like anywhere else. Derived from ModelConfig: a new architecture field needs no edit here.
+_MODEL_HINTS = typing.get_type_hints(ModelConfig)
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [(f.name, _MODEL_HINTS[f.name] | None, field(default=None)) for f in dataclasses.fields(ModelConfig)],
+    bases=(_ModelSectionBase,),
+)
+ModelSection.__module__ = __name__  # make_dataclass (3.11) cannot be told; pickle and repr look here
 
 
 @dataclass
@@ -104,10 +74,10 @@ class DataConfig:
     train: str = "builtin"
     val: str | None = None
     val_ratio: float = 0.05  # held out of `train` when no `val` is given
-    format: str = "auto"
+    format: DataFormat = "auto"
     image_key: str = "image"
     caption_key: str = "caption"
-    batch_size: int | str = 64  # or "auto": the largest batch within train.memory_budget_gb
+    batch_size: int | Auto = 64  # or "auto": the largest batch within train.memory_budget_gb
     num_workers: int = 2
     prefetch: int = 4
     # augmentation, train split only (no horizontal flip by default: captions say left/right)
@@ -115,23 +85,23 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     color_jitter: float = 0.0
     hflip: bool = False
-    # bad data (own data only): pre-flight image check "header" | "full" | "off"; a run with a
+    # bad data (own data only): the pre-flight image check (data/checks.py); a run with a
     # larger bad share stops before it starts; every skip goes to OUT/skipped.jsonl
-    validate: str = "header"
+    validate: ImageCheck = "header"
     max_bad_fraction: float = 0.05
     max_image_pixels: int = 89478485  # width x height, read from the header before decoding
     max_caption_chars: int = 4096  # 0: no limit
     # the built-in dataset
     builtin_train_size: int = 20000
     builtin_val_size: int = 1000
-    builtin_split: str = "mixed"  # single | pair | mixed
+    builtin_split: BuiltinSplit = "mixed"
     # Objects snapped to a grid of this many pixels (-1: the model's patch size; 0: free placement).
     builtin_grid: int = -1
     # Built-in training captions: 0 = five captions of varying detail per image (the default data);
     # 2-10 = that many complete paraphrases instead. Training draws one caption per step.
     builtin_paraphrases: int = 0
     # "random" or "hard_negative": batches group samples whose captions share nouns (harder negatives).
-    sampler: str = "random"
+    sampler: Sampler = "random"
 
 
 @dataclass
@@ -142,17 +112,13 @@ class TokenizerConfig:
     kind: str = "auto"
 
 
-LOSS_TYPES = ("clip", "siglip", "hard_negative", "multi_scale")
-TEMPERATURE_SCHEDULES = ("learnable", "constant", "warmup", "cosine", "exponential", "adaptive")
-
-
 @dataclass
 class TemperatureConfig:
     """The softmax temperature tau (logits = cosine / tau; the logit scale is 1 / tau)."""
 
     # learnable (CLIP: a trained log(1/tau), clamped at tau >= 0.01) | constant | warmup | cosine |
     # exponential | adaptive (lower tau by `factor` when the val loss stops improving)
-    schedule: str = "learnable"
+    schedule: TemperatureSchedule = "learnable"
     start: float = 0.07  # tau at step 0
     end: float = (
         0.01  # warmup: reached after warmup_steps; cosine/exponential: at the last step; adaptive: floor
@@ -163,10 +129,6 @@ class TemperatureConfig:
     threshold: float = 1e-3  # adaptive: a relative val-loss drop smaller than this is no improvement
 
     def validate(self, where: str = "loss.temperature") -> None:
-        if self.schedule not in TEMPERATURE_SCHEDULES:
-            raise ConfigError(
-                f"{where}.schedule must be one of {', '.join(TEMPERATURE_SCHEDULES)}, got {self.schedule!r}"
-            )
         for name in ("start", "end"):
             tau = getattr(self, name)
             if not 0.01 <= tau <= 100:
@@ -184,13 +146,13 @@ class TemperatureConfig:
 @dataclass
 class LossConfig:
     # clip (symmetric InfoNCE) | siglip (pairwise sigmoid) | hard_negative | multi_scale
-    type: str = "clip"
+    type: LossType = "clip"
     label_smoothing: float = 0.0
     # Data parallel only: each rank computes the loss rows of its own samples against the gathered
     # global batch ((b, W*b) logits) instead of the whole (W*b, W*b) loss; same gradients.
     local_loss: bool = False
     # hard_negative: which negatives get extra weight, and how much (docs/objectives.md)
-    strategy: str = "hard"  # semi-hard | hard | weighted
+    strategy: HardNegativeStrategy = "hard"
     ratio: float = 0.1  # share of each row's negatives that count as hard (hard, semi-hard)
     weight: float = 1.0  # extra weight of the hard negatives; 0 is plain clip
     margin: float = 0.2  # semi-hard: cosine margin below the positive
@@ -200,14 +162,10 @@ class LossConfig:
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
 
     def validate(self) -> None:
-        if self.type not in LOSS_TYPES:
-            raise ConfigError(f"loss.type must be one of {', '.join(LOSS_TYPES)}, got {self.type!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.label_smoothing and self.type == "siglip":
             raise ConfigError("loss.label_smoothing applies to softmax losses, not loss.type=siglip")
-        if self.strategy not in ("semi-hard", "hard", "weighted"):
-            raise ConfigError(f"loss.strategy must be semi-hard, hard or weighted, got {self.strategy!r}")
         if not 0 < self.ratio <= 1:
             raise ConfigError(f"loss.ratio must be in (0, 1], got {self.ratio}")
         if self.weight < 0:
@@ -253,11 +211,11 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 450
     seed: int = 0
-    precision: str = "float32"  # float32 | bfloat16 (bf16 compute, float32 weights and optimizer)
+    precision: Precision = "float32"  # bfloat16: bf16 compute, float32 weights and optimizer
     grad_checkpointing: bool = False  # recompute each transformer block in backward: less memory
     # Batch shards run on their own MLX streams (mlx_clip/training/streams.py): "auto" is one per core on
     # the CPU backend, where a stream is one busy core, and 1 on a GPU.
-    streams: int | str = "auto"
+    streams: int | Auto = "auto"
     memory_budget_gb: float | None = None  # data.batch_size auto: None is 60% of device memory
     log_every: int = 20
     eval_every: int = 150  # 0: only at the end
@@ -279,13 +237,13 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A whole run. `model` is an architecture name plus optional field overrides.
+    """A whole run. `model` is an architecture name plus optional field overrides (ModelSection).
 
     The defaults are the README's main command: `tiny` on the built-in dataset, sized to finish in
     under 10 minutes on a 2-core CPU (450 steps of 64 pairs).
     """
 
-    model: dict = field(default_factory=lambda: {"arch": "tiny"})
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -293,33 +251,24 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def model_config(self) -> ModelConfig:
-        spec = dict(self.model)
-        arch = spec.pop("arch", "tiny")
-        spec.pop("init_from", None)
-        # "custom": every field comes from this section (over ModelConfig's defaults).
-        base = to_dict(ModelConfig()) if arch == "custom" else to_dict(model_config(arch))
-        if self.loss.type == "siglip":  # the SigLIP paper's init, unless the model section says otherwise
-            base["init_logit_scale"] = (
-                SIGLIP_LOGIT_SCALE_INIT if base["init_logit_scale"] is None else base["init_logit_scale"]
-            )
-            base["init_logit_bias"] = (
-                SIGLIP_LOGIT_BIAS_INIT if base["init_logit_bias"] is None else base["init_logit_bias"]
-            )
-        return model_config({**base, **spec})
+        """The architecture (ModelConfig's defaults for "custom"), then the SigLIP paper's init where
+        it sets none and loss.type is siglip, then the model section's overrides."""
+        arch = self.model.arch
+        values = to_dict(ModelConfig() if arch == "custom" else model_config(arch))
+        if self.loss.type == "siglip":
+            for name, init in (
+                ("init_logit_scale", SIGLIP_LOGIT_SCALE_INIT),
+                ("init_logit_bias", SIGLIP_LOGIT_BIAS_INIT),
+            ):
+                values[name] = init if values[name] is None else values[name]
+        cfg = ModelConfig(**{**values, **self.model.overrides()})
+        cfg.validate()
+        return cfg
 
     def validate(self) -> None:
-        spec = dict(self.model)
-        for key in spec:
-            if key not in ("arch", "init_from") and key not in ModelConfig.__dataclass_fields__:
-                raise unknown_key_error(
-                    key, ["arch", "init_from", *ModelConfig.__dataclass_fields__], "model"
-                )
         mcfg = self.model_config()
         d, o, t = self.data, self.optim, self.train
-        if isinstance(d.batch_size, str):
-            if d.batch_size != "auto":
-                raise ConfigError(f"data.batch_size must be an integer or 'auto', got {d.batch_size!r}")
-        elif d.batch_size < 2:
+        if d.batch_size != "auto" and d.batch_size < 2:
             raise ConfigError(
                 f"data.batch_size={d.batch_size}: a contrastive loss needs at least 2 pairs per batch "
                 "(the other pairs are the negatives)"
@@ -330,14 +279,6 @@ class Config:
             raise ConfigError(
                 f"data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}"
             )
-        if d.builtin_split not in ("single", "pair", "mixed"):
-            raise ConfigError(f"data.builtin_split must be single, pair or mixed, got {d.builtin_split!r}")
-        if d.format not in ("auto", "csv", "tsv", "json", "jsonl", "folder", "tar"):
-            raise ConfigError(
-                f"data.format must be auto, csv, tsv, json, jsonl, folder or tar, got {d.format!r}"
-            )
-        if d.validate not in ("header", "full", "off"):
-            raise ConfigError(f"data.validate must be header, full or off, got {d.validate!r}")
         if not 0 <= d.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
         if d.max_image_pixels < 1 or d.max_caption_chars < 0:
@@ -349,8 +290,6 @@ class Config:
                 f"data.builtin_paraphrases must be 0 (the five default captions per image) or 2-10 "
                 f"paraphrases, got {d.builtin_paraphrases}"
             )
-        if d.sampler not in ("random", "hard_negative"):
-            raise ConfigError(f"data.sampler must be random or hard_negative, got {d.sampler!r}")
         self.loss.validate()
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise ConfigError(
@@ -376,9 +315,7 @@ class Config:
             raise ConfigError("optim.warmup_steps, weight_decay and grad_clip must be >= 0, and eps > 0")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be at least 1, got {t.steps}")
-        if t.precision not in ("float32", "bfloat16"):
-            raise ConfigError(f"train.precision must be float32 or bfloat16, got {t.precision!r}")
-        if t.streams != "auto" and (isinstance(t.streams, str) or t.streams < 1):
+        if t.streams != "auto" and t.streams < 1:
             raise ConfigError(f"train.streams must be a positive integer or 'auto', got {t.streams!r}")
         if t.memory_budget_gb is not None and t.memory_budget_gb <= 0:
             raise ConfigError(f"train.memory_budget_gb must be > 0 (or null), got {t.memory_budget_gb}")
@@ -393,17 +330,6 @@ class Config:
             raise ConfigError(
                 f"tokenizer.kind='openai' has 49408 tokens but model.vocab_size={mcfg.vocab_size}"
             )
-
-
-def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """Set data['a']['b'] = value for dotted='a.b' (creating mappings on the way)."""
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--{dotted}: '{k}' is not a section")
-    node[keys[-1]] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> Config:
@@ -432,154 +358,22 @@ def config_to_yaml(cfg: Config) -> str:
     """The resolved config: the model section is written out in full."""
     data = to_dict(cfg)
     data["model"] = {
-        "arch": cfg.model.get("arch", "tiny"),
-        **({"init_from": cfg.model["init_from"]} if cfg.model.get("init_from") else {}),
+        "arch": cfg.model.arch,
+        **({"init_from": cfg.model.init_from} if cfg.model.init_from else {}),
         **to_dict(cfg.model_config()),
     }
     return yaml.safe_dump(data, sort_keys=False)
 
 
-# ---------------------------------------------------------------------------
-# Strict dict -> dataclass conversion
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, prefix=key)
-    if tp is float:
-        if isinstance(value, str):
-            # PyYAML (YAML 1.1) reads "1e-5" (no dot) as a string; accept numeric text for floats.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
-        return value
-    return value
-
-
-def unknown_key_error(key: str, valid: list[str], prefix: str = "") -> ConfigError:
-    full = f"{prefix}.{key}" if prefix else key
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{full}'{hint} (valid: {', '.join(sorted(valid))})")
-
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in valid:
-            raise unknown_key_error(key, valid, prefix)
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def available_models() -> list[str]:
-    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
-
-
-def model_config(arch: str | dict | ModelConfig) -> ModelConfig:
-    """Resolve an architecture name, YAML path or dict of fields to a validated ModelConfig."""
-    if isinstance(arch, ModelConfig):
-        cfg = arch
-    elif isinstance(arch, dict):
-        cfg = from_dict(ModelConfig, arch, prefix="model")
-    elif isinstance(arch, (str, Path)):
-        path = Path(arch)
-        if path.suffix in (".yaml", ".yml") and path.is_file():
-            data = load_yaml(path)
-        elif (MODEL_CONFIG_DIR / f"{arch}.yaml").is_file():
-            data = load_yaml(MODEL_CONFIG_DIR / f"{arch}.yaml")
-        else:
-            names = available_models()
-            close = difflib.get_close_matches(str(arch), names, n=1, cutoff=0.4)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown architecture '{arch}'{hint} (available: {', '.join(names)})")
-        try:
-            cfg = from_dict(ModelConfig, data, prefix="model")
-        except ConfigError as e:
-            raise ConfigError(f"{arch}: {e}") from None
-    else:
-        raise ConfigError(f"arch must be a name, a path or a dict, got {type(arch).__name__}")
-    cfg.validate()
-    return cfg
-
-
 __all__ = [
     "Config",
-    "ConfigError",
+    "ModelSection",
+    "DataConfig",
+    "LossConfig",
+    "OptimConfig",
+    "TemperatureConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "config_to_yaml",
     "load_config",
-    "ModelConfig",
-    "available_models",
-    "from_dict",
-    "load_yaml",
-    "model_config",
-    "to_dict",
 ]

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .schema import ConfigError
 
 
 def main(argv: list[str] | None = None) -> dict:

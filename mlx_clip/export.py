@@ -25,8 +25,8 @@ import yaml
 
 def export_torch_ref(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
     """torch_ref reads canonical safetensors as they are: copy the file, write the architecture."""
-    from .config import to_dict  # noqa: PLC0415
     from .interop.files import read_checkpoint, staged_output  # noqa: PLC0415
+    from .schema import to_dict  # noqa: PLC0415
 
     ckpt, cfg, _, tok = read_checkpoint(checkpoint)  # validates config and weights
     with staged_output(out, force) as tmp:

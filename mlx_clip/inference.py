@@ -36,11 +36,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .config import load_config, model_config
+from .config import load_config
 from .data.pipeline import open_image
 from .data.samples import DataError
 from .data.transforms import EvalTransform
 from .evaluation.metrics import zero_shot_classifier
+from .models.config import ModelConfig
 from .models.locate import resolve_checkpoint
 from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
 from .models.weights import load_weights
@@ -100,7 +101,7 @@ def _model_config_and_tokenizer_kind(ckpt: Path):
         meta = f.metadata() or {}
     if "config" not in meta:
         raise FileNotFoundError(f"{cfg_path}: missing, and {ckpt / 'model.safetensors'} records no config")
-    return model_config(json.loads(meta["config"])), "auto"
+    return ModelConfig.from_dict(json.loads(meta["config"])), "auto"
 
 
 def load(path: str | Path) -> tuple[CLIP, Tokenizer, Preprocess]:

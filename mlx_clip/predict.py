@@ -167,10 +167,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from .config import ConfigError
     from .data.samples import DataError
     from .inference import load
     from .models.locate import resolve_checkpoint
+    from .schema import ConfigError
 
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # "warning: <path>: ..." lines, not Python locations

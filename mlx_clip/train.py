@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import load_config
 from .run_args import parse_args
+from .schema import ConfigError
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -16,9 +16,9 @@ from benchmarks import train_throughput as tt
 from benchmarks.common import synthetic_batch
 from benchmarks.data_throughput import loader_rate, write_sources
 from benchmarks.flops import clip_flops_per_pair
-from mlx_clip.config import model_config
 from mlx_clip.data.pipeline import Loader
 from mlx_clip.data.readers import read_samples
+from mlx_clip.models.config import ModelConfig, model_config
 
 torch = pytest.importorskip("torch")
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import torch_ref  # noqa: E402
 
-ARCHS = {"tiny": "tiny", "odd": ODD_ARCH}
+ARCHS = {"tiny": model_config("tiny"), "odd": ModelConfig.from_dict(ODD_ARCH)}
 
 
 def _torch_batch(cfg, batch: int):
@@ -46,7 +46,7 @@ def test_forward_flops_equal_torch_flop_counter(arch):
     (aten._scaled_dot_product_flash_attention_for_cpu): with it, attention would count as 0. The
     math kernel is two bmms over the full (T, T) scores, causal or not, as flops.py counts them.
     """
-    cfg = model_config(ARCHS[arch])
+    cfg = ARCHS[arch]
     B = 3
     model = torch_ref.create_model(cfg, device="cpu")
     images, tokens = _torch_batch(cfg, B)
@@ -63,7 +63,7 @@ def test_train_flops_are_three_forwards(arch):
     embedding needs no input gradient because the pixels need none. The logits of the loss,
     (B, E) @ (E, B), are in `logits` when clip_flops_per_pair gets the batch size.
     """
-    cfg = model_config(ARCHS[arch])
+    cfg = ARCHS[arch]
     B = 4
     model = torch_ref.create_model(cfg, device="cpu")
     images, tokens = _torch_batch(cfg, B)

@@ -39,7 +39,7 @@ class FakeTokenizer:
 
 def trained(seed):
     """A small model and an AdamW that has taken one step, so every tensor is non-trivial."""
-    model = mlx_clip.create_model(ODD_ARCH, seed=seed)
+    model = mlx_clip.create_model(mlx_clip.ModelConfig.from_dict(ODD_ARCH), seed=seed)
     opt = optim.AdamW(learning_rate=1e-3)
     opt.update(model, tree_map(mx.ones_like, model.trainable_parameters()))
     mx.eval(model.parameters(), opt.state)

@@ -4,12 +4,13 @@ import pytest
 import yaml
 from conftest import ODD_ARCH
 
-from mlx_clip.config import ConfigError, ModelConfig, model_config
+from mlx_clip.models.config import ModelConfig, model_config
+from mlx_clip.schema import ConfigError
 
 
 def test_name_dict_and_path_resolve_the_same(tmp_path):
     by_name = model_config("tiny")
-    assert model_config(vars(by_name).copy()) == by_name
+    assert ModelConfig.from_dict(vars(by_name).copy()) == by_name
     path = tmp_path / "arch.yaml"
     path.write_text(yaml.safe_dump(vars(by_name)))
     assert model_config(str(path)) == by_name
@@ -19,18 +20,18 @@ def test_unknown_key_names_key_and_nearest():
     with pytest.raises(
         ConfigError, match=r"unknown config key 'model.vision_layer'.*did you mean 'model.vision_layers'"
     ):
-        model_config(dict(ODD_ARCH, vision_layer=3))
+        ModelConfig.from_dict(dict(ODD_ARCH, vision_layer=3))
 
 
 def test_wrong_type_names_field_and_type():
     with pytest.raises(ConfigError, match=r"model.vision_width: expected int, got str"):
-        model_config(dict(ODD_ARCH, vision_width="96"))
+        ModelConfig.from_dict(dict(ODD_ARCH, vision_width="96"))
     with pytest.raises(ConfigError, match=r"model.layer_norm_eps: expected float"):
-        model_config(dict(ODD_ARCH, layer_norm_eps=True))
+        ModelConfig.from_dict(dict(ODD_ARCH, layer_norm_eps=True))
 
 
 def test_ints_are_accepted_for_floats():
-    assert model_config(dict(ODD_ARCH, mlp_ratio=4)).mlp_ratio == 4.0
+    assert ModelConfig.from_dict(dict(ODD_ARCH, mlp_ratio=4)).mlp_ratio == 4.0
 
 
 @pytest.mark.parametrize(
@@ -44,7 +45,7 @@ def test_ints_are_accepted_for_floats():
 )
 def test_impossible_values_say_why(change, message):
     with pytest.raises(ConfigError, match=message):
-        model_config(dict(ODD_ARCH, **change))
+        ModelConfig.from_dict(dict(ODD_ARCH, **change))
 
 
 def test_unknown_architecture_suggests():
@@ -120,6 +121,63 @@ def test_out_of_range_values_name_the_field(key, value, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [(key, value)])
+
+
+def test_a_fixed_set_of_values_is_named_in_the_error():
+    from mlx_clip.config import load_config
+
+    with pytest.raises(ConfigError, match=r"data\.sampler must be 'random' or 'hard_negative', got 'nouns'"):
+        load_config(None, [("data.sampler", "nouns")])
+    with pytest.raises(ConfigError, match=r"schedule must be 'learnable', .* got 'linear'"):
+        load_config(None, [("loss.temperature.schedule", "linear")])
+    with pytest.raises(ConfigError, match=r"train\.streams must be an integer or 'auto', got 'fast'"):
+        load_config(None, [("train.streams", "fast")])
+    with pytest.raises(ConfigError, match=r"data\.format must be .*, got 5"):  # a non-string, too
+        load_config(None, [("data.format", "5")])
+    cfg = load_config(None, [("data.batch_size", "auto"), ("train.streams", "3")])
+    assert (cfg.data.batch_size, cfg.train.streams) == ("auto", 3)
+
+
+def test_the_model_section_is_checked_like_the_others():
+    from mlx_clip.config import load_config
+
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'model.vision_layer'.*did you mean 'model.vision_layers'"
+    ):
+        load_config(None, [("model.vision_layer", "3")])
+    with pytest.raises(ConfigError, match=r"model.vision_width: expected int \| None, got str"):
+        load_config(None, [("model.vision_width", "'96'")])
+    with pytest.raises(ConfigError, match=r"model.image_size=50 is not divisible by model.patch_size"):
+        load_config(None, [("model.image_size", "50")])
+    m = load_config(None, [("model.arch", "vit_b32"), ("model.mlp_ratio", "2")]).model_config()
+    assert m == ModelConfig(mlp_ratio=2.0)  # the architecture's fields, one overridden
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        [("loss.type", "siglip"), ("model.arch", "vit_b32"), ("model.init_from", "runs/a")],
+        [("model.arch", "custom"), ("model.vision_layers", "3"), ("model.activation", "gelu")],
+    ],
+    ids=["default", "siglip-init_from", "custom"],
+)
+def test_resolved_config_yaml_lists_every_field_and_loads_back(tmp_path, overrides):
+    import dataclasses
+
+    from mlx_clip.config import config_to_yaml, load_config
+
+    cfg = load_config(None, overrides)
+    text = config_to_yaml(cfg)
+    model = yaml.safe_load(text)["model"]
+    named = ["arch", "init_from"] if cfg.model.init_from else ["arch"]
+    assert list(model) == named + [f.name for f in dataclasses.fields(ModelConfig)]
+    (tmp_path / "config.yaml").write_text(text)
+    back = load_config(tmp_path / "config.yaml")
+    assert config_to_yaml(back) == text
+    assert back.model_config() == cfg.model_config()
+    assert (back.model.arch, back.model.init_from) == (cfg.model.arch, cfg.model.init_from)
+    assert dataclasses.replace(back, model=cfg.model) == cfg  # every other section
 
 
 def test_yaml_is_read_safely_and_missing_files_are_named(tmp_path):

@@ -36,13 +36,14 @@ def perturbed(arch, seed):
 
 @pytest.mark.parametrize("arch", [ODD_ARCH, SIGLIP_ARCH], ids=["clip", "siglip"])
 def test_mlx_torch_mlx_round_trip_is_bit_exact(tmp_path, arch):
-    m = perturbed(arch, seed=3)
+    cfg = mlx_clip.ModelConfig.from_dict(arch)
+    m = perturbed(cfg, seed=3)
     mlx_clip.save_weights(m, tmp_path / "a.safetensors")
-    t = torch_ref.create_model(arch, seed=4, device="cpu")
+    t = torch_ref.create_model(cfg, seed=4, device="cpu")
     torch_ref.load_weights(t, tmp_path / "a.safetensors")
     assert hasattr(t, "logit_bias") == ("init_logit_bias" in arch)
     torch_ref.save_weights(t, tmp_path / "b.safetensors")
-    m2 = mlx_clip.create_model(arch, seed=5)
+    m2 = mlx_clip.create_model(cfg, seed=5)
     mlx_clip.load_weights(m2, tmp_path / "b.safetensors")
     a, b = dict(tree_flatten(m.parameters())), dict(tree_flatten(m2.parameters()))
     assert a.keys() == b.keys()
@@ -97,7 +98,7 @@ def hf_model(cfg):
 
 @pytest.mark.parametrize("name", HF_ARCHS)
 def test_hf_clip_features_match(name):
-    m = mlx_clip.create_model(HF_ARCHS[name], seed=7)
+    m = mlx_clip.create_model(mlx_clip.ModelConfig.from_dict(HF_ARCHS[name]), seed=7)
     cfg = m.config
     canonical = {k: torch.from_numpy(np.array(v)) for k, v in tree_flatten(m.parameters())}
     hf = hf_model(cfg)
@@ -126,7 +127,7 @@ def test_hf_clip_features_match(name):
 
 
 def test_hf_mapping_rejects_foreign_keys():
-    cfg = mlx_clip.model_config(ODD_ARCH)
+    cfg = mlx_clip.ModelConfig.from_dict(ODD_ARCH)
     m = mlx_clip.create_model(cfg)
     hf_state = canonical_to_hf({k: np.array(v) for k, v in tree_flatten(m.parameters())}, cfg)
     with pytest.raises(WeightError, match="unexpected key 'vision_model.bogus'"):
@@ -139,18 +140,19 @@ def test_hf_mapping_rejects_foreign_keys():
 def test_logit_bias_mismatch_names_the_key_and_the_cause(tmp_path):
     """A SigLIP checkpoint into a model built without init_logit_bias, and the reverse, in both
     frameworks: the error names logit_bias and says the config and the weights do not match."""
-    mlx_clip.save_weights(mlx_clip.create_model(SIGLIP_ARCH), tmp_path / "siglip.safetensors")
-    mlx_clip.save_weights(mlx_clip.create_model(ODD_ARCH), tmp_path / "clip.safetensors")
+    siglip, clip = mlx_clip.ModelConfig.from_dict(SIGLIP_ARCH), mlx_clip.ModelConfig.from_dict(ODD_ARCH)
+    mlx_clip.save_weights(mlx_clip.create_model(siglip), tmp_path / "siglip.safetensors")
+    mlx_clip.save_weights(mlx_clip.create_model(clip), tmp_path / "clip.safetensors")
     for create, load in [
         (mlx_clip.create_model, mlx_clip.load_weights),
         (lambda a: torch_ref.create_model(a, device="cpu"), torch_ref.load_weights),
     ]:
         with pytest.raises(WeightError, match=r"unexpected key 'logit_bias' \(these weights have SigLIP's"):
-            load(create(ODD_ARCH), tmp_path / "siglip.safetensors")
+            load(create(clip), tmp_path / "siglip.safetensors")
         with pytest.raises(
             WeightError, match=r"missing key 'logit_bias' \(the model config sets init_logit_bias"
         ):
-            load(create(SIGLIP_ARCH), tmp_path / "clip.safetensors")
+            load(create(siglip), tmp_path / "clip.safetensors")
 
 
 def test_siglip_config_builds_the_bias_in_both_frameworks():
@@ -164,12 +166,12 @@ def test_siglip_config_builds_the_bias_in_both_frameworks():
 
 
 def test_hf_mapping_refuses_logit_bias():
-    cfg = mlx_clip.model_config(SIGLIP_ARCH)
+    cfg = mlx_clip.ModelConfig.from_dict(SIGLIP_ARCH)
     state = {k: np.array(v) for k, v in tree_flatten(mlx_clip.create_model(cfg).parameters())}
     with pytest.raises(WeightError, match=r"^logit_bias: .*CLIPModel has no such parameter"):
         canonical_to_hf(state, cfg)
     # Nor is any other key dropped silently.
-    plain = mlx_clip.model_config(ODD_ARCH)
+    plain = mlx_clip.ModelConfig.from_dict(ODD_ARCH)
     state = {k: v for k, v in state.items() if k != "logit_bias"}
     with pytest.raises(WeightError, match="unexpected key 'visual.extra'"):
         canonical_to_hf(dict(state, **{"visual.extra": np.zeros(1)}), plain)
@@ -177,7 +179,7 @@ def test_hf_mapping_refuses_logit_bias():
 
 @pytest.mark.parametrize("shape", [(), (1,)], ids=["scalar", "nonscalar"])
 def test_open_clip_mapping_carries_logit_bias(shape):
-    cfg = mlx_clip.model_config(SIGLIP_ARCH)
+    cfg = mlx_clip.ModelConfig.from_dict(SIGLIP_ARCH)
     state = {k: np.array(v) for k, v in tree_flatten(perturbed(cfg, seed=6).parameters())}
     oc = canonical_to_open_clip(state, cfg)
     assert oc["logit_bias"].shape == () and oc["logit_bias"] == state["logit_bias"] != np.float32(-10.0)
@@ -189,7 +191,7 @@ def test_open_clip_mapping_carries_logit_bias(shape):
     for k in state:
         assert back[k].shape == state[k].shape and np.array_equal(back[k], state[k]), k
 
-    plain = mlx_clip.model_config(ODD_ARCH)  # a config without the bias: named, not dropped
+    plain = mlx_clip.ModelConfig.from_dict(ODD_ARCH)  # a config without the bias: named, not dropped
     with pytest.raises(WeightError, match="unexpected key 'logit_bias' .*init_logit_bias"):
         open_clip_to_canonical(oc, plain)
     with pytest.raises(WeightError, match="unexpected key 'logit_bias'"):

@@ -5,8 +5,10 @@ import pytest
 from conftest import SMALL
 from safetensors.numpy import load_file
 
-from mlx_clip.config import ConfigError, OptimConfig, load_config, model_config
+from mlx_clip.config import OptimConfig, load_config
 from mlx_clip.interop.layouts import resize_positional_embedding
+from mlx_clip.models.config import model_config
+from mlx_clip.schema import ConfigError
 from mlx_clip.train import main as train_main
 from mlx_clip.training.optim_rules import is_locked, lr_at, tower_lr
 

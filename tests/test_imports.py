@@ -140,9 +140,9 @@ def graph():
 
 
 def test_the_graph_sees_every_kind_of_import(graph):
-    """Relative (.kernels), parent-relative (..config), absolute, and function-level imports."""
+    """Relative (.kernels), parent-relative (..schema), absolute, and function-level imports."""
     assert "mlx_clip.models.kernels" in graph.edges["mlx_clip.models.transformer"]
-    assert "mlx_clip.config" in graph.edges["mlx_clip.models.transformer"]
+    assert "mlx_clip.schema" in graph.edges["mlx_clip.models.config"]
     assert "mlx_clip.models.model" in graph.edges["mlx_clip.inference"]
     assert "mlx" in graph.external["mlx_clip.models.kernels"]
     assert "mlx_clip.interop.open_clip" in graph.edges["mlx_clip.convert"]  # inside main()

@@ -22,15 +22,9 @@ from mlx.utils import tree_map
 
 import mlx_clip
 from mlx_clip import convert, export
-from mlx_clip.config import (
-    Config,
-    ConfigError,
-    ModelConfig,
-    config_to_yaml,
-    load_config,
-    model_config,
-    to_dict,
-)
+from mlx_clip.config import Config, ModelSection, config_to_yaml, load_config
+from mlx_clip.models.config import ModelConfig, model_config
+from mlx_clip.schema import ConfigError, to_dict
 from mlx_clip.text.tokenizer import Tokenizer
 from mlx_clip.text.vocab import openai_tokenizer, train_tokenizer
 
@@ -100,7 +94,7 @@ def perturb_torch(module, seed: int):
 
 
 def mlx_model(arch: dict, seed: int):
-    m = mlx_clip.create_model(arch, seed=seed)
+    m = mlx_clip.create_model(ModelConfig.from_dict(arch), seed=seed)
     m.update(tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape), m.parameters()))
     mx.eval(m.parameters())
     return m
@@ -110,7 +104,7 @@ def save_mlx(model, directory: Path, tokenizer: Tokenizer | None = None) -> Path
     """A checkpoint directory as training writes one (weights, resolved config, tokenizer)."""
     directory.mkdir(parents=True)
     mlx_clip.save_weights(model, directory / "model.safetensors")
-    config = Config(model={"arch": "tiny", **to_dict(model.config)})
+    config = Config(model=ModelSection(arch="tiny", **to_dict(model.config)))
     (directory / "config.yaml").write_text(config_to_yaml(config))
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -207,7 +201,7 @@ def test_convert_hf_features_match(tmp_path, case):
     convert.main(["--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mlx")])
 
     m = load_mlx(tmp_path / "mlx")
-    assert m.config == model_config(arch)
+    assert m.config == ModelConfig.from_dict(arch)
     images, tokens = inputs(m.config)
     ours = mlx_features(m, images, tokens)
     theirs = torch_features(hf.get_image_features, hf.get_text_features, images, tokens)
@@ -650,7 +644,7 @@ def test_unsupported_configs_name_the_field(tmp_path):
     from mlx_clip.interop.hf import hf_config_json, hf_model_config
     from mlx_clip.interop.open_clip import open_clip_cfg, open_clip_model_config
 
-    cfg = model_config(ODD)
+    cfg = ModelConfig.from_dict(ODD)
     hf = hf_config_json(cfg)
     assert hf_model_config(hf) == cfg
     bad = json.loads(json.dumps(hf))
@@ -681,7 +675,7 @@ def test_unsupported_configs_name_the_field(tmp_path):
         with pytest.raises(ConfigError, match=rf"model_cfg.{section}.{key}"):
             open_clip_model_config(bad)
     # SigLIP's inits map both ways; open_clip's defaults (log(1/0.07), no bias) are ours (None).
-    siglip = model_config(ODD_SIGLIP)
+    siglip = ModelConfig.from_dict(ODD_SIGLIP)
     assert open_clip_cfg(siglip)["init_logit_bias"] == -10.0
     assert open_clip_cfg(siglip)["init_logit_scale"] == math.log(10.0)
     assert open_clip_model_config(open_clip_cfg(siglip)) == siglip

@@ -9,8 +9,9 @@ import pytest
 from conftest import SMALL, train_run
 from mlx.utils import tree_flatten
 
-from mlx_clip.config import ConfigError, load_config
+from mlx_clip.config import load_config
 from mlx_clip.models.model import create_model
+from mlx_clip.schema import ConfigError
 from mlx_clip.training import autobatch
 from mlx_clip.training.build import make_grad_fn, make_step
 from mlx_clip.training.optim import build_optimizer

@@ -9,8 +9,10 @@ from conftest import ODD_ARCH, random_tokens
 from mlx.utils import tree_flatten
 
 import mlx_clip
-from mlx_clip.config import available_models, model_config
+from mlx_clip.models.config import ModelConfig, available_models, model_config
 from mlx_clip.models.model import LOGIT_SCALE_MAX
+
+ODD = ModelConfig.from_dict(ODD_ARCH)
 
 
 def n_params(model):
@@ -38,7 +40,7 @@ def test_tiny_is_a_few_million_parameters():
 
 
 def test_logit_scale_is_clamped_at_100():
-    m = mlx_clip.create_model(ODD_ARCH)
+    m = mlx_clip.create_model(ODD)
     m.logit_scale = mx.array(10.0)
     cfg = m.config
     rng = np.random.default_rng(0)
@@ -52,7 +54,7 @@ def test_logit_scale_is_clamped_at_100():
 
 def test_text_is_causal_and_pooled_at_eot():
     """Tokens after the EOT cannot change the text feature; tokens before it do."""
-    m = mlx_clip.create_model(ODD_ARCH)
+    m = mlx_clip.create_model(ODD)
     rng = np.random.default_rng(0)
     tokens = random_tokens(rng, 1, 13, 301)
     eot = int(np.argmax(tokens[0]))
@@ -68,7 +70,7 @@ def test_text_is_causal_and_pooled_at_eot():
 
 def test_patch_embed_equals_strided_conv():
     """The reshape+matmul patch embedding is exactly a stride-p convolution."""
-    m = mlx_clip.create_model(ODD_ARCH)
+    m = mlx_clip.create_model(ODD)
     pe = m.visual.patch_embed
     x = mx.random.normal((2, 48, 48, 3))
     conv = mx.conv2d(x, pe.weight, stride=pe.patch_size)  # (B, 6, 6, W)

@@ -10,12 +10,13 @@ from mlx.utils import tree_flatten
 
 import mlx_clip
 from mlx_clip.interop.layouts import torch_to_canonical
+from mlx_clip.models.config import ModelConfig
 from mlx_clip.training.loss import clip_loss
 
 torch = pytest.importorskip("torch")
 import torch_ref  # noqa: E402
 
-ARCHS = {"tiny": "tiny", "odd": ODD_ARCH}
+ARCHS = {"tiny": "tiny", "odd": ModelConfig.from_dict(ODD_ARCH)}
 
 
 def paired_models(arch, tmp_path):
@@ -84,7 +85,7 @@ def test_gradients_match(name, tmp_path):
 
 def test_thirty_adamw_steps_track(tmp_path):
     """Identical init and batches: loss curves within 1e-4 relative, final weights within 1e-4."""
-    m, t = paired_models(ODD_ARCH, tmp_path)
+    m, t = paired_models(ARCHS["odd"], tmp_path)
     cfg = m.config
     lr, betas, eps, wd = 5e-4, (0.9, 0.98), 1e-6, 0.2
     mopt = optim.AdamW(learning_rate=lr, betas=list(betas), eps=eps, weight_decay=wd, bias_correction=True)
@@ -113,3 +114,13 @@ def test_thirty_adamw_steps_track(tmp_path):
     tw = torch_to_canonical({k: v.detach().numpy() for k, v in t.state_dict().items()})
     for k, v in tree_flatten(m.parameters()):
         np.testing.assert_allclose(np.array(v), tw[k], atol=1e-4, err_msg=k)
+
+
+def test_both_frameworks_implement_exactly_the_configurable_activations():
+    """model.activation's Literal is the one list of names; each framework has a function per name."""
+    import typing
+
+    from mlx_clip.models.config import Activation
+    from mlx_clip.models.kernels import ACTIVATIONS
+
+    assert tuple(ACTIVATIONS) == tuple(torch_ref.transformer.ACTIVATIONS) == typing.get_args(Activation)

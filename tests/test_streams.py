@@ -20,7 +20,8 @@ from conftest import train_run
 
 from mlx_clip.models import kernels
 from mlx_clip.training import streams
-from mlx_clip.config import ConfigError, load_config
+from mlx_clip.config import load_config
+from mlx_clip.schema import ConfigError
 from mlx_clip.models.model import create_model
 from mlx_clip.training.streams import Lanes
 from mlx_clip.training.build import make_grad_fn

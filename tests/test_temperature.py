@@ -7,7 +7,8 @@ import math
 import pytest
 from conftest import train_run
 
-from mlx_clip.config import ConfigError, TemperatureConfig, load_config
+from mlx_clip.config import TemperatureConfig, load_config
+from mlx_clip.schema import ConfigError
 from mlx_clip.training.temperature import Temperature
 
 

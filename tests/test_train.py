@@ -11,8 +11,9 @@ import pytest
 from conftest import SMALL, train_run
 from safetensors.numpy import load_file
 
-from mlx_clip.config import ConfigError, load_config
+from mlx_clip.config import load_config
 from mlx_clip.run_args import parse_args
+from mlx_clip.schema import ConfigError
 from mlx_clip.train import main as train_main
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
 
-from mlx_clip.config import LossConfig
+from mlx_clip.config import HardNegativeStrategy, LossConfig, LossType
+from mlx_clip.schema import one_of
+
+LOSS_TYPES = typing.get_args(LossType)
+STRATEGIES = typing.get_args(HardNegativeStrategy)
 
 
 def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor):
@@ -40,8 +45,8 @@ def num_hard(ratio: float, n_negatives: int) -> int:
 
 @torch.no_grad()
 def hard_negative_mask(similarity, labels, strategy: str, ratio: float, margin: float, logit_scale):
-    if strategy not in ("semi-hard", "hard", "weighted"):
-        raise ValueError(f"hard negative strategy must be semi-hard, hard or weighted, got {strategy!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"hard negative strategy must be {one_of(STRATEGIES)}, got {strategy!r}")
     n_columns = similarity.shape[1]
     k = num_hard(ratio, n_columns - 1)
     pos = torch.arange(n_columns, device=similarity.device)[None, :] == labels[:, None]
@@ -117,4 +122,4 @@ def contrastive_loss(
         return hard_negative_loss(*args, cfg.strategy, cfg.ratio, cfg.weight, cfg.margin, cfg.label_smoothing)
     if cfg.type == "multi_scale":
         return multi_scale_loss(*args, cfg.scales, cfg.scale_weights, cfg.label_smoothing)
-    raise ValueError(f"loss.type must be clip, siglip, hard_negative or multi_scale, got {cfg.type!r}")
+    raise ValueError(f"loss.type must be {one_of(LOSS_TYPES)}, got {cfg.type!r}")

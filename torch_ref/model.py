@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlx_clip.config import ModelConfig, model_config
+from mlx_clip.models.config import ModelConfig, model_config
 from mlx_clip.models.init_table import LOGIT_SCALE_MAX, init_rule, logit_scale_init
 
 from .device import pick_device
@@ -57,9 +57,13 @@ def init_weights(model: CLIP) -> CLIP:
     return model
 
 
-def create_model(arch="tiny", seed: int | None = 0, device: str | torch.device | None = None) -> CLIP:
-    """Build a CLIP on `device` (default: cuda, then mps, then cpu)."""
-    cfg = model_config(arch)
+def create_model(
+    arch: str | ModelConfig = "tiny", seed: int | None = 0, device: str | torch.device | None = None
+) -> CLIP:
+    """Build a CLIP on `device` (default: cuda, then mps, then cpu) from an architecture name, a YAML
+    path or a ModelConfig, as mlx_clip.create_model."""
+    cfg = arch if isinstance(arch, ModelConfig) else model_config(arch)
+    cfg.validate()
     if seed is not None:
         torch.manual_seed(seed)
     return init_weights(CLIP(cfg)).to(pick_device(device))

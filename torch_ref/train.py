@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 import mlx_clip  # noqa: F401  (BLAS fix before anything imports mlx.core via mlx.data)
-from mlx_clip.config import ConfigError, config_to_yaml, load_config
+from mlx_clip.config import config_to_yaml, load_config
 from mlx_clip.data.run_data import build_run_data
 from mlx_clip.evaluation.metrics import evaluate_run
 from mlx_clip.models.locate import resolve_init
 from mlx_clip.run_args import parse_args
+from mlx_clip.schema import ConfigError
 from mlx_clip.training.optim_rules import decays, is_locked, lr_at, tower_lr
 from mlx_clip.training.temperature import Temperature
 
@@ -56,7 +57,7 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     mcfg = cfg.model_config()
     t0 = time.perf_counter()
-    init_weights, init_tokenizer = resolve_init(cfg.model.get("init_from"))
+    init_weights, init_tokenizer = resolve_init(cfg.model.init_from)
     data = build_run_data(cfg, mcfg, tokenizer_dir=init_tokenizer)
     (out / "config.yaml").write_text(config_to_yaml(cfg))
     model = create_model(mcfg, seed=cfg.train.seed, device=device)

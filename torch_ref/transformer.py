@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mlx_clip.config import ModelConfig
+from mlx_clip.models.config import Activation, ModelConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -18,7 +20,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)  # exact erf form, as mlx_clip.models.transformer.gelu
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+ACTIVATIONS: dict[Activation, Callable] = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
 class Attention(nn.Module):
@@ -38,7 +40,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int, activation: str):
+    def __init__(self, width: int, hidden: int, activation: Activation):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
         self.c_proj = nn.Linear(hidden, width)

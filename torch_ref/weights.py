@@ -9,8 +9,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mlx_clip.config import to_dict
 from mlx_clip.interop.layouts import canonical_to_torch, check_state, torch_to_canonical
+from mlx_clip.schema import to_dict
 
 FORMAT = "mlx_clip"
 

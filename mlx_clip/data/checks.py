@@ -58,6 +58,7 @@ import json
 import os
 import threading
 import time
+import typing
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -67,11 +68,12 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..config import ImageCheck
 from .readers import read_samples
 from .samples import REASONS, DataError, Sample, Skip, TarRef, clean_captions, read_bytes
 from .transforms import to_rgb
 
-MODES = ("header", "full", "off")
+MODES = typing.get_args(ImageCheck)
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own warning threshold, about 9459 x 9459
 DEFAULT_MAX_CAPTION_CHARS = 4096
 DEFAULT_MAX_BAD_FRACTION = 0.05

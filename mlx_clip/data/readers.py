@@ -22,14 +22,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import typing
 from pathlib import Path
 
 import numpy as np
 
+from ..config import SourceFormat
 from .samples import IMAGE_EXTENSIONS, Collector, DataError, Sample, Skip, lines
 from .tar_shards import read_tar, shard_paths
 
-FORMATS = ("csv", "tsv", "json", "jsonl", "folder", "tar")
+FORMATS = typing.get_args(SourceFormat)
 ON_ERROR = ("raise", "skip")
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, ModelConfig
+from ..config import Config
+from ..models.config import ModelConfig
 from ..text.tokenizer import Tokenizer
 from ..text.vocab import load_tokenizer, openai_tokenizer, train_tokenizer
 from . import synthetic

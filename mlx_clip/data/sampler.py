@@ -17,11 +17,14 @@ ways. Only the per-epoch work is vectorised numpy (one lexsort); the key words a
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLERS = ("random", "hard_negative")
+from ..config import Sampler
+
+SAMPLERS = typing.get_args(Sampler)
 # First words of the seed sequences of the two orders (data.py's per-sample streams use 2 and 3).
 PERM, HARD = 1, 4
 # Function words and caption boilerplate ("a photo of ..."): never a key.

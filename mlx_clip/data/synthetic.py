@@ -34,12 +34,14 @@ from __future__ import annotations
 import argparse
 import csv
 import struct
+import typing
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..config import BuiltinSplit
 from .synthetic_captions import (
     MAX_PARAPHRASES,
     pair_captions,
@@ -58,7 +60,7 @@ from .synthetic_scene import (
     sample_single_grid,
 )
 
-SPLITS = ("single", "pair", "mixed")
+SPLITS = typing.get_args(BuiltinSplit)
 
 
 @dataclass

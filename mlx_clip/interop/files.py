@@ -26,18 +26,12 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config import (
-    Config,
-    LossConfig,
-    available_models,
-    config_to_yaml,
-    load_config,
-    model_config,
-    to_dict,
-)
+from ..config import Config, LossConfig, ModelSection, config_to_yaml, load_config
+from ..models.config import ModelConfig, available_models, model_config
 from ..models.locate import resolve_checkpoint
 from ..models.model import CLIP
 from ..models.weights import read_safetensors, save_weights
+from ..schema import to_dict
 from ..text.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from ..text.tokenizer import Tokenizer
 from .layouts import WeightError, check_state
@@ -134,10 +128,9 @@ def checkpoint_config_yaml(cfg) -> str:
     """A full run config for a converted model: its fields written out, named after the matching
     built-in architecture when there is one. A model with SigLIP's logit_bias was trained with the
     sigmoid loss, and its config says so (loss.type siglip)."""
-    fields = to_dict(cfg)
     arch = next((name for name in available_models() if model_config(name) == cfg), "custom")
     loss = LossConfig(type="siglip" if cfg.init_logit_bias is not None else "clip")
-    return config_to_yaml(Config(model={"arch": arch, **fields}, loss=loss))
+    return config_to_yaml(Config(model=ModelSection(arch=arch, **to_dict(cfg)), loss=loss))
 
 
 def expected_shapes(cfg) -> dict[str, tuple]:
@@ -171,7 +164,7 @@ def read_checkpoint(path: str | Path):
         _, meta = mx.load(str(weights), return_metadata=True)
         if "config" not in meta:
             raise FileNotFoundError(f"{ckpt}: no config.yaml, and {weights.name} records no config")
-        cfg = model_config(json.loads(meta["config"]))
+        cfg = ModelConfig.from_dict(json.loads(meta["config"]))
     state = read_safetensors(weights)
     check_state(expected_shapes(cfg), state, str(weights))
     state = {k: _to_numpy(k, v, weights) for k, v in state.items()}

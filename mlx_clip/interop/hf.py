@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import json
 import tempfile
+import typing
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from ..config import ConfigError, ModelConfig
 from ..data.transforms import OPENAI_MEAN, OPENAI_STD
+from ..models.config import Activation, ModelConfig
+from ..schema import ConfigError
 from ..text.tokenizer import (
     END_OF_WORD,
     HF_EOT_TOKEN,
@@ -103,9 +105,10 @@ def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
     vision = {**_VISION_DEFAULTS, **(config.get("vision_config") or config.get("vision_config_dict") or {})}
     t, v = "text_config", "vision_config"
     for tower, c in ((t, text), (v, vision)):
-        if c["hidden_act"] not in ("quick_gelu", "gelu"):
+        if c["hidden_act"] not in typing.get_args(Activation):
             raise ConfigError(
-                f"{where}: {tower}.hidden_act={c['hidden_act']!r}; mlx_clip supports 'quick_gelu' and 'gelu'"
+                f"{where}: {tower}.hidden_act={c['hidden_act']!r}; mlx_clip supports "
+                + " and ".join(map(repr, typing.get_args(Activation)))
             )
     if text["hidden_act"] != vision["hidden_act"]:
         raise ConfigError(

@@ -44,15 +44,10 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from ..config import (
-    SIGLIP_LOGIT_BIAS_INIT,
-    SIGLIP_LOGIT_SCALE_INIT,
-    ConfigError,
-    ModelConfig,
-    available_models,
-    model_config,
-)
+from ..config import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT
 from ..data.transforms import OPENAI_MEAN, OPENAI_STD
+from ..models.config import ModelConfig, available_models, model_config
+from ..schema import ConfigError
 from ..text.tokenizer import OPENAI_VOCAB_SIZE
 from ..text.vocab import openai_tokenizer
 from .files import contiguous, read_checkpoint, read_state_dict, staged_output, write_checkpoint

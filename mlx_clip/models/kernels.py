@@ -39,6 +39,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .config import Activation
+
 ENV = "MLX_CLIP_KERNELS"
 CHOICES = ("auto", "native", "fast")
 
@@ -194,15 +196,15 @@ def quick_gelu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(1.702 * x)
 
 
-_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+ACTIVATIONS: dict[Activation, Callable[[mx.array], mx.array]] = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
-def activation(name: str) -> Callable[[mx.array], mx.array]:
+def activation(name: Activation) -> Callable[[mx.array], mx.array]:
     """The activation function called `name` ("quick_gelu" or "gelu"); each one checks the switch
     when it runs, so a model built on one device computes correctly on another."""
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 def checkpoint_block(block: nn.Module, x: mx.array, causal: bool) -> mx.array:

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map, tree_map_with_path
 
-from ..config import ModelConfig, model_config
+from .config import ModelConfig, model_config
 from .init_table import LOGIT_SCALE_MAX, init_rule, logit_scale_init
 from .transformer import TextTransformer, VisionTransformer
 
@@ -86,9 +86,11 @@ def init_weights(model: CLIP, seed: int | None = None) -> CLIP:
     return model
 
 
-def create_model(arch: str | dict | ModelConfig = "tiny", seed: int | None = 0) -> CLIP:
-    """Build a CLIP from an architecture name ('tiny', 'vit_b32', ...), YAML path or dict."""
-    cfg = model_config(arch)
+def create_model(arch: str | ModelConfig = "tiny", seed: int | None = 0) -> CLIP:
+    """Build a CLIP from an architecture name ('tiny', 'vit_b32', ...), a YAML path or a ModelConfig."""
+    # The one conversion, at the public edge: a name or path is resolved, a given config is checked.
+    cfg = arch if isinstance(arch, ModelConfig) else model_config(arch)
+    cfg.validate()
     if seed is not None:
         mx.random.seed(seed)
     model = init_weights(CLIP(cfg))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import ModelConfig
+from .config import Activation, ModelConfig
 from .kernels import activation, checkpoint_block
 
 
@@ -35,7 +35,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int, act: str):
+    def __init__(self, width: int, hidden: int, act: Activation):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
         self.c_proj = nn.Linear(hidden, width)
@@ -48,7 +48,7 @@ class MLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str, eps: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: Activation, eps: float):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)

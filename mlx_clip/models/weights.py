@@ -10,8 +10,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config import to_dict
 from ..interop.layouts import check_state, resize_positional_embedding
+from ..schema import to_dict
 
 FORMAT = "mlx_clip"
 

@@ -16,7 +16,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from ..config import Config, ModelConfig
+from ..config import Config
+from ..models.config import ModelConfig
 from ..models.model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
 from . import streams
 from .distributed import World

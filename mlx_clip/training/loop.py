@@ -149,7 +149,7 @@ def load_data(cfg: Config, out: Path, world: World, resume: bool, skip_log) -> t
     def on_main():
         out.mkdir(parents=True, exist_ok=True)
         found["resume"] = ckpt_io.find_resumable(out / "checkpoints") if resume else None
-        found["init"], init_tokenizer = resolve_init(cfg.model.get("init_from"))
+        found["init"], init_tokenizer = resolve_init(cfg.model.init_from)
         tokenizer_dir = found["resume"] or init_tokenizer
         found["data"] = build_run_data(cfg, mcfg, tokenizer_dir, world.rank, world.size, skip_log=skip_log)
         return pack_dir(found["data"].tokenizer.save) if world.size > 1 else None

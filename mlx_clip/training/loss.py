@@ -13,12 +13,16 @@ keyword `columns=(all_image, all_text, offset)` selects that form.
 from __future__ import annotations
 
 import math
+import typing
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import LossConfig
+from ..config import HardNegativeStrategy, LossConfig, LossType
+from ..schema import one_of
 
+LOSS_TYPES = typing.get_args(LossType)
+STRATEGIES = typing.get_args(HardNegativeStrategy)
 Columns = tuple  # (all_image (N, E) | None, all_text (N, E), offset of these rows among the N)
 
 
@@ -112,8 +116,8 @@ def hard_negative_mask(
     A tie at the k-th largest similarity selects every tied negative: the rule needs no sort order,
     so MLX and torch_ref agree (random float features practically never tie).
     """
-    if strategy not in ("semi-hard", "hard", "weighted"):
-        raise ValueError(f"hard negative strategy must be semi-hard, hard or weighted, got {strategy!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"hard negative strategy must be {one_of(STRATEGIES)}, got {strategy!r}")
     n_columns = similarity.shape[1]
     k = num_hard(ratio, n_columns - 1)
     pos = _positives(labels, n_columns)
@@ -216,7 +220,7 @@ def batch_loss(
         return hard_negative_loss(*args, *hard, columns=columns)
     if cfg.type == "multi_scale":
         return multi_scale_loss(*args, cfg.scales, cfg.scale_weights, cfg.label_smoothing, columns=columns)
-    raise ValueError(f"loss.type must be clip, siglip, hard_negative or multi_scale, got {cfg.type!r}")
+    raise ValueError(f"loss.type must be {one_of(LOSS_TYPES)}, got {cfg.type!r}")
 
 
 def contrastive_loss(

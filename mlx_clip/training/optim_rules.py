@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 
-from ..config import ModelConfig, OptimConfig
+from ..config import OptimConfig
+from ..models.config import ModelConfig
 
 # 2-D tensors that are embeddings-as-positions, not projections: no weight decay.
 NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "logit_scale")

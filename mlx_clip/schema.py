@@ -1,0 +1,164 @@
+"""Strict YAML / dict -> dataclass conversion, the machinery under every config in mlx_clip.
+
+A dataclass's type hints are the schema: `from_dict` refuses unknown keys (naming the nearest
+valid one) and values of the wrong type, and a `Literal[...]` hint is the one list of a field's
+allowed values (the modules that act on a value derive their tuples from it with
+`typing.get_args`). Framework-free, and it knows no particular config:
+mlx_clip/config.py (the run) and mlx_clip/models/config.py (an architecture) are built on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value, key or file is wrong; the message says which and why."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _either(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def one_of(values: tuple) -> str:
+    """('a', 'b', 'c') -> "'a', 'b' or 'c'", for error messages."""
+    return _either([repr(v) for v in values])
+
+
+_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _allowed(tp: Any) -> list[str]:
+    """A union member in an error message: a Literal's values, or what a type accepts in words."""
+    if typing.get_origin(tp) is typing.Literal:
+        return [repr(a) for a in typing.get_args(tp)]
+    return [_WORDS.get(tp) or _type_name(tp)]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats, and a Literal's
+    value must be one of its arguments."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        if any(typing.get_origin(a) is typing.Literal for a in args):  # e.g. int | Literal["auto"]
+            allowed = [word for a in args for word in _allowed(a)]
+            raise ConfigError(f"{key} must be {_either(allowed)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        # The type is compared too: True == 1 must not pass for a Literal[1].
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ConfigError(f"{key} must be {one_of(allowed)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "1e-5" (no dot) as a string; accept numeric text for floats.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def unknown_key_error(key: str, valid: list[str], prefix: str = "") -> ConfigError:
+    full = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{full}'{hint} (valid: {', '.join(sorted(valid))})")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in valid:
+            raise unknown_key_error(key, valid, prefix)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set data['a']['b'] = value for dotted='a.b' (creating mappings on the way)."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+__all__ = ["ConfigError", "from_dict", "load_yaml", "one_of", "set_dotted", "to_dict", "unknown_key_error"]

@@ -37,7 +37,7 @@ from mlx_clip.interop.layouts import WeightError, canonical_to_hf, hf_to_canonic
 from mlx_clip.models.locate import resolve_init, verify_files
 from mlx_clip.models.weights import load_weights
 from mlx_clip.training.checkpoint import CheckpointWriteError, save_checkpoint, verify_checkpoint
-from mlx_clip.training.logging import Logger, read_history
+from mlx_clip.training.logging import Logger, read_history, write_curves
 from mlx_clip.training.state import RunState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,6 +237,10 @@ def test_torn_last_line_is_skipped_and_garbage_named(tmp_path):
     path.write_text('{"event": "train", "step": 1}\n{"event": "tr\n{"event": "train", "step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
         read_history(tmp_path)
+    warned.clear()
+    write_curves(tmp_path, log=warned.append)  # at the end of a run: a warning, not a crash
+    assert len(warned) == 1 and "curves.png not written" in warned[0] and "line 2" in warned[0]
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_next_run_after_a_torn_line_works(tmp_path):
@@ -386,6 +390,18 @@ def test_force_killed_at_any_point_leaves_old_or_new_whole(tmp_path, kill_at):
         for name, text in NEW.items():
             (tmp / name).write_text(text)
     assert contents(out) == NEW and siblings(out) == []  # the old tokenizer.json did not stay
+
+
+def test_export_to_a_full_disk_is_one_line(run_dir, tmpfs):
+    """safetensors' save_file raises its own SafetensorError on a full disk: still one line, and the
+    partial output is gone."""
+    disk = tmpfs(64 * 1024)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--checkpoint", str(run_dir), "--to", "hf", "--out", str(disk / "hf")])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: could not write {disk / 'hf'}") and "No space left" in message
+    assert "\n" not in message
+    assert list(disk.iterdir()) == []
 
 
 def test_staging_of_a_live_process_and_foreign_folders_are_left_alone(tmp_path):

@@ -319,7 +319,7 @@ def staged_output(out: str | Path, force: bool = False, log=print) -> Iterator[P
     it is replaced as a whole, so old and new files never mix. Leftovers of killed runs beside OUT
     are cleaned up first (clean_stale).
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." and "dir/" get a name, and a parent to stage beside
     clean_stale(out, log)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")

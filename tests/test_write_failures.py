@@ -458,6 +458,9 @@ def test_non_float_weights_are_refused_by_name(tmp_path, dtype):
         WeightError, match=rf"model.safetensors: tensor '{key}' has dtype {name}, not F32, F16, BF16"
     ):
         load_weights(model, path)
+    torch_ref = pytest.importorskip("torch_ref")  # the PyTorch mirror refuses it too
+    with pytest.raises(WeightError, match=rf"model.safetensors: tensor '{key}' has dtype torch\."):
+        torch_ref.load_weights(torch_ref.create_model(model.config, device="cpu"), path)
 
 
 def test_foreign_files_keep_integer_buffers_and_refuse_integer_weights(tmp_path):

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         help="open_clip only: an open_clip model name (ViT-B-32-quickgelu), a model_cfg .json file or "
         "an mlx_clip architecture; required for a plain state dict, overrides open_clip_config.json",
     )
-    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+    parser.add_argument(
+        "--force", action="store_true", help="replace OUT, an earlier output, as a whole (atomically)"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.arch and args.source != "open_clip":
         parser.error("--arch applies to --from open_clip only")

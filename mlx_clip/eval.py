@@ -23,17 +23,22 @@ def main(argv: list[str] | None = None) -> dict:
         "--data", help="evaluation source (csv/json/folder/tar); default: the run's val split"
     )
     parser.add_argument("--out", help="where to write the metrics JSON (default: CHECKPOINT/eval.json)")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from .data.run_data import build_run_data
-    from .models.locate import resolve_checkpoint
+    from .models.locate import resolve_checkpoint, verify_files
     from .models.model import create_model
     from .models.weights import load_weights
     from .training.evaluate import evaluate
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
-    except FileNotFoundError as e:
+        if not args.no_verify:
+            verify_files(ckpt, hint="; --no-verify skips this check")
+    except (FileNotFoundError, ValueError) as e:  # ValueError: WeightError, a damaged file
         sys.exit(f"error: {e}")
     overrides = []
     if args.data:
@@ -46,10 +51,17 @@ def main(argv: list[str] | None = None) -> dict:
     mcfg = cfg.model_config()
     data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
     model = create_model(mcfg, seed=None)
-    load_weights(model, ckpt / "model.safetensors")
+    try:
+        load_weights(model, ckpt / "model.safetensors")
+    except (ValueError, OSError) as e:  # WeightError: a key, shape or dtype that does not fit
+        sys.exit(f"error: {e}")
     metrics = {"checkpoint": str(ckpt), **evaluate(model, data)}
     out = Path(args.out) if args.out else ckpt / "eval.json"
-    out.write_text(json.dumps(metrics, indent=1))
+    try:
+        out.write_text(json.dumps(metrics, indent=1))
+    except OSError as e:
+        print(json.dumps(metrics, indent=1))
+        sys.exit(f"error: could not write {out} ({e}); the metrics are printed above")
     print(json.dumps(metrics, indent=1))
     return metrics
 

@@ -48,11 +48,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="step_N directory, checkpoints/ or run directory")
     parser.add_argument("--to", required=True, choices=("hf", "open_clip", "torch_ref"))
     parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+    parser.add_argument(
+        "--force", action="store_true", help="replace OUT, an earlier output, as a whole (atomically)"
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     # MLX loads only when the command runs (--help stays instant).
     try:
+        if not args.no_verify:
+            from .models.locate import resolve_checkpoint, verify_files  # noqa: PLC0415
+
+            verify_files(resolve_checkpoint(args.checkpoint), hint="; --no-verify skips this check")
         if args.to == "hf":
             from .interop.hf import export_hf as run  # noqa: PLC0415
         elif args.to == "open_clip":

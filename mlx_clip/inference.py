@@ -42,7 +42,7 @@ from .data.samples import DataError
 from .data.transforms import EvalTransform
 from .evaluation.metrics import zero_shot_classifier
 from .models.config import ModelConfig
-from .models.locate import resolve_checkpoint
+from .models.locate import resolve_checkpoint, verify_files
 from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
 from .models.weights import load_weights
 from .text.tokenizer import Tokenizer
@@ -104,12 +104,15 @@ def _model_config_and_tokenizer_kind(ckpt: Path):
     return ModelConfig.from_dict(json.loads(meta["config"])), "auto"
 
 
-def load(path: str | Path) -> tuple[CLIP, Tokenizer, Preprocess]:
+def load(path: str | Path, verify: bool = True) -> tuple[CLIP, Tokenizer, Preprocess]:
     """A checkpoint (step_N/, checkpoints/ or run directory) -> (model, tokenizer, preprocess).
 
     The model is in eval mode with its weights loaded; the tokenizer pads to the model's context
-    length; preprocess maps a PIL image or a path to float32 (S, S, 3)."""
+    length; preprocess maps a PIL image or a path to float32 (S, S, 3). Where the checkpoint has
+    checksums (state.json), its files are checked first, unless verify=False."""
     ckpt = resolve_checkpoint(path)
+    if verify:
+        verify_files(ckpt, hint="; --no-verify (CLI) or verify=False skips this check")
     mcfg, tok_kind = _model_config_and_tokenizer_kind(ckpt)
     model = create_model(mcfg, seed=None)
     load_weights(model, ckpt / "model.safetensors")

@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top", type=int, help="results shown per image / query (default 5 / 10)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.images and not args.labels:
         p.error("--images needs --labels")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.showwarning = _show_warning  # "warning: <path>: ..." lines, not Python locations
         try:
             ckpt = resolve_checkpoint(args.checkpoint)
-            model, tokenizer, preprocess = load(ckpt)
+            model, tokenizer, preprocess = load(ckpt, verify=not args.no_verify)
             if args.images:
                 out = zero_shot(args, model, tokenizer, preprocess)
             else:

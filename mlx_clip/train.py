@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .data.samples import DataError
     from .interop.layouts import WeightError
     from .training.checkpoint import CheckpointWriteError
+    from .training.logging import RunWriteError
     from .training.loop import (
         NonFiniteError,
         OutOfMemoryError,
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         FileNotFoundError,
         NonFiniteError,
         CheckpointWriteError,
+        RunWriteError,
         OutOfMemoryError,
     ) as e:
         # Bad input: one clear line naming the file or key, no traceback.

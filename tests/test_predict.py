@@ -289,7 +289,7 @@ def test_cache_reuses_and_refreshes(loaded, run_dir, folder, tmp_path, monkeypat
     other = tmp_path / "other"
     shutil.copytree(run_dir / "checkpoints" / "latest", other)
     save_weights(create_model(model.config, seed=1), other / "model.safetensors")
-    model2, _, _ = mlx_clip.load(other)
+    model2, _, _ = mlx_clip.load(other, verify=False)  # weights swapped by hand: checksums differ
     sha2 = file_sha256(other / "model.safetensors")
     calls.clear()
     with pytest.warns(SkippedImageWarning):

@@ -9,7 +9,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mlx_clip.interop.layouts import canonical_to_torch, check_state, torch_to_canonical
+from mlx_clip.interop.layouts import WeightError, canonical_to_torch, check_state, torch_to_canonical
 from mlx_clip.schema import to_dict
 
 FORMAT = "mlx_clip"
@@ -32,6 +32,12 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    for key, value in state.items():  # as mlx_clip's load_weights: never cast ints, bools or float8
+        if not value.is_floating_point() or value.element_size() == 1:
+            raise WeightError(
+                f"{path}: tensor '{key}' has dtype {value.dtype}, not a float32/float16/bfloat16 weight; "
+                "weights are not cast from other dtypes: convert the file to float32 or float16 first"
+            )
     state = canonical_to_torch(state)
     own = model.state_dict()
     check_state({k: tuple(v.shape) for k, v in own.items()}, state, str(path))

@@ -1,10 +1,65 @@
 """Find a model on disk, framework-free: a run directory, its checkpoints/ root, a step_N
-checkpoint, a converted directory or a weights file."""
+checkpoint, a converted directory or a weights file; and check it against its checksums.
+
+A checkpoint's state.json lists a sha256 per file under "files" (training writes it with each
+step_N; convert and export write one with only "files"). `verify_files` is the one place those
+checksums are checked: by --resume, mlx_clip.load, eval, export and model.init_from.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+
+from ..interop.layouts import WeightError
+
+MANIFEST = "state.json"
+# Read only by --resume: loading a model for inference, export or fine-tuning skips its checksum.
+TRAINING_ONLY_FILES = ("optimizer.safetensors",)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(ckpt: Path) -> dict | None:
+    """ckpt/state.json as a dict, or None when there is none; ValueError naming it if unreadable."""
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightError(f"{path}: unreadable ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise WeightError(f"{path}: not a checkpoint manifest (expected an object with 'files')")
+    return manifest
+
+
+def verify_files(ckpt: Path, resume: bool = False, hint: str = "") -> dict | None:
+    """Check every file ckpt/state.json lists against its sha256; returns the manifest (None
+    without one). A file that differs is a WeightError naming it, with `hint` (how to skip the
+    check) appended. For `resume` every listed file must be present; otherwise a missing one is
+    left to the reader, and the optimizer state (not needed) is not hashed."""
+    manifest = read_manifest(ckpt)
+    if manifest is None:
+        return None
+    for name, digest in manifest.get("files", {}).items():
+        path = ckpt / name
+        if not resume and (name in TRAINING_ONLY_FILES or not path.is_file()):
+            continue
+        if not path.is_file() or file_sha256(path) != digest:
+            raise WeightError(
+                f"{path}: checksum mismatch or missing (it does not match {ckpt / MANIFEST}); "
+                f"the checkpoint is damaged or mixes files of two models{hint}"
+            )
+    return manifest
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -24,7 +79,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def resolve_init(init_from: str | None) -> tuple[Path | None, Path | None]:
-    """model.init_from (a .safetensors file, a checkpoint dir or a run dir) -> (weights, tokenizer dir)."""
+    """model.init_from (a .safetensors file, a checkpoint dir or a run dir) -> (weights, tokenizer dir).
+
+    A directory is checked against its checksums (state.json); naming its model.safetensors file
+    instead skips that check."""
     if not init_from:
         return None, None
     path = Path(init_from)
@@ -33,6 +91,8 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, Path | None]:
     else:
         folder = resolve_checkpoint(path)
         weights = folder / "model.safetensors"
+        skip = f"; to use it anyway, set model.init_from to the file {weights}"
+        verify_files(folder, hint=skip)
     if not weights.is_file():
         raise FileNotFoundError(f"model.init_from: no weights at {weights}")
     tokenizer = folder if (folder / "tokenizer_config.json").is_file() else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,10 +12,16 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..interop.layouts import check_state, resize_positional_embedding
+from ..interop.layouts import WeightError, check_state, resize_positional_embedding
 from ..schema import to_dict
 
 FORMAT = "mlx_clip"
+# Safetensors dtypes that model weights may have: every float that MLX reads as itself. Anything
+# else (BOOL, I64, U8, F8_E4M3 (which MLX reads as raw uint8 bytes), ...) is refused by name, not
+# cast to float32: an integer or 8-bit float tensor where a weight belongs is a broken or quantized
+# file, and casting it would silently give a different model.
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+NOT_CAST = "weights are not cast from other dtypes: convert the file to float32 or float16 first"
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:
@@ -23,7 +31,42 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
     if hasattr(model, "config"):
         metadata["config"] = json.dumps(to_dict(model.config))
     mx.eval(weights)
-    mx.save_safetensors(str(path), weights, metadata=metadata)
+    write_safetensors(path, weights, metadata)
+
+
+def write_safetensors(path: str | Path, arrays: dict[str, mx.array], metadata: dict) -> None:
+    """mx.save_safetensors, whose write failures become an OSError naming the file: MLX raises a
+    RuntimeError ("[write] Unable to write N bytes to file.") on a full disk, not an OSError."""
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+    except RuntimeError as e:
+        try:
+            free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MB free on that disk"
+        except OSError:
+            free = ""
+        raise OSError(f"{path}: could not write ({e}{free})") from e
+
+
+def safetensors_dtypes(path: str | Path) -> dict[str, str]:
+    """{key: dtype as the file's header names it (F32, BF16, I64, F8_E4M3...)}."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > Path(path).stat().st_size:
+                raise ValueError(f"header of {size} bytes is longer than the file")
+            header = json.loads(f.read(size))
+        return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    except (struct.error, ValueError, TypeError, KeyError, MemoryError, OverflowError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_float_dtypes(path: str | Path) -> None:
+    """Refuse a weights file with a tensor that is not floating point, naming it."""
+    for key, dtype in safetensors_dtypes(path).items():
+        if dtype not in FLOAT_DTYPES:
+            raise WeightError(
+                f"{path}: tensor '{key}' has dtype {dtype}, not {', '.join(FLOAT_DTYPES)}; {NOT_CAST}"
+            )
 
 
 def read_safetensors(path: str | Path) -> dict[str, mx.array]:
@@ -46,15 +89,24 @@ def _load_into(model: nn.Module, weights: dict[str, mx.array], source: str) -> n
     return model
 
 
+def read_weights(path: str | Path) -> dict[str, mx.array]:
+    """A model weights file: read_safetensors, refusing any tensor that is not floating point
+    (checked in the header first: MLX cannot read every dtype a file may declare)."""
+    if Path(path).is_file():
+        check_float_dtypes(path)
+    return read_safetensors(path)
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load canonical safetensors into `model`; a missing, extra or mis-shaped key is an error."""
-    return _load_into(model, read_safetensors(path), str(path))
+    """Load canonical safetensors into `model`; a missing, extra or mis-shaped key, or a tensor that
+    is not floating point, is an error."""
+    return _load_into(model, read_weights(path), str(path))
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Strict load for fine-tuning, except that a position grid of another image size is resampled
     (bicubic) to the model's, so a 224 px model can be fine-tuned at 160 or 336 px."""
-    weights = read_safetensors(path)
+    weights = read_weights(path)
     key = "visual.positional_embedding"
     want = model.visual.positional_embedding.shape
     if key in weights and weights[key].shape != want and weights[key].shape[1:] == want[1:]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,8 +13,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..interop.files import fsync_dir
 from ..interop.layouts import WeightError, check_state
-from ..models.weights import FORMAT, load_weights, read_safetensors, save_weights
+from ..models.locate import file_sha256, verify_files
+from ..models.weights import FORMAT, load_weights, read_safetensors, save_weights, write_safetensors
 from .state import RunState
 
 # ---------------------------------------------------------------------------
@@ -29,27 +30,6 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the message names it and the checkpoint kept."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     ckpt_root: str | Path,
     model: nn.Module,
@@ -59,39 +39,58 @@ def save_checkpoint(
     state: RunState,
 ) -> Path:
     """Write step_N (N = state.step) atomically: a temporary directory, fsynced, then renamed into
-    place. state.json holds the run state and a sha256 per file."""
+    place. state.json holds the run state and a sha256 per file. Any failure to write (a full disk:
+    OSError from Python, RuntimeError "[write] ..." from MLX) is a CheckpointWriteError naming the
+    checkpoint and the previous one, which stays intact, as does `latest`."""
     ckpt_root = Path(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{state.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{state.step}-", dir=ckpt_root))
+    tmp = None
     try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{state.step}-", dir=ckpt_root))
         save_weights(model, tmp / "model.safetensors")
         opt_state = dict(tree_flatten(optimizer.state))
         mx.eval(opt_state)
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state, metadata={"format": FORMAT})
+        write_safetensors(tmp / "optimizer.safetensors", opt_state, metadata={"format": FORMAT})
         tokenizer.save(tmp)
         (tmp / "config.yaml").write_text(config_yaml)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "state.json").write_text(json.dumps({**state.to_json(), "files": files}, indent=1))
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(ckpt_root)
-    except OSError as e:
+        fsync_dir(ckpt_root)
+    except OSError as e:  # write_safetensors turns MLX's write RuntimeError into an OSError
         # Full disk, lost permissions...: the temp dir goes, `latest` and older checkpoints stay.
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = os.readlink(ckpt_root / "latest") if (ckpt_root / "latest").is_symlink() else None
-        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-        raise CheckpointWriteError(f"could not write checkpoint {final}: {e}{kept}") from e
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {e}{_kept(ckpt_root)}") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _point_latest(ckpt_root, final.name)
+    try:
+        _point_latest(ckpt_root, final.name)
+    except OSError as e:
+        raise CheckpointWriteError(
+            f"checkpoint {final} is complete, but {ckpt_root / 'latest'} could not be updated to "
+            f"name it ({e}); --resume still finds it"
+        ) from e
     return final
+
+
+def _kept(ckpt_root: Path) -> str:
+    """What the failure message says survives: `latest`'s checkpoint, if there is one."""
+    link = ckpt_root / "latest"
+    if link.is_symlink():
+        return f"; the previous checkpoint {os.readlink(link)} is intact"
+    if link.is_file():
+        return f"; the previous checkpoint {link.read_text().strip()} is intact"
+    return "; there is no earlier checkpoint"
 
 
 def _point_latest(ckpt_root: Path, name: str) -> None:
@@ -113,14 +112,7 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
     state_path = ckpt / "state.json"
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path}: missing; {ckpt} is not a complete checkpoint")
-    try:
-        state = json.loads(state_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{state_path}: unreadable ({e})") from None
-    for name, digest in state.get("files", {}).items():
-        if not (ckpt / name).is_file() or _sha256(ckpt / name) != digest:
-            raise ValueError(f"{ckpt / name}: checksum mismatch or missing; the checkpoint is damaged")
-    return state
+    return verify_files(ckpt, resume=True)
 
 
 def find_resumable(ckpt_root: str | Path, log=print) -> Path:

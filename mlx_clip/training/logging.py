@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,18 +12,40 @@ from pathlib import Path
 import mlx.core as mx
 
 
+class RunWriteError(OSError):
+    """A run output (summary.json) could not be written; the message says what was saved."""
+
+
 class Logger:
-    """One JSON object per event in OUT/metrics.jsonl (and TensorBoard), and the console."""
+    """One JSON object per event in OUT/metrics.jsonl (and TensorBoard), and the console.
+
+    Each record is one whole line, written with a single write; a write that fails (a full disk)
+    is undone, so the file never holds half a line. Training goes on: the record is dropped with a
+    warning, since the checkpoints, not the log, are what a run must keep (a save on the full disk
+    stops the run with its own message), and the disk may have room again by then."""
 
     def __init__(self, out: Path, total_steps: int, progress: bool, tensorboard: bool = False):
         self.out, self.total_steps, self.progress = out, total_steps, progress
-        self.file = open(out / "metrics.jsonl", "a")
+        self.path = out / "metrics.jsonl"
+        self.fd = open_metrics(self.path)
+        self.dropped = 0  # records lost to failed writes since the last one that worked
         self.tty = progress and sys.stdout.isatty()
         self.tensorboard = open_tensorboard(out) if tensorboard else None
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            append_line(self.fd, (json.dumps(record) + "\n").encode())
+        except OSError as e:
+            self.dropped += 1
+            if self.dropped == 1:
+                self.message(
+                    f"warning: could not append to {self.path} ({e}); training goes on, "
+                    "its records are dropped until the disk has room"
+                )
+        else:
+            if self.dropped:
+                self.message(f"{self.path}: written again; {self.dropped} records were dropped")
+                self.dropped = 0
         if self.tensorboard is not None:
             for k, v in record.items():
                 if k not in ("event", "step") and isinstance(v, (int, float)):
@@ -46,9 +70,48 @@ class Logger:
         print(text, flush=True)
 
     def close(self):
-        self.file.close()
+        os.close(self.fd)
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def open_metrics(path: Path) -> int:
+    """metrics.jsonl opened for appending (a raw descriptor: one os.write per record). A torn last
+    line, left by a kill or a full disk mid-write, is cut off first, so the next record does not
+    run on from it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    if size:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - (1 << 16)))
+            tail = f.read()
+            if b"\n" not in tail and size > len(tail):  # a very long line: look at all of it
+                f.seek(0)
+                tail = f.read()
+        if not tail.endswith(b"\n"):
+            keep = size - len(tail) + tail.rfind(b"\n") + 1  # just after the last newline, or 0
+            os.ftruncate(fd, keep)
+            print(
+                f"warning: {path}: removed a torn last line ({size - keep} bytes) left by an "
+                "interrupted write",
+                flush=True,
+            )
+    return fd
+
+
+def append_line(fd: int, line: bytes) -> None:
+    """Append one line in a single write; on failure cut the file back to where it was."""
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        written = os.write(fd, line)
+        if written != len(line):  # a short write: the disk filled up part way
+            raise OSError(errno.ENOSPC, f"only {written} of {len(line)} bytes written")
+    except OSError:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass
+        raise
 
 
 class Throughput:
@@ -84,9 +147,45 @@ def memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def read_history(out: Path) -> list[dict]:
-    with open(out / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_history(out: Path, log=print) -> list[dict]:
+    """The records of OUT/metrics.jsonl. An unterminated last line (a write cut short) is skipped
+    with a warning; any other line that is not a JSON object is a ValueError naming it."""
+    path = out / "metrics.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not an object")
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            if number == len(lines):
+                log(f"warning: {path}: line {number} is incomplete (an interrupted write); skipped")
+                continue
+            raise ValueError(f"{path}: line {number} is not a JSON record ({e}); remove or fix it") from None
+        records.append(record)
+    return records
+
+
+def write_curves(out: Path, log=print) -> None:
+    """OUT/curves.png from metrics.jsonl; a failure is a warning, as the plot is only a view of it."""
+    try:
+        plot_curves(read_history(out, log), out / "curves.png")
+    except (OSError, ValueError) as e:
+        log(f"warning: {out / 'curves.png'} not written: {e}")
+
+
+def write_summary(path: Path, summary: dict, final: Path) -> None:
+    """OUT/summary.json; a failed write (a full disk) is a RunWriteError naming the saved checkpoint."""
+    try:
+        path.write_text(json.dumps(summary, indent=1))
+    except OSError as e:
+        path.unlink(missing_ok=True)  # no half-written JSON
+        raise RunWriteError(
+            f"could not write {path} ({e}); training finished and its final checkpoint {final} is saved"
+        ) from e
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -36,7 +36,7 @@ from .autobatch import find_batch_size
 from .build import Training, build_training
 from .distributed import World, init_world, pack_dir, unpack_dir
 from .evaluate import evaluate, pick_best_metric
-from .logging import Logger, Throughput, memory_mb, plot_curves, read_history
+from .logging import Logger, Throughput, memory_mb, write_curves, write_summary
 from .optim_rules import lr_at
 from .state import RunState, config_hash
 
@@ -363,7 +363,7 @@ def finish(run: Run, skipped_steps: int) -> dict:
     summary.json; the other ranks wait for its summary."""
     metrics = run_eval(run) if run.state.step >= run.cfg.train.steps else {}
     final = save(run, metrics or None)
-    plot_curves(read_history(run.out), run.out / "curves.png")
+    write_curves(run.out, run.logger.message)
     run.logger.close()
     elapsed = time.perf_counter() - run.started
     summary = {"step": run.state.step, "seconds": round(elapsed, 1), "checkpoint": str(final), **metrics}
@@ -375,5 +375,5 @@ def finish(run: Run, skipped_steps: int) -> dict:
         if skips.get("skipped"):
             summary["skipped"] = skips
             print(f"skipped {skips['skipped']} bad items ({skips.get('by_reason')}); see {run.skip_log.path}")
-    (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_summary(run.out / "summary.json", summary, final)
     return summary

@@ -37,10 +37,14 @@ def main(argv: list[str] | None = None) -> dict:
         OutOfMemoryError,
         train,
     )  # imports MLX; after the config is known to be valid
+    from .training.resume import ResumeError
+    from .training.run_dir import RunDirError
 
     print(f"run directory: {out}", flush=True)
     try:
-        summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after)
+        summary = train(
+            cfg, out, resume=args.resume, stop_after=args.stop_after, resume_changed=args.resume_changed
+        )
     except (
         DataError,
         WeightError,
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
         NonFiniteError,
         CheckpointWriteError,
         OutOfMemoryError,
+        ResumeError,
+        RunDirError,
     ) as e:
         # Bad input: one clear line naming the file or key, no traceback.
         sys.exit(f"error: {e}")

@@ -83,7 +83,7 @@ def check_resume(ckpt: Path | None, config_yaml: str, fingerprints: dict, allow_
         log(f"note: {ckpt.name} predates data fingerprints; the data cannot be checked against it")
     else:
         data = data_changes(saved, fingerprints)
-    breaking = [k for k in changes if breaks_exactness(k)]
+    breaking = [f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items() if breaks_exactness(k)]
     if data:
         breaking.append("the data fingerprint (" + "; ".join(data) + ")")
     if not breaking:

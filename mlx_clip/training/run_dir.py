@@ -51,6 +51,9 @@ class RunLock:
                 f"{out} is in use: {holder} is training there (it holds {self.path}); wait for it to "
                 "finish, stop it, or use another --out"
             ) from None
+        except OSError:  # e.g. a file system without locks
+            os.close(self.fd)
+            raise
         # A clean exit empties the file: anything left in it belongs to a process that died.
         left = _read(self.fd)
         if left:

@@ -2,6 +2,7 @@
 findings 1 and 3): one process and one run per OUT, run-scoped pruning, data fingerprints, the
 changed keys on --resume, the position in samples, and OUT left as it was by a refused resume."""
 
+import contextlib
 import fcntl
 import json
 import os
@@ -250,18 +251,37 @@ def test_stop_after_must_be_positive(tmp_path, value, capsys):
     assert "from the same sample position" in " ".join(capsys.readouterr().out.split())
 
 
+@contextlib.contextmanager
+def read_only_dir(path):
+    """A directory this process cannot write to: mode 555 for a user; as root, which ignores modes,
+    a real read-only tmpfs (skipped where mounting is not allowed)."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"root ignores directory modes and cannot mount a read-only tmpfs here: {mount.stderr!r}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 def test_an_unwritable_run_directory_is_one_line_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(SystemExit, match=r"cannot write to the run directory .*a_file/run: Not a directory"):
         train_main(["--out", str(blocker / "run"), *SMALL, "--steps", "2"])
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions; the case above is the real-OS check here")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        with pytest.raises(SystemExit, match=r"cannot write to the run directory .*ro: Permission denied"):
+    with read_only_dir(tmp_path / "ro") as ro:
+        reason = "(Permission denied|Read-only file system)"
+        with pytest.raises(SystemExit, match=rf"cannot write to the run directory .*ro: {reason}; choose"):
             train_main(["--out", str(ro), *SMALL, "--steps", "2"])
-    finally:
-        ro.chmod(0o755)
+        with pytest.raises(SystemExit, match=rf"cannot write to the run directory .*ro/run: {reason}"):
+            train_main(["--out", str(ro / "run"), *SMALL, "--steps", "2"])  # cannot even be created

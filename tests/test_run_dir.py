@@ -3,6 +3,7 @@ findings 1 and 3): one process and one run per OUT, run-scoped pruning, data fin
 changed keys on --resume, the position in samples, and OUT left as it was by a refused resume."""
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -99,6 +100,19 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise BlockingIOError if still held
     finally:
         os.close(fd)
+
+
+def test_a_file_system_without_locks_is_reported_not_fatal(tmp_path, monkeypatch):
+    from mlx_clip.training.run_dir import RunLock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    logged = []
+    RunLock(tmp_path, log=logged.append).release()
+    want = f"warning: {tmp_path} cannot be locked (No locks available); a second run into it would not be"
+    assert len(logged) == 1 and logged[0].startswith(want)
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ answer and fail with it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -29,6 +30,8 @@ from .checkpoint import checkpoint_steps
 from .distributed import World
 
 LOCK_FILE = ".lock"
+# flock's answers on a file system that does not lock (rather than "held by another process").
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class RunDirError(OSError):
@@ -51,9 +54,12 @@ class RunLock:
                 f"{out} is in use: {holder} is training there (it holds {self.path}); wait for it to "
                 "finish, stop it, or use another --out"
             ) from None
-        except OSError:  # e.g. a file system without locks
-            os.close(self.fd)
-            raise
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                os.close(self.fd)
+                raise
+            # Some cluster file systems (Lustre without flock, ...) refuse locks: train anyway.
+            log(f"warning: {out} cannot be locked ({e.strerror}); a second run into it would not be stopped")
         # A clean exit empties the file: anything left in it belongs to a process that died.
         left = _read(self.fd)
         if left:
@@ -67,7 +73,8 @@ class RunLock:
         # on a file nobody else sees.
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
 

@@ -1,4 +1,5 @@
-"""`python -m mlx_clip.train [--config FILE] [--out DIR] [--steps N] [--resume] [--KEY.SUBKEY VALUE ...]`
+"""`python -m mlx_clip.train [--config FILE] [--out DIR] [--steps N] [--resume [--resume-changed]]
+[--stop-after K] [--KEY.SUBKEY VALUE ...]`
 
 With no arguments: trains `tiny` on the built-in shapes dataset into runs/<timestamp>/.
 Dotted keys override the YAML, e.g. `--optim.lr 3e-4 --data.batch_size 64`.

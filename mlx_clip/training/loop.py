@@ -40,7 +40,7 @@ from .distributed import World, init_world, pack_dir, unpack_dir
 from .evaluate import evaluate, pick_best_metric
 from .logging import Logger, Throughput, memory_mb, plot_curves, read_history
 from .optim_rules import lr_at
-from .resume import check_resume, continue_position, restore
+from .resume import check_config, check_data, continue_position, restore
 from .state import RunState, config_hash, new_run_id
 
 
@@ -100,7 +100,7 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
     started = time.perf_counter()
     config_yaml = config_to_yaml(cfg)
-    data, resume_dir, init_weights = load_data(cfg, out, world, resume, skip_log)
+    data, resume_dir, init_weights = load_data(cfg, out, world, resume, skip_log, config_yaml, resume_changed)
     world.check_same({"config": config_hash(config_yaml), "training samples": str(data.train.num_samples)})
     print(f"data: {data.describe()} ({time.perf_counter() - started:.1f}s)", flush=True)
     if world.size > 1:
@@ -119,9 +119,7 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
         run_id=new_run_id(),
         data=fingerprints(cfg, data) if world.is_main else {},
     )
-    world.on_main(
-        lambda: check_resume(resume_dir, config_yaml, state.data, resume_changed), "checking the checkpoint"
-    )
+    world.on_main(lambda: check_data(resume_dir, state.data, resume_changed), "checking the data")
 
     def prepare(model, optimizer):  # weights and position before the step is compiled
         restored = world.on_main(lambda: restore(resume_dir, model, optimizer, world), "restoring")
@@ -158,14 +156,18 @@ def open_skip_log(cfg: Config, out: Path, world: World) -> checks.SkipLog | None
     return checks.SkipLog(path)
 
 
-def load_data(cfg: Config, out: Path, world: World, resume: bool, skip_log) -> tuple:
+def load_data(
+    cfg: Config, out: Path, world: World, resume: bool, skip_log, config_yaml: str, resume_changed: bool
+) -> tuple:
     """(the run's data, the checkpoint to resume or None, initial weights or None). Rank 0 reads the
-    disk and trains or loads the tokenizer; the other ranks build the same data with its tokenizer."""
+    disk and trains or loads the tokenizer; the other ranks build the same data with its tokenizer.
+    Resuming, a refused config change stops here, before the data is read (resume.py)."""
     mcfg = cfg.model_config()
     found = {}
 
     def on_main():
         found["resume"] = ckpt_io.find_resumable(out / "checkpoints") if resume else None
+        check_config(found["resume"], config_yaml, resume_changed)
         found["init"], init_tokenizer = resolve_init(cfg.model.init_from)
         tokenizer_dir = found["resume"] or init_tokenizer
         found["data"] = build_run_data(cfg, mcfg, tokenizer_dir, world.rank, world.size, skip_log=skip_log)

@@ -2,11 +2,12 @@
 
 Resume is exact (bit-identical to an uninterrupted run) only if the sample stream, the batch, the
 model and the objective are the ones the checkpoint was trained with. So before anything in OUT is
-written, `check_resume` lists every config key that changed (dotted names, old -> new) and compares
-the data fingerprints saved in state.json (data/run_data.py: files and sizes, sample count, a hash
-of the ordered sample list). Changes that break exactness are refused unless the user passes
---resume-changed, whose meaning is: continue from the same sample position (epoch, sample index)
-with the new settings (RunState.seek turns that position into a batch of the new size).
+written, `check_config` lists every config key that changed (dotted names, old -> new), before
+the data is read, and `check_data` compares the data fingerprints saved in state.json
+(data/run_data.py: files and sizes, sample count, a hash of the ordered sample list). Changes that
+break exactness are refused unless the user passes --resume-changed, whose meaning is: continue
+from the same sample position (epoch, sample index) with the new settings (RunState.seek turns
+that position into a batch of the new size).
 """
 
 from __future__ import annotations
@@ -68,24 +69,34 @@ def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def check_resume(ckpt: Path | None, config_yaml: str, fingerprints: dict, allow_changed: bool, log=print):
-    """Rank 0, before anything in OUT is written: print what changed since checkpoint `ckpt`, and
-    raise ResumeError if that breaks exactness and `allow_changed` (--resume-changed) is not set."""
+def check_config(ckpt: Path | None, config_yaml: str, allow_changed: bool, log=print) -> None:
+    """Rank 0, before the data is read: print every key that changed since checkpoint `ckpt`, and
+    refuse (ResumeError) those that break exactness unless `allow_changed` (--resume-changed)."""
     if ckpt is None:
         return
     changes = config_changes((ckpt / "config.yaml").read_text(), config_yaml)
     if changes:
         shown = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
         log(f"config changed since {ckpt.name}: {shown}")
+    breaking = [f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items() if breaks_exactness(k)]
+    _refuse_unless_allowed(ckpt, breaking, allow_changed, log)
+
+
+def check_data(ckpt: Path | None, fingerprints: dict, allow_changed: bool, log=print) -> None:
+    """Rank 0, once the data is read, before anything in OUT is written: the same for the data
+    fingerprints (data/run_data.py) saved in the checkpoint's state.json."""
+    if ckpt is None:
+        return
     saved = json.loads((ckpt / "state.json").read_text()).get("data")
     if saved is None:
-        data = []
         log(f"note: {ckpt.name} predates data fingerprints; the data cannot be checked against it")
-    else:
-        data = data_changes(saved, fingerprints)
-    breaking = [f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items() if breaks_exactness(k)]
-    if data:
-        breaking.append("the data fingerprint (" + "; ".join(data) + ")")
+        return
+    changes = data_changes(saved, fingerprints)
+    breaking = ["the data fingerprint (" + "; ".join(changes) + ")"] if changes else []
+    _refuse_unless_allowed(ckpt, breaking, allow_changed, log)
+
+
+def _refuse_unless_allowed(ckpt: Path, breaking: list[str], allow_changed: bool, log) -> None:
     if not breaking:
         return
     if allow_changed:

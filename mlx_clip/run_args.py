@@ -1,12 +1,24 @@
 """The arguments of a training run's CLI, framework-free: `python -m mlx_clip.train` and
 `python -m torch_ref.train` take the same ones.
 
-    [--config FILE] [--out DIR] [--steps N] [--resume] [--stop-after K] [--KEY.SUBKEY VALUE ...]
+    [--config FILE] [--out DIR] [--steps N] [--resume [--resume-changed]] [--stop-after K]
+    [--KEY.SUBKEY VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into a one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 step, got {value}")
+    return value
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
@@ -21,9 +33,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     parser.add_argument(
-        "--stop-after", type=int, help="stop (with a checkpoint) after this many steps in this call"
+        "--resume-changed",
+        action="store_true",
+        help="with --resume: accept changed data, batch size, model or loss settings, which --resume "
+        "refuses because the result can no longer match an uninterrupted run; training continues from "
+        "the same sample position (epoch and sample index) with the new settings",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=positive_int,
+        help="stop (with a checkpoint) after this many steps in this call",
     )
     args, rest = parser.parse_known_args(argv)
+    if args.resume_changed and not args.resume:
+        parser.error("--resume-changed only applies to --resume (add --resume)")
     overrides = []
     i = 0
     while i < len(rest):

@@ -1,4 +1,5 @@
-"""`python -m mlx_clip.train [--config FILE] [--out DIR] [--steps N] [--resume] [--KEY.SUBKEY VALUE ...]`
+"""`python -m mlx_clip.train [--config FILE] [--out DIR] [--steps N] [--resume [--resume-changed]]
+[--stop-after K] [--KEY.SUBKEY VALUE ...]`
 
 With no arguments: trains `tiny` on the built-in shapes dataset into runs/<timestamp>/.
 Dotted keys override the YAML, e.g. `--optim.lr 3e-4 --data.batch_size 64`.
@@ -38,10 +39,14 @@ def main(argv: list[str] | None = None) -> dict:
         OutOfMemoryError,
         train,
     )  # imports MLX; after the config is known to be valid
+    from .training.resume import ResumeError
+    from .training.run_dir import RunDirError
 
     print(f"run directory: {out}", flush=True)
     try:
-        summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after)
+        summary = train(
+            cfg, out, resume=args.resume, stop_after=args.stop_after, resume_changed=args.resume_changed
+        )
     except (
         DataError,
         WeightError,
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
         CheckpointWriteError,
         RunWriteError,
         OutOfMemoryError,
+        ResumeError,
+        RunDirError,
     ) as e:
         # Bad input: one clear line naming the file or key, no traceback.
         sys.exit(f"error: {e}")

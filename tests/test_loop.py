@@ -26,17 +26,18 @@ def test_run_state_round_trips_through_json():
 
 
 def test_run_state_position_and_best():
-    state = RunState()
+    state = RunState(batch_size=4)
     for _ in range(5):
         state.advance(batches_per_epoch=3)
-    assert (state.step, state.epoch, state.batch_in_epoch) == (5, 1, 2)
+    assert (state.step, state.epoch, state.batch_in_epoch, state.samples_in_epoch) == (5, 1, 2, 8)
     assert state.best["value"] == -math.inf
     assert state.observe("acc", {"acc": 0.2}, "step_1")
     assert not state.observe("acc", {"acc": 0.1}, "step_2")  # worse: the best stays
     assert not state.observe("acc", {}, "step_3")  # not evaluated
     assert state.best == {"name": "acc", "value": 0.2, "checkpoint": "step_1"}
-    resumed = RunState(seed=9, config_hash="new")
+    resumed = RunState(seed=9, config_hash="new", batch_size=4)
     resumed.resume_from(state)
+    resumed.seek(batches_per_epoch=3)  # the saved position in samples -> a batch of this run's size
     assert (resumed.step, resumed.epoch, resumed.batch_in_epoch, resumed.best) == (5, 1, 2, state.best)
     assert (resumed.seed, resumed.config_hash) == (9, "new")  # this run's own settings stand
 

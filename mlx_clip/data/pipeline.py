@@ -52,6 +52,8 @@ the next chunk's workers start while the last `prefetch` batches of the current 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -234,6 +236,17 @@ class Loader:
         except TypeError:
             valid = "scale, ratio, color_jitter, hflip"
             raise ValueError(f"Loader: unknown augment key in {sorted(kwargs)} (valid: {valid})") from None
+
+    def digest(self) -> str:
+        """sha256 of the ordered samples (image reference or pixels, and captions): a resumed run
+        compares it to find out whether the data changed (data/run_data.py)."""
+        h = hashlib.sha256()
+        if self._array is not None:
+            h.update(np.ascontiguousarray(self._array.images).data)
+        for i in range(self.num_samples):
+            image = "" if self._array is not None else str(self._images[i])
+            h.update(json.dumps([image, self.captions[i]]).encode() + b"\n")
+        return h.hexdigest()
 
     # -- batch layout ---------------------------------------------------------
 

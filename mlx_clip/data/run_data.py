@@ -5,6 +5,7 @@ Framework-free (numpy + mlx-data), so torch_ref.train builds the very same batch
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ from ..text.tokenizer import Tokenizer
 from ..text.vocab import load_tokenizer, openai_tokenizer, train_tokenizer
 from . import synthetic
 from .pipeline import ArraySource, Loader
-from .readers import read_samples, split_samples
+from .readers import detect_format, read_samples, split_samples
 from .synthetic_captions import TEMPLATES
 from .synthetic_scene import CLASSNAMES
+from .tar_shards import shard_paths
 
 # The built-in dataset is generated from a fixed seed, so every run (whatever train.seed)
 # is evaluated on the same held-out images.
@@ -201,3 +203,37 @@ def build_run_data(
         )
         evals["val"] = EvalSet(val_loader, val_caps, labels)
     return RunData(train, tokenizer, tokenize, evals, classnames, templates, source)
+
+
+def fingerprints(cfg: Config, data: RunData) -> dict:
+    """What a resumed run checks its data against, per source ("train", "val"): the source, its
+    files and their sizes, the sample count and a hash of the ordered sample list. The built-in
+    dataset is a pure function of its parameters: those stand in for files and hash."""
+    d, found = cfg.data, {}
+    loaders = {"train": data.train, "val": data.evals["val"].loader if "val" in data.evals else None}
+    for name, loader in loaders.items():
+        if loader is None:
+            continue
+        spec = d.val if name == "val" and d.val else d.train
+        if spec == "builtin":
+            size = d.builtin_train_size if name == "train" else d.builtin_val_size
+            found[name] = {"source": data.source, "size": size, "seed": BUILTIN_SEED}
+        else:
+            found[name] = {"source": spec, "files": _source_files(spec, d.format)}
+            found[name]["sample_hash"] = loader.digest()[:16]
+        found[name]["samples"] = loader.num_samples
+    return found
+
+
+def _source_files(spec: str, fmt: str) -> dict[str, int]:
+    """The files a source is read from, with their sizes in bytes (-1: gone). A folder's files are
+    its images, which the sample list already names."""
+    fmt = detect_format(spec) if fmt == "auto" else fmt
+    paths = [] if fmt == "folder" else shard_paths(spec) if fmt == "tar" else [spec]
+    sizes = {}
+    for path in paths:
+        try:
+            sizes[str(path)] = os.path.getsize(path)
+        except OSError:
+            sizes[str(path)] = -1
+    return sizes

@@ -9,7 +9,9 @@ accum.py        gradient caching over micro-batches (optim.accum_steps)
 temperature.py  temperature schedules
 streams.py      CPU-only: batch shards and per-tensor work on several MLX streams
 distributed.py  data parallel over mx.distributed
-checkpoint.py   atomic run checkpoints, resume, pruning, model.init_from
+checkpoint.py   atomic run checkpoints, finding the one to resume, pruning (this run's only)
+run_dir.py      one process (OUT/.lock) and one run (refuse other runs' checkpoints) per OUT
+resume.py       --resume: what changed since the checkpoint, refusing what breaks exactness
 logging.py      metrics.jsonl, progress line, curves.png, TensorBoard
 autobatch.py    data.batch_size auto
 """

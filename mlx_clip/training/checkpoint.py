@@ -115,16 +115,30 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
     return verify_files(ckpt, resume=True)
 
 
+def checkpoint_steps(ckpt_root: str | Path) -> list[Path]:
+    """The step_N directories under ckpt_root, oldest first."""
+    steps = (p for p in Path(ckpt_root).glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+    return sorted(steps, key=lambda p: int(p.name[5:]))
+
+
+def run_id_of(ckpt: Path) -> str | None:
+    """The run id in ckpt's state.json ("" for checkpoints older than run ids); None if unreadable."""
+    try:
+        return json.loads((ckpt / "state.json").read_text()).get("run_id", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def find_resumable(ckpt_root: str | Path, log=print) -> Path:
-    """The newest intact step_N under ckpt_root; damaged newer ones are reported and passed over."""
+    """The newest intact step_N under ckpt_root, of the run `latest` points at when that can be
+    read; damaged newer ones are reported and passed over."""
     ckpt_root = Path(ckpt_root)
-    steps = sorted(
-        (p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
-        key=lambda p: int(p.name[5:]),
-        reverse=True,
-    )
+    steps = checkpoint_steps(ckpt_root)[::-1]
     if not steps:
         raise FileNotFoundError(f"no checkpoint found at {ckpt_root} (nothing to resume)")
+    owner = run_id_of(ckpt_root / "latest")
+    if owner is not None:  # an older run's step_N left in the directory is not this run's past
+        steps = [p for p in steps if run_id_of(p) in (owner, None)]
     for ckpt in steps:
         try:
             verify_checkpoint(ckpt)
@@ -150,13 +164,15 @@ def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer=None) -> RunSt
     return RunState.from_json(state)
 
 
-def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep: set[str] = frozenset()) -> None:
-    """Delete all step_N but the newest `keep_last` and the names in `keep` (the best one)."""
-    ckpt_root = Path(ckpt_root)
-    steps = sorted(
-        (p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
-        key=lambda p: int(p.name[5:]),
-    )
+def prune_checkpoints(
+    ckpt_root: str | Path, keep_last: int, keep: set[str] = frozenset(), run_id: str | None = None
+) -> None:
+    """Delete all step_N but the newest `keep_last` and the names in `keep` (the best one). With
+    `run_id`, only that run's checkpoints count and are deleted, so another run's higher step
+    numbers can never make this run's newest checkpoint look old."""
+    steps = checkpoint_steps(ckpt_root)
+    if run_id is not None:
+        steps = [p for p in steps if run_id_of(p) == run_id]
     for p in steps[:-keep_last]:
         if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)

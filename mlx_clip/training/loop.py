@@ -1,6 +1,8 @@
 """The training loop: set-up, the step loop and finish, around one Run object.
 
-    train(cfg, out)  ->  setup(): data, model + optimizer + compiled step (build.py), run state
+    train(cfg, out)  ->  claim OUT (run_dir.py: one process, one run per directory)
+                     ->  setup(): data, what changed since a resumed checkpoint (resume.py),
+                         model + optimizer + compiled step (build.py), run state
                      ->  run_steps(): step, log, evaluate and checkpoint on schedule
                      ->  finish(): final evaluation, checkpoint, curves, summary.json
 
@@ -26,19 +28,20 @@ from mlx.utils import tree_flatten
 
 from ..config import Config, config_to_yaml
 from ..data import checks
-from ..data.run_data import RunData, build_run_data
+from ..data.run_data import RunData, build_run_data, fingerprints
 from ..models.locate import resolve_init
 from ..models.model import LOGIT_SCALE_MAX
 from ..models.weights import load_init_weights
 from . import checkpoint as ckpt_io
-from . import streams
+from . import run_dir, streams
 from .autobatch import find_batch_size
 from .build import Training, build_training
 from .distributed import World, init_world, pack_dir, unpack_dir
 from .evaluate import evaluate, pick_best_metric
 from .logging import Logger, Throughput, memory_mb, write_curves, write_summary
 from .optim_rules import lr_at
-from .state import RunState, config_hash
+from .resume import check_config, check_data, continue_position, restore
+from .state import RunState, config_hash, new_run_id
 
 
 class OutOfMemoryError(RuntimeError):
@@ -69,43 +72,59 @@ class Run:
         return self.out / "checkpoints"
 
 
-def train(cfg: Config, out: Path, resume: bool = False, stop_after: int | None = None) -> dict:
-    """Train per `cfg` into `out`; returns the final evaluation metrics and run summary."""
+def train(
+    cfg: Config, out: Path, resume: bool = False, stop_after: int | None = None, resume_changed: bool = False
+) -> dict:
+    """Train per `cfg` into `out`; returns the final evaluation metrics and run summary.
+    `resume_changed`: resume even if data, batch size, model or loss changed (resume.py)."""
     n_streams = streams.resolve(cfg.train.streams)  # once per run, passed down as a number
     # Before anything is evaluated: BLAS threads and MLX's evaluation width (streams.py).
     streams.setup_process(n_streams, cfg.train.grad_checkpointing, cfg.train.deterministic)
     world = init_world(cfg.train.dist_timeout, cfg.train.dist_bucket_mb)  # a world of one: no-ops
-    run = setup(cfg, out, world, resume, n_streams)
-    skipped = run_steps(run, stop_after)
-    return world.on_main(lambda: finish(run, skipped), "evaluating and saving the final checkpoint")
+    with run_dir.claim(out, resume, world):  # refused, or OUT locked until the run ends
+        run = setup(cfg, out, world, resume, n_streams, resume_changed)
+        skipped = run_steps(run, stop_after)
+        return world.on_main(lambda: finish(run, skipped), "evaluating and saving the final checkpoint")
 
 
 # ---------------------------------------------------------------------------
 # Set-up
 
 
-def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int) -> Run:
-    """Everything before the first step: data, model, optimizer, compiled step, restored state."""
+def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, resume_changed: bool) -> Run:
+    """Everything before the first step: data, model, optimizer, compiled step, restored state.
+    Resuming, OUT's own files are rewritten only once the checkpoint has been restored."""
     skip_log = open_skip_log(cfg, out, world)
     if cfg.data.batch_size == "auto":
         batch = resolve_auto_batch(cfg, world, out / "checkpoints", resume, n_streams)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
     started = time.perf_counter()
     config_yaml = config_to_yaml(cfg)
-    data, resume_dir, init_weights = load_data(cfg, out, world, resume, skip_log)
+    data, resume_dir, init_weights = load_data(cfg, out, world, resume, skip_log, config_yaml, resume_changed)
     world.check_same({"config": config_hash(config_yaml), "training samples": str(data.train.num_samples)})
     print(f"data: {data.describe()} ({time.perf_counter() - started:.1f}s)", flush=True)
     if world.size > 1:
         per_rank = cfg.data.batch_size // world.size
         print(f"data parallel: {world.size} ranks x {per_rank} = global batch {cfg.data.batch_size}")
-    if world.is_main:
-        (out / "config.yaml").write_text(config_yaml)
-    state = RunState(seed=cfg.train.seed, world_size=world.size, config_hash=config_hash(config_yaml))
+    if len(data.train) == 0:
+        raise ValueError(
+            f"the training set has fewer samples than one global batch ({cfg.data.batch_size}); "
+            "lower data.batch_size or add data"
+        )
+    state = RunState(
+        seed=cfg.train.seed,
+        world_size=world.size,
+        config_hash=config_hash(config_yaml),
+        batch_size=cfg.data.batch_size,
+        run_id=new_run_id(),
+        data=fingerprints(cfg, data) if world.is_main else {},
+    )
+    world.on_main(lambda: check_data(resume_dir, state.data, resume_changed), "checking the data")
 
     def prepare(model, optimizer):  # weights and position before the step is compiled
-        restored = world.on_main(lambda: restore(resume_dir, model, optimizer, state, world), "restoring")
+        restored = world.on_main(lambda: restore(resume_dir, model, optimizer, world), "restoring")
         if restored is not None:
-            state.resume_from(RunState.from_json(restored))
+            continue_position(state, restored, len(data.train))
         elif init_weights is not None:
             load_init_weights(model, init_weights)
             print(f"initialised from {init_weights}", flush=True)
@@ -120,11 +139,8 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int) ->
     training = build_training(cfg, world, n_streams, cfg.model_config(), prepare)
     training.temperature.load_state_dict(state.temperature)
     report_locked(training)
-    if len(data.train) == 0:
-        raise ValueError(
-            f"the training set has fewer samples than one global batch ({cfg.data.batch_size}); "
-            "lower data.batch_size or add data"
-        )
+    if world.is_main:  # restored: from here on the run is this config's
+        (out / "config.yaml").write_text(config_yaml)
     logger = (
         Logger(out, cfg.train.steps, cfg.train.progress, cfg.train.tensorboard) if world.is_main else None
     )
@@ -140,15 +156,18 @@ def open_skip_log(cfg: Config, out: Path, world: World) -> checks.SkipLog | None
     return checks.SkipLog(path)
 
 
-def load_data(cfg: Config, out: Path, world: World, resume: bool, skip_log) -> tuple:
+def load_data(
+    cfg: Config, out: Path, world: World, resume: bool, skip_log, config_yaml: str, resume_changed: bool
+) -> tuple:
     """(the run's data, the checkpoint to resume or None, initial weights or None). Rank 0 reads the
-    disk and trains or loads the tokenizer; the other ranks build the same data with its tokenizer."""
+    disk and trains or loads the tokenizer; the other ranks build the same data with its tokenizer.
+    Resuming, a refused config change stops here, before the data is read (resume.py)."""
     mcfg = cfg.model_config()
     found = {}
 
     def on_main():
-        out.mkdir(parents=True, exist_ok=True)
         found["resume"] = ckpt_io.find_resumable(out / "checkpoints") if resume else None
+        check_config(found["resume"], config_yaml, resume_changed)
         found["init"], init_tokenizer = resolve_init(cfg.model.init_from)
         tokenizer_dir = found["resume"] or init_tokenizer
         found["data"] = build_run_data(cfg, mcfg, tokenizer_dir, world.rank, world.size, skip_log=skip_log)
@@ -160,24 +179,6 @@ def load_data(cfg: Config, out: Path, world: World, resume: bool, skip_log) -> t
             data = build_run_data(cfg, mcfg, tokenizer_dir, world.rank, world.size, skip_log=skip_log)
         return data, None, None
     return found["data"], found["resume"], found["init"]
-
-
-def restore(resume_dir: Path | None, model, optimizer, state: RunState, world: World) -> dict | None:
-    """Rank 0: load the checkpoint being resumed into model and optimizer; its run state as JSON."""
-    if resume_dir is None:
-        return None
-    saved = ckpt_io.load_checkpoint(resume_dir, model, optimizer)
-    if saved.world_size != world.size:
-        raise ValueError(
-            f"checkpoint {resume_dir} was trained by {saved.world_size} rank(s) but this run "
-            f"has {world.size}; resume with the same number of ranks (mlx.launch -n "
-            f"{saved.world_size} ...), or start a new run from its weights with "
-            f"--model.init_from {resume_dir}"
-        )
-    if saved.config_hash != state.config_hash:
-        print(f"warning: the config differs from the one checkpoint {resume_dir.name} was trained with")
-    print(f"resumed from {resume_dir} at step {saved.step}", flush=True)
-    return saved.to_json()
 
 
 def report_locked(training: Training) -> None:
@@ -354,7 +355,7 @@ def save(run: Run, metrics: dict | None) -> Path:
         run.ckpt_root, training.model, training.optimizer, run.data.tokenizer, run.config_yaml, state
     )
     keep = {state.best["checkpoint"]} if state.best["checkpoint"] else set()
-    ckpt_io.prune_checkpoints(run.ckpt_root, run.cfg.train.keep_last, keep)
+    ckpt_io.prune_checkpoints(run.ckpt_root, run.cfg.train.keep_last, keep, run_id=state.run_id)
     return path
 
 

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         summary = train(cfg, out, resume=args.resume, stop_after=args.stop_after)
     except (
+        ConfigError,  # a value only checkable with the data, e.g. model.vocab_size for a trained tokenizer
         DataError,
         WeightError,
         FileNotFoundError,

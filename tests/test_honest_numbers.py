@@ -263,6 +263,12 @@ def test_the_parameter_estimate_is_the_built_models_count(arch):
     assert cfg.num_parameters == sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
+def test_the_parameter_estimate_of_vit_b32_is_openais_count():
+    from mlx_clip.models.config import model_config
+
+    assert model_config("vit_b32").num_parameters == 151_277_313  # as tests/test_model.py builds it
+
+
 def test_a_model_above_the_parameter_bound_is_refused_before_allocation():
     # 256 layers of width 16384: every size is within its own cap, the whole is ~825B parameters
     huge = ModelConfig(vision_width=16384, vision_heads=128, vision_layers=256)

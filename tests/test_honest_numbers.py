@@ -359,3 +359,20 @@ def test_convert_cli_refuses_a_bad_hf_config_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"config\.json: expected a JSON object"):
         convert_main(["--from", "hf", str(src), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(head_width=0), r"model_cfg\.vision_cfg\.head_width must be a positive integer, got 0"),
+        (dict(width="96"), r"model_cfg\.vision_cfg\.width must be a positive integer, got '96'"),
+        (dict(layers=2**30), r"model_cfg\.vision_layers=1073741824 is above the limit 256"),
+    ],
+)
+def test_open_clip_configs_are_checked_before_arithmetic_and_allocation(change, message):
+    from mlx_clip.interop.open_clip import open_clip_cfg, open_clip_model_config
+
+    config = open_clip_cfg(ModelConfig(**ODD_ARCH))
+    config["vision_cfg"].update(change)
+    with pytest.raises(ConfigError, match=message):
+        open_clip_model_config(config)

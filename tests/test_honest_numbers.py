@@ -128,8 +128,9 @@ def _one_step(cfg):
     return before, after, loss.item(), grad_norm.item()
 
 
-def test_an_update_that_would_make_a_weight_non_finite_keeps_weights_and_optimizer_state():
-    cfg = load_config(None, [*ARCH, ("optim.warmup_steps", "0")])
+@pytest.mark.parametrize("accum_steps", ["1", "2"])  # the plain and the gradient-caching step
+def test_an_update_that_would_make_a_weight_non_finite_keeps_weights_and_optimizer_state(accum_steps):
+    cfg = load_config(None, [*ARCH, ("optim.warmup_steps", "0"), ("optim.accum_steps", accum_steps)])
     (w0, o0), (w1, o1), loss, norm = _one_step(cfg)
     assert math.isfinite(loss) and math.isfinite(norm)
     assert any(not np.array_equal(w0[k], w1[k]) for k in w0)  # a normal step moves the weights

@@ -24,6 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper: t' = log 10, b = -10
 SIGLIP_LOGIT_BIAS_INIT = -10.0
+MAX_LR = 10.0
 
 # Allowed values, each listed once: the coercer (schema.py) refuses anything else, naming the key, and
 # the module that acts on a value takes its tuple from here with typing.get_args.
@@ -168,12 +169,14 @@ class LossConfig:
             raise ConfigError("loss.label_smoothing applies to softmax losses, not loss.type=siglip")
         if not 0 < self.ratio <= 1:
             raise ConfigError(f"loss.ratio must be in (0, 1], got {self.ratio}")
-        if self.weight < 0:
-            raise ConfigError(f"loss.weight must be >= 0, got {self.weight}")
+        if not 0 <= self.weight <= 1000:
+            raise ConfigError(f"loss.weight must be in [0, 1000], got {self.weight}")
         if not 0 < self.margin <= 2:
             raise ConfigError(f"loss.margin must be in (0, 2] (cosine similarity units), got {self.margin}")
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise ConfigError(f"loss.scales must be a non-empty list of positive numbers, got {self.scales}")
+        if not self.scales or not all(0 < s <= 100 for s in self.scales):
+            raise ConfigError(
+                f"loss.scales must be a non-empty list of numbers in (0, 100], got {self.scales}"
+            )
         w = self.scale_weights
         if w is not None and (len(w) != len(self.scales) or any(x < 0 for x in w) or sum(w) <= 0):
             raise ConfigError(
@@ -227,7 +230,7 @@ class TrainConfig:
     # One OpenBLAS thread: multi-threaded OpenBLAS drifts in the last bits between identical runs
     # (measured), which would break bit-exact resume; false trades that for BLAS speed.
     deterministic: bool = True
-    # Non-finite loss or gradient: the step is skipped; this many in a row stop the run.
+    # Non-finite loss, gradient or updated weights: the step is skipped; this many in a row stop the run.
     max_bad_steps: int = 5
     # Data parallel only (mlx.launch): a rank that waits longer than this on the others (a dead
     # rank, a lost link) exits; it must exceed rank 0's longest evaluation + checkpoint.
@@ -283,6 +286,8 @@ class Config:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
         if d.max_image_pixels < 1 or d.max_caption_chars < 0:
             raise ConfigError("data.max_image_pixels must be >= 1 and data.max_caption_chars >= 0")
+        if d.color_jitter < 0:
+            raise ConfigError(f"data.color_jitter must be >= 0, got {d.color_jitter}")
         if d.num_workers < 1 or d.prefetch < 1:
             raise ConfigError("data.num_workers and data.prefetch must be at least 1")
         if d.builtin_paraphrases != 0 and not 2 <= d.builtin_paraphrases <= 10:
@@ -291,15 +296,15 @@ class Config:
                 f"paraphrases, got {d.builtin_paraphrases}"
             )
         self.loss.validate()
-        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
-            raise ConfigError(
-                f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (got {o.lr}, {o.min_lr})"
-            )
+        for name in ("lr", "image_lr", "text_lr"):  # AdamW moves each weight by about lr per step
+            lr = getattr(o, name)
+            if lr is not None and not 0 < lr <= MAX_LR:
+                null = "" if name == "lr" else " (or null for optim.lr)"
+                raise ConfigError(f"optim.{name} must be in (0, {MAX_LR:g}]{null}, got {lr}")
+        if o.min_lr < 0 or o.min_lr > o.lr:
+            raise ConfigError(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
         if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
             raise ConfigError(f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
-        for name in ("image_lr", "text_lr"):
-            if getattr(o, name) is not None and getattr(o, name) <= 0:
-                raise ConfigError(f"optim.{name} must be > 0 (or null for optim.lr), got {getattr(o, name)}")
         for tower, layers in (("image", mcfg.vision_layers), ("text", mcfg.text_layers)):
             n = getattr(o, f"lock_{tower}_unlocked_layers")
             if not 0 <= n <= layers:
@@ -311,10 +316,14 @@ class Config:
                 f"data.batch_size={d.batch_size} is not divisible by optim.accum_steps={o.accum_steps}: "
                 "the batch is split into accum_steps equal micro-batches"
             )
-        if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip < 0 or o.eps <= 0:
-            raise ConfigError("optim.warmup_steps, weight_decay and grad_clip must be >= 0, and eps > 0")
+        if o.warmup_steps < 0 or o.grad_clip < 0 or not 0 < o.eps < 1:
+            raise ConfigError("optim.warmup_steps and grad_clip must be >= 0, and eps in (0, 1)")
+        if not 0 <= o.weight_decay <= 10:
+            raise ConfigError(f"optim.weight_decay must be in [0, 10], got {o.weight_decay}")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be at least 1, got {t.steps}")
+        if not 0 <= t.seed < 2**32:
+            raise ConfigError(f"train.seed must be in [0, 2**32 - 1], got {t.seed}")
         if t.streams != "auto" and t.streams < 1:
             raise ConfigError(f"train.streams must be a positive integer or 'auto', got {t.streams!r}")
         if t.memory_budget_gb is not None and t.memory_budget_gb <= 0:

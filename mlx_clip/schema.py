@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import fields
@@ -22,6 +23,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value, key or file is wrong; the message says which and why."""
+
+
+class _NotFinite(ConfigError):
+    """NaN or inf for a number: said as such, also where a union (`float | None`) is expected."""
 
 
 def _type_name(tp: Any) -> str:
@@ -60,6 +65,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
+            except _NotFinite:
+                raise
             except ConfigError:
                 pass
         if any(typing.get_origin(a) is typing.Literal for a in args):  # e.g. int | Literal["auto"]
@@ -91,12 +98,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads "1e-5" (no dot) as a string; accept numeric text for floats.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        if not math.isfinite(value):  # NaN and inf pass every range check written as a comparison
+            raise _NotFinite(f"{key} must be a finite number, got {value}")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")

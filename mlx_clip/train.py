@@ -8,6 +8,7 @@ Dotted keys override the YAML, e.g. `--optim.lr 3e-4 --data.batch_size 64`.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg, out, resume=args.resume, stop_after=args.stop_after, resume_changed=args.resume_changed
         )
     except (
+        ConfigError,  # a value only checkable with the data, e.g. model.vocab_size for a trained tokenizer
         DataError,
         WeightError,
         FileNotFoundError,
@@ -63,7 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     shown = {k: v for k, v in summary.items() if not k.endswith(("R@5", "R@10"))}
     print(json.dumps(shown, indent=1))
     if "zeroshot_top1" in summary:
-        print(f"zero-shot top-1 on held-out images: {100 * summary['zeroshot_top1']:.1f}%")
+        top1 = summary["zeroshot_top1"]
+        text = "NaN (the model's embeddings are not finite)" if math.isnan(top1) else f"{100 * top1:.1f}%"
+        print(f"zero-shot top-1 on held-out images: {text}")
     return summary
 
 

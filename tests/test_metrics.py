@@ -33,10 +33,11 @@ def test_retrieval_ranks_with_several_captions_per_image():
     owner = np.array([0, 0, 1, 2])
     m = retrieval_metrics(images, texts, owner)
     # image 0: best own caption (1) ranks behind only caption 3 -> rank 2
-    # image 1: own caption 2 ties with caption 0 (not strictly above) -> rank 1
-    # image 2: own caption 3 is beaten by caption 1 (0.7*1+0.7*0.1 vs 0.7) -> rank 2
-    assert m["i2t_R@1"] == pytest.approx(1 / 3)
-    assert m["i2t_mean_rank"] == pytest.approx(5 / 3)
+    # image 1: own caption 2 ties with caption 0, and a tie ranks below its rival -> rank 2
+    # image 2: own caption 3 is beaten by caption 1 (0.7*1+0.7*0.1 vs 0.7) and ties with
+    #   captions 0 and 2 (all three 0.7 / |(0.7, 0.7)|) -> rank 4
+    assert m["i2t_R@1"] == 0.0
+    assert m["i2t_mean_rank"] == pytest.approx(8 / 3)
     # text->image: caption0 -> image1 best, own image0 third? sims col0: [0, 1, .7] -> rank 3
     # caption1 -> [1, .1, .77]/norms -> image0 best -> rank 1; caption2 -> image1 -> 1;
     # caption3 -> [1, 0, .7] -> image2 second -> rank 2

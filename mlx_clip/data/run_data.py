@@ -15,7 +15,8 @@ import numpy as np
 
 from ..config import Config
 from ..models.config import ModelConfig
-from ..text.tokenizer import Tokenizer
+from ..schema import ConfigError
+from ..text.tokenizer import MIN_VOCAB_SIZE, Tokenizer
 from ..text.vocab import load_tokenizer, openai_tokenizer, train_tokenizer
 from . import synthetic
 from .pipeline import ArraySource, Loader
@@ -72,6 +73,11 @@ def build_tokenizer(
     if saved is not None:
         tok = Tokenizer.load(saved)
     elif kind in ("auto", "trained"):
+        if mcfg.vocab_size < MIN_VOCAB_SIZE:
+            raise ConfigError(
+                f"model.vocab_size={mcfg.vocab_size} is too small for a trained tokenizer: it needs at "
+                f"least {MIN_VOCAB_SIZE} (512 byte symbols, start and end tokens)"
+            )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tok = train_tokenizer((c for caps in captions for c in caps), mcfg.vocab_size)
@@ -82,7 +88,7 @@ def build_tokenizer(
     else:
         tok = load_tokenizer(kind)
     if tok.vocab_size != mcfg.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {mcfg.vocab_size}; "
             "set model.vocab_size to match (or tokenizer.kind: trained)"
         )

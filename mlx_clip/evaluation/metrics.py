@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -19,13 +20,38 @@ def zero_shot_classifier(class_text_features: np.ndarray) -> np.ndarray:
     return _l2n(_l2n(class_text_features).mean(axis=1))
 
 
+def _all_finite(*arrays: np.ndarray) -> bool:
+    return all(np.isfinite(a).all() for a in arrays)
+
+
+def _rank(scores: np.ndarray, true: np.ndarray, rivals: np.ndarray) -> np.ndarray:
+    """1-based rank of each row's correct score `true` (R, 1) among its `rivals` (a mask over
+    `scores`' columns, (R, K)). A tie or a non-finite rival counts as ranking above (the correct
+    score is not strictly greater), and a non-finite correct score ranks last: a constant or
+    NaN model scores no hits."""
+    above = rivals & ~(scores < true)  # (R, K)
+    last = 1 + rivals.sum(axis=1)
+    return np.where(np.isfinite(true[:, 0]), 1 + above.sum(axis=1), last)
+
+
+def _recall(rank: np.ndarray, true: np.ndarray, k: int) -> float:
+    """Share of rows whose correct score is finite and ranks within the top k."""
+    return float(np.mean(np.isfinite(true[:, 0]) & (rank <= k)))
+
+
 def zero_shot_accuracy(image_features: np.ndarray, classifier: np.ndarray, labels: np.ndarray, topk=(1, 5)):
-    """Top-k accuracy of argmax image @ classifier.T against integer labels."""
+    """Top-k accuracy of image @ classifier.T against integer labels (ties count as misses); NaN
+    when a feature is not finite."""
+    names = {k: f"zeroshot_top{k}" for k in topk if k <= classifier.shape[0]}
+    if not _all_finite(image_features, classifier):
+        return {name: math.nan for name in names.values()}
     logits = _l2n(image_features) @ classifier.T  # (N, C)
-    # rank of the true class = how many classes score strictly higher
-    true = logits[np.arange(len(labels)), labels][:, None]
-    rank = (logits > true).sum(axis=1)
-    return {f"zeroshot_top{k}": float(np.mean(rank < k)) for k in topk if k <= classifier.shape[0]}
+    rows = np.arange(len(labels))
+    true = logits[rows, labels][:, None]  # (N, 1)
+    rivals = np.ones_like(logits, dtype=bool)
+    rivals[rows, labels] = False  # every other class
+    rank = _rank(logits, true, rivals)
+    return {name: _recall(rank, true, k) for k, name in names.items()}
 
 
 def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, text_to_image: np.ndarray):
@@ -33,7 +59,8 @@ def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, tex
 
     image_features (N, E), text_features (M, E), text_to_image (M,) index of each caption's image.
     image->text: the rank of the best-ranked of the image's own captions (a hit on any counts).
-    text->image: the rank of the caption's image. Ranks are 1-based; R@k = share with rank <= k.
+    text->image: the rank of the caption's image. Ranks are 1-based and a tie ranks the correct
+    item below its rivals; R@k = share with rank <= k. Non-finite features make every value NaN.
     """
     n_images = len(image_features)
     text_to_image = np.asarray(text_to_image)
@@ -43,21 +70,24 @@ def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, tex
         raise ValueError(f"text_to_image must index the {n_images} images")
     if len(np.unique(text_to_image)) != n_images:  # an image with no caption could never be found
         raise ValueError("every image needs at least one caption in text_to_image")
+    names = [f"{d}_{m}" for d in ("i2t", "t2i") for m in ("R@1", "R@5", "R@10", "mean_rank")]
+    if not _all_finite(image_features, text_features):
+        return {**{name: math.nan for name in names}, "retrieval_images": int(n_images)}
     sims = _l2n(image_features) @ _l2n(text_features).T  # (N, M)
     own = np.zeros_like(sims, dtype=bool)
     own[text_to_image, np.arange(sims.shape[1])] = True
 
-    # image -> text: 1 + number of foreign captions scoring above the best own caption
-    best_own = np.where(own, sims, -np.inf).max(axis=1, keepdims=True)
-    i2t_rank = 1 + ((sims > best_own) & ~own).sum(axis=1)
-    # text -> image: 1 + number of images scoring above the caption's own image
-    true = sims[text_to_image, np.arange(sims.shape[1])]
-    t2i_rank = 1 + (sims > true[None, :]).sum(axis=0)
+    # image -> text: the best own caption against the foreign ones (NaN if any own score is NaN)
+    i2t_true = np.where(own, sims, -np.inf).max(axis=1, keepdims=True)  # (N, 1)
+    i2t_rank = _rank(sims, i2t_true, ~own)
+    # text -> image: the caption's own image against the other images
+    t2i_true = sims[text_to_image, np.arange(sims.shape[1])][:, None]  # (M, 1)
+    t2i_rank = _rank(sims.T, t2i_true, ~own.T)
 
     out = {}
-    for name, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+    for name, rank, true in (("i2t", i2t_rank, i2t_true), ("t2i", t2i_rank, t2i_true)):
         for k in (1, 5, 10):
-            out[f"{name}_R@{k}"] = float(np.mean(rank <= k))
+            out[f"{name}_R@{k}"] = _recall(rank, true, k)
         out[f"{name}_mean_rank"] = float(np.mean(rank))
     out["retrieval_images"] = int(n_images)
     return out

@@ -32,7 +32,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..data.transforms import OPENAI_MEAN, OPENAI_STD
-from ..models.config import Activation, ModelConfig
+from ..models.config import SIZE_LIMITS, Activation, ModelConfig
 from ..schema import ConfigError
 from ..text.tokenizer import (
     END_OF_WORD,
@@ -88,21 +88,67 @@ WEIGHT_FILES = (
 # config.json <-> ModelConfig
 
 
-def _square(value, field: str) -> int:
-    if isinstance(value, (list, tuple)):
+# ModelConfig's sizes in config.json: field, section ("" is the top level), key.
+_HF_SIZES = (
+    ("embed_dim", "", "projection_dim"),
+    ("image_size", "vision_config", "image_size"),
+    ("patch_size", "vision_config", "patch_size"),
+    ("vision_width", "vision_config", "hidden_size"),
+    ("vision_layers", "vision_config", "num_hidden_layers"),
+    ("vision_heads", "vision_config", "num_attention_heads"),
+    ("context_length", "text_config", "max_position_embeddings"),
+    ("vocab_size", "text_config", "vocab_size"),
+    ("text_width", "text_config", "hidden_size"),
+    ("text_layers", "text_config", "num_hidden_layers"),
+    ("text_heads", "text_config", "num_attention_heads"),
+)
+
+
+def _section(config: dict, key: str, where: str) -> dict:
+    """A tower's section of config.json (or its older `_dict` spelling); {} when absent."""
+    value = config.get(key) or config.get(f"{key}_dict") or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _size(value, name: str, limit: int, where: str) -> int:
+    """A size from config.json: a positive integer up to `limit` (image and patch sizes may be a
+    square pair), checked before any arithmetic or allocation uses it."""
+    if name.endswith(("image_size", "patch_size")) and isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ConfigError(f"{field}={value}: only square images and patches are supported")
+            raise ConfigError(f"{where}: {name}={value}: only square images and patches are supported")
         value = value[0]
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ConfigError(f"{where}: {name} must be an integer in [1, {limit}], got {value!r}")
+    return value
+
+
+def _hf_sizes(config: dict, text: dict, vision: dict, where: str) -> dict:
+    """The ModelConfig sizes of a config.json, each checked under its own key."""
+    sections = {"": {"projection_dim": 512, **config}, "text_config": text, "vision_config": vision}
+    sizes = {
+        field: _size(sections[section][key], f"{section}.{key}".lstrip("."), SIZE_LIMITS[field], where)
+        for field, section, key in _HF_SIZES
+    }
+    for section in ("text_config", "vision_config"):  # divided by the width below, for the MLP ratio
+        limit = SIZE_LIMITS["vision_width"] * 64
+        _size(sections[section]["intermediate_size"], f"{section}.intermediate_size", limit, where)
+    return sizes
 
 
 def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
     """A transformers CLIPModel config (the parsed config.json) -> ModelConfig; a variant our model
-    cannot express is an error that names the field."""
+    cannot express, or a value out of range, is an error that names the field."""
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{where}: expected a JSON object (a CLIPModel config), got {type(config).__name__}"
+        )
     if config.get("model_type") != "clip":
         raise ConfigError(f"{where}: model_type={config.get('model_type')!r}, expected 'clip' (a CLIPModel)")
-    text = {**_TEXT_DEFAULTS, **(config.get("text_config") or config.get("text_config_dict") or {})}
-    vision = {**_VISION_DEFAULTS, **(config.get("vision_config") or config.get("vision_config_dict") or {})}
+    text = {**_TEXT_DEFAULTS, **_section(config, "text_config", where)}
+    vision = {**_VISION_DEFAULTS, **_section(config, "vision_config", where)}
+    sizes = _hf_sizes(config, text, vision, where)
     t, v = "text_config", "vision_config"
     for tower, c in ((t, text), (v, vision)):
         if c["hidden_act"] not in typing.get_args(Activation):
@@ -110,6 +156,9 @@ def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
                 f"{where}: {tower}.hidden_act={c['hidden_act']!r}; mlx_clip supports "
                 + " and ".join(map(repr, typing.get_args(Activation)))
             )
+        eps = c["layer_norm_eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ConfigError(f"{where}: {tower}.layer_norm_eps must be a number, got {eps!r}")
     if text["hidden_act"] != vision["hidden_act"]:
         raise ConfigError(
             f"{where}: {t}.hidden_act={text['hidden_act']!r} differs from {v}.hidden_act="
@@ -136,22 +185,9 @@ def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
             f"pooling only for eos_token_id 2 (legacy argmax) or {text['vocab_size'] - 1} (EOT = largest id)"
         )
     cfg = ModelConfig(
-        embed_dim=int(config.get("projection_dim", 512)),
-        image_size=_square(vision["image_size"], f"{where}: {v}.image_size"),
-        patch_size=_square(vision["patch_size"], f"{where}: {v}.patch_size"),
-        vision_width=vision["hidden_size"],
-        vision_layers=vision["num_hidden_layers"],
-        vision_heads=vision["num_attention_heads"],
-        context_length=text["max_position_embeddings"],
-        vocab_size=text["vocab_size"],
-        text_width=text["hidden_size"],
-        text_layers=text["num_hidden_layers"],
-        text_heads=text["num_attention_heads"],
-        mlp_ratio=ratio,
-        activation=text["hidden_act"],
-        layer_norm_eps=float(text["layer_norm_eps"]),
+        **sizes, mlp_ratio=ratio, activation=text["hidden_act"], layer_norm_eps=float(text["layer_norm_eps"])
     )
-    cfg.validate(where)
+    cfg.validate(f"{where}: model")  # what needs the whole architecture: divisibility, the parameter count
     return cfg
 
 

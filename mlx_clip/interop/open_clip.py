@@ -143,6 +143,9 @@ def open_clip_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelCo
     vision, text = {**_VISION_DEFAULTS, **vraw}, {**_TEXT_DEFAULTS, **traw}
     if not isinstance(vision["layers"], int):
         raise ConfigError(f"{vw}.layers={vision['layers']}: a ResNet image tower is not supported")
+    for key in ("width", "head_width"):  # divided below; every other size is checked by ModelConfig
+        if isinstance(vision[key], bool) or not isinstance(vision[key], int) or vision[key] < 1:
+            raise ConfigError(f"{vw}.{key} must be a positive integer, got {vision[key]!r}")
     if vision["width"] % vision["head_width"]:
         raise ConfigError(
             f"{vw}.width={vision['width']} is not a multiple of head_width {vision['head_width']}"

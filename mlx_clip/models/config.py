@@ -7,15 +7,39 @@ loss, optimizer, ...) live in mlx_clip/config.py.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
 from ..schema import ConfigError, from_dict, load_yaml
+from .init_table import LOGIT_SCALE_MAX
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
 # The MLP activations: kernels.ACTIVATIONS (and torch_ref.transformer's) implement exactly these.
 Activation = Literal["quick_gelu", "gelu"]
+
+# Bounds checked before anything is allocated, so that a typo or a hostile config file (a weights
+# header, an HF config.json) is an error, not minutes of allocation. The size caps sit far above
+# any published CLIP; the parameter bound (EVA-CLIP-18B is the largest) is the one that matters.
+SIZE_LIMITS = dict(
+    embed_dim=65536,
+    image_size=4096,
+    patch_size=4096,
+    vision_width=65536,
+    vision_layers=256,
+    vision_heads=1024,
+    context_length=65536,
+    vocab_size=2**24,
+    text_width=65536,
+    text_layers=256,
+    text_heads=1024,
+)
+SIZE_MINIMUMS = {  # (the least value, why) where it is more than 1
+    "context_length": (2, " (room for the start and end tokens)"),
+    "vocab_size": (3, " (the start and end tokens and one more)"),
+}
+MAX_PARAMETERS = 20 * 10**9
+MAX_LOGIT_BIAS = 100.0  # SigLIP starts at -10
 
 
 @dataclass
@@ -45,21 +69,29 @@ class ModelConfig:
     init_logit_bias: float | None = None
 
     def validate(self, where: str = "model") -> None:
-        for name in (
-            "embed_dim",
-            "image_size",
-            "patch_size",
-            "vision_width",
-            "vision_layers",
-            "vision_heads",
-            "context_length",
-            "vocab_size",
-            "text_width",
-            "text_layers",
-            "text_heads",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}.{name} must be positive, got {getattr(self, name)}")
+        """Refuse a config that cannot be built, or that would allocate absurd sizes, before any
+        array exists; each message names `where`.field."""
+        checked = from_dict(ModelConfig, asdict(self), prefix=where)  # the YAML loader's type checks
+        for f in fields(self):
+            if getattr(checked, f.name) != getattr(self, f.name):  # numeric text: YAML's leniency only
+                raise ConfigError(f"{where}.{f.name}: expected a number, got {getattr(self, f.name)!r}")
+        for name, limit in SIZE_LIMITS.items():
+            value, low = getattr(self, name), SIZE_MINIMUMS.get(name, (1, ""))
+            if value < low[0]:
+                need = "positive" if low[0] == 1 else f"at least {low[0]}{low[1]}"
+                raise ConfigError(f"{where}.{name} must be {need}, got {value}")
+            if value > limit:
+                raise ConfigError(f"{where}.{name}={value} is above the limit {limit}: a typo?")
+        self._check_shapes(where)
+        n = self.num_parameters
+        if n > MAX_PARAMETERS:
+            raise ConfigError(
+                f"{where}: this architecture has about {n / 1e9:.3g} billion parameters, above the "
+                f"limit of {MAX_PARAMETERS / 1e9:g} billion; check the sizes (widths, layers, "
+                "image_size / patch_size, vocab_size)"
+            )
+
+    def _check_shapes(self, where: str) -> None:
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"{where}.image_size={self.image_size} is not divisible by "
@@ -72,10 +104,46 @@ class ModelConfig:
                     f"{where}.{tower}_width={width} is not divisible by "
                     f"{where}.{tower}_heads={heads}: each head needs an equal slice"
                 )
-        if self.mlp_ratio <= 0 or int(self.vision_width * self.mlp_ratio) <= 0:
-            raise ConfigError(f"{where}.mlp_ratio must be positive, got {self.mlp_ratio}")
+        if not 0 < self.mlp_ratio <= 64 or self.mlp_hidden("vision") < 1 or self.mlp_hidden("text") < 1:
+            raise ConfigError(
+                f"{where}.mlp_ratio must be in (0, 64] and give an MLP of >= 1 unit, got {self.mlp_ratio}"
+            )
         if not 0 < self.layer_norm_eps < 1:
             raise ConfigError(f"{where}.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
+        # The model clamps the logit scale at log(100); the loss' temperature range is [0.01, 100].
+        if self.init_logit_scale is not None and not abs(self.init_logit_scale) <= LOGIT_SCALE_MAX:
+            raise ConfigError(
+                f"{where}.init_logit_scale must be in [-{LOGIT_SCALE_MAX:.4f}, {LOGIT_SCALE_MAX:.4f}] "
+                f"(the log of a logit scale in [0.01, 100]), got {self.init_logit_scale}"
+            )
+        if self.init_logit_bias is not None and not abs(self.init_logit_bias) <= MAX_LOGIT_BIAS:
+            raise ConfigError(
+                f"{where}.init_logit_bias must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                f"got {self.init_logit_bias}"
+            )
+
+    def mlp_hidden(self, tower: str) -> int:
+        """The MLP's hidden width in a tower ("vision" or "text")."""
+        return int(getattr(self, f"{tower}_width") * self.mlp_ratio)
+
+    @property
+    def num_parameters(self) -> int:
+        """The parameter count of the model this config builds (models/transformer.py), from the
+        sizes alone: validate bounds it before anything is allocated."""
+
+        def tower(width: int, layers: int, hidden: int) -> int:
+            # per block: 2 LayerNorms, qkv + out projections, MLP in + out (all with biases)
+            block = 2 * 2 * width + (3 * width * width + 3 * width) + (width * width + width)
+            block += (width * hidden + hidden) + (hidden * width + width)
+            return layers * block + 2 * width + width * self.embed_dim  # + final LN, projection
+
+        v, t = self.vision_width, self.text_width
+        vision = tower(v, self.vision_layers, self.mlp_hidden("vision"))
+        # patch projection (no bias), class token, position embeddings, ln_pre
+        vision += v * self.patch_size**2 * 3 + v + (self.num_patches + 1) * v + 2 * v
+        text = tower(t, self.text_layers, self.mlp_hidden("text"))
+        text += (self.vocab_size + self.context_length) * t  # token and position embeddings
+        return vision + text + 1 + (self.init_logit_bias is not None)  # logit scale (and bias)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model") -> ModelConfig:

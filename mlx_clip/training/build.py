@@ -29,7 +29,8 @@ from .temperature import Temperature
 @dataclass
 class Training:
     """What build_training returns. After each `loss, grad_norm = step(images, tokens)`, evaluate
-    `mx.eval(state, loss, grad_norm)`: the whole update happens in that one evaluation."""
+    `mx.eval(state, loss, grad_norm)`: the whole update happens in that one evaluation. A
+    non-finite loss or grad_norm means the update was rejected (make_update)."""
 
     model: CLIP
     optimizer: optim.Optimizer
@@ -128,7 +129,8 @@ def make_rank_mean(world: World | None):
 
 def make_update(model: CLIP, optimizer: optim.Optimizer, cfg: Config, lanes: streams.Lanes | None = None):
     """(loss, grads) -> (loss, grad_norm): clip, then update weights and optimizer state unless
-    the loss or the gradient is not finite. Traceable: it runs inside the compiled step.
+    the loss, the gradient or an updated weight is not finite (grad_norm is then non-finite).
+    Traceable: it runs inside the compiled step.
 
     Per-tensor work (norms, clipping, the guard) runs on `lanes` (streams.py), as the optimizer's
     own per-tensor update does when it was built with place=lanes.run.
@@ -142,17 +144,21 @@ def make_update(model: CLIP, optimizer: optim.Optimizer, cfg: Config, lanes: str
         if max_norm > 0:  # as mlx.optimizers.clip_grad_norm
             scale = mx.minimum(max_norm / (grad_norm + 1e-6), 1.0)
             grads = lanes.map(lambda g: g * scale, grads)
-        # A non-finite loss or gradient skips the update: every parameter and optimizer value
-        # keeps its old array (the old ones are live inputs anyway, so this costs no memory).
-        ok = mx.isfinite(loss) & mx.isfinite(grad_norm)
         old_params, old_opt = model.trainable_parameters(), _snapshot(optimizer.state)
         optimizer.update(model, grads)
         # CLIP clamps the temperature so the logit scale never exceeds 100.
         model.logit_scale = mx.clip(model.logit_scale, 0.0, LOGIT_SCALE_MAX)
+        # A non-finite loss or gradient, or an update that would leave a weight non-finite (a
+        # step too large for float32), is rejected: every parameter and optimizer value keeps its
+        # old array (the old ones are live inputs anyway, so this costs no memory).
+        weights_ok = _all_finite(lanes, model.trainable_parameters())
+        ok = mx.isfinite(loss) & mx.isfinite(grad_norm) & weights_ok
         keep = partial(_keep_if, ok)
         model.update(lanes.map(keep, model.trainable_parameters(), old_params))
         _select_in_place(optimizer.state, old_opt, lambda new, old: lanes.run(keep, new, old))
-        return loss, grad_norm  # the host tells a skipped step by a non-finite loss or norm
+        # The host tells a skipped step by a non-finite loss or norm, so a rejected update reports
+        # its norm as NaN.
+        return loss, mx.where(weights_ok, grad_norm, mx.nan)
 
     return update
 
@@ -190,6 +196,12 @@ def make_step(
 
 def _keep_if(ok, new, old):
     return mx.where(ok, new, old)
+
+
+def _all_finite(lanes: streams.Lanes, tree) -> mx.array:
+    """True when every array of `tree` is finite: one reduction per tensor, fused by mx.compile."""
+    leaves = _leaves(lanes.map(lambda p: mx.all(mx.isfinite(p)), tree))
+    return mx.stack(leaves).all() if leaves else mx.array(True)
 
 
 def _snapshot(tree):

@@ -265,11 +265,11 @@ def train_step(run: Run, batch: dict) -> tuple[mx.array, mx.array, float | None]
 def report_bad_step(run: Run, bad_streak: int) -> None:
     step = run.state.step
     if run.world.is_main:
-        run.logger.log({"event": "skip", "step": step, "reason": "non-finite loss or gradient"})
-        run.logger.message(f"step {step}: non-finite loss or gradient, update skipped")
+        run.logger.log({"event": "skip", "step": step, "reason": "non-finite loss, gradient or weights"})
+        run.logger.message(f"step {step}: non-finite loss, gradient or updated weights, update skipped")
     if bad_streak >= run.cfg.train.max_bad_steps:
         raise NonFiniteError(
-            f"{bad_streak} consecutive steps with a non-finite loss or gradient (last: step "
+            f"{bad_streak} consecutive steps with a non-finite loss, gradient or updated weights (last: step "
             f"{step}); stopped without saving, so the last good checkpoint in {run.ckpt_root} "
             "is kept. Lower optim.lr (or raise optim.warmup_steps), keep the temperature "
             "clamped (logit scale <= 100), and train in float32."

@@ -76,9 +76,11 @@ class RunState:
         self.batch_in_epoch, self.samples_in_epoch = start, start * self.batch_size
 
     def observe(self, metric: str | None, metrics: dict, checkpoint: str) -> bool:
-        """Record `metrics` of the checkpoint about to be saved; True when it is the new best."""
+        """Record `metrics` of the checkpoint about to be saved; True when it is the new best. A
+        non-finite value (NaN from non-finite embeddings) never is."""
         self.metrics = metrics
-        if metric is None or metric not in metrics or not metrics[metric] > self.best["value"]:
+        value = metrics.get(metric) if metric is not None else None
+        if value is None or not math.isfinite(value) or not value > self.best["value"]:
             return False
         self.best = {"name": metric, "value": metrics[metric], "checkpoint": checkpoint}
         return True

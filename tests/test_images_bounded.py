@@ -1,0 +1,430 @@
+"""Issue 13, findings 4 and 6 (data): bounded image decoding on every path, non-empty skip
+messages, BOM and encodings in every text format, WebDataset keys in tar shards, and the
+predict cache noticing a replaced file.
+
+The pathological images are real files: a PNG of 1 x 200,000 pixels (a few hundred bytes) and one
+of 1 x 2,000,000. Before the fix, eval/predict resized the shorter side to S with no bound on the
+other: 224 x 44.8M pixels (4.7 GB, 16 s) for the first one.
+"""
+
+import ctypes
+import io
+import json
+import os
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from conftest import ODD_ARCH, encoded, save_image, write_shard
+from PIL import Image
+
+from mlx_clip.config import load_config
+from mlx_clip.data import transforms
+from mlx_clip.data.checks import check_image, scan
+from mlx_clip.data.decode import DEFAULT_MAX_ASPECT_RATIO, decode_image, open_image, open_lazy
+from mlx_clip.data.pipeline import Loader, Sample
+from mlx_clip.data.readers import read_samples
+from mlx_clip.data.samples import DataError
+from mlx_clip.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    center_crop,
+    normalize,
+    random_resized_crop_box,
+    resize_shorter,
+    to_rgb,
+)
+from mlx_clip.inference import Preprocess, index_folder
+from mlx_clip.models.config import ModelConfig
+from mlx_clip.models.model import create_model
+from mlx_clip.schema import ConfigError
+
+quiet = pytest.mark.filterwarnings("ignore::mlx_clip.data.checks.BadDataWarning")
+
+
+# ---------------------------------------------------------------------------
+# Thin images: bounded time and memory
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_rss_growth_mb(fn):
+    """(fn(), how far the peak resident memory rose above the current one while it ran, in MB)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so it shows when reused
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (the peak) to the current RSS
+    except (OSError, AttributeError):
+        pytest.skip("cannot measure the peak RSS here (glibc and /proc/self/clear_refs needed)")
+    before = _status_kb("VmRSS")
+    result = fn()
+    return result, (_status_kb("VmHWM") - before) / 1024
+
+
+@pytest.fixture(scope="module")
+def thin(tmp_path_factory):
+    """Constant grey PNGs of 1 x 200,000 and 1 x 2,000,000 pixels, and a 200,000 x 1 one."""
+    root = tmp_path_factory.mktemp("thin")
+    paths = {}
+    for w, h in [(1, 200_000), (1, 2_000_000), (200_000, 1)]:
+        paths[w, h] = root / f"thin_{w}x{h}.png"
+        Image.new("RGB", (w, h), (90, 120, 150)).save(paths[w, h])
+    return paths
+
+
+@pytest.mark.parametrize("size", [(1, 200_000), (1, 2_000_000), (200_000, 1)])
+def test_thin_image_eval_is_fast_and_bounded(thin, size):
+    # Decoding the PNG in full is the floor (PIL has no partial decode; max_image_pixels bounds it);
+    # everything after it must fit in a few output images. Before: 224 x 44.8M pixels for 1 x 200k.
+    _, decoding = peak_rss_growth_mb(lambda: open_image(thin[size]))
+    t0 = time.perf_counter()
+    out, grew = peak_rss_growth_mb(
+        lambda: decode_image(thin[size], EvalTransform(224), max_pixels=None, max_aspect=None)
+    )
+    assert time.perf_counter() - t0 < 2.0
+    assert grew < decoding + 8 * out.nbytes / 2**20, f"peak grew by {grew:.1f} MB, decoding {decoding:.1f} MB"
+    expected = normalize(np.array([[[90, 120, 150]]], np.uint8))
+    np.testing.assert_allclose(out, np.broadcast_to(expected, (224, 224, 3)), atol=1e-6)
+
+
+def test_thin_image_train_crop_is_bounded(thin):
+    _, decoding = peak_rss_growth_mb(lambda: open_image(thin[1, 2_000_000]))
+    t = TrainTransform(224)
+    out, grew = peak_rss_growth_mb(
+        lambda: decode_image(thin[1, 2_000_000], t, np.random.default_rng(0), max_aspect=None)
+    )
+    assert out.shape == (224, 224, 3) and grew < decoding + 8 * out.nbytes / 2**20
+
+
+def test_thin_images_are_refused_by_aspect_ratio_on_every_path(thin, tmp_path):
+    path = thin[1, 200_000]
+    with pytest.raises(DataError, match=r"1x200000 pixels.*max_aspect_ratio=50") as e:
+        decode_image(path, EvalTransform(32))
+    assert e.value.reason == "extreme_aspect" and str(path) in str(e.value)
+    # predict and folder search (Preprocess), the upload path (bytes) and the pre-flight check
+    with pytest.raises(DataError, match="max_aspect_ratio"):
+        Preprocess(32)(path)
+    with pytest.raises(DataError, match="max_aspect_ratio"):
+        Preprocess(32)(path.read_bytes())
+    assert check_image(str(path), "full", max_aspect=50).reason == "extreme_aspect"
+    assert check_image(str(path), "full", max_aspect=200_000) is None
+    # a limit of None decodes it (bounded), and a normal panorama passes the default
+    assert Preprocess(32, max_aspect_ratio=None)(path).shape == (32, 32, 3)
+    pano = save_image(tmp_path / "pano.png", w=40 * int(DEFAULT_MAX_ASPECT_RATIO) // 2, h=20)
+    assert Preprocess(32)(pano).shape == (32, 32, 3)
+
+
+@quiet
+def test_training_skips_a_thin_image_with_a_reason(thin, tmp_path):
+    good = [Sample(str(save_image(tmp_path / f"{i}.png", seed=i)), [f"image {i}"]) for i in range(3)]
+    samples = [*good, Sample(str(thin[1, 200_000]), ["a thin strip"])]
+    skips = []
+    kw = dict(train=True, num_workers=0, on_error="skip", on_skip=skips.append)
+    batches = list(Loader(samples, 4, 16, max_aspect_ratio=50, **kw).epoch(0))
+    assert batches[0]["images"].shape == (4, 16, 16, 3)
+    assert [s.reason for s in skips] == ["extreme_aspect"] and "1x200000" in skips[0].detail
+    report = scan(samples, max_aspect_ratio=50)
+    assert [s.reason for s in report.skipped] == ["extreme_aspect"] and len(report.samples) == 3
+
+
+def test_max_aspect_ratio_config_key():
+    assert load_config().data.max_aspect_ratio == DEFAULT_MAX_ASPECT_RATIO
+    assert load_config(overrides=[("data.max_aspect_ratio", "0")]).data.max_aspect_ratio == 0
+    for bad in ("0.5", "nan", "inf", "-3"):
+        with pytest.raises(ConfigError, match="data.max_aspect_ratio"):
+            load_config(overrides=[("data.max_aspect_ratio", bad)])
+
+
+# ---------------------------------------------------------------------------
+# The bounded path gives the same pixels as before
+
+
+def old_eval(img, size):
+    """The unbounded eval transform this replaced: resize the shorter side, then centre-crop."""
+    return normalize(np.asarray(center_crop(resize_shorter(to_rgb(img), size), size)))
+
+
+SIZES = [(400, 300), (257, 480), (224, 224), (225, 1000), (100, 80), (7, 3), (3, 40), (500, 33), (31, 32)]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_eval_keeps_clip_pixels_up_to_the_exact_resize_limit(mode):
+    rng = np.random.default_rng(1)
+    for w, h in SIZES:  # aspect ratios up to 16 (EXACT_RESIZE_LIMIT): resized whole, as CLIP does
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        for size in (16, 48, 224):
+            np.testing.assert_array_equal(EvalTransform(size)(img), old_eval(img, size), err_msg=f"{w}x{h}")
+
+
+@pytest.mark.parametrize("w, h", [(3, 300), (900, 20)])
+def test_eval_of_a_strip_resamples_the_crop_close_to_clip(w, h, monkeypatch):
+    y, x = np.mgrid[0:h, 0:w]
+    smooth = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) % 256], -1)
+    img = Image.fromarray(smooth.astype(np.uint8))
+    calls = []
+    monkeypatch.setattr(transforms, "resize_shorter", lambda *a: calls.append(a) or resize_shorter(*a))
+    out = EvalTransform(32)(img)
+    assert calls == []  # the whole-image resize (64 x 6400 here) is never made
+    np.testing.assert_allclose(out, old_eval(img, 32), atol=2 / 255 / 0.26)  # within 2 levels
+
+
+def test_train_crop_first_equals_full_image_resize():
+    rng = np.random.default_rng(2)
+    t = TrainTransform(32, scale=(0.1, 1.0))
+    for w, h in SIZES:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for seed in range(3):
+            box = random_resized_crop_box(w, h, t.scale, t.ratio, np.random.default_rng(seed))
+            old = normalize(np.asarray(img.resize((32, 32), Image.Resampling.BICUBIC, box=box)))
+            np.testing.assert_array_equal(t(img, np.random.default_rng(seed)), old)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_small_ones_in_full(tmp_path):
+    x = np.linspace(0, 255, 1024)
+    smooth = np.stack(np.broadcast_arrays(x[None, :], x[::-1, None][:768], 128 + 0 * x[None, :]), -1)
+    Image.fromarray(smooth.astype(np.uint8)).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(smooth[:150, :200].astype(np.uint8)).save(tmp_path / "small.jpg", quality=95)
+    t = EvalTransform(32)
+    lazy = open_lazy(tmp_path / "big.jpg")
+    reduced = t(lazy)
+    assert lazy.size == (256, 192)  # 1/4 scale: still 6x the output on the shorter side
+    full = t(Image.open(tmp_path / "big.jpg").convert("RGB"))
+    assert np.abs(reduced - full).max() < 4 / 255 / 0.26  # within a few 8-bit levels
+    lazy = open_lazy(tmp_path / "small.jpg")
+    np.testing.assert_array_equal(t(lazy), t(Image.open(tmp_path / "small.jpg").convert("RGB")))
+    assert lazy.size == (200, 150)
+
+
+# ---------------------------------------------------------------------------
+# Every skip has a message
+
+
+@quiet
+def test_decode_failure_without_text_still_gets_a_message(tmp_path, monkeypatch):
+    real = transforms.to_rgb
+
+    def out_of_memory_for_41_wide(img):
+        if transforms.image_size(img)[0] == 41:
+            raise MemoryError()  # str() is empty, as a real allocation failure's is
+        return real(img)
+
+    monkeypatch.setattr(transforms, "to_rgb", out_of_memory_for_41_wide)
+    samples = [
+        Sample(str(save_image(tmp_path / f"{i}.png", seed=i, w=40 + (i == 2))), [f"c{i}"]) for i in range(4)
+    ]
+    skips = []
+    list(Loader(samples, 4, 16, train=False, num_workers=0, on_error="skip", on_skip=skips.append).epoch(0))
+    assert [s.reason for s in skips] == ["corrupt_image"]
+    assert skips[0].detail.endswith("MemoryError()") and "2.png" in skips[0].detail
+
+
+# ---------------------------------------------------------------------------
+# Text formats: BOM and encodings
+
+BOM = "\ufeff"
+
+
+def _formats(root):
+    """(name, writer(text) -> source path) for every text format, each naming a.png and b.png."""
+    save_image(root / "a.png", seed=1)
+    save_image(root / "b.png", seed=2)
+
+    def csv(t):
+        return _put(root / "d.csv", t + "image,caption\na.png,a red cat\nb.png,a blue dog\n")
+
+    def tsv(t):
+        return _put(root / "d.tsv", t + "image\tcaption\na.png\ta red cat\nb.png\ta blue dog\n")
+
+    def js(t):
+        rows = [{"image": "a.png", "caption": "a red cat"}, {"image": "b.png", "caption": "a blue dog"}]
+        return _put(root / "d.json", t + json.dumps(rows))
+
+    def jsonl(t):
+        return _put(
+            root / "d.jsonl",
+            t + '{"image": "a.png", "caption": "a red cat"}\n{"image": "b.png", "caption": "a blue dog"}\n',
+        )
+
+    def captions_txt(t):
+        _put(root / "captions.txt", t + "a.png\ta red cat\nb.png\ta blue dog\n")
+        return root
+
+    return [("csv", csv), ("tsv", tsv), ("json", js), ("jsonl", jsonl), ("captions.txt", captions_txt)]
+
+
+def _put(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def _by_name(samples):
+    return {os.path.basename(s.image): s.captions for s in samples}
+
+
+def test_a_utf8_bom_is_accepted_by_every_text_format(tmp_path):
+    expected = {"a.png": ["a red cat"], "b.png": ["a blue dog"]}
+    for name, write in _formats(tmp_path):
+        assert _by_name(read_samples(write(BOM))) == expected, name
+        assert _by_name(read_samples(write(""))) == expected, name
+
+
+def test_sidecar_and_tar_captions_lose_their_bom(tmp_path):
+    save_image(tmp_path / "side" / "a.png")
+    (tmp_path / "side" / "a.txt").write_bytes((BOM + "a red cat\n").encode())
+    assert _by_name(read_samples(tmp_path / "side")) == {"a.png": ["a red cat"]}
+    write_shard(tmp_path / "s.tar", [("k", "png", encoded(), BOM + "a red cat")])
+    assert [s.captions for s in read_samples(tmp_path / "s.tar")] == [["a red cat"]]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_utf16_and_utf32_files_are_named_and_refused(tmp_path, encoding):
+    for name, write in _formats(tmp_path):
+        src = write("")
+        target = src / "captions.txt" if src.is_dir() else src
+        target.write_bytes(target.read_text().encode(encoding))  # with a mark, except utf-16-le
+        with pytest.raises(DataError, match="must be UTF-8") as e:
+            read_samples(src, on_error="skip", skipped=[])
+        assert str(target) in str(e.value), name
+        assert ("NUL bytes" if encoding == "utf-16-le" else encoding.upper()) in str(e.value)
+        target.unlink()
+
+
+@quiet
+def test_latin1_text_is_reported_by_file_and_line_as_not_utf8(tmp_path):
+    save_image(tmp_path / "a.png")
+    _put(tmp_path / "d.csv", "image,caption\na.png,un caf\xe9 noir\na.png,a cup\n", "latin-1")
+    skipped = []
+    assert _by_name(read_samples(tmp_path / "d.csv", on_error="skip", skipped=skipped)) == {
+        "a.png": ["a cup"]
+    }
+    assert [s.reason for s in skipped] == ["caption_not_utf8"]
+    assert f"{tmp_path / 'd.csv'}:2:" in skipped[0].detail and "must be UTF-8" in skipped[0].detail
+    # A Latin-1 image name does not match the UTF-8 one on disk: the message says why.
+    save_image(tmp_path / "caf\xe9.png")
+    _put(tmp_path / "e.csv", "image,caption\ncaf\xe9.png,a cup\n", "latin-1")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_samples(tmp_path / "e.csv")
+
+
+def test_utf16_sidecar_and_tar_caption_are_skipped_with_a_reason(tmp_path):
+    save_image(tmp_path / "side" / "a.png")
+    save_image(tmp_path / "side" / "b.png")
+    (tmp_path / "side" / "a.txt").write_bytes("a red cat".encode("utf-16"))
+    (tmp_path / "side" / "b.txt").write_text("a blue dog")
+    skipped = []
+    assert _by_name(read_samples(tmp_path / "side", on_error="skip", skipped=skipped)) == {
+        "b.png": ["a blue dog"]
+    }
+    assert [s.reason for s in skipped] == ["caption_not_utf8"] and "UTF-16" in skipped[0].detail
+    members = [
+        ("k.png", encoded()),
+        ("k.txt", "a red cat".encode("utf-16")),
+        ("m.png", encoded()),
+        ("m.txt", b"ok"),
+    ]
+    shard = _tar(tmp_path / "s.tar", members)
+    skipped = []
+    assert [s.captions for s in read_samples(shard, on_error="skip", skipped=skipped)] == [["ok"]]
+    assert [(s.reason, s.item) for s in skipped] == [("caption_not_utf8", f"{shard}:k.png")]
+    assert f"{shard}:k.txt" in skipped[0].detail and "UTF-16" in skipped[0].detail
+
+
+# ---------------------------------------------------------------------------
+# Tar shards: WebDataset keys
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_dotted_member_names_are_skipped_with_a_reason(tmp_path):
+    shard = _tar(
+        tmp_path / "s.tar",
+        [
+            ("a.jpg", encoded(1, "JPEG")),
+            ("a.txt", b"a red cat"),
+            ("photo.v2.png", encoded(2)),
+            ("photo.v2.txt", b"a blue dog"),
+            ("a.json", b"{}"),  # another WebDataset field: ignored quietly
+        ],
+    )
+    skipped = []
+    samples = read_samples(shard, on_error="skip", skipped=skipped)
+    assert [s.captions for s in samples] == [["a red cat"]]
+    assert {(s.reason, s.item) for s in skipped} == {
+        ("bad_member_name", f"{shard}:photo.v2.png"),
+        ("bad_member_name", f"{shard}:photo.v2.txt"),
+    }
+    assert "photo_v2.png" in next(s.detail for s in skipped if s.item.endswith(".png"))
+    with pytest.raises(DataError, match="photo.v2.png"):
+        read_samples(shard)  # strict mode names it too
+
+
+@pytest.mark.parametrize("order", ["image first", "caption first"])
+def test_a_duplicate_key_keeps_the_first_pair_and_logs_the_second(tmp_path, order):
+    pairs = [[("a.png", encoded(1)), ("a.txt", b"one")], [("a.png", encoded(2)), ("a.txt", b"two")]]
+    if order == "caption first":
+        pairs = [p[::-1] for p in pairs]
+    shard = _tar(tmp_path / "s.tar", [*pairs[0], ("b.png", encoded(3)), ("b.txt", b"three"), *pairs[1]])
+    skipped = []
+    samples = read_samples(shard, on_error="skip", skipped=skipped)
+    assert [s.captions for s in samples] == [["one"], ["three"]]  # "two" is not attached to the first a.png
+    with tarfile.open(shard) as tf:
+        first = next(m for m in tf if m.name == "a.png")
+    assert samples[0].image.offset == first.offset_data
+    assert [s.reason for s in skipped] == ["duplicate_key"]
+    assert str(shard) in skipped[0].detail and "a.png" in skipped[0].detail and "a.txt" in skipped[0].detail
+
+
+def test_one_image_with_two_caption_members_keeps_both(tmp_path):
+    shard = _tar(tmp_path / "s.tar", [("a.png", encoded()), ("a.txt", b"one"), ("a.txt", b"two")])
+    assert [s.captions for s in read_samples(shard)] == [["one", "two"]]
+
+
+# ---------------------------------------------------------------------------
+# Predict cache: a replaced file with the same size and mtime is embedded again
+
+
+def _bmp(path, seed):
+    """A 48 x 48 BMP: uncompressed, so every one has the same size in bytes."""
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
+        path, "BMP"
+    )
+
+
+@pytest.mark.parametrize("how", ["rewritten in place", "replaced by rename"])
+def test_search_cache_notices_a_replaced_file_with_restored_mtime(tmp_path, how):
+    model = create_model(ModelConfig(**ODD_ARCH), seed=0)
+    model.eval()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        _bmp(folder / f"{i}.bmp", i)
+    pre = Preprocess(ODD_ARCH["image_size"])
+    first = index_folder(model, pre, folder, "0" * 64)
+    target = folder / "1.bmp"
+    st = target.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity, as any real replacement is
+    if how == "rewritten in place":
+        _bmp(target, 99)
+    else:
+        _bmp(tmp_path / "new.bmp", 99)
+        os.replace(tmp_path / "new.bmp", target)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = index_folder(model, pre, folder, "0" * 64)
+    assert (second.embedded, second.reused) == (1, 2)
+    row = second.paths.index("1.bmp")
+    assert not np.allclose(second.features[row], first.features[row])
+    third = index_folder(model, pre, folder, "0" * 64)
+    assert (third.embedded, third.reused) == (0, 3)
+    np.testing.assert_array_equal(third.features, second.features)

@@ -110,6 +110,8 @@ def test_thin_images_are_refused_by_aspect_ratio_on_every_path(thin, tmp_path):
         Preprocess(32)(path)
     with pytest.raises(DataError, match="max_aspect_ratio"):
         Preprocess(32)(path.read_bytes())
+    normal = save_image(tmp_path / "normal.png")
+    np.testing.assert_array_equal(Preprocess(32)(normal.read_bytes()), Preprocess(32)(normal))
     assert check_image(str(path), "full", max_aspect=50).reason == "extreme_aspect"
     assert check_image(str(path), "full", max_aspect=200_000) is None
     # a limit of None decodes it (bounded), and a normal panorama passes the default
@@ -129,6 +131,25 @@ def test_training_skips_a_thin_image_with_a_reason(thin, tmp_path):
     assert [s.reason for s in skips] == ["extreme_aspect"] and "1x200000" in skips[0].detail
     report = scan(samples, max_aspect_ratio=50)
     assert [s.reason for s in report.skipped] == ["extreme_aspect"] and len(report.samples) == 3
+
+
+@quiet
+@pytest.mark.parametrize("limit, kept", [("50", 8), ("0", 9)])
+def test_a_run_applies_data_max_aspect_ratio(thin, tmp_path, limit, kept):
+    from mlx_clip.data.checks import SkipLog
+    from mlx_clip.data.run_data import build_run_data
+
+    rows = [f"{save_image(tmp_path / f'{i}.png', seed=i)},image {i}" for i in range(8)]
+    (tmp_path / "d.csv").write_text(
+        "image,caption\n" + "\n".join([*rows, f"{thin[1, 200_000]},a strip"]) + "\n"
+    )
+    overrides = [("data.train", str(tmp_path / "d.csv")), ("data.val_ratio", "0"), ("data.batch_size", "4")]
+    overrides += [("data.max_aspect_ratio", limit), ("data.max_bad_fraction", "0.5")]
+    cfg = load_config(overrides=overrides)
+    with SkipLog(tmp_path / "skipped.jsonl") as log:
+        data = build_run_data(cfg, cfg.model_config(), skip_log=log)
+    assert data.train.num_samples == kept and data.train.max_aspect_ratio == (float(limit) or None)
+    assert ("extreme_aspect" in (tmp_path / "skipped.jsonl").read_text()) == (limit != "0")
 
 
 def test_max_aspect_ratio_config_key():

@@ -81,9 +81,10 @@ def check_size(image: ImageSource, width: int, height: int, max_pixels: int | No
         msg += " (decompression bomb?)"
         raise _fail(image, msg, "too_many_pixels")
     if max_aspect and max(width, height) > max_aspect * min(width, height):
+        ratio = max(width, height) / min(width, height)
         msg = (
-            f"{width}x{height} pixels, aspect ratio {max(width, height) / min(width, height):.4g}:1 is over "
-            f"max_aspect_ratio={max_aspect:g} (crop the image, or raise data.max_aspect_ratio)"
+            f"{width}x{height} pixels, aspect ratio {ratio:.1f}:1 is over max_aspect_ratio={max_aspect:g}; "
+            "crop the image, or raise the limit (data.max_aspect_ratio, Preprocess(max_aspect_ratio=))"
         )
         raise _fail(image, msg, "extreme_aspect")
 

@@ -133,8 +133,8 @@ def center_crop(im: Image.Image, size: int) -> Image.Image:
 def center_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
     """The source region that `resize_shorter` + `center_crop` keep, in source pixels.
 
-    Resampling this box straight to size x size gives CLIP's pixels without ever making the
-    resized image, whose longer side is unbounded (a 1 x 200,000 image resizes to 224 x 44.8M).
+    Resampling this box straight to size x size gives (nearly: see the module doc) CLIP's pixels
+    without making the resized image, whose longer side is unbounded (1 x 200,000 -> 224 x 44.8M).
     """
     new_w, new_h = _shorter_to(width, height, size)
     left, top = _center_offsets(new_w, new_h, size)
@@ -177,14 +177,13 @@ def random_resized_crop_box(
 
 
 # ---------------------------------------------------------------------------
-# Bounded resampling: only the crop is ever converted and resized
+# Bounded resampling: decoding scaled to the crop, and no resized copy of the whole image
 
 # A lazy JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled IDCT) only while its crop keeps
 # at least this many source pixels per output pixel; smaller ones decode in full, exactly as CLIP.
 DRAFT_OVERSAMPLE = 4
 # Eval: resize the whole image (CLIP's exact pixels) while that holds at most this many outputs.
 EXACT_RESIZE_LIMIT = 16
-_BICUBIC_SUPPORT = 2.0  # PIL's bicubic kernel radius, in pixels of the coarser of the two grids
 
 
 def image_size(img: Image.Image | np.ndarray) -> tuple[int, int]:

@@ -91,6 +91,7 @@ class DataConfig:
     validate: ImageCheck = "header"
     max_bad_fraction: float = 0.05
     max_image_pixels: int = 89478485  # width x height, read from the header before decoding
+    max_aspect_ratio: float = 50.0  # longer side / shorter side, from the header (0: no limit)
     max_caption_chars: int = 4096  # 0: no limit
     # the built-in dataset
     builtin_train_size: int = 20000
@@ -288,6 +289,10 @@ class Config:
             raise ConfigError("data.max_image_pixels must be >= 1 and data.max_caption_chars >= 0")
         if d.color_jitter < 0:
             raise ConfigError(f"data.color_jitter must be >= 0, got {d.color_jitter}")
+        if not (d.max_aspect_ratio == 0 or 1 <= d.max_aspect_ratio < math.inf):
+            raise ConfigError(
+                f"data.max_aspect_ratio must be 0 (no limit) or a number >= 1, got {d.max_aspect_ratio}"
+            )
         if d.num_workers < 1 or d.prefetch < 1:
             raise ConfigError("data.num_workers and data.prefetch must be at least 1")
         if d.builtin_paraphrases != 0 and not 2 <= d.builtin_paraphrases <= 10:

@@ -12,10 +12,13 @@ independent of the other labels (`probability_kind` tells which).
 
 Index cache (`index_folder`): FOLDER/.mlx_clip_index/ (or CACHE/<folder name>-<path hash>/) holds,
 per model, `<sha16>.safetensors` (tensor "embeddings", (N, E) float32) and `<sha16>.json` (the
-manifest: one {path, size, mtime_ns} per row), where sha16 starts the sha256 of the checkpoint's
-model.safetensors, so another model never reuses them. Both files are written to a temporary name
-and renamed; the manifest, renamed last, carries a random `generation` that must equal the one in
-the safetensors header, so a half-finished update reads as "no cache" and is rebuilt.
+manifest: one {path, size, mtime_ns, ino, ctime_ns} per row), where sha16 starts the sha256 of the
+checkpoint's model.safetensors, so another model never reuses them. Both files are written to a
+temporary name and renamed; the manifest, renamed last, carries a random `generation` that must
+equal the one in the safetensors header, so a half-finished update reads as "no cache" and is rebuilt.
+A row is reused while size, mtime, inode and ctime are unchanged: a file replaced with the same size
+and a restored mtime (cp -p, tar x, os.utime) gets a new inode (rename) or ctime (any write), which
+no user can set back; one stat, where a content hash would read every image on every search.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .config import load_config
-from .data.pipeline import open_image
+from .data.decode import DEFAULT_MAX_ASPECT_RATIO, decode_image
 from .data.samples import DataError
 from .data.transforms import EvalTransform
 from .evaluation.metrics import zero_shot_classifier
@@ -62,7 +65,7 @@ DEFAULT_TEMPLATES = (
 )
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 INDEX_DIR = ".mlx_clip_index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: rows keyed by (size, mtime_ns, ino, ctime_ns); 1 had size and mtime only
 
 
 class SkippedImageWarning(UserWarning):
@@ -70,20 +73,27 @@ class SkippedImageWarning(UserWarning):
 
 
 class Preprocess:
-    """PIL image, uint8 array or image path -> float32 (S, S, 3): CLIP's eval preprocessing."""
+    """Image path, encoded bytes (an upload), PIL image or uint8 array -> float32 (S, S, 3): CLIP's
+    eval preprocessing, decoding and resizing only the centre crop (data/decode.py).
 
-    def __init__(self, image_size: int):
+    A path or bytes whose longer side is over `max_aspect_ratio` times the shorter (None: any) or
+    with more than `max_image_pixels` pixels (None: PIL's own limit) is a DataError naming it."""
+
+    def __init__(
+        self,
+        image_size: int,
+        max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
+        max_image_pixels: int | None = None,
+    ):
         self.image_size = image_size
+        self.max_aspect_ratio, self.max_image_pixels = max_aspect_ratio, max_image_pixels
         self.transform = EvalTransform(image_size)
 
     def __call__(self, image) -> np.ndarray:
-        if not isinstance(image, (str, os.PathLike)):
+        if not isinstance(image, (str, os.PathLike, bytes)):
             return self.transform(image)
-        im = open_image(str(image))  # a DataError that names the file
-        try:
-            return self.transform(im)
-        except Exception as e:  # e.g. an image too degenerate to resize
-            raise DataError(f"{image}: cannot preprocess image: {e}") from None
+        limits = dict(max_pixels=self.max_image_pixels, max_aspect=self.max_aspect_ratio)
+        return decode_image(image if isinstance(image, bytes) else str(image), self.transform, **limits)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -263,8 +273,12 @@ class FolderIndex:
         return [(self.paths[i], float(scores[i])) for i in order]
 
 
-def scan_images(root: Path) -> dict[str, tuple[int, int]]:
-    """Relative POSIX path -> (size, mtime_ns) of every image below root, hidden entries excluded."""
+FILE_KEY = ("size", "mtime_ns", "ino", "ctime_ns")  # what must be unchanged to reuse a row (module doc)
+
+
+def scan_images(root: Path) -> dict[str, tuple[int, ...]]:
+    """Relative POSIX path -> (size, mtime_ns, ino, ctime_ns) of every image below root, hidden
+    entries excluded."""
     found = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # also skips .mlx_clip_index
@@ -277,7 +291,12 @@ def scan_images(root: Path) -> dict[str, tuple[int, int]]:
             except OSError:  # a dangling symlink, or removed while scanning
                 continue
             if stat.S_ISREG(st.st_mode):
-                found[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
+                found[path.relative_to(root).as_posix()] = (
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                    st.st_ctime_ns,
+                )
     return dict(sorted(found.items()))
 
 
@@ -293,7 +312,7 @@ def cache_files(root: Path, model_sha256: str, cache_dir: str | Path | None = No
 
 
 def _read_cache(emb_path: Path, manifest_path: Path, model_sha256: str, dim: int):
-    """path -> ((size, mtime_ns), (E,) vector) from a consistent cache, else None."""
+    """path -> ((size, mtime_ns, ino, ctime_ns), (E,) vector) from a consistent cache, else None."""
     if not manifest_path.is_file():
         return None
     try:
@@ -302,14 +321,15 @@ def _read_cache(emb_path: Path, manifest_path: Path, model_sha256: str, dim: int
             generation = (f.metadata() or {}).get("generation")
             emb = f.get_tensor("embeddings")
         files = manifest["files"]
+        if manifest.get("version") != INDEX_VERSION:
+            raise ValueError(f"index version {manifest.get('version')}, this mlx_clip writes {INDEX_VERSION}")
         ok = (
-            manifest.get("version") == INDEX_VERSION
-            and manifest.get("model_sha256") == model_sha256
+            manifest.get("model_sha256") == model_sha256
             and manifest.get("generation") == generation
             and emb.shape == (len(files), dim)
         )
         if ok:
-            return {f["path"]: ((f["size"], f["mtime_ns"]), emb[i]) for i, f in enumerate(files)}
+            return {f["path"]: (tuple(f[k] for k in FILE_KEY), emb[i]) for i, f in enumerate(files)}
         reason = "inconsistent or from another model"
     except Exception as e:  # unreadable / corrupt JSON or safetensors: rebuild
         reason = str(e)
@@ -339,9 +359,9 @@ def _write_cache(emb_path: Path, manifest_path: Path, manifest: dict, features: 
 def index_folder(
     model, preprocess, folder, model_sha256: str, cache_dir=None, batch_size: int = 32
 ) -> FolderIndex:
-    """Embeddings of every image below `folder`, reusing the cached ones whose size and mtime are
-    unchanged; new or changed files are embedded, deleted ones dropped, unreadable ones skipped
-    with a SkippedImageWarning. The cache is rewritten only when something changed."""
+    """Embeddings of every image below `folder`, reusing the cached ones whose size, mtime, inode and
+    ctime are unchanged (module doc); new or changed files are embedded, deleted ones dropped,
+    unreadable ones skipped with a SkippedImageWarning. The cache is rewritten only when something changed."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -371,7 +391,7 @@ def index_folder(
             "model_sha256": model_sha256,
             "generation": uuid.uuid4().hex,
             "image_size": preprocess.image_size,
-            "files": [{"path": p, "size": current[p][0], "mtime_ns": current[p][1]} for p in paths],
+            "files": [{"path": p, **dict(zip(FILE_KEY, current[p], strict=True))} for p in paths],
         }
         try:
             _write_cache(emb_path, manifest_path, manifest, index.features)

@@ -78,14 +78,20 @@ def save_image(path, seed=0, w=40, h=30, mode="RGB"):
     return path
 
 
+def write_members(path, members):
+    """members: (name, bytes) in shard order -> a plain tar at `path` (returned)."""
+    with tarfile.open(path, "w") as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    return path
+
+
 def write_shard(path, items):
     """items: (key, ext, image bytes, caption text) -> a WebDataset-style tar."""
-    with tarfile.open(path, "w") as tf:
-        for key, ext, data, caption in items:
-            for name, payload in ((f"{key}.{ext}", data), (f"{key}.txt", caption.encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tf.addfile(info, io.BytesIO(payload))
+    pairs = [((f"{key}.{ext}", data), (f"{key}.txt", caption.encode())) for key, ext, data, caption in items]
+    write_members(path, [member for pair in pairs for member in pair])
 
 
 # ---------------------------------------------------------------------------

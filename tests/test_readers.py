@@ -1,5 +1,6 @@
 """mlx_clip.data.readers: every source format (CSV/TSV, JSON(L), folders, WebDataset tars), clear
-errors naming file, line and column, brace expansion, the seeded train/val split.
+errors naming file, line and column, brace expansion, the seeded train/val split; (issue 13) a BOM
+and wrong encodings alike in every text format, WebDataset keys with dots and duplicates in tars.
 
 Fixtures are tiny images written with PIL into tmp_path.
 """
@@ -9,7 +10,7 @@ import json
 import tarfile
 
 import pytest
-from conftest import encoded, save_image, write_shard
+from conftest import encoded, save_image, write_members, write_shard
 
 from mlx_clip.data.readers import read_samples, split_samples
 from mlx_clip.data.samples import DataError, Sample, TarRef, read_bytes
@@ -160,3 +161,157 @@ def test_split_samples_is_deterministic_disjoint_and_covering():
     assert split_samples(samples, 0.2, seed=4)[1] != val
     assert [s.image for s in val] == sorted((s.image for s in val), key=lambda p: int(p.split(".")[0]))
     assert split_samples(samples[:3], 0.01, seed=0)[1] != []  # a requested split is never empty
+
+
+# ---------------------------------------------------------------------------
+# Text formats: BOM and encodings
+
+BOM = "\ufeff"
+
+
+def _formats(root):
+    """(name, writer(text) -> source path) for every text format, each naming a.png and b.png."""
+    save_image(root / "a.png", seed=1)
+    save_image(root / "b.png", seed=2)
+
+    def csv(t):
+        return _put(root / "d.csv", t + "image,caption\na.png,a red cat\nb.png,a blue dog\n")
+
+    def tsv(t):
+        return _put(root / "d.tsv", t + "image\tcaption\na.png\ta red cat\nb.png\ta blue dog\n")
+
+    def js(t):
+        rows = [{"image": "a.png", "caption": "a red cat"}, {"image": "b.png", "caption": "a blue dog"}]
+        return _put(root / "d.json", t + json.dumps(rows))
+
+    def jsonl(t):
+        return _put(
+            root / "d.jsonl",
+            t + '{"image": "a.png", "caption": "a red cat"}\n{"image": "b.png", "caption": "a blue dog"}\n',
+        )
+
+    def captions_txt(t):
+        _put(root / "captions.txt", t + "a.png\ta red cat\nb.png\ta blue dog\n")
+        return root
+
+    return [("csv", csv), ("tsv", tsv), ("json", js), ("jsonl", jsonl), ("captions.txt", captions_txt)]
+
+
+def _put(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_a_utf8_bom_is_accepted_by_every_text_format(tmp_path):
+    expected = {"a.png": ["a red cat"], "b.png": ["a blue dog"]}
+    for name, write in _formats(tmp_path):
+        assert by_name(read_samples(write(BOM))) == expected, name
+        assert by_name(read_samples(write(""))) == expected, name
+
+
+def test_sidecar_and_tar_captions_lose_their_bom(tmp_path):
+    save_image(tmp_path / "side" / "a.png")
+    (tmp_path / "side" / "a.txt").write_bytes((BOM + "a red cat\n").encode())
+    assert by_name(read_samples(tmp_path / "side")) == {"a.png": ["a red cat"]}
+    write_shard(tmp_path / "s.tar", [("k", "png", encoded(), BOM + "a red cat")])
+    assert [s.captions for s in read_samples(tmp_path / "s.tar")] == [["a red cat"]]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_utf16_and_utf32_files_are_named_and_refused(tmp_path, encoding):
+    for name, write in _formats(tmp_path):
+        src = write("")
+        target = src / "captions.txt" if src.is_dir() else src
+        target.write_bytes(target.read_text().encode(encoding))  # with a mark, except utf-16-le
+        with pytest.raises(DataError, match="must be UTF-8") as e:
+            read_samples(src, on_error="skip", skipped=[])
+        assert str(target) in str(e.value), name
+        assert ("NUL bytes" if encoding == "utf-16-le" else encoding.upper()) in str(e.value)
+        target.unlink()
+
+
+def test_latin1_text_is_reported_by_file_and_line_as_not_utf8(tmp_path):
+    save_image(tmp_path / "a.png")
+    _put(tmp_path / "d.csv", "image,caption\na.png,un caf\xe9 noir\na.png,a cup\n", "latin-1")
+    skipped = []
+    assert by_name(read_samples(tmp_path / "d.csv", on_error="skip", skipped=skipped)) == {"a.png": ["a cup"]}
+    assert [s.reason for s in skipped] == ["caption_not_utf8"]
+    assert f"{tmp_path / 'd.csv'}:2:" in skipped[0].detail and "must be UTF-8" in skipped[0].detail
+    # A Latin-1 image name does not match the UTF-8 one on disk: the message says why.
+    save_image(tmp_path / "caf\xe9.png")
+    _put(tmp_path / "e.csv", "image,caption\ncaf\xe9.png,a cup\n", "latin-1")
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_samples(tmp_path / "e.csv")
+
+
+def test_utf16_sidecar_and_tar_caption_are_skipped_with_a_reason(tmp_path):
+    save_image(tmp_path / "side" / "a.png")
+    save_image(tmp_path / "side" / "b.png")
+    (tmp_path / "side" / "a.txt").write_bytes("a red cat".encode("utf-16"))
+    (tmp_path / "side" / "b.txt").write_text("a blue dog")
+    skipped = []
+    assert by_name(read_samples(tmp_path / "side", on_error="skip", skipped=skipped)) == {
+        "b.png": ["a blue dog"]
+    }
+    assert [s.reason for s in skipped] == ["caption_not_utf8"] and "UTF-16" in skipped[0].detail
+    members = [
+        ("k.png", encoded()),
+        ("k.txt", "a red cat".encode("utf-16")),
+        ("m.png", encoded()),
+        ("m.txt", b"ok"),
+    ]
+    shard = write_members(tmp_path / "s.tar", members)
+    skipped = []
+    assert [s.captions for s in read_samples(shard, on_error="skip", skipped=skipped)] == [["ok"]]
+    assert [(s.reason, s.item) for s in skipped] == [("caption_not_utf8", f"{shard}:k.png")]
+    assert f"{shard}:k.txt" in skipped[0].detail and "UTF-16" in skipped[0].detail
+
+
+# ---------------------------------------------------------------------------
+# Tar shards: WebDataset keys
+
+
+def test_dotted_member_names_are_skipped_with_a_reason(tmp_path):
+    shard = write_members(
+        tmp_path / "s.tar",
+        [
+            ("a.jpg", encoded(1, "JPEG")),
+            ("a.txt", b"a red cat"),
+            ("photo.v2.png", encoded(2)),
+            ("photo.v2.txt", b"a blue dog"),
+            ("a.json", b"{}"),  # another WebDataset field: ignored quietly
+        ],
+    )
+    skipped = []
+    samples = read_samples(shard, on_error="skip", skipped=skipped)
+    assert [s.captions for s in samples] == [["a red cat"]]
+    assert {(s.reason, s.item) for s in skipped} == {
+        ("bad_member_name", f"{shard}:photo.v2.png"),
+        ("bad_member_name", f"{shard}:photo.v2.txt"),
+    }
+    assert "photo_v2.png" in next(s.detail for s in skipped if s.item.endswith(".png"))
+    with pytest.raises(DataError, match="photo.v2.png"):
+        read_samples(shard)  # strict mode names it too
+
+
+@pytest.mark.parametrize("order", ["image first", "caption first"])
+def test_a_duplicate_key_keeps_the_first_pair_and_logs_the_second(tmp_path, order):
+    pairs = [[("a.png", encoded(1)), ("a.txt", b"one")], [("a.png", encoded(2)), ("a.txt", b"two")]]
+    if order == "caption first":
+        pairs = [p[::-1] for p in pairs]
+    shard = write_members(
+        tmp_path / "s.tar", [*pairs[0], ("b.png", encoded(3)), ("b.txt", b"three"), *pairs[1]]
+    )
+    skipped = []
+    samples = read_samples(shard, on_error="skip", skipped=skipped)
+    assert [s.captions for s in samples] == [["one"], ["three"]]  # "two" is not attached to the first a.png
+    with tarfile.open(shard) as tf:
+        first = next(m for m in tf if m.name == "a.png")
+    assert samples[0].image.offset == first.offset_data
+    assert [s.reason for s in skipped] == ["duplicate_key"]
+    assert str(shard) in skipped[0].detail and "a.png" in skipped[0].detail and "a.txt" in skipped[0].detail
+
+
+def test_one_image_with_two_caption_members_keeps_both(tmp_path):
+    shard = write_members(tmp_path / "s.tar", [("a.png", encoded()), ("a.txt", b"one"), ("a.txt", b"two")])
+    assert [s.captions for s in read_samples(shard)] == [["one", "two"]]

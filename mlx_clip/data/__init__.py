@@ -4,6 +4,7 @@ samples.py     what readers produce: samples, skip records, errors naming the fi
 readers.py     own-data formats (csv/tsv, json/jsonl, folders) -> samples
 tar_shards.py  WebDataset tar shards, indexed in place (never extracted)
 checks.py      bad-data checks before training (bad images and captions skipped and logged)
+decode.py      the one bounded way an image becomes pixels: header limits, then only the crop decoded
 transforms.py  CLIP preprocessing and train-time augmentation
 sampler.py     batch orders: random, hard-negative
 pipeline.py    the mlx-data loader: batches as a pure function of (seed, epoch, index)

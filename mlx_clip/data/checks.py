@@ -6,6 +6,7 @@ fields under `data:`:
     validate: header            # "header" | "full" | "off": the pre-flight image check (below)
     max_bad_fraction: 0.05      # more bad items than this share: DataError before training
     max_image_pixels: 89478485  # width * height limit, read from the header before decoding
+    max_aspect_ratio: 50        # longer side / shorter side limit, from the header (0: none)
     max_caption_chars: 4096     # a longer caption is bad (0: no limit)
 
 and how data/run_data.py and the training loop use it:
@@ -14,13 +15,14 @@ and how data/run_data.py and the training loop use it:
     log = checks.SkipLog(out / "skipped.jsonl")  # one per run; thread-safe; a JSON line per skip
     report = checks.prepare(                       # scan + log + counted warning + threshold check
         d.train, log=log, mode=d.validate, max_bad_fraction=d.max_bad_fraction,
-        max_image_pixels=d.max_image_pixels, max_caption_chars=d.max_caption_chars,
-        image_key=d.image_key, caption_key=d.caption_key, fmt=d.format,
+        max_image_pixels=d.max_image_pixels, max_aspect_ratio=d.max_aspect_ratio,
+        max_caption_chars=d.max_caption_chars, image_key=d.image_key, caption_key=d.caption_key, fmt=d.format,
     )                                              # raises DataError naming the first bad items
     train_src = report.samples                     # in place of read_samples(d.train, ...);
                                                    # split_samples(train_src, ...) after it
     # d.val: the same call with the same log. Then every file-backed Loader gets
-    Loader(..., on_error="skip", on_skip=log, max_image_pixels=d.max_image_pixels or None)
+    Loader(..., on_error="skip", on_skip=log, max_image_pixels=d.max_image_pixels or None,
+           max_aspect_ratio=d.max_aspect_ratio or None)
     # and at the end of the run: log.summary() (a dict for the results / log line); log.close()
 
 `validate: off` still goes through `prepare(mode="off")`: reader-level and caption
@@ -46,14 +48,14 @@ Measured cost of both: benchmarks/RESULTS.md#numbers-quoted-in-the-code.
 - "off": no image is opened; reader-level and caption problems are still skipped.
 Whatever slips through is replaced at decode time by a `Loader(on_error="skip")`.
 
-The pixel limit is checked from the header, before any pixel is decoded. PIL refuses
+The pixel and aspect limits are checked from the header, before any pixel is decoded
+(data/decode.py, shared with the loader, eval and predict). PIL refuses
 images over 2 * PIL.Image.MAX_IMAGE_PIXELS by itself (also reported as
 "too_many_pixels"), so a `max_image_pixels` above that also needs MAX_IMAGE_PIXELS raised.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
@@ -66,15 +68,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from ..config import ImageCheck
+from .decode import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, decode_error, open_image, open_lazy
 from .readers import read_samples
-from .samples import REASONS, DataError, Sample, Skip, TarRef, clean_captions, read_bytes
+from .samples import REASONS, DataError, Sample, Skip, TarRef, clean_captions
 from .transforms import to_rgb
 
 MODES = typing.get_args(ImageCheck)
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own warning threshold, about 9459 x 9459
 DEFAULT_MAX_CAPTION_CHARS = 4096
 DEFAULT_MAX_BAD_FRACTION = 0.05
 _CHUNK = 64  # samples per thread-pool task
@@ -88,71 +88,12 @@ class BadDataWarning(UserWarning):
 # One image
 
 
-def _fail(image: str | TarRef, message: str, reason: str) -> DataError:
-    return DataError(f"{image}: {message}", reason, str(image))
-
-
-def _open(image: str | TarRef, max_pixels: int | None) -> Image.Image:
-    """The image opened lazily (header read, no pixel decoded), within the pixel limit."""
-    if isinstance(image, TarRef):
-        if image.size == 0:
-            raise _fail(image, "empty file (0 bytes)", "empty_file")
-        source = io.BytesIO(read_bytes(image))
-    else:
-        try:
-            if os.path.getsize(image) == 0:
-                raise _fail(image, "empty file (0 bytes)", "empty_file")
-        except FileNotFoundError:
-            raise _fail(image, "image not found", "missing_file") from None
-        except OSError as e:
-            raise _fail(image, f"cannot read image: {e.strerror or e}", "unreadable") from None
-        source = image
-    try:
-        im = Image.open(source)
-    except UnidentifiedImageError:
-        raise _fail(image, "cannot decode image: not an image (unknown format)", "not_an_image") from None
-    except FileNotFoundError:
-        raise _fail(image, "image not found", "missing_file") from None
-    except PermissionError as e:
-        raise _fail(image, f"cannot read image: {e.strerror or e}", "unreadable") from None
-    except Exception as e:  # a broken or cut header: OSError, SyntaxError, struct.error, ...
-        raise _decode_error(image, e) from None
-    w, h = im.size
-    if max_pixels and w * h > max_pixels:
-        im.close()
-        msg = f"{w}x{h} = {w * h} pixels, over max_image_pixels={max_pixels} (decompression bomb?)"
-        raise _fail(image, msg, "too_many_pixels")
-    return im
-
-
-def _decode_error(image: str | TarRef, e: Exception) -> DataError:
-    if isinstance(e, Image.DecompressionBombError):
-        return _fail(image, f"cannot decode image: {e}", "too_many_pixels")
-    reason = (
-        "truncated_image" if isinstance(e, OSError) and "truncated" in str(e).lower() else "corrupt_image"
-    )
-    return _fail(image, f"cannot decode image: {e}", reason)
-
-
-def open_image(image: str | TarRef, max_pixels: int | None = None) -> Image.Image:
-    """A sample's image, decoded (any mode; the first frame of an animation).
-
-    A DataError names the file and carries the reason code. `max_pixels` refuses larger
-    images from the header alone (None: only PIL's own bomb limit applies).
-    """
-    im = _open(image, max_pixels)
-    try:
-        with im:
-            im.load()  # decode now, inside the try; the file is closed on exit
-            return im
-    except Exception as e:  # OSError (truncated), DecompressionBombError, ...
-        raise _decode_error(image, e) from None
-
-
-def check_image(image: str | TarRef, mode: str = "header", max_pixels: int | None = None) -> Skip | None:
+def check_image(
+    image: str | TarRef, mode: str = "header", max_pixels: int | None = None, max_aspect: float | None = None
+) -> Skip | None:
     """None when `image` passes the `mode` check ("header" or "full"), else its Skip."""
     try:
-        im = _open(image, max_pixels)
+        im = open_lazy(image, max_pixels, max_aspect)
         with im:
             if mode == "full":
                 try:
@@ -160,7 +101,7 @@ def check_image(image: str | TarRef, mode: str = "header", max_pixels: int | Non
                     im.load()
                     to_rgb(im)
                 except Exception as e:
-                    raise _decode_error(image, e) from None
+                    raise decode_error(image, e) from None
     except DataError as e:
         return Skip(e.item or str(image), e.reason, str(e), stage="scan")
     return None
@@ -256,11 +197,12 @@ def _check_images(
     samples: list[Sample],
     mode: str,
     max_pixels: int | None,
+    max_aspect: float | None,
     workers: int,
     progress: Callable[[int, int], None] | None,
 ) -> list[Skip | None]:
     def run(chunk: list[Sample]) -> list[Skip | None]:
-        return [check_image(s.image, mode, max_pixels) for s in chunk]
+        return [check_image(s.image, mode, max_pixels, max_aspect) for s in chunk]
 
     chunks = [samples[i : i + _CHUNK] for i in range(0, len(samples), _CHUNK)]
     results: list[Skip | None] = []
@@ -277,6 +219,7 @@ def scan(
     *,
     mode: str = "header",
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
     max_caption_chars: int | None = DEFAULT_MAX_CAPTION_CHARS,
     workers: int | None = None,
     image_key: str = "image",
@@ -305,7 +248,7 @@ def scan(
     samples = _check_captions(samples, max_caption_chars, skipped)
     if mode != "off" and samples:
         workers = workers or min(8, os.cpu_count() or 1)
-        results = _check_images(samples, mode, max_image_pixels, workers, progress)
+        results = _check_images(samples, mode, max_image_pixels, max_aspect_ratio, workers, progress)
         skipped.extend(r for r in results if r is not None)
         samples = [s for s, r in zip(samples, results, strict=True) if r is None]
     return Report(samples, skipped, source, mode, time.perf_counter() - t0)
@@ -396,6 +339,7 @@ class SkipLog:
 
 
 __all__ = [
+    "DEFAULT_MAX_ASPECT_RATIO",
     "DEFAULT_MAX_BAD_FRACTION",
     "DEFAULT_MAX_CAPTION_CHARS",
     "DEFAULT_MAX_IMAGE_PIXELS",

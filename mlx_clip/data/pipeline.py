@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import mlx.data as dx
 import numpy as np
 
-from .checks import open_image
+from .decode import decode_image, describe, open_image
 from .readers import ON_ERROR, read_samples, split_samples
 from .sampler import SAMPLERS, KeyWords, epoch_permutation, hard_negative_order, key_words
 from .samples import DataError, Sample, Skip, TarRef
@@ -143,7 +143,8 @@ class Loader:
     keeping up to `prefetch` batches ready; `chunk_batches` batches form one mlx-data Buffer.
 
     `on_error` "raise" | "skip" and `on_skip` (a callable taking a Skip): see the module doc.
-    `max_image_pixels` refuses larger images from their header (None: PIL's own limit).
+    `max_image_pixels` refuses larger images from their header (None: PIL's own limit), and
+    `max_aspect_ratio` thinner ones (None: any); either way only each sample's crop is decoded.
     `sampler` (training only): "random" shuffles; "hard_negative" groups samples whose captions
     share a content word into the same global batch (mlx_clip/data/sampler.py).
     """
@@ -166,6 +167,7 @@ class Loader:
         on_error: str = "raise",
         on_skip: Callable[[Skip], None] | None = None,
         max_image_pixels: int | None = None,
+        max_aspect_ratio: float | None = None,
         sampler: str = "random",
     ):
         for name, value, low in [
@@ -187,11 +189,14 @@ class Loader:
             raise ValueError(f"Loader: sampler must be one of {SAMPLERS}, got {sampler!r}")
         if max_image_pixels is not None and (not isinstance(max_image_pixels, int) or max_image_pixels < 1):
             raise ValueError(f"Loader: max_image_pixels must be None or an int >= 1: {max_image_pixels!r}")
+        if max_aspect_ratio is not None and not max_aspect_ratio >= 1:
+            raise ValueError(f"Loader: max_aspect_ratio must be None or >= 1, got {max_aspect_ratio!r}")
         self.batch_size, self.image_size, self.train, self.seed = batch_size, image_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch, self.chunk_batches = num_workers, prefetch, chunk_batches
         self.tokenize = tokenize
         self.on_error, self.on_skip, self.max_image_pixels = on_error, on_skip, max_image_pixels
+        self.max_aspect_ratio = max_aspect_ratio
         self.num_skipped = 0  # failed decodes replaced by a substitute (on_error="skip")
         self._skip_lock = threading.Lock()
         self._reported: set[tuple[int, int, int]] = set()
@@ -303,7 +308,14 @@ class Loader:
         return self._augment(image, rng) if self._augment is not None else self._eval(image)  # (S, S, 3)
 
     def _decode(self, i: int, rng: np.random.Generator | None) -> np.ndarray:
-        return self._transform(open_image(self._images[i], self.max_image_pixels), rng)
+        # Bounded: limits from the header, then only the crop is decoded and resized (data/decode.py).
+        return decode_image(
+            self._images[i],
+            self._transform,
+            rng,
+            max_pixels=self.max_image_pixels,
+            max_aspect=self.max_aspect_ratio,
+        )
 
     def _decode_or_substitute(self, epoch: int, i: int) -> tuple[int, np.ndarray, int]:
         """(index used, image, caption choice): sample i, or a substitute if i cannot be decoded."""
@@ -326,7 +338,7 @@ class Loader:
             return j, x, choice
         raise DataError(
             f"Loader: sample {i} and {MAX_SUBSTITUTES} substitutes in a row cannot be decoded; "
-            f"is the data readable? First error: {failed[0][1]}"
+            f"is the data readable? First error: {describe(failed[0][1])}"
         )
 
     def _report(self, epoch: int, i: int, index: int, substitute: int, e: Exception) -> None:
@@ -340,7 +352,11 @@ class Loader:
         if isinstance(e, DataError):
             item, reason, detail = e.item or str(image), e.reason, str(e)
         else:
-            item, reason, detail = str(image), "corrupt_image", f"{image}: cannot preprocess image: {e}"
+            item, reason, detail = (
+                str(image),
+                "corrupt_image",
+                f"{image}: cannot preprocess image: {describe(e)}",
+            )
         skip = Skip(item, reason, detail, "decode", epoch, index, substitute)
         with self._skip_lock:
             self.num_skipped += 1

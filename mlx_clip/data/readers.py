@@ -13,6 +13,12 @@ Supported sources (auto-detected from the path, see `read_samples`):
   indexed, not extracted: a sample holds a `TarRef` (shard, byte offset, size) that is
   read when the loader decodes it.
 
+Every text file is read as UTF-8 (samples.open_text / decode_text): a byte-order mark is
+skipped in every format alike, a UTF-16 or UTF-32 file is refused with a message naming it, and
+bytes that are not UTF-8 cost the caption they are in (caption_not_utf8, naming file and line).
+Image paths are resolved relative to the file that names them; absolute and `../` paths are
+read as they are (a list may point anywhere its user can read).
+
 The shared sample model, caption checks and skip reasons are in samples.py; tar shards in
 tar_shards.py.
 """
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import SourceFormat
-from .samples import IMAGE_EXTENSIONS, Collector, DataError, Sample, Skip, lines
+from .samples import IMAGE_EXTENSIONS, Collector, DataError, Sample, Skip, decode_text, lines, open_text
 from .tar_shards import read_tar, shard_paths
 
 FORMATS = typing.get_args(SourceFormat)
@@ -74,7 +80,7 @@ def _read_table(path: Path, image_key: str, caption_key: str, delimiter: str, ou
     # TSV captions are free text (quotes included), so no quote processing there. strict:
     # a stray quote after a quoted field is an error, not text silently glued on.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    with open_text(path, newline="") as f:
         lines = _Lines(f)
         reader = csv.reader(lines, delimiter=delimiter, quoting=quoting, strict=True)
         try:
@@ -132,7 +138,7 @@ def _add_json_item(out: Collector, item, base: str, image_key: str, caption_key:
 def _read_json(path: Path, image_key: str, caption_key: str, out: Collector) -> None:
     base = str(path.parent.resolve())
     try:
-        items = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
+        items = json.loads(decode_text(path.read_bytes(), str(path)))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if not isinstance(items, list):
@@ -146,7 +152,7 @@ def _read_json(path: Path, image_key: str, caption_key: str, out: Collector) -> 
 
 def _read_jsonl(path: Path, image_key: str, caption_key: str, out: Collector) -> None:
     base = str(path.parent.resolve())
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -168,7 +174,7 @@ def _read_folder(root: Path, out: Collector) -> None:
     base = str(root.resolve())
     index = root / "captions.txt"
     if index.is_file():
-        with open(index, encoding="utf-8", errors="surrogateescape") as f:
+        with open_text(index) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -197,9 +203,12 @@ def _read_folder(root: Path, out: Collector) -> None:
             out.fail(DataError(f"{p}: no caption file {sidecar.name}", "unpaired", image))
             continue
         try:
-            text = sidecar.read_bytes().decode("utf-8", errors="surrogateescape")
+            text = decode_text(sidecar.read_bytes(), str(sidecar))
         except OSError as e:
             out.fail(DataError(f"{sidecar}: cannot read: {e.strerror or e}", "unreadable", image))
+            continue
+        except DataError as e:  # UTF-16 and the like
+            out.fail(DataError(str(e), "caption_not_utf8", image))
             continue
         out.add(image, lines(text), str(sidecar))
 

@@ -108,6 +108,7 @@ def _checked(source: str, d, kw: dict, skip_log) -> list:
         mode=d.validate,
         max_bad_fraction=d.max_bad_fraction,
         max_image_pixels=d.max_image_pixels,
+        max_aspect_ratio=d.max_aspect_ratio or None,
         max_caption_chars=d.max_caption_chars,
         **kw,
     )
@@ -178,6 +179,7 @@ def build_run_data(
     files = {}
     if skip_log is not None:  # own data: a bad image mid-epoch is replaced and reported, never fatal
         files = dict(on_error="skip", on_skip=skip_log, max_image_pixels=d.max_image_pixels)
+        files["max_aspect_ratio"] = d.max_aspect_ratio or None
     if d.train != "builtin":
         common.update(files)
     train = None

@@ -16,6 +16,7 @@ a .json file that is not valid JSON) raise in both modes.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ REASONS = {
     "unpaired": "an image without a caption, or a caption without an image",
     "truncated_tar": "a tar shard ends early or a member is cut short",
     "bad_tar": "a tar shard cannot be read",
+    "bad_member_name": "a tar member named like an image or caption with a dot in its field (photo.v2.png)",
+    "duplicate_key": "a second image (and its caption) under a WebDataset key already used in the shard",
+    "extreme_aspect": "the longer side is over max_aspect_ratio times the shorter",
 }
 
 
@@ -114,6 +118,44 @@ def read_bytes(image: str | TarRef) -> bytes:
 
 
 # ---------------------------------------------------------------------------
+# Text: every format is UTF-8, with or without a byte-order mark
+
+_NOT_UTF8 = "data files must be UTF-8: open it in an editor and save it as UTF-8"
+# UTF-32 LE's mark starts with UTF-16 LE's, so it is looked for first.
+_WIDE_MARKS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def check_utf8_start(head: bytes, where: str) -> None:
+    """Raise a DataError naming `where` when its first bytes say UTF-16 or UTF-32, not UTF-8."""
+    for mark, name in _WIDE_MARKS:
+        if head.startswith(mark):
+            raise DataError(
+                f"{where}: the file is {name} (it starts with a {name} byte-order mark); {_NOT_UTF8}"
+            )
+    if b"\0" in head:
+        raise DataError(f"{where}: the file holds NUL bytes (UTF-16 without a byte-order mark?); {_NOT_UTF8}")
+
+
+def decode_text(data: bytes, where: str) -> str:
+    """UTF-8 bytes -> text, without a leading byte-order mark. Bytes that are not UTF-8 become lone
+    surrogates (surrogateescape), so one bad byte costs the caption it is in (caption_problem)."""
+    check_utf8_start(data[:4096], where)
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def open_text(path, newline: str | None = None):
+    """A UTF-8 text file opened for reading, its byte-order mark (if any) skipped, every format alike."""
+    with open(path, "rb") as f:
+        check_utf8_start(f.read(4096), str(path))
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
+# ---------------------------------------------------------------------------
 # Shared helpers
 
 
@@ -122,7 +164,7 @@ def caption_problem(caption: str, max_chars: int | None = None) -> tuple[str, st
     try:
         caption.encode("utf-8")  # lone surrogates: undecodable bytes (surrogateescape) or bad JSON
     except UnicodeEncodeError:
-        return "caption_not_utf8", f"caption is not valid UTF-8: {ascii(caption):.80}"
+        return "caption_not_utf8", f"caption is not valid UTF-8: {ascii(caption):.80}; {_NOT_UTF8} (Latin-1?)"
     if max_chars and len(caption) > max_chars:
         return "caption_too_long", f"caption has {len(caption)} characters (max_caption_chars={max_chars})"
     return None
@@ -183,12 +225,25 @@ class Collector:
             missing = [p for p in self.captions if isinstance(p, str) and not os.path.isfile(p)]
             if missing and self.skipped is None:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                raise DataError(f"{self.where[missing[0]]}: image not found: {missing[0]}{more}")
+                raise DataError(
+                    f"{self.where[missing[0]]}: image not found: {missing[0]}{_path_hint(missing[0])}{more}"
+                )
             for p in missing:
-                self.fail(DataError(f"{self.where[p]}: image not found: {p}", "missing_file", p))
+                self.fail(
+                    DataError(f"{self.where[p]}: image not found: {p}{_path_hint(p)}", "missing_file", p)
+                )
         gone = set(missing)
         # An image whose every caption was bad has its Skips already; it just is not a sample.
         return [Sample(im, caps) for im, caps in self.captions.items() if caps and im not in gone]
+
+
+def _path_hint(path: str) -> str:
+    """Why a listed image may be missing: its name was read from a file that is not UTF-8."""
+    try:
+        path.encode("utf-8")
+        return ""
+    except UnicodeEncodeError:  # lone surrogates: bytes that are not UTF-8 (surrogateescape)
+        return f" (the name has bytes that are not UTF-8; {_NOT_UTF8})"
 
 
 def lines(text: str) -> list[str]:

@@ -6,6 +6,13 @@ are read with `surrogateescape`, so one bad byte costs one caption, not the file
 `max_caption_chars`, a longer caption is bad ("caption_too_long"), not truncated: 100 kB
 of text in a caption field is a scraping or parsing accident, and its first words would
 teach the model noise. An image keeps its other, good captions.
+
+Keys follow WebDataset: a member's key is its path up to the first dot of its basename, the rest
+is its field, so `photo.v2.png` is key `photo`, field `v2.png`. Only jpg/jpeg/png/webp and txt
+fields are read; a member named like an image or caption with a dotted field (`photo.v2.png`,
+`photo.en.txt`) is skipped as bad_member_name (other fields, .json or .cls, are ignored quietly).
+A key that holds two images in one shard is a duplicate_key: the first image and caption are
+kept, the later ones are skipped and logged, never attached to the first.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import os
 import re
 import tarfile
 
-from .samples import TAR_IMAGE_EXTENSIONS, Collector, DataError, TarRef, lines
+from .samples import TAR_IMAGE_EXTENSIONS, Collector, DataError, TarRef, decode_text, lines
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -67,32 +74,76 @@ def shard_paths(source: str) -> list[str]:
     return [os.path.abspath(p) for p in dict.fromkeys(paths)]  # de-duplicated, order kept
 
 
+def _key_field(name: str) -> tuple[str, str] | None:
+    """WebDataset's split of a member name: (key, field), the key ending at the basename's first dot
+    ("dir/photo.v2.png" -> ("dir/photo", "v2.png")); None for names with no field or hidden ones."""
+    folder, _, basename = name.rpartition("/")
+    stem, dot, field = basename.partition(".")
+    if not dot or stem.startswith("."):
+        return None
+    return (f"{folder}/{stem}" if folder else stem), field.lower()
+
+
+def _index(tf: tarfile.TarFile, path: str, out: Collector, images: dict, texts: dict) -> None:
+    """Fill `images` (members by key) and `texts` ((.txt member, bytes) by key), in shard order, as
+    far as the shard reads; members named like an image or caption whose field is not one
+    (photo.v2.png) are reported as bad_member_name."""
+    for m in tf:
+        split = _key_field(m.name) if m.isfile() else None
+        if split is None:
+            continue
+        key, field = split
+        if field in TAR_IMAGE_EXTENSIONS:
+            images.setdefault(key, []).append(m)
+        elif field == "txt":
+            texts.setdefault(key, []).append((m, tf.extractfile(m).read()))
+        elif field.rpartition(".")[2] in (*TAR_IMAGE_EXTENSIONS, "txt"):
+            inner, _, ext = field.rpartition(".")  # "v2.png" -> "v2", "png"
+            msg = (
+                f"{path}:{m.name}: skipped: its WebDataset key is '{key}' and its field '{field}' (the key "
+                f"ends at the first dot of the name), and only {', '.join(TAR_IMAGE_EXTENSIONS)} and txt "
+                f"fields are read; rename it without the inner dot: {key}_{inner.replace('.', '_')}.{ext}"
+            )
+            out.fail(DataError(msg, "bad_member_name", f"{path}:{m.name}"))
+
+
+def _drop_duplicates(path: str, images: dict, texts: dict, out: Collector) -> None:
+    """One sample per key. A key with several images (a.jpg twice, or a.jpg and a.png) pairs the
+    i-th image with the i-th .txt member in shard order; the first pair is kept, the others are
+    reported as duplicate_key, so no caption ends up on another image. A key with one image keeps
+    all its .txt members (their lines add up)."""
+    for key, members in images.items():
+        if len(members) == 1:
+            continue
+        captions = texts.get(key, [])
+        for i, m in enumerate(members[1:], 1):
+            with_text = f" and its caption {captions[i][0].name}" if i < len(captions) else ""
+            msg = (
+                f"{path}:{m.name}: skipped{with_text}: duplicate key '{key}' (the first is "
+                f"{members[0].name}); WebDataset keys must be unique within a shard"
+            )
+            out.fail(DataError(msg, "duplicate_key", f"{path}:{m.name}"))
+        for t, _ in captions[len(members) :]:
+            msg = f"{path}:{t.name}: skipped: duplicate key '{key}' has more captions than images"
+            out.fail(DataError(msg, "duplicate_key", f"{path}:{t.name}"))
+        images[key] = members[:1]
+        if captions:
+            texts[key] = captions[:1]
+
+
 def read_tar(path: str, out: Collector) -> None:
     """Index one shard: group members by WebDataset key (path up to the basename's first dot).
 
     Member names only become keys and messages; nothing is extracted, so `../x` or `/x`
     names cannot write anywhere. A shard cut short keeps the members before the cut.
     """
-    images: dict[str, tarfile.TarInfo] = {}
-    texts: dict[str, list[str]] = {}  # a key's .txt members, in shard order
+    images: dict[str, list[tarfile.TarInfo]] = {}
+    texts: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}  # a key's .txt members, in shard order
     problem, size = None, 0
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as tf:  # plain tar only: offsets must be raw bytes
-            for m in tf:
-                if not m.isfile():
-                    continue
-                folder, _, basename = m.name.rpartition("/")
-                stem, dot, ext = basename.partition(".")
-                if not dot or stem.startswith("."):
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                ext = ext.lower()
-                if ext in TAR_IMAGE_EXTENSIONS and key not in images:
-                    images[key] = m
-                elif ext == "txt":
-                    text = tf.extractfile(m).read().decode("utf-8", errors="surrogateescape")
-                    texts.setdefault(key, []).append(text)
+            _index(tf, path, out, images, texts)  # filled as far as it gets, if the shard is cut
             # tarfile ends quietly at EOF or at a garbled header; only the zero-block
             # end-of-archive marker says that nothing was lost.
             tf.fileobj.seek(tf.offset)
@@ -106,6 +157,8 @@ def read_tar(path: str, out: Collector) -> None:
     if problem:
         kept = "; the complete members before the cut are kept" if out.skipped is not None and images else ""
         out.fail(DataError(f"{path}: cannot read tar shard: {problem[1]}{kept}", problem[0], path))
+    _drop_duplicates(path, images, texts, out)
+    images = {key: members[0] for key, members in images.items()}
     for key, m in list(images.items()):
         if m.offset_data + m.size > size:  # the shard ends inside this member
             ref = TarRef(path, m.offset_data, m.size, m.name)
@@ -120,5 +173,13 @@ def read_tar(path: str, out: Collector) -> None:
         msg = f"{path}: sample '{key}' has {key}.txt but no image"
         out.fail(DataError(msg, "unpaired", f"{path}:{key}.txt"))
     for key, m in images.items():
-        captions = [c for text in texts[key] for c in lines(text)]
-        out.add(TarRef(path, m.offset_data, m.size, m.name), captions, f"{path}:{key}.txt")
+        ref = TarRef(path, m.offset_data, m.size, m.name)
+        captions, undecodable = [], False
+        for t, data in texts[key]:
+            try:
+                captions.extend(lines(decode_text(data, f"{path}:{t.name}")))
+            except DataError as e:  # UTF-16 and the like: the whole member
+                out.fail(DataError(str(e), "caption_not_utf8", str(ref)))
+                undecodable = True
+        if captions or not undecodable:
+            out.add(ref, captions, f"{path}:{key}.txt")

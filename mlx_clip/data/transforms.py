@@ -6,7 +6,11 @@ OpenAI CLIP mean/std.
 
 - `eval_transform(S)` reproduces CLIP's preprocessing: bicubic resize of the shorter
   side to S (PIL, torchvision's size rounding), centre crop (torchvision's offset
-  rounding), [0, 1] scaling, normalisation.
+  rounding), [0, 1] scaling, normalisation. An image whose resized form would hold more
+  than EXACT_RESIZE_LIMIT output images (aspect ratio over 16) has its crop's source
+  region resampled straight to S x S instead (`resample_box`): a 1 x 200,000 image would
+  otherwise resize to 224 x 44.8M pixels. Those pixels differ slightly from CLIP's: PIL
+  takes the box in float32 and may run its two passes in the other order.
 - `train_transform(S, ...)` is a random resized crop plus optional colour jitter and
   flip, with all randomness drawn from an explicit `np.random.Generator`, so the
   loader can make each sample's augmentation a pure function of (seed, epoch, index).
@@ -17,6 +21,13 @@ the invisible pixels hold), 16-bit images keep their high byte (PIL clips them,
 turning most 16-bit photos white), and every image is converted *before* resizing
 (CLIP converts after, so palette images get PIL's nearest-neighbour resize). RGB and L
 images give exactly CLIP's pixels; CMYK ones agree within one 8-bit level.
+
+Bounded work: both transforms accept a lazy PIL image (opened, not yet decoded). A JPEG
+whose crop has at least 2 * DRAFT_OVERSAMPLE source pixels per output pixel is decoded at
+1/2, 1/4 or 1/8 scale, keeping >= DRAFT_OVERSAMPLE (so CLIP's pixels are exact below that,
+near-exact above); other formats decode in full, within data.max_image_pixels
+(data/decode.py). After decoding, no buffer is larger than the source or
+EXACT_RESIZE_LIMIT output images.
 """
 
 from __future__ import annotations
@@ -95,13 +106,15 @@ def to_rgb(img: Image.Image | np.ndarray) -> Image.Image:
 # Geometry
 
 
+def _shorter_to(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `size`, the longer one truncated like torchvision."""
+    return (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+
+
 def resize_shorter(im: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize so the shorter side is `size`; the longer side is truncated like torchvision."""
-    w, h = im.size
-    if w <= h:
-        new = (size, int(size * h / w))
-    else:
-        new = (int(size * w / h), size)
+    """Bicubic resize so the shorter side is `size` (unbounded for a thin image: the eval path
+    uses center_crop_box instead)."""
+    new = _shorter_to(*im.size, size)
     return im if new == im.size else im.resize(new, Image.Resampling.BICUBIC)
 
 
@@ -115,6 +128,18 @@ def _center_offsets(width: int, height: int, size: int) -> tuple[int, int]:
 def center_crop(im: Image.Image, size: int) -> Image.Image:
     left, top = _center_offsets(im.width, im.height, size)
     return im.crop((left, top, left + size, top + size))
+
+
+def center_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The source region that `resize_shorter` + `center_crop` keep, in source pixels.
+
+    Resampling this box straight to size x size gives (nearly: see the module doc) CLIP's pixels
+    without making the resized image, whose longer side is unbounded (1 x 200,000 -> 224 x 44.8M).
+    """
+    new_w, new_h = _shorter_to(width, height, size)
+    left, top = _center_offsets(new_w, new_h, size)
+    sx, sy = width / new_w, height / new_h  # source pixels per resized pixel, per axis
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
 def random_resized_crop_box(
@@ -149,6 +174,54 @@ def random_resized_crop_box(
         w, h = width, height
     top, left = (height - h) // 2, (width - w) // 2
     return left, top, left + w, top + h
+
+
+# ---------------------------------------------------------------------------
+# Bounded resampling: decoding scaled to the crop, and no resized copy of the whole image
+
+# A lazy JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled IDCT) only while its crop keeps
+# at least this many source pixels per output pixel; smaller ones decode in full, exactly as CLIP.
+DRAFT_OVERSAMPLE = 4
+# Eval: resize the whole image (CLIP's exact pixels) while that holds at most this many outputs.
+EXACT_RESIZE_LIMIT = 16
+
+
+def image_size(img: Image.Image | np.ndarray) -> tuple[int, int]:
+    """(width, height) of a PIL image (lazy or loaded) or an (H, W[, C]) array."""
+    return (img.shape[1], img.shape[0]) if isinstance(img, np.ndarray) else img.size
+
+
+def _draft(im: Image.Image, box: tuple, size: int) -> tuple:
+    """Let a lazy JPEG decode at a reduced scale when `box` is large; `box` in the new pixels."""
+    if not isinstance(im, Image.Image):
+        return box
+    reduce = min(box[2] - box[0], box[3] - box[1]) / (DRAFT_OVERSAMPLE * size)
+    s = next((k for k in (8, 4, 2) if k <= reduce), 1)
+    if s == 1:
+        return box
+    w, h = im.size
+    drafted = im.draft(None, (w // s, h // s))  # None: not a JPEG, or already decoded
+    if drafted is None:
+        return box
+    fx, fy = drafted[1][2] / w, drafted[1][3] / h  # new pixels per source pixel (1 / scale)
+    return box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy
+
+
+def resample_box(img: Image.Image | np.ndarray, box: tuple, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): the source region `box` (left, top, right, bottom, in source pixels,
+    fractions allowed) resampled bicubically to size x size.
+
+    The work after decoding is bounded by the output, not the image: PIL's resize(box=) resamples
+    only the rows the box needs, into a size-wide buffer, and a lazy JPEG is decoded at a reduced
+    scale when the box is large (DRAFT_OVERSAMPLE). (Cropping the source first would save nothing
+    and changes PIL's pixels for crops under twice the output size: measured with Pillow 13.)
+    """
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(_array_to_rgb(img))
+    left, top, right, bottom = _draft(img, box, size)
+    w, h = img.size
+    box = (left, top, min(right, w), min(bottom, h))  # (left + S) * scale may pass w by a rounding error
+    return np.asarray(to_rgb(img).resize((size, size), Image.Resampling.BICUBIC, box=box))
 
 
 # ---------------------------------------------------------------------------
@@ -207,6 +280,12 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         size = self.image_size
+        w, h = image_size(img)
+        box = center_crop_box(w, h, size)
+        new_w, new_h = _shorter_to(w, h, size)
+        if new_w * new_h > EXACT_RESIZE_LIMIT * size * size:  # a thin strip: resample the crop only
+            return normalize(resample_box(img, box, size))
+        _draft(img, box, size)  # a large JPEG decodes smaller, then is resized like any image
         im = resize_shorter(to_rgb(img), size)
         left, top = _center_offsets(im.width, im.height, size)
         return normalize(np.asarray(im)[top : top + size, left : left + size])  # crop = a view
@@ -248,11 +327,8 @@ class TrainTransform:
     def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if not isinstance(rng, np.random.Generator):
             raise TypeError("TrainTransform needs an np.random.Generator: t(img, rng)")
-        im = to_rgb(img)
-        box = random_resized_crop_box(im.width, im.height, self.scale, self.ratio, rng)
-        size = (self.image_size, self.image_size)
-        # resize(box=...) crops and resamples in one pass (no intermediate crop copy).
-        x = np.asarray(im.resize(size, Image.Resampling.BICUBIC, box=box))  # uint8 (S, S, 3)
+        box = random_resized_crop_box(*image_size(img), self.scale, self.ratio, rng)  # source pixels
+        x = resample_box(img, box, self.image_size)  # uint8 (S, S, 3)
         if self.color_jitter > 0:
             x = color_jitter(x.astype(np.float32) / np.float32(255.0), self.color_jitter, rng)
         if self.hflip and rng.random() < 0.5:
@@ -286,10 +362,12 @@ __all__ = [
     "EvalTransform",
     "TrainTransform",
     "center_crop",
+    "center_crop_box",
     "color_jitter",
     "eval_transform",
     "normalize",
     "random_resized_crop_box",
+    "resample_box",
     "resize_shorter",
     "to_rgb",
     "train_transform",

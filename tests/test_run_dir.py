@@ -223,6 +223,8 @@ def test_resume_after_the_csv_changed_is_refused_naming_the_fingerprint(tmp_path
     assert fingerprint["samples"] == 48 and fingerprint["files"] == {str(csv): csv.stat().st_size}
     lines = csv.read_text().splitlines(keepends=True)
     csv.write_text("".join(lines[: 1 + len(lines) // 2]))  # halve the rows
+    with open(out / "skipped.jsonl", "a") as f:  # a decode-time skip of the first run's epochs
+        f.write(json.dumps({"reason": "corrupt_image", "stage": "decode", "item": "x.png"}) + "\n")
     before = snapshot(out)
     with pytest.raises(
         SystemExit, match=r"changed the data fingerprint \(train files: .*train samples: 48 -> 24"

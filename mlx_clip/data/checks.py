@@ -27,9 +27,10 @@ and how data/run_data.py and the training loop use it:
 
 `validate: off` still goes through `prepare(mode="off")`: reader-level and caption
 problems cost nothing extra to skip. The built-in dataset (an ArraySource) needs none of
-this. On resume the scan runs again and `SkipLog(path)` rewrites the file with its
-results; pass `append=True` to keep the decode-time lines of the earlier epochs (the
-scan lines then appear twice).
+this. On resume the scan runs again: `SkipLog(path, hold=True)` keeps its lines in memory
+until `release()` (once the checkpoint is restored) rewrites the file with them, so a refused
+resume leaves the file as it was; `append=True` keeps the decode-time lines of the earlier
+epochs (the scan lines then appear twice).
 
 `prepare` raises before training when nothing is left or when more than
 `max_bad_fraction` of the items are bad. The bad share counts distinct skipped items
@@ -285,9 +286,15 @@ class SkipLog:
     The first decode-time skip of each item also gives a BadDataWarning.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, *, append: bool = False):
+    def __init__(self, path: str | os.PathLike | None = None, *, append: bool = False, hold: bool = False):
+        """hold=True: keep the lines in memory and touch no file until `release()` (a resumed
+        run's scan, which must leave the run's log as it was until the checkpoint is restored)."""
         self.path = Path(path) if path is not None else None
-        self._file = open(self.path, "a" if append else "w", encoding="utf-8") if self.path else None
+        self._held: list[str] | None = [] if hold else None
+        self._mode = "a" if append else "w"
+        self._file = None
+        if self.path is not None and not hold:
+            self._file = open(self.path, self._mode, encoding="utf-8")
         self._lock = threading.Lock()
         self.count = 0
         self.by_reason: Counter[str] = Counter()
@@ -299,9 +306,12 @@ class SkipLog:
             self.count += 1
             self.by_reason[skip.reason] += 1
             self.by_stage[skip.stage] += 1
-            if self._file is not None:
-                # ensure_ascii: undecodable path bytes (surrogates) stay valid JSON
-                self._file.write(json.dumps(skip.to_dict()) + "\n")
+            # ensure_ascii: undecodable path bytes (surrogates) stay valid JSON
+            line = json.dumps(skip.to_dict()) + "\n"
+            if self._held is not None:
+                self._held.append(line)
+            elif self._file is not None:
+                self._file.write(line)
                 self._file.flush()
             warn = skip.stage == "decode" and skip.item not in self._warned
             self._warned.add(skip.item)
@@ -311,6 +321,16 @@ class SkipLog:
             warnings.warn(msg, BadDataWarning, stacklevel=2)
 
     __call__ = add
+
+    def release(self) -> None:
+        """Write the held lines to `path` and log straight to it from now on."""
+        with self._lock:
+            if self._held is None or self.path is None:
+                return
+            self._file = open(self.path, self._mode, encoding="utf-8")
+            self._file.writelines(self._held)
+            self._file.flush()
+            self._held = None
 
     def extend(self, skips: Iterable[Skip]) -> None:
         for s in skips:

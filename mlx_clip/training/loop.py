@@ -94,7 +94,7 @@ def train(
 def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, resume_changed: bool) -> Run:
     """Everything before the first step: data, model, optimizer, compiled step, restored state.
     Resuming, OUT's own files are rewritten only once the checkpoint has been restored."""
-    skip_log = open_skip_log(cfg, out, world)
+    skip_log = open_skip_log(cfg, out, world, resume)
     if cfg.data.batch_size == "auto":
         batch = resolve_auto_batch(cfg, world, out / "checkpoints", resume, n_streams)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
@@ -141,19 +141,23 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
     report_locked(training)
     if world.is_main:  # restored: from here on the run is this config's
         (out / "config.yaml").write_text(config_yaml)
+        if skip_log is not None:
+            skip_log.release()
     logger = (
         Logger(out, cfg.train.steps, cfg.train.progress, cfg.train.tensorboard) if world.is_main else None
     )
     return Run(cfg, out, world, data, training, state, config_yaml, logger, skip_log, started)
 
 
-def open_skip_log(cfg: Config, out: Path, world: World) -> checks.SkipLog | None:
-    """Own data: every skipped item goes to OUT/skipped.jsonl (rank 0; other ranks to a temp file)."""
+def open_skip_log(cfg: Config, out: Path, world: World, resume: bool) -> checks.SkipLog | None:
+    """Own data: every skipped item goes to OUT/skipped.jsonl (rank 0; other ranks to a temp file).
+    Resuming, the lines are held in memory until the checkpoint is restored (setup releases
+    them), so a refused resume leaves the run's skipped.jsonl as it was."""
     if cfg.data.train == "builtin" and not cfg.data.val:
         return None
     path = out / "skipped.jsonl" if world.is_main else Path(tempfile.mkdtemp()) / "skipped.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return checks.SkipLog(path)
+    return checks.SkipLog(path, hold=resume and world.is_main)
 
 
 def load_data(

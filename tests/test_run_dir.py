@@ -78,11 +78,15 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
     out = tmp_path / "stale"
     out.mkdir()
     (out / ".lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+    unfinished = out / "checkpoints" / ".tmp-step_7-abc"  # the killed run's half-written checkpoint
+    unfinished.mkdir(parents=True)
+    (unfinished / "model.safetensors").write_bytes(b"x" * 100)
     train_run(tmp_path, "stale", "--steps", "2", *QUIET)
-    assert (
-        f"taking over the lock of pid {pid} on host {socket.gethostname()}, which is no longer running"
-        in (capsys.readouterr().out)
-    )
+    printed = capsys.readouterr().out
+    host = socket.gethostname()
+    assert f"taking over the lock of pid {pid} on host {host}, which is no longer running" in printed
+    assert "removed 1 unfinished checkpoint(s) left by a killed run" in printed
+    assert not unfinished.exists()
     # Released at the end: the file is emptied and the lock is free.
     assert (out / ".lock").read_text() == ""
     fd = os.open(out / ".lock", os.O_RDWR)

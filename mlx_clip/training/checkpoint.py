@@ -121,6 +121,16 @@ def checkpoint_steps(ckpt_root: str | Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name[5:]))
 
 
+def remove_stale_temps(ckpt_root: str | Path, log=print) -> None:
+    """Delete the temporary step directories a killed run left (`.tmp-step_N-*`). Call it only
+    while holding the run directory's lock (run_dir.py): then no live process is writing one."""
+    stale = [p for p in Path(ckpt_root).glob(".tmp-step_*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        log(f"removed {len(stale)} unfinished checkpoint(s) left by a killed run in {ckpt_root}")
+
+
 def run_id_of(ckpt: Path) -> str | None:
     """The run id in ckpt's state.json ("" for checkpoints older than run ids); None if unreadable."""
     try:

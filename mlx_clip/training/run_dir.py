@@ -9,6 +9,7 @@
   the file for the message a second process gets. The OS drops the lock when the process dies, so
   a lock file left by a killed run is simply taken over (and the takeover is reported).
 - The directory must be writable: checked here, before the data is read or a step is run.
+- Once the lock is held, unfinished checkpoint directories a killed run left are removed.
 
 Under mlx.launch only rank 0 touches OUT, so only rank 0 claims it; the other ranks wait for its
 answer and fail with it.
@@ -26,7 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .checkpoint import checkpoint_steps
+from .checkpoint import checkpoint_steps, remove_stale_temps
 from .distributed import World
 
 LOCK_FILE = ".lock"
@@ -140,6 +141,7 @@ def claim(out: Path, resume: bool, world: World, log=print) -> Iterator[None]:
             lock.release()
             raise
         held.append(lock)
+        remove_stale_temps(out / "checkpoints", log)  # ours now: no one else is writing there
 
     world.on_main(on_main, "claiming the run directory")
     try:

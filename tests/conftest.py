@@ -130,3 +130,31 @@ def train_run(tmp_path, name, *extra):
     out = tmp_path / name
     summary = train_main(["--out", str(out), *SMALL, *extra])
     return out, summary
+
+
+class FakeTokenizer:
+    """What save_checkpoint needs of a tokenizer: `save(directory)`."""
+
+    def save(self, directory):
+        (directory / "tokenizer_config.json").write_text('{"kind": "fake"}')
+
+
+def trained(seed):
+    """A small ODD_ARCH model and an AdamW that has taken one step, so every tensor is non-trivial."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    model = mlx_clip.create_model(mlx_clip.ModelConfig.from_dict(ODD_ARCH), seed=seed)
+    opt = optim.AdamW(learning_rate=1e-3)
+    opt.update(model, tree_map(mx.ones_like, model.trainable_parameters()))
+    mx.eval(model.parameters(), opt.state)
+    return model, opt
+
+
+def save_step(root, step, model, opt):
+    """A run checkpoint step_<step> of (model, opt) under root."""
+    from mlx_clip.training.checkpoint import save_checkpoint
+    from mlx_clip.training.state import RunState
+
+    return save_checkpoint(root, model, opt, FakeTokenizer(), "model: odd\n", RunState(step=step))

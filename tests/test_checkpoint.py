@@ -9,11 +9,10 @@ import errno
 import json
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import ODD_ARCH
-from mlx.utils import tree_flatten, tree_map
+from conftest import save_step, trained
+from mlx.utils import tree_flatten
 
 import mlx_clip
 from mlx_clip.interop.layouts import WeightError
@@ -24,30 +23,9 @@ from mlx_clip.training.checkpoint import (
     find_resumable,
     load_checkpoint,
     prune_checkpoints,
-    save_checkpoint,
     verify_checkpoint,
 )
 from mlx_clip.training.state import RunState
-
-
-class FakeTokenizer:
-    """What save_checkpoint needs of a tokenizer: `save(directory)`."""
-
-    def save(self, directory):
-        (directory / "tokenizer_config.json").write_text('{"kind": "fake"}')
-
-
-def trained(seed):
-    """A small model and an AdamW that has taken one step, so every tensor is non-trivial."""
-    model = mlx_clip.create_model(mlx_clip.ModelConfig.from_dict(ODD_ARCH), seed=seed)
-    opt = optim.AdamW(learning_rate=1e-3)
-    opt.update(model, tree_map(mx.ones_like, model.trainable_parameters()))
-    mx.eval(model.parameters(), opt.state)
-    return model, opt
-
-
-def save_step(root, step, model, opt):
-    return save_checkpoint(root, model, opt, FakeTokenizer(), "model: odd\n", RunState(step=step))
 
 
 def flat(tree):

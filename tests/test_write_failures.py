@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import ODD_ARCH, SMALL, train_run
-from mlx.utils import tree_flatten, tree_map
+from conftest import ODD_ARCH, SMALL, save_step, train_run, trained
+from mlx.utils import tree_flatten
 
 import mlx_clip
 from mlx_clip import eval as eval_cli
@@ -36,30 +35,12 @@ from mlx_clip.interop.files import (
 from mlx_clip.interop.layouts import WeightError, canonical_to_hf, hf_to_canonical
 from mlx_clip.models.locate import resolve_init, verify_files
 from mlx_clip.models.weights import load_weights
-from mlx_clip.training.checkpoint import CheckpointWriteError, save_checkpoint, verify_checkpoint
+from mlx_clip.training.checkpoint import CheckpointWriteError, verify_checkpoint
 from mlx_clip.training.logging import Logger, read_history, write_curves
-from mlx_clip.training.state import RunState
 
 REPO = Path(__file__).resolve().parents[1]
 # What MLX raises when a write hits a full disk (mx.save_safetensors on a full tmpfs).
 MLX_FULL_DISK = "[write] Unable to write 1351517 bytes to file."
-
-
-class FakeTokenizer:
-    def save(self, directory):
-        (directory / "tokenizer_config.json").write_text('{"kind": "fake"}')
-
-
-def odd_model(seed=1):
-    model = mlx_clip.create_model(mlx_clip.ModelConfig.from_dict(ODD_ARCH), seed=seed)
-    opt = optim.AdamW(learning_rate=1e-3)
-    opt.update(model, tree_map(mx.ones_like, model.trainable_parameters()))
-    mx.eval(model.parameters(), opt.state)
-    return model, opt
-
-
-def save_step(root, step, model, opt):
-    return save_checkpoint(root, model, opt, FakeTokenizer(), "model: odd\n", RunState(step=step))
 
 
 def flip_byte(path, offset=-5):
@@ -102,7 +83,7 @@ def tmpfs(tmp_path):
 
 
 def test_mlx_write_error_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    model, opt = odd_model()
+    model, opt = trained(1)
     root = tmp_path / "checkpoints"
     save_step(root, 2, model, opt)
     real_save = mx.save_safetensors
@@ -122,7 +103,7 @@ def test_mlx_write_error_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_real_full_disk_keeps_the_previous_checkpoint(tmp_path, tmpfs):
-    model, opt = odd_model()
+    model, opt = trained(1)
     size = dir_size(save_step(tmp_path / "probe", 1, model, opt))
     root = tmpfs(int(size * 1.6)) / "checkpoints"  # room for one checkpoint, not two
     save_step(root, 2, model, opt)
@@ -315,7 +296,7 @@ def test_load_refuses_a_mixed_directory(tmp_path):
     """A converted directory (write_checkpoint) has a manifest: another model's file is caught."""
     cfg = mlx_clip.ModelConfig.from_dict(ODD_ARCH)
     for name, seed in (("a", 1), ("b", 2)):
-        state = {k: np.array(v) for k, v in tree_flatten(odd_model(seed)[0].parameters())}
+        state = {k: np.array(v) for k, v in tree_flatten(trained(seed)[0].parameters())}
         write_checkpoint(tmp_path / name, cfg, state, None, "test")
     assert set(verify_files(tmp_path / "a")["files"]) == {"model.safetensors", "config.yaml"}
     shutil.copyfile(tmp_path / "b" / "model.safetensors", tmp_path / "a" / "model.safetensors")
@@ -440,7 +421,7 @@ def retype(path, key, dtype):
 
 @pytest.mark.parametrize("dtype", ["bool", "int32", "F8_E4M3"])
 def test_non_float_weights_are_refused_by_name(tmp_path, dtype):
-    model, _ = odd_model()
+    model, _ = trained(1)
     weights = dict(tree_flatten(model.parameters()))
     key = "visual.ln_post.weight"
     shape = weights[key].shape
@@ -467,7 +448,7 @@ def test_foreign_files_keep_integer_buffers_and_refuse_integer_weights(tmp_path)
     from safetensors.numpy import save_file
 
     cfg = mlx_clip.ModelConfig.from_dict(ODD_ARCH)
-    canonical = {k: np.array(v) for k, v in tree_flatten(odd_model()[0].parameters())}
+    canonical = {k: np.array(v) for k, v in tree_flatten(trained(1)[0].parameters())}
     hf = contiguous(canonical_to_hf(canonical, cfg))
     ids = np.arange(cfg.context_length, dtype=np.int64)[None]
     save_file(dict(hf, **{"text_model.embeddings.position_ids": ids}), str(tmp_path / "hf.safetensors"))

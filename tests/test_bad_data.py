@@ -4,7 +4,6 @@ Every fixture is written into tmp_path: tiny PIL images, hand-cut bytes for trun
 empty and bomb files, hand-written CSV / JSONL / tar shards.
 """
 
-import io
 import json
 import struct
 import tarfile
@@ -12,7 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import assert_same_batches, collect, encoded, pixels
+from conftest import assert_same_batches, collect, encoded, pixels, write_members
 from PIL import Image
 
 from mlx_clip.data.checks import BadDataWarning, Report, SkipLog, check_image, prepare, scan
@@ -39,16 +38,6 @@ def write(path, data):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return str(path)
-
-
-def write_tar(path, members):
-    """members: (name, bytes) in order -> a plain tar; returns its bytes."""
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path.read_bytes()
 
 
 def reasons(skipped):
@@ -256,7 +245,7 @@ def test_jsonl_and_folder_entries(tmp_path):
 
 
 def test_tar_unpaired_members(tmp_path):
-    write_tar(
+    write_members(
         tmp_path / "s.tar",
         [("k0.png", encoded(0)), ("k0.txt", b"zero"), ("k1.png", encoded(1)), ("k2.txt", b"two")],
     )
@@ -272,7 +261,7 @@ def test_truncated_and_empty_shards(tmp_path):
     members = []
     for i in range(4):
         members += [(f"k{i}.png", encoded(i)), (f"k{i}.txt", f"cap {i}".encode())]
-    full = write_tar(tmp_path / "full.tar", members)
+    full = write_members(tmp_path / "full.tar", members).read_bytes()
     cut = tmp_path / "cut.tar"
     k2 = tarfile.open(tmp_path / "full.tar").getmember("k2.png")
     cut.write_bytes(full[: k2.offset_data + k2.size // 2])  # ends inside k2.png
@@ -297,7 +286,7 @@ def test_truncated_and_empty_shards(tmp_path):
     assert len(read_samples(str(tmp_path / "edge.tar"), on_error="skip", skipped=skipped)) == 2
     assert [s.reason for s in skipped] == ["truncated_tar"] and "end-of-archive" in skipped[0].detail
     # A non-UTF-8 caption member is a bad caption.
-    write_tar(tmp_path / "latin.tar", [("k.png", encoded(0)), ("k.txt", b"caf\xe9")])
+    write_members(tmp_path / "latin.tar", [("k.png", encoded(0)), ("k.txt", b"caf\xe9")])
     report = scan(str(tmp_path / "latin.tar"), mode="off")
     assert report.samples == [] and [s.reason for s in report.skipped] == ["caption_not_utf8"]
 
@@ -306,7 +295,7 @@ def test_tar_members_are_never_extracted_by_name(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    write_tar(
+    write_members(
         tmp_path / "evil.tar",
         [
             ("../evil.png", encoded(0)),

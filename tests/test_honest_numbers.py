@@ -80,6 +80,27 @@ def test_retrieval_ties_are_misses_and_non_finite_features_give_nan():
     assert m["t2i_mean_rank"] == pytest.approx((1 + 1 + 1 + 4) / 4)  # the NaN caption ranks last
 
 
+def test_a_caption_reading_like_an_images_own_is_the_same_answer_not_a_tie():
+    """Images 0 and 1 both have the caption "a red circle." (identical text, identical features):
+    image 0 finding image 1's copy first is a hit; a tie with a different text stays a miss."""
+    images = np.eye(3)
+    captions = np.array([[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1.0]])
+    owner = np.arange(3)
+    texts = ["a red circle.", "a red circle.", "a blue square."]
+    assert retrieval_metrics(images, captions, owner)["i2t_R@1"] == pytest.approx(1 / 3)
+    # image 0 now finds its text first (a hit); image 1 (all scores 0) still ties: a miss
+    assert retrieval_metrics(images, captions, owner, texts)["i2t_R@1"] == pytest.approx(2 / 3)
+    # image 1 embeds like image 0: its own caption ties with image 0's identical text -> a hit now
+    images[1] = images[0]
+    plain = retrieval_metrics(images, captions, owner)
+    assert plain["i2t_R@1"] == pytest.approx(1 / 3)  # both tie: misses without the texts
+    m = retrieval_metrics(images, captions, owner, texts)
+    assert m["i2t_R@1"] == 1.0 and m["i2t_mean_rank"] == 1.0
+    assert m["t2i_R@1"] == plain["t2i_R@1"]  # text->image is unchanged by the texts
+    texts[1] = "a red circle, small."  # a different text with the same score is a rival again
+    assert retrieval_metrics(images, captions, owner, texts)["i2t_R@1"] == pytest.approx(1 / 3)
+
+
 def test_a_nan_metric_never_becomes_best():
     state = RunState()
     assert not state.observe("acc", {"acc": math.nan}, "step_1")

@@ -54,11 +54,18 @@ def zero_shot_accuracy(image_features: np.ndarray, classifier: np.ndarray, label
     return {name: _recall(rank, true, k) for k, name in names.items()}
 
 
-def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, text_to_image: np.ndarray):
+def retrieval_metrics(
+    image_features: np.ndarray,
+    text_features: np.ndarray,
+    text_to_image: np.ndarray,
+    texts: list[str] | None = None,
+):
     """Image<->text retrieval with possibly several captions per image.
 
     image_features (N, E), text_features (M, E), text_to_image (M,) index of each caption's image.
     image->text: the rank of the best-ranked of the image's own captions (a hit on any counts).
+    With `texts` (M,), another image's caption that reads exactly like one of the image's own is
+    the same answer, not a rival (datasets repeat short captions: "a red circle.").
     text->image: the rank of the caption's image. Ranks are 1-based and a tie ranks the correct
     item below its rivals; R@k = share with rank <= k. Non-finite features make every value NaN.
     """
@@ -78,8 +85,9 @@ def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, tex
     own[text_to_image, np.arange(sims.shape[1])] = True
 
     # image -> text: the best own caption against the foreign ones (NaN if any own score is NaN)
-    i2t_true = np.where(own, sims, -np.inf).max(axis=1, keepdims=True)  # (N, 1)
-    i2t_rank = _rank(sims, i2t_true, ~own)
+    i2t_own = own if texts is None else _same_text(own, texts)
+    i2t_true = np.where(i2t_own, sims, -np.inf).max(axis=1, keepdims=True)  # (N, 1)
+    i2t_rank = _rank(sims, i2t_true, ~i2t_own)
     # text -> image: the caption's own image against the other images
     t2i_true = sims[text_to_image, np.arange(sims.shape[1])][:, None]  # (M, 1)
     t2i_rank = _rank(sims.T, t2i_true, ~own.T)
@@ -91,6 +99,17 @@ def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, tex
         out[f"{name}_mean_rank"] = float(np.mean(rank))
     out["retrieval_images"] = int(n_images)
     return out
+
+
+def _same_text(own: np.ndarray, texts: list[str]) -> np.ndarray:
+    """own (N, M) widened to every caption whose text equals one of the image's own captions."""
+    if len(texts) != own.shape[1]:
+        raise ValueError(f"{own.shape[1]} captions but {len(texts)} texts")
+    _, text_id = np.unique(np.asarray(texts, dtype=str), return_inverse=True)  # (M,)
+    images, captions = np.nonzero(own)
+    owns_text = np.zeros((own.shape[0], text_id.max() + 1), dtype=bool)  # image owns a text
+    owns_text[images, text_id[captions]] = True
+    return owns_text[:, text_id]
 
 
 def evaluate_run(
@@ -124,7 +143,10 @@ def evaluate_run(
         owner = np.repeat(np.arange(len(ev.captions)), [len(c) for c in ev.captions])
         text_features = texts_to_features(captions)
         metrics.update(
-            {prefix + k: v for k, v in retrieval_metrics(image_features, text_features, owner).items()}
+            {
+                prefix + k: v
+                for k, v in retrieval_metrics(image_features, text_features, owner, captions).items()
+            }
         )
         if ev.labels is not None and data.classnames:
             prompts = [t.format(c) for c in data.classnames for t in data.templates]

@@ -77,6 +77,8 @@ def test_image_folder_classes_labels_and_names(folder):
     # classnames.txt inside the root names the classes in sorted folder order
     (folder / "classnames.txt").write_text("\ufeffaxolotl\ndomestic dog\ntabby cat\n\n")
     assert read_classification(folder).classnames == ["axolotl", "domestic dog", "tabby cat"]
+    (folder / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    assert read_classification(folder).templates == ["a photo of a {}."]  # the set's own prompts
 
 
 def test_image_folder_bad_layouts(folder, tmp_path):

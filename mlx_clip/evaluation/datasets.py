@@ -15,6 +15,9 @@ Layouts (`read_classification` tells them apart from the path):
 - a CSV/TSV/JSON/JSONL table (training's readers) with an image column and a label column, a
   label being a class name or an integer index (a name wins when both could apply), plus a class
   list: `classnames.txt` beside the table, or `classnames=` (a file, or "imagenet").
+A `zeroshot_classification_templates.txt` beside the class list (in the ImageFolder root, the
+CLIP_benchmark folder, beside the table) gives the set's own prompts (`templates`, `{}` form);
+without one, `templates` is None and the caller picks (templates.load_templates).
 
 Bad input: a missing or malformed layout, an empty class folder, a class list whose length does
 not fit, or a label outside the class list is a DataError naming the file (and line). Bad images
@@ -51,7 +54,7 @@ class LabelledImages:
     images: list[str | TarRef]
     labels: np.ndarray  # int64 (N,)
     classnames: list[str]
-    templates: list[str] | None = None  # the set's own prompts ({} form), if it ships them
+    templates: list[str] | None = None  # the set's own prompts ({} form), if it has a templates file
     skipped: list[Skip] = field(default_factory=list)  # read and scan skips (see the module doc)
 
     def __len__(self) -> int:
@@ -100,6 +103,12 @@ def _labelled(
     return LabelledImages(
         name, [s.image for s in report.samples], labels, classnames, templates, report.skipped
     )
+
+
+def _own_templates(folders: list[Path]) -> list[str] | None:
+    """A set's own prompts: the first zeroshot_classification_templates.txt among `folders`."""
+    own = next((f / TEMPLATES_FILE for f in folders if (f / TEMPLATES_FILE).is_file()), None)
+    return load_templates(own) if own is not None else None
 
 
 def _fit_classnames(spec: str | os.PathLike, expected: int, what: str) -> list[str]:
@@ -157,7 +166,7 @@ def read_image_folder(
                 f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
             )
         samples += [Sample(str(p), [str(label)]) for p in images]
-    return _labelled(name or str(root), samples, [], names, None, data_checks)
+    return _labelled(name or str(root), samples, [], names, _own_templates([root]), data_checks)
 
 
 # ---------------------------------------------------------------------------
@@ -224,9 +233,7 @@ def read_wds_classification(
         Sample(s.image, [str(_cls_label(s.image, s.captions, out.where[s.image], len(names), names_file))])
         for s in out.samples(check_files=False)
     ]
-    own = next((f / TEMPLATES_FILE for f in folders if (f / TEMPLATES_FILE).is_file()), None)
-    templates = load_templates(own) if own is not None else None
-    return _labelled(name or str(source), samples, skipped, names, templates, data_checks)
+    return _labelled(name or str(source), samples, skipped, names, _own_templates(folders), data_checks)
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +312,7 @@ def read_labelled_table(
     out = _Labels(names, str(names_file), skipped)
     read_into(out, path, fmt, image_key, label_key)
     samples = out.samples(check_files=True)
-    return _labelled(name or str(path), samples, skipped, names, None, data_checks)
+    return _labelled(name or str(path), samples, skipped, names, _own_templates([path.parent]), data_checks)
 
 
 # ---------------------------------------------------------------------------

@@ -155,10 +155,9 @@ def test_image_features_go_through_the_eval_pipeline_and_drop_decode_failures(fo
 
 def wds_set(root, shards, classnames=("cat", "dog", "newt"), templates=None):
     """root/test/{0..n-1}.tar with nshards.txt, root/classnames.txt (+ templates)."""
+    (root / "test").mkdir(parents=True)
     for k, members in enumerate(shards):
-        write_members(
-            (root / "test").mkdir(parents=True, exist_ok=True) or root / "test" / f"{k}.tar", members
-        )
+        write_members(root / "test" / f"{k}.tar", members)
     (root / "test" / "nshards.txt").write_text(f"{len(shards)}\n")
     (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
     if templates is not None:
@@ -166,6 +165,7 @@ def wds_set(root, shards, classnames=("cat", "dog", "newt"), templates=None):
 
 
 def item(key, label, seed, ext="webp"):
+    """A classification sample's members: key.<ext> (an image) and key.cls (its label as text)."""
     return [
         (f"{key}.{ext}", encoded(seed, ext.upper().replace("JPG", "JPEG"))),
         (f"{key}.cls", f"{label}\n".encode()),
@@ -356,9 +356,8 @@ def test_any_training_caption_source_groups_captions_per_image(tmp_path):
         ("k1.png", encoded(1)),
         ("k1.txt", b"three"),
     ]
-    write_members(
-        (tmp_path / "wds" / "test").mkdir(parents=True) or tmp_path / "wds" / "test" / "0.tar", members
-    )
+    (tmp_path / "wds" / "test").mkdir(parents=True)
+    write_members(tmp_path / "wds" / "test" / "0.tar", members)
     assert read_retrieval(tmp_path / "wds").captions == [["one", "two"], ["three"]]
 
 

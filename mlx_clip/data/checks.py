@@ -227,6 +227,8 @@ def scan(
     caption_key: str = "caption",
     fmt: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    source: str | None = None,
+    skipped: list[Skip] | None = None,
 ) -> Report:
     """Check a data source (read with `read_samples(on_error="skip")`) or a list of samples.
 
@@ -234,18 +236,20 @@ def scan(
     module doc). Nothing raises for bad items: they are in `Report.skipped`. A source that
     does not exist, or cannot be parsed at all, still raises a DataError naming it.
     `workers` threads open the images (default: the CPU count, at most 8); `progress`
-    is called as progress(done, total) after each chunk.
+    is called as progress(done, total) after each chunk. `source` names the data in the report
+    (default: its path, or "N samples"); `skipped` holds what was already left out while reading
+    a list of samples, counted and logged with the rest.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     t0 = time.perf_counter()
-    skipped: list[Skip] = []
+    skipped = list(skipped or [])
     if isinstance(data, (str, os.PathLike)):
-        source = str(data)
+        source = source or str(data)
         kw = dict(on_error="skip", skipped=skipped, max_caption_chars=max_caption_chars)
         samples = read_samples(data, image_key, caption_key, fmt, **kw)
     else:
-        source, samples = f"{len(data)} samples", list(data)
+        source, samples = source or f"{len(data)} samples", list(data)
     samples = _check_captions(samples, max_caption_chars, skipped)
     if mode != "off" and samples:
         workers = workers or min(8, os.cpu_count() or 1)

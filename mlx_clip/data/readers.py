@@ -232,6 +232,29 @@ def detect_format(source: str | os.PathLike) -> str:
     )
 
 
+def read_into(out: Collector, source: str | os.PathLike, fmt: str, image_key: str, caption_key: str) -> None:
+    """Every entry of `source` (a format of FORMATS, not "auto") into `out`: read_samples' reading,
+    for a Collector that gives the caption column another meaning (evaluation/datasets.py: labels)."""
+    if fmt == "tar":
+        for shard in shard_paths(str(source)):
+            read_tar(shard, out)
+        return
+    path = Path(source)
+    if fmt == "folder":
+        if not path.is_dir():
+            raise DataError(f"{path}: no such folder")
+        _read_folder(path, out)
+        return
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if fmt in ("csv", "tsv"):
+        _read_table(path, image_key, caption_key, "," if fmt == "csv" else "\t", out)
+    elif fmt == "json":
+        _read_json(path, image_key, caption_key, out)
+    else:
+        _read_jsonl(path, image_key, caption_key, out)
+
+
 def read_samples(
     source: str | os.PathLike,
     image_key: str = "image",
@@ -260,24 +283,7 @@ def read_samples(
         raise DataError(f"unknown format '{fmt}' (expected auto, {', '.join(FORMATS)})")
     out = Collector(max_caption_chars, skipped if on_error == "skip" else None)
     n_skipped = len(skipped) if skipped is not None else 0
-    if fmt == "tar":
-        for shard in shard_paths(str(source)):
-            read_tar(shard, out)
-    else:
-        path = Path(source)
-        if fmt == "folder":
-            if not path.is_dir():
-                raise DataError(f"{path}: no such folder")
-            _read_folder(path, out)
-        else:
-            if not path.is_file():
-                raise DataError(f"{path}: no such file")
-            if fmt in ("csv", "tsv"):
-                _read_table(path, image_key, caption_key, "," if fmt == "csv" else "\t", out)
-            elif fmt == "json":
-                _read_json(path, image_key, caption_key, out)
-            else:
-                _read_jsonl(path, image_key, caption_key, out)
+    read_into(out, source, fmt, image_key, caption_key)
     samples = out.samples(check_files)
     if not samples and (out.skipped is None or len(skipped) == n_skipped):
         raise DataError(f"{source}: no samples")
@@ -298,4 +304,4 @@ def split_samples(samples: list, val_ratio: float, seed: int = 0) -> tuple[list,
     return train, val
 
 
-__all__ = ["FORMATS", "detect_format", "read_samples", "split_samples"]
+__all__ = ["FORMATS", "detect_format", "read_into", "read_samples", "split_samples"]

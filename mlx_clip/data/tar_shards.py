@@ -13,6 +13,9 @@ fields are read; a member named like an image or caption with a dotted field (`p
 `photo.en.txt`) is skipped as bad_member_name (other fields, .json or .cls, are ignored quietly).
 A key that holds two images in one shard is a duplicate_key: the first image and caption are
 kept, the later ones are skipped and logged, never attached to the first.
+
+`read_tar(..., text_field="cls")` pairs each image with its `.cls` member instead (CLIP_benchmark's
+classification shards: the class index as text), read as a one-line caption by the same rules.
 """
 
 from __future__ import annotations
@@ -84,10 +87,12 @@ def _key_field(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), field.lower()
 
 
-def _index(tf: tarfile.TarFile, path: str, out: Collector, images: dict, texts: dict) -> None:
-    """Fill `images` (members by key) and `texts` ((.txt member, bytes) by key), in shard order, as
-    far as the shard reads; members named like an image or caption whose field is not one
-    (photo.v2.png) are reported as bad_member_name."""
+def _index(
+    tf: tarfile.TarFile, path: str, out: Collector, images: dict, texts: dict, text_field: str
+) -> None:
+    """Fill `images` (members by key) and `texts` ((.txt member, bytes) by key; .cls or another
+    `text_field`), in shard order, as far as the shard reads; members named like an image or caption
+    whose field is not one (photo.v2.png) are reported as bad_member_name."""
     for m in tf:
         split = _key_field(m.name) if m.isfile() else None
         if split is None:
@@ -95,14 +100,15 @@ def _index(tf: tarfile.TarFile, path: str, out: Collector, images: dict, texts: 
         key, field = split
         if field in TAR_IMAGE_EXTENSIONS:
             images.setdefault(key, []).append(m)
-        elif field == "txt":
+        elif field == text_field:
             texts.setdefault(key, []).append((m, tf.extractfile(m).read()))
-        elif field.rpartition(".")[2] in (*TAR_IMAGE_EXTENSIONS, "txt"):
+        elif field.rpartition(".")[2] in (*TAR_IMAGE_EXTENSIONS, text_field):
             inner, _, ext = field.rpartition(".")  # "v2.png" -> "v2", "png"
             msg = (
                 f"{path}:{m.name}: skipped: its WebDataset key is '{key}' and its field '{field}' (the key "
-                f"ends at the first dot of the name), and only {', '.join(TAR_IMAGE_EXTENSIONS)} and txt "
-                f"fields are read; rename it without the inner dot: {key}_{inner.replace('.', '_')}.{ext}"
+                f"ends at the first dot of the name), and only {', '.join(TAR_IMAGE_EXTENSIONS)} and "
+                f"{text_field} fields are read; rename it without the inner dot: "
+                f"{key}_{inner.replace('.', '_')}.{ext}"
             )
             out.fail(DataError(msg, "bad_member_name", f"{path}:{m.name}"))
 
@@ -131,7 +137,7 @@ def _drop_duplicates(path: str, images: dict, texts: dict, out: Collector) -> No
             texts[key] = captions[:1]
 
 
-def read_tar(path: str, out: Collector) -> None:
+def read_tar(path: str, out: Collector, text_field: str = "txt") -> None:
     """Index one shard: group members by WebDataset key (path up to the basename's first dot).
 
     Member names only become keys and messages; nothing is extracted, so `../x` or `/x`
@@ -143,7 +149,7 @@ def read_tar(path: str, out: Collector) -> None:
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as tf:  # plain tar only: offsets must be raw bytes
-            _index(tf, path, out, images, texts)  # filled as far as it gets, if the shard is cut
+            _index(tf, path, out, images, texts, text_field)  # filled as far as it gets, if the shard is cut
             # tarfile ends quietly at EOF or at a garbled header; only the zero-block
             # end-of-archive marker says that nothing was lost.
             tf.fileobj.seek(tf.offset)
@@ -168,10 +174,12 @@ def read_tar(path: str, out: Collector) -> None:
     for key in sorted(images.keys() - texts.keys()):
         m = images.pop(key)
         item = str(TarRef(path, m.offset_data, m.size, m.name))
-        out.fail(DataError(f"{path}: sample '{key}' has an image but no {key}.txt", "unpaired", item))
+        out.fail(
+            DataError(f"{path}: sample '{key}' has an image but no {key}.{text_field}", "unpaired", item)
+        )
     for key in sorted(texts.keys() - images.keys()):
-        msg = f"{path}: sample '{key}' has {key}.txt but no image"
-        out.fail(DataError(msg, "unpaired", f"{path}:{key}.txt"))
+        msg = f"{path}: sample '{key}' has {key}.{text_field} but no image"
+        out.fail(DataError(msg, "unpaired", f"{path}:{key}.{text_field}"))
     for key, m in images.items():
         ref = TarRef(path, m.offset_data, m.size, m.name)
         captions, undecodable = [], False
@@ -182,4 +190,4 @@ def read_tar(path: str, out: Collector) -> None:
                 out.fail(DataError(str(e), "caption_not_utf8", str(ref)))
                 undecodable = True
         if captions or not undecodable:
-            out.add(ref, captions, f"{path}:{key}.txt")
+            out.add(ref, captions, f"{path}:{key}.{text_field}")

@@ -84,7 +84,7 @@ def slow(texts):  # the workers are busy in Python when the program ends
     return np.zeros((len(texts), 4), np.int32)
 
 source = ArraySource(np.zeros((48, 8, 8, 3), np.uint8), [[f"c{i}"] for i in range(48)])
-loader = Loader(source, 2, 8, train=False, num_workers=2, prefetch=4, chunk_batches=2, tokenize=slow)
+loader = Loader(source, 2, 8, train=False, num_workers=2, prefetch=4, chunk_batches=4, tokenize=slow)
 how = sys.argv[1]
 if how == "break":
     for batch in loader.epoch(0):
@@ -103,11 +103,14 @@ print("done", flush=True)
 
 @pytest.mark.parametrize("how", ["break", "kept", "raise"])
 def test_interpreter_exits_cleanly_after_an_early_stop_or_a_worker_error(how):
-    proc = subprocess.run(
-        [sys.executable, "-c", EXIT_SCRIPT, how], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # was 134 / 139
-    assert proc.stdout.endswith("done\n")
+    # Before the fix, "kept" and "raise" died at exit nearly every time, "break" about every other
+    # time (the next chunk's stream was still working): three tries make a miss unlikely.
+    for _ in range(3 if how == "break" else 1):
+        proc = subprocess.run(
+            [sys.executable, "-c", EXIT_SCRIPT, how], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # was 134 / 139
+        assert proc.stdout.endswith("done\n")
     if how == "raise":
         assert (
             "sample 13 (in-memory image) failed in a data worker: ValueError: bad caption c13" in proc.stdout

@@ -115,7 +115,9 @@ class Loader:
     - captions: list[str] of length B (one caption per image, drawn per epoch when training)
     - index: int64 (B,), positions in `source`
     - tokens: int32 (B, L), only when `tokenize` (list[str] -> int array) is given; it runs
-      in the worker threads, so it must be thread-safe.
+      in the worker threads, so it must be thread-safe. Whatever it (or decoding, a transform,
+      `on_skip`) raises is raised by the iterator, at that batch, as a WorkerError naming the
+      sample (a DataError as it is).
 
     `augment` (training only): None = the source's default (TrainTransform defaults for
     files, no augmentation for an ArraySource), False = none, True or a dict of
@@ -123,6 +125,7 @@ class Loader:
 
     `num_workers` mlx-data threads build batches (0: synchronously, in the caller's thread),
     keeping up to `prefetch` batches ready; `chunk_batches` batches form one mlx-data Buffer.
+    Leaving an epoch early (break, an exception, `close()` on its iterator) stops its workers.
 
     `on_error` "raise" | "skip" and `on_skip` (a callable taking a Skip): see the module doc.
     `max_image_pixels` refuses larger images from their header (None: PIL's own limit), and

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from conftest import SMALL, save_image
 from mlx_clip.data.pipeline import ArraySource, Loader
 from mlx_clip.data.samples import DataError, Sample
 from mlx_clip.data.workers import WorkerError
+from mlx_clip.text.vocab import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,6 +47,15 @@ def test_callback_error_is_raised_by_the_consumer_naming_the_sample(image_size, 
     assert len(list(loader.epoch(0, start_batch=4))) == len(loader) - 4
     with pytest.raises(WorkerError, match="sample 13"):
         list(loader.epoch(0))
+
+
+def test_the_issue_trigger_a_real_tokenizer_with_context_length_1_is_a_message():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny caption set supports few merges
+        tok = train_tokenizer([f"c{i}" for i in range(48)], 600)
+    loader = array_loader(8, 2, tokenize=lambda texts: tok(texts, 1))
+    with pytest.raises(WorkerError, match=r"sample 0 .*ValueError: context_length must leave room"):
+        next(loader.epoch(0))
 
 
 def test_callback_error_names_the_image_file(tmp_path):

@@ -71,16 +71,17 @@ def test_leaving_an_epoch_early_stops_the_queued_work():
     def slow(texts):
         with lock:
             calls.append(texts)
-        time.sleep(0.05)
+        time.sleep(0.1)
         return np.zeros((len(texts), 4), np.int32)
 
-    loader = array_loader(8, 2, tokenize=slow, prefetch=8)
+    loader = array_loader(8, 2, tokenize=slow, prefetch=8)  # 8 batches queued for 2 workers
     for _ in loader.epoch(0):
         break
     n = len(calls)
     time.sleep(0.2)
-    # The first batch and those in flight ran; the queued ones were skipped, and nothing runs on.
-    assert n <= 4 and len(calls) == n, (n, len(calls))
+    # The first batch and those in flight ran (about 4); the rest of the 8 queued were skipped
+    # (closing used to wait for all of them), and nothing runs on after the loop.
+    assert n < 8 and len(calls) == n, (n, len(calls))
 
 
 EXIT_SCRIPT = """

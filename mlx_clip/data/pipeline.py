@@ -36,6 +36,12 @@ Each failed decode is counted (`num_skipped`) and passed to `on_skip` as a Skip,
 (epoch, sample, failed index) for the loader's lifetime (under a lock; the order of calls
 across worker threads is not deterministic, their content is).
 
+Errors and early stops (data/workers.py): the callbacks never raise into mlx-data's threads. An
+exception is kept and raised by the consuming thread when its batch comes up: a DataError as it
+is, anything else (a tokenizer, a transform, on_skip) as a WorkerError naming the sample and its
+image. Every prefetch stream is closed when its epoch ends, is left early or fails, and at exit
+at the latest, so that no worker calls into Python while the interpreter shuts down.
+
 Several captions per sample: training draws one per (seed, epoch, index), uniformly, so an
 image shows different captions in different epochs and a resumed run draws the same ones;
 evaluation returns the first (retrieval metrics use them all: metrics.evaluate_run).
@@ -66,6 +72,7 @@ from .readers import ON_ERROR, read_samples, split_samples
 from .sampler import SAMPLERS, KeyWords, epoch_permutation, hard_negative_order, key_words
 from .samples import DataError, Sample, Skip, TarRef
 from .transforms import EvalTransform, TrainTransform, normalize
+from .workers import Prefetch, failed, placeholder, worker_error
 
 # First words of the seed sequences: they keep the epoch orders (sampler.PERM, sampler.HARD) and
 # the per-sample streams apart.
@@ -97,31 +104,6 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([SAMPLE, seed, epoch, index])
 
 
-class _Warm:
-    """Pull a stream's first batch in a helper thread so its workers start filling early."""
-
-    def __init__(self, stream):
-        self._stream, self._first, self._error = stream, None, None
-        self._thread = threading.Thread(target=self._pull, daemon=True)
-        self._thread.start()
-
-    def _pull(self):
-        try:
-            self._first = next(self._stream)
-        except BaseException as e:  # re-raised in the consuming thread
-            self._error = e
-
-    def next(self) -> dict:
-        if self._thread is None:
-            return next(self._stream)
-        self._thread.join()
-        self._thread = None
-        if self._error is not None:
-            raise self._error
-        first, self._first = self._first, None
-        return first
-
-
 # ---------------------------------------------------------------------------
 # The loader
 
@@ -133,7 +115,9 @@ class Loader:
     - captions: list[str] of length B (one caption per image, drawn per epoch when training)
     - index: int64 (B,), positions in `source`
     - tokens: int32 (B, L), only when `tokenize` (list[str] -> int array) is given; it runs
-      in the worker threads, so it must be thread-safe.
+      in the worker threads, so it must be thread-safe. Whatever it (or decoding, a transform,
+      `on_skip`) raises is raised by the iterator, at that batch, as a WorkerError naming the
+      sample (a DataError as it is).
 
     `augment` (training only): None = the source's default (TrainTransform defaults for
     files, no augmentation for an ArraySource), False = none, True or a dict of
@@ -141,6 +125,7 @@ class Loader:
 
     `num_workers` mlx-data threads build batches (0: synchronously, in the caller's thread),
     keeping up to `prefetch` batches ready; `chunk_batches` batches form one mlx-data Buffer.
+    Leaving an epoch early (break, an exception, `close()` on its iterator) stops its workers.
 
     `on_error` "raise" | "skip" and `on_skip` (a callable taking a Skip): see the module doc.
     `max_image_pixels` refuses larger images from their header (None: PIL's own limit), and
@@ -200,6 +185,7 @@ class Loader:
         self.num_skipped = 0  # failed decodes replaced by a substitute (on_error="skip")
         self._skip_lock = threading.Lock()
         self._reported: set[tuple[int, int, int]] = set()
+        self._failures: dict[tuple[int, int], Exception] = {}  # (epoch, sample): raised in a callback
 
         if isinstance(source, ArraySource):
             self._array, self._images, self.captions = source, None, source.captions
@@ -363,54 +349,87 @@ class Loader:
             if self.on_skip is not None:
                 self.on_skip(skip)
 
-    def _sample_fn(self, epoch: int) -> Callable[[dict], dict]:
-        def fn(s: dict) -> dict:
-            i = int(s["index"])
-            if self._array is not None:
-                rng, choice = self._caption_rng(epoch, i)
-                x = self._transform(self._array.images[i], rng)
-            elif self.on_error == "raise":
-                rng, choice = self._caption_rng(epoch, i)
-                x = self._decode(i, rng)
-            else:
-                i, x, choice = self._decode_or_substitute(epoch, i)
-            out = {"index": np.asarray(i, np.int64), "image": x, "caption": np.int64(choice)}
-            if self.tokenize is not None:
-                caption = self.captions[i][choice]
-                out["tokens"] = np.asarray(self.tokenize([caption]), np.int32).reshape(-1)  # (L,)
-            return out
+    def _sample(self, epoch: int, i: int) -> dict:
+        """Sample i of `epoch` as an mlx-data record: index, image (S, S, 3), caption choice[, tokens]."""
+        if self._array is not None:
+            rng, choice = self._caption_rng(epoch, i)
+            x = self._transform(self._array.images[i], rng)
+        elif self.on_error == "raise":
+            rng, choice = self._caption_rng(epoch, i)
+            x = self._decode(i, rng)
+        else:
+            i, x, choice = self._decode_or_substitute(epoch, i)
+        out = {"index": np.asarray(i, np.int64), "image": x, "caption": np.int64(choice)}
+        if self.tokenize is not None:
+            caption = self.captions[i][choice]
+            out["tokens"] = np.asarray(self.tokenize([caption]), np.int32).reshape(-1)  # (L,)
+        return out
 
-        return fn
-
-    def _batch_fn(self, epoch: int, batches: list[np.ndarray]) -> Callable[[dict], dict]:
+    def _whole_batch(self, epoch: int, idx: np.ndarray) -> dict:
         """Whole batches at once, for in-memory images that only need normalising.
 
         Per-sample mlx-data records cost more than normalising a small image, so this path
         slices and normalises (B, S, S, 3) in one go and tokenizes once (measured:
         benchmarks/RESULTS.md#numbers-quoted-in-the-code).
         """
+        # One caption: no draw needed (it would return 0); the per-sample path agrees.
+        choice = [0 if len(self.captions[i]) == 1 else self._caption_rng(epoch, i)[1] for i in idx.tolist()]
+        out = {"index": idx, "image": normalize(self._array.images[idx]), "caption": np.array(choice)}
+        if self.tokenize is not None:
+            caps = [self.captions[i][c] for i, c in zip(idx.tolist(), choice, strict=True)]
+            out["tokens"] = np.asarray(self.tokenize(caps), np.int32)  # (B, L)
+        return out
 
+    # -- the callbacks mlx-data runs: they never raise into its threads (data/workers.py) --
+
+    def _sample_fn(self, epoch: int, stop: threading.Event) -> Callable[[dict], dict]:
         def fn(s: dict) -> dict:
-            idx = batches[int(s["batch"])]
-            # One caption: no draw needed (it would return 0); the per-sample path agrees.
-            choice = [
-                0 if len(self.captions[i]) == 1 else self._caption_rng(epoch, i)[1] for i in idx.tolist()
-            ]
-            out = {"index": idx, "image": normalize(self._array.images[idx]), "caption": np.array(choice)}
+            i = int(s["index"])
+            if not stop.is_set():  # set: the stream is closing, nobody will read this
+                try:
+                    return self._sample(epoch, i)
+                except Exception as e:  # kept for the consuming thread, which raises it (_finish)
+                    self._failures[epoch, i] = e
+            out = {"index": placeholder(i), "image": np.zeros((0, 0, 3), np.float32), "caption": np.int64(0)}
             if self.tokenize is not None:
-                caps = [self.captions[i][c] for i, c in zip(idx.tolist(), choice, strict=True)]
-                out["tokens"] = np.asarray(self.tokenize(caps), np.int32)  # (B, L)
+                out["tokens"] = np.zeros(0, np.int32)  # batching pads the placeholder's arrays
             return out
 
         return fn
 
-    def _buffer(self, epoch: int, batches: list[np.ndarray]):
-        """A lazy mlx-data Buffer whose item j is batch j of `batches`."""
+    def _batch_fn(
+        self, epoch: int, batches: list[np.ndarray], stop: threading.Event
+    ) -> Callable[[dict], dict]:
+        def fn(s: dict) -> dict:
+            idx = batches[int(s["batch"])]
+            if stop.is_set():
+                return {"index": placeholder(idx)}
+            try:
+                return self._whole_batch(epoch, idx)
+            except Exception as e:  # kept for the consuming thread, under the sample that fails
+                i, e = self._culprit(epoch, idx, e)
+                self._failures[epoch, i] = e
+                return {"index": np.full(len(idx), placeholder(i))}
+
+        return fn
+
+    def _culprit(self, epoch: int, idx: np.ndarray, e: Exception) -> tuple[int, Exception]:
+        """(sample, its error) for a whole batch that failed: the first sample that fails alone."""
+        for i in idx.tolist():
+            try:
+                self._whole_batch(epoch, np.array([i]))
+            except Exception as alone:
+                return i, alone
+        return int(idx[0]), e
+
+    def _buffer(self, epoch: int, batches: list[np.ndarray], stop: threading.Event):
+        """A lazy mlx-data Buffer whose item j is batch j of `batches`; its callbacks skip the
+        work once `stop` is set."""
         if self._whole_batches:
             records = [{"batch": j} for j in range(len(batches))]
-            return dx.buffer_from_vector(records).sample_transform(self._batch_fn(epoch, batches))
+            return dx.buffer_from_vector(records).sample_transform(self._batch_fn(epoch, batches, stop))
         buf = dx.buffer_from_vector([{"index": int(i)} for b in batches for i in b])
-        return buf.sample_transform(self._sample_fn(epoch)).batch([len(b) for b in batches])
+        return buf.sample_transform(self._sample_fn(epoch, stop)).batch([len(b) for b in batches])
 
     # -- iteration ---------------------------------------------------------------
 
@@ -428,26 +447,38 @@ class Loader:
         chunks = [batches[i : i + c] for i in range(0, len(batches), c)]
         if self.num_workers == 0:  # synchronous: the reference the threaded path must match
             for chunk in chunks:
-                buf = self._buffer(epoch, chunk)
+                buf = self._buffer(epoch, chunk, threading.Event())
                 for j in range(len(chunk)):
-                    yield self._finish(buf[j])
+                    yield self._finish(buf[j], epoch)
             return
         if not chunks:
             return
-        nxt = self._stream(epoch, chunks[0])
-        for ci, chunk in enumerate(chunks):
-            cur, nxt = nxt, None
-            for j in range(len(chunk)):
-                if nxt is None and ci + 1 < len(chunks) and j >= len(chunk) - self.prefetch:
-                    nxt = self._stream(epoch, chunks[ci + 1])  # start filling before this chunk ends
-                yield self._finish(cur.next())
+        cur, nxt = None, self._stream(epoch, chunks[0])
+        try:
+            for ci, chunk in enumerate(chunks):
+                if cur is not None:
+                    cur.close()  # drained
+                cur, nxt = nxt, None
+                for j in range(len(chunk)):
+                    if nxt is None and ci + 1 < len(chunks) and j >= len(chunk) - self.prefetch:
+                        nxt = self._stream(epoch, chunks[ci + 1])  # start filling before this chunk ends
+                    yield self._finish(cur.next(), epoch)
+        finally:  # ended, left early or failed: no stream outlives the epoch (data/workers.py)
+            for stream in (cur, nxt):
+                if stream is not None:
+                    stream.close()
 
-    def _stream(self, epoch: int, chunk: list[np.ndarray]) -> _Warm:
+    def _stream(self, epoch: int, chunk: list[np.ndarray]) -> Prefetch:
         ahead = max(self.prefetch, self.num_workers)  # every worker needs a batch slot
-        return _Warm(self._buffer(epoch, chunk).ordered_prefetch(ahead, self.num_workers))
+        stop = threading.Event()
+        return Prefetch(self._buffer(epoch, chunk, stop).ordered_prefetch(ahead, self.num_workers), stop)
 
-    def _finish(self, b: dict) -> dict:
+    def _finish(self, b: dict, epoch: int) -> dict:
         index = b["index"].astype(np.int64, copy=False)
+        bad = failed(index)
+        if bad is not None:  # a callback raised: raise it here, in the consuming thread
+            image = "in-memory image" if self._array is not None else str(self._images[bad])
+            raise worker_error(self._failures.pop((epoch, bad), None), bad, image)
         captions = [self.captions[i][c] for i, c in zip(index.tolist(), b["caption"].tolist(), strict=True)]
         out = {"images": b["image"], "captions": captions, "index": index}
         if "tokens" in b:

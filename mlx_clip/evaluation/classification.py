@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import _all_finite, label_ranks, zero_shot_logits
+from .metrics import all_finite, label_ranks, zero_shot_logits
 
 
 def predictions(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ def classification_metrics(
     if len(classnames) != n_classes:
         raise ValueError(f"{n_classes} classes scored but {len(classnames)} class names")
     names = [k for k in topk if k <= n_classes]
-    if not _all_finite(logits):
+    if not all_finite(logits):
         label_ranks(logits, labels)  # still reject labels that name no class
         return {
             **{f"top{k}": math.nan for k in names},
@@ -74,7 +74,7 @@ def zero_shot_metrics(
 ) -> dict:
     """classification_metrics of images (N, E) against the class weights (C, E) of
     metrics.zero_shot_classifier (the prompt ensemble); NaN when a feature is not finite."""
-    if not _all_finite(image_features, classifier):
+    if not all_finite(image_features, classifier):
         nan = np.full((len(image_features), len(classifier)), np.nan)
         return classification_metrics(nan, labels, classnames, topk)
     return classification_metrics(zero_shot_logits(image_features, classifier), labels, classnames, topk)

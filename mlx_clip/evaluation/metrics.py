@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
@@ -17,10 +17,10 @@ def zero_shot_classifier(class_text_features: np.ndarray) -> np.ndarray:
 
     Prompt ensembling as in CLIP: average the normalised template embeddings, renormalise.
     """
-    return _l2n(_l2n(class_text_features).mean(axis=1))
+    return l2_normalize(l2_normalize(class_text_features).mean(axis=1))
 
 
-def _all_finite(*arrays: np.ndarray) -> bool:
+def all_finite(*arrays: np.ndarray) -> bool:
     return all(np.isfinite(a).all() for a in arrays)
 
 
@@ -63,14 +63,14 @@ def zero_shot_logits(image_features: np.ndarray, classifier: np.ndarray) -> np.n
     """(N, C) cosine scores of images (N, E) against the class weights (C, E) of zero_shot_classifier.
 
     CLIP_benchmark multiplies by 100; a positive scale changes no rank, so none is applied."""
-    return _l2n(image_features) @ classifier.T
+    return l2_normalize(image_features) @ classifier.T
 
 
 def zero_shot_accuracy(image_features: np.ndarray, classifier: np.ndarray, labels: np.ndarray, topk=(1, 5)):
     """Top-k accuracy of image @ classifier.T against integer labels (ties count as misses); NaN
     when a feature is not finite. A k above the number of classes is left out."""
     names = {k: f"zeroshot_top{k}" for k in topk if k <= classifier.shape[0]}
-    if not _all_finite(image_features, classifier):
+    if not all_finite(image_features, classifier):
         return {name: math.nan for name in names.values()}
     rank, true = label_ranks(zero_shot_logits(image_features, classifier), labels)
     return {name: _recall(rank, true, k) for k, name in names.items()}
@@ -103,9 +103,9 @@ def retrieval_metrics(
     if len(np.unique(text_to_image)) != n_images:  # an image with no caption could never be found
         raise ValueError("every image needs at least one caption in text_to_image")
     names = [f"{d}_{m}" for d in ("i2t", "t2i") for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")]
-    if not _all_finite(image_features, text_features):
+    if not all_finite(image_features, text_features):
         return {**{name: math.nan for name in names}, "retrieval_images": int(n_images)}
-    sims = _l2n(image_features) @ _l2n(text_features).T  # (N, M)
+    sims = l2_normalize(image_features) @ l2_normalize(text_features).T  # (N, M)
     own = np.zeros_like(sims, dtype=bool)
     own[text_to_image, np.arange(sims.shape[1])] = True
 

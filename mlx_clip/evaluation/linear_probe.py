@@ -3,7 +3,8 @@
 As in the CLIP paper (appendix A.3): logistic regression fitted with L-BFGS, its L2 strength
 chosen by a sweep on a held-out split of the training features, then refitted on all of them.
 Features are L2-normalised first, as CLIP_benchmark does by default (`normalize=True`); the
-CLIP paper's own code feeds raw features to scikit-learn. Deterministic for a given seed.
+CLIP paper's own code feeds raw features to scikit-learn. Deterministic for a given seed on
+one machine (the BLAS thread count can move the last bits of a fit).
 
 The objective is mean cross-entropy + l2/2 * |W|^2 (the bias is not penalised), which is
 scikit-learn's LogisticRegression(C=1 / (l2 * N)) for N training rows.

@@ -1,6 +1,8 @@
-"""Evaluation: zero-shot classification and image-text retrieval, on numpy features.
+"""Evaluation: zero-shot classification, image<->text retrieval and linear probes.
 
-metrics.py         zero-shot accuracy and retrieval metrics (numpy)
+metrics.py         zero-shot top-k (prompt ensemble) and image<->text retrieval; the tie rule (numpy)
+classification.py  top-1/top-5/mean per-class recall as CLIP_benchmark, per-class recall, confusion PNG
+linear_probe.py    logistic regression on frozen features (L-BFGS, L2 sweep on a held-out split)
 templates.py       prompt templates and class-name lists; prompts/*.txt: OpenAI's, shipped as package data
 datasets.py        zero-shot sets on disk: ImageFolder, CLIP_benchmark shards, labelled CSV/JSONL
 retrieval_sets.py  retrieval sets on disk: Karpathy-split JSON, any caption source training reads

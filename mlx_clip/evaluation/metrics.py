@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
@@ -17,10 +17,10 @@ def zero_shot_classifier(class_text_features: np.ndarray) -> np.ndarray:
 
     Prompt ensembling as in CLIP: average the normalised template embeddings, renormalise.
     """
-    return _l2n(_l2n(class_text_features).mean(axis=1))
+    return l2_normalize(l2_normalize(class_text_features).mean(axis=1))
 
 
-def _all_finite(*arrays: np.ndarray) -> bool:
+def all_finite(*arrays: np.ndarray) -> bool:
     return all(np.isfinite(a).all() for a in arrays)
 
 
@@ -39,18 +39,40 @@ def _recall(rank: np.ndarray, true: np.ndarray, k: int) -> float:
     return float(np.mean(np.isfinite(true[:, 0]) & (rank <= k)))
 
 
-def zero_shot_accuracy(image_features: np.ndarray, classifier: np.ndarray, labels: np.ndarray, topk=(1, 5)):
-    """Top-k accuracy of image @ classifier.T against integer labels (ties count as misses); NaN
-    when a feature is not finite."""
-    names = {k: f"zeroshot_top{k}" for k in topk if k <= classifier.shape[0]}
-    if not _all_finite(image_features, classifier):
-        return {name: math.nan for name in names.values()}
-    logits = _l2n(image_features) @ classifier.T  # (N, C)
+def label_ranks(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """1-based rank (N,) of each row's labelled class among all C classes of `logits` (N, C), and
+    the labelled scores (N, 1). Ties and non-finite scores rank the label below its rivals (see _rank).
+
+    This is where our numbers can differ from CLIP_benchmark, which takes torch.topk's order (ties
+    broken by index): on exact ties only, where it may count a hit and we never do."""
+    labels = np.asarray(labels)
+    n_classes = logits.shape[1]
+    if len(labels) != len(logits):
+        raise ValueError(f"{len(logits)} score rows but {len(labels)} labels")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < n_classes:
+        bad = labels[(labels < 0) | (labels >= n_classes)][0]
+        raise ValueError(f"label {bad} is not one of the {n_classes} classes (0..{n_classes - 1})")
     rows = np.arange(len(labels))
     true = logits[rows, labels][:, None]  # (N, 1)
     rivals = np.ones_like(logits, dtype=bool)
     rivals[rows, labels] = False  # every other class
-    rank = _rank(logits, true, rivals)
+    return _rank(logits, true, rivals), true
+
+
+def zero_shot_logits(image_features: np.ndarray, classifier: np.ndarray) -> np.ndarray:
+    """(N, C) cosine scores of images (N, E) against the class weights (C, E) of zero_shot_classifier.
+
+    CLIP_benchmark multiplies by 100; a positive scale changes no rank, so none is applied."""
+    return l2_normalize(image_features) @ classifier.T
+
+
+def zero_shot_accuracy(image_features: np.ndarray, classifier: np.ndarray, labels: np.ndarray, topk=(1, 5)):
+    """Top-k accuracy of image @ classifier.T against integer labels (ties count as misses); NaN
+    when a feature is not finite. A k above the number of classes is left out."""
+    names = {k: f"zeroshot_top{k}" for k in topk if k <= classifier.shape[0]}
+    if not all_finite(image_features, classifier):
+        return {name: math.nan for name in names.values()}
+    rank, true = label_ranks(zero_shot_logits(image_features, classifier), labels)
     return {name: _recall(rank, true, k) for k, name in names.items()}
 
 
@@ -68,6 +90,9 @@ def retrieval_metrics(
     the same answer, not a rival (datasets repeat short captions: "a red circle.").
     text->image: the rank of the caption's image. Ranks are 1-based and a tie ranks the correct
     item below its rivals; R@k = share with rank <= k. Non-finite features make every value NaN.
+
+    Without `texts`, R@k equals CLIP_benchmark's zeroshot_retrieval (its text_retrieval_recall@k is
+    our i2t, image_retrieval_recall@k our t2i) except on exact ties, which it breaks by index.
     """
     n_images = len(image_features)
     text_to_image = np.asarray(text_to_image)
@@ -77,10 +102,10 @@ def retrieval_metrics(
         raise ValueError(f"text_to_image must index the {n_images} images")
     if len(np.unique(text_to_image)) != n_images:  # an image with no caption could never be found
         raise ValueError("every image needs at least one caption in text_to_image")
-    names = [f"{d}_{m}" for d in ("i2t", "t2i") for m in ("R@1", "R@5", "R@10", "mean_rank")]
-    if not _all_finite(image_features, text_features):
+    names = [f"{d}_{m}" for d in ("i2t", "t2i") for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")]
+    if not all_finite(image_features, text_features):
         return {**{name: math.nan for name in names}, "retrieval_images": int(n_images)}
-    sims = _l2n(image_features) @ _l2n(text_features).T  # (N, M)
+    sims = l2_normalize(image_features) @ l2_normalize(text_features).T  # (N, M)
     own = np.zeros_like(sims, dtype=bool)
     own[text_to_image, np.arange(sims.shape[1])] = True
 
@@ -97,6 +122,7 @@ def retrieval_metrics(
         for k in (1, 5, 10):
             out[f"{name}_R@{k}"] = _recall(rank, true, k)
         out[f"{name}_mean_rank"] = float(np.mean(rank))
+        out[f"{name}_median_rank"] = float(np.median(rank))
     out["retrieval_images"] = int(n_images)
     return out
 

@@ -50,6 +50,9 @@ fi
 if [ "$KIND" = "dev" ]; then
     echo ">> installing mlx_clip with the dev extra (torch, transformers, open_clip, pytest)"
     "$VENV/bin/python" -m pip install -q -e ".[dev]"
+    # CLIP_benchmark, the reference of the evaluation tests: its metrics need only torch, tqdm and
+    # scikit-learn (in the dev extra); its full requirements add ~100 MB of captioning tools.
+    "$VENV/bin/python" -m pip install -q --no-deps "clip-benchmark==1.6.2"
 else
     echo ">> installing mlx_clip"
     "$VENV/bin/python" -m pip install -q -e .

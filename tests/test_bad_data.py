@@ -15,8 +15,9 @@ from conftest import assert_same_batches, collect, encoded, pixels, write_member
 from PIL import Image
 
 from mlx_clip.data.checks import BadDataWarning, Report, SkipLog, check_image, prepare, scan
-from mlx_clip.data.pipeline import SUBST, DataError, Loader, Sample, open_image
+from mlx_clip.data.pipeline import DataError, Loader, Sample, open_image
 from mlx_clip.data.readers import read_samples
+from mlx_clip.data.sample_maker import SUBST
 from mlx_clip.data.samples import Skip, read_bytes
 from mlx_clip.data.transforms import eval_transform
 

@@ -8,6 +8,7 @@ decode.py      the one bounded way an image becomes pixels: header limits, then 
 transforms.py  CLIP preprocessing and train-time augmentation
 sampler.py     batch orders: random, hard-negative
 pipeline.py    the mlx-data loader: batches as a pure function of (seed, epoch, index)
+sample_maker.py  one sample of it: caption of the epoch, decoded image, substitute for a bad one
 workers.py     its boundary with mlx-data's threads: callback errors raised by the consumer, streams closed
 synthetic.py   the built-in dataset (`python -m mlx_clip.data.synthetic` writes it to disk), built from
   synthetic_scene.py (shapes, colours, placement, rendering) and synthetic_captions.py (captions, prompts)

@@ -26,25 +26,14 @@ prefetch timing, because everything random is a pure function of (seed, epoch[, 
   `default_rng([SAMPLE, seed, epoch, index])`;
 - `ordered_prefetch` returns batches in buffer order, and chunks are consumed in order.
 
-Bad images at decode time (`on_error`): "raise" (the default) raises a DataError naming
-the file. "skip" replaces the sample, so an image that slipped past the pre-flight scan
-(validate.py) never stops an epoch: the substitute is drawn from
-`default_rng([SUBST, seed, epoch, index])`, which then also draws its caption and
-augmentation, so batches stay a pure function of (seed, epoch) and of the files. The
-batch's "index" and caption are the substitute's, so images and captions stay paired.
-Each failed decode is counted (`num_skipped`) and passed to `on_skip` as a Skip, once per
-(epoch, sample, failed index) for the loader's lifetime (under a lock; the order of calls
-across worker threads is not deterministic, their content is).
+Bad images at decode time (`on_error`, the substitute rule) and the caption drawn per
+epoch: data/sample_maker.py.
 
 Errors and early stops (data/workers.py): the callbacks never raise into mlx-data's threads. An
 exception is kept and raised by the consuming thread when its batch comes up: a DataError as it
 is, anything else (a tokenizer, a transform, on_skip) as a WorkerError naming the sample and its
 image. Every prefetch stream is closed when its epoch ends, is left early or fails, and at exit
 at the latest, so that no worker calls into Python while the interpreter shuts down.
-
-Several captions per sample: training draws one per (seed, epoch, index), uniformly, so an
-image shows different captions in different epochs and a resumed run draws the same ones;
-evaluation returns the first (retrieval metrics use them all: metrics.evaluate_run).
 
 Sharding: a global batch of batch_size * world_size consecutive indices of the epoch order
 (either sampler) is split into contiguous per-rank slices. Training drops the last incomplete
@@ -67,18 +56,13 @@ from dataclasses import dataclass
 import mlx.data as dx
 import numpy as np
 
-from .decode import decode_image, describe, open_image
+from .decode import open_image
 from .readers import ON_ERROR, read_samples, split_samples
+from .sample_maker import SampleMaker, sample_rng
 from .sampler import SAMPLERS, KeyWords, epoch_permutation, hard_negative_order, key_words
 from .samples import DataError, Sample, Skip, TarRef
-from .transforms import EvalTransform, TrainTransform, normalize
+from .transforms import TrainTransform
 from .workers import Prefetch, failed, placeholder, worker_error
-
-# First words of the seed sequences: they keep the epoch orders (sampler.PERM, sampler.HARD) and
-# the per-sample streams apart.
-SAMPLE, SUBST = 2, 3
-# on_error="skip": this many failed substitutes in a row mean the data is not readable at all.
-MAX_SUBSTITUTES = 16
 
 
 @dataclass
@@ -98,10 +82,6 @@ class ArraySource:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([SAMPLE, seed, epoch, index])
 
 
 # ---------------------------------------------------------------------------
@@ -182,9 +162,6 @@ class Loader:
         self.tokenize = tokenize
         self.on_error, self.on_skip, self.max_image_pixels = on_error, on_skip, max_image_pixels
         self.max_aspect_ratio = max_aspect_ratio
-        self.num_skipped = 0  # failed decodes replaced by a substitute (on_error="skip")
-        self._skip_lock = threading.Lock()
-        self._reported: set[tuple[int, int, int]] = set()
         self._failures: dict[tuple[int, int], Exception] = {}  # (epoch, sample): raised in a callback
 
         if isinstance(source, ArraySource):
@@ -207,12 +184,25 @@ class Loader:
         self.sampler = sampler if train else "random"  # evaluation keeps the dataset order
         self._keys: KeyWords | None = None  # hard_negative: found on first use, once
 
-        self._eval = EvalTransform(image_size)
-        self._augment = self._make_augment(augment)
+        augment = self._make_augment(augment)
+        self._make = SampleMaker(
+            self.captions,
+            images=self._images,
+            array=None if self._array is None else self._array.images,
+            train=train,
+            seed=seed,
+            image_size=image_size,
+            augment=augment,
+            tokenize=tokenize,
+            on_error=on_error,
+            on_skip=on_skip,
+            max_image_pixels=max_image_pixels,
+            max_aspect_ratio=max_aspect_ratio,
+        )
         # In-memory images at model size with no augmentation only need normalising: see _batch_fn.
         self._whole_batches = (
             self._array is not None
-            and self._augment is None
+            and augment is None
             and self._array.images.shape[1:3] == (image_size, image_size)
         )
 
@@ -227,6 +217,11 @@ class Loader:
         except TypeError:
             valid = "scale, ratio, color_jitter, hflip"
             raise ValueError(f"Loader: unknown augment key in {sorted(kwargs)} (valid: {valid})") from None
+
+    @property
+    def num_skipped(self) -> int:
+        """Failed decodes replaced by a substitute (on_error="skip")."""
+        return self._make.num_skipped
 
     def digest(self) -> str:
         """sha256 of the ordered samples (image reference or pixels, and captions): a resumed run
@@ -281,105 +276,6 @@ class Loader:
                 out.append(part)
         return out
 
-    # -- per-sample work (runs in the mlx-data worker threads) ----------------
-
-    def _caption_rng(self, epoch: int, i: int) -> tuple[np.random.Generator | None, int]:
-        """(the sample's generator, its caption for this epoch); eval: (None, first caption)."""
-        if not self.train:
-            return None, 0
-        rng = sample_rng(self.seed, epoch, i)
-        return rng, int(rng.integers(len(self.captions[i])))  # drawn first: independent of augmentation
-
-    def _transform(self, image, rng: np.random.Generator | None) -> np.ndarray:
-        return self._augment(image, rng) if self._augment is not None else self._eval(image)  # (S, S, 3)
-
-    def _decode(self, i: int, rng: np.random.Generator | None) -> np.ndarray:
-        # Bounded: limits from the header, then only the crop is decoded and resized (data/decode.py).
-        return decode_image(
-            self._images[i],
-            self._transform,
-            rng,
-            max_pixels=self.max_image_pixels,
-            max_aspect=self.max_aspect_ratio,
-        )
-
-    def _decode_or_substitute(self, epoch: int, i: int) -> tuple[int, np.ndarray, int]:
-        """(index used, image, caption choice): sample i, or a substitute if i cannot be decoded."""
-        rng, choice = self._caption_rng(epoch, i)
-        try:
-            return i, self._decode(i, rng), choice
-        except Exception as e:  # DataError from decoding, or a transform failing on odd pixels
-            failed = [(i, e)]
-        sub = np.random.default_rng([SUBST, self.seed, epoch, i])  # draws index, caption, augmentation
-        for _ in range(MAX_SUBSTITUTES):
-            j = int(sub.integers(self.num_samples))
-            choice = int(sub.integers(len(self.captions[j]))) if self.train else 0
-            try:
-                x = self._decode(j, sub)
-            except Exception as e:
-                failed.append((j, e))
-                continue
-            for k, err in failed:
-                self._report(epoch, i, k, j, err)
-            return j, x, choice
-        raise DataError(
-            f"Loader: sample {i} and {MAX_SUBSTITUTES} substitutes in a row cannot be decoded; "
-            f"is the data readable? First error: {describe(failed[0][1])}"
-        )
-
-    def _report(self, epoch: int, i: int, index: int, substitute: int, e: Exception) -> None:
-        """Count and pass on one failed decode, once per (epoch, position): mlx-data's prefetch
-        can run a sample's transform twice, and repeated evaluations decode the same samples."""
-        with self._skip_lock:
-            if (epoch, i, index) in self._reported:
-                return
-            self._reported.add((epoch, i, index))
-        image = self._images[index]
-        if isinstance(e, DataError):
-            item, reason, detail = e.item or str(image), e.reason, str(e)
-        else:
-            item, reason, detail = (
-                str(image),
-                "corrupt_image",
-                f"{image}: cannot preprocess image: {describe(e)}",
-            )
-        skip = Skip(item, reason, detail, "decode", epoch, index, substitute)
-        with self._skip_lock:
-            self.num_skipped += 1
-            if self.on_skip is not None:
-                self.on_skip(skip)
-
-    def _sample(self, epoch: int, i: int) -> dict:
-        """Sample i of `epoch` as an mlx-data record: index, image (S, S, 3), caption choice[, tokens]."""
-        if self._array is not None:
-            rng, choice = self._caption_rng(epoch, i)
-            x = self._transform(self._array.images[i], rng)
-        elif self.on_error == "raise":
-            rng, choice = self._caption_rng(epoch, i)
-            x = self._decode(i, rng)
-        else:
-            i, x, choice = self._decode_or_substitute(epoch, i)
-        out = {"index": np.asarray(i, np.int64), "image": x, "caption": np.int64(choice)}
-        if self.tokenize is not None:
-            caption = self.captions[i][choice]
-            out["tokens"] = np.asarray(self.tokenize([caption]), np.int32).reshape(-1)  # (L,)
-        return out
-
-    def _whole_batch(self, epoch: int, idx: np.ndarray) -> dict:
-        """Whole batches at once, for in-memory images that only need normalising.
-
-        Per-sample mlx-data records cost more than normalising a small image, so this path
-        slices and normalises (B, S, S, 3) in one go and tokenizes once (measured:
-        benchmarks/RESULTS.md#numbers-quoted-in-the-code).
-        """
-        # One caption: no draw needed (it would return 0); the per-sample path agrees.
-        choice = [0 if len(self.captions[i]) == 1 else self._caption_rng(epoch, i)[1] for i in idx.tolist()]
-        out = {"index": idx, "image": normalize(self._array.images[idx]), "caption": np.array(choice)}
-        if self.tokenize is not None:
-            caps = [self.captions[i][c] for i, c in zip(idx.tolist(), choice, strict=True)]
-            out["tokens"] = np.asarray(self.tokenize(caps), np.int32)  # (B, L)
-        return out
-
     # -- the callbacks mlx-data runs: they never raise into its threads (data/workers.py) --
 
     def _sample_fn(self, epoch: int, stop: threading.Event) -> Callable[[dict], dict]:
@@ -387,7 +283,7 @@ class Loader:
             i = int(s["index"])
             if not stop.is_set():  # set: the stream is closing, nobody will read this
                 try:
-                    return self._sample(epoch, i)
+                    return self._make.sample(epoch, i)
                 except Exception as e:  # kept for the consuming thread, which raises it (_finish)
                     self._failures[epoch, i] = e
             out = {"index": placeholder(i), "image": np.zeros((0, 0, 3), np.float32), "caption": np.int64(0)}
@@ -405,7 +301,7 @@ class Loader:
             if stop.is_set():
                 return {"index": placeholder(idx)}
             try:
-                return self._whole_batch(epoch, idx)
+                return self._make.whole_batch(epoch, idx)
             except Exception as e:  # kept for the consuming thread, under the sample that fails
                 i, e = self._culprit(epoch, idx, e)
                 self._failures[epoch, i] = e
@@ -417,7 +313,7 @@ class Loader:
         """(sample, its error) for a whole batch that failed: the first sample that fails alone."""
         for i in idx.tolist():
             try:
-                self._whole_batch(epoch, np.array([i]))
+                self._make.whole_batch(epoch, np.array([i]))
             except Exception as alone:
                 return i, alone
         return int(idx[0]), e
@@ -477,8 +373,7 @@ class Loader:
         index = b["index"].astype(np.int64, copy=False)
         bad = failed(index)
         if bad is not None:  # a callback raised: raise it here, in the consuming thread
-            image = "in-memory image" if self._array is not None else str(self._images[bad])
-            raise worker_error(self._failures.pop((epoch, bad), None), bad, image)
+            raise worker_error(self._failures.pop((epoch, bad), None), bad, self._make.describe(bad))
         captions = [self.captions[i][c] for i, c in zip(index.tolist(), b["caption"].tolist(), strict=True)]
         out = {"images": b["image"], "captions": captions, "index": index}
         if "tokens" in b:

@@ -1,0 +1,199 @@
+"""The evaluation suite (mlx_clip/evaluation/suite.py) and `python -m mlx_clip.eval` on named sets.
+
+The suite tests use numpy encoders (an image's feature is a projection of its mean colour), so
+they check the bookkeeping against the metric functions directly; the CLI tests run a tiny
+random-init checkpoint end to end.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_clip.data.samples import DataError
+from mlx_clip.evaluation.classification import zero_shot_metrics
+from mlx_clip.evaluation.datasets import DataChecks
+from mlx_clip.evaluation.metrics import retrieval_metrics, zero_shot_classifier
+from mlx_clip.evaluation.suite import EvalSetSpec, class_text_features, evaluate_sets, load_sets, parse_spec
+from mlx_clip.evaluation.templates import load_templates
+
+COLOURS = {"red_fox": (220, 40, 30), "green_frog": (30, 200, 60), "blue_jay": (40, 60, 220)}
+
+
+def solid(path, colour, seed, size=40):
+    """A `colour` image with a little noise, written to `path` (parents created)."""
+    noise = np.random.default_rng(seed).integers(-20, 21, (size, size, 3))
+    pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def image_folder(root, per_class=4, seed=0):
+    """root/<class>/<i>.png: 3 classes x `per_class` images of the class's colour."""
+    for k, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(per_class):
+            solid(root / name / f"{i}.png", colour, seed + 100 * k + i)
+    return root
+
+
+def karpathy(root, n=5):
+    """root/karpathy.json: n test images (two captions each) and one train image."""
+    images = []
+    for i, colour in enumerate(
+        [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (9, 9, 9)][: n + 1]
+    ):
+        solid(root / "img" / f"{i}.png", colour, i)
+        split = "train" if i == n else "test"
+        sentences = [{"raw": f"picture number {i}"}, {"raw": f"image {i} of a colour"}]
+        images.append({"filepath": "img", "filename": f"{i}.png", "split": split, "sentences": sentences})
+    path = root / "karpathy.json"
+    path.write_text(json.dumps({"images": images}))
+    return path
+
+
+# Numpy encoders: fixed random projections, so features are deterministic and shared by every test.
+PROJECT = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+VOCAB = np.random.default_rng(1).normal(size=(997, 8)).astype(np.float32)
+
+
+def encode_image(images):
+    return images.mean(axis=(1, 2)) @ PROJECT  # (B, S, S, 3) -> (B, 8)
+
+
+def tokenize(texts):
+    return np.array([[hash(w) % 997 for w in (t.split() + ["<pad>"] * 12)[:12]] for t in texts], np.int32)
+
+
+def encode_text(tokens):
+    return VOCAB[tokens].sum(axis=1)  # (B, T) -> (B, 8)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    return {
+        "folder": image_folder(root / "colours"),
+        "train": image_folder(root / "probe_train", per_class=6, seed=7),
+        "karpathy": karpathy(root),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Specs
+
+
+def test_parse_spec_forms_and_errors():
+    assert parse_spec("zeroshot", "pets=data/pets") == EvalSetSpec("pets", "zeroshot", "data/pets")
+    assert parse_spec("zeroshot", " in1k = val/ ", "short").templates == "short"
+    assert parse_spec("retrieval", "coco=a=b.json").path == "a=b.json"  # the first '=' splits
+    assert parse_spec("linear_probe", "p=tr,te") == EvalSetSpec("p", "linear_probe", "tr", "te")
+    with pytest.raises(ValueError, match="unknown evaluation set kind 'zeroshots'; use one of zeroshot"):
+        parse_spec("zeroshots", "a=b")
+    for kind, text, says in [
+        ("zeroshot", "pets", "expected NAME=PATH"),
+        ("zeroshot", "=pets", "expected NAME=PATH"),
+        ("retrieval", "coco=", "expected NAME=PATH"),
+        ("zeroshot", "a/b=x", "no '/' or space"),
+        ("linear_probe", "p=train", "expected NAME=TRAIN,TEST"),
+        ("linear_probe", "p=a,b,c", "expected NAME=TRAIN,TEST"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            parse_spec(kind, text)
+
+
+def test_load_sets_reads_once_and_fails_early(data, tmp_path):
+    specs = [
+        parse_spec("zeroshot", f"colours={data['folder']}", "short"),
+        parse_spec("retrieval", f"caps={data['karpathy']}"),
+        parse_spec("linear_probe", f"probe={data['train']},{data['folder']}"),
+    ]
+    zs, ret, probe = load_sets(specs, image_size=32)
+    assert zs.data.classnames == ["blue jay", "green frog", "red fox"] and len(zs.data) == 12
+    assert zs.templates == load_templates("short") and zs.image_size == 32
+    assert len(ret.data) == 5 and ret.data.captions[0] == ["picture number 0", "image 0 of a colour"]
+    assert len(probe.data) == 18 and len(probe.test) == 12
+
+    with pytest.raises(DataError, match="set name 'colours' is given twice"):
+        load_sets([specs[0], parse_spec("retrieval", f"colours={data['karpathy']}")], 32)
+    with pytest.raises(DataError, match=r"zeroshot set 'x': .*nowhere: no such file or folder"):
+        load_sets([parse_spec("zeroshot", f"x={tmp_path / 'nowhere'}")], 32)
+    with pytest.raises(DataError, match="unknown kind 'detection'"):
+        load_sets([EvalSetSpec("x", "detection", str(data["folder"]))], 32)
+    with pytest.raises(DataError, match="templates 'fancy': no such file"):
+        load_sets([parse_spec("zeroshot", f"x={data['folder']}", "fancy")], 32)
+    # the two splits of a probe must name the same classes
+    other = image_folder(tmp_path / "other", per_class=2)
+    (other / "red_fox").rename(other / "red_wolf")
+    with pytest.raises(DataError, match="both splits need the same class list"):
+        load_sets([parse_spec("linear_probe", f"p={data['train']},{other}")], 32)
+    # "dataset" templates: the set's own file when it has one, else OpenAI's 80
+    assert load_sets([parse_spec("zeroshot", f"x={data['folder']}", "dataset")], 32)[
+        0
+    ].templates == load_templates("openai")
+    own = image_folder(tmp_path / "own", per_class=1)
+    (own / "zeroshot_classification_templates.txt").write_text("a {c} in colour.\n")
+    assert load_sets([parse_spec("zeroshot", f"x={own}", "dataset")], 32)[0].templates == ["a {} in colour."]
+
+
+def test_evaluate_sets_equals_the_metric_functions(data):
+    specs = [
+        parse_spec("zeroshot", f"colours={data['folder']}", "short"),
+        parse_spec("retrieval", f"caps={data['karpathy']}"),
+        parse_spec("linear_probe", f"probe={data['train']},{data['folder']}"),
+    ]
+    loaded = load_sets(specs, image_size=32)
+    calls = []
+
+    def counting_text(tokens):
+        calls.append(len(tokens))
+        return encode_text(tokens)
+
+    scalars, details = evaluate_sets(loaded, encode_image, counting_text, tokenize, batch_size=8)
+    # zero-shot: 3 classes x 7 templates, encoded once, in batches of 8; then 10 retrieval captions
+    assert calls == [8, 8, 5, 8, 2]
+    zs = loaded[0]
+    from mlx_clip.evaluation.eval_images import image_features
+
+    feats, kept = image_features(zs.data, encode_image, 32)
+    prompts = [t.format(c) for c in zs.data.classnames for t in zs.templates]
+    classifier = zero_shot_classifier(encode_text(tokenize(prompts)).reshape(3, 7, -1))
+    np.testing.assert_allclose(
+        class_text_features(zs.data.classnames, zs.templates, encode_text, tokenize), classifier, atol=1e-6
+    )
+    want = zero_shot_metrics(feats, classifier, zs.data.labels[kept], zs.data.classnames)
+    for k in ("top1", "mean_per_class_recall"):
+        assert scalars[f"colours/{k}"] == pytest.approx(want[k], abs=1e-9)
+    assert "colours/top5" not in scalars  # 3 classes: top-5 is left out
+    d = details["colours"]
+    assert d["kind"] == "zeroshot" and d["images"] == 12 and d["skipped"] == 0 and d["templates"] == 7
+    assert d["confusion"] == want["confusion"].tolist() and sum(map(sum, d["confusion"])) == 12
+    assert set(d["per_class_recall"]) == {"blue jay", "green frog", "red fox"}
+    json.dumps(details)  # plain JSON types
+
+    ret = loaded[1]
+    feats, kept = image_features(ret.data, encode_image, 32)
+    texts, owner = ret.data.queries(kept)
+    want = retrieval_metrics(feats, encode_text(tokenize(texts)), owner)
+    for k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@10", "t2i_mean_rank", "i2t_median_rank"):
+        assert scalars[f"caps/{k}"] == pytest.approx(want[k], abs=1e-9)
+    assert details["caps"] == {"kind": "retrieval", "images": 5, "captions": 10, "skipped": 0}
+
+    # linear probe: colours are separable by their mean, so the probe is perfect
+    assert scalars["probe/probe_top1"] == 1.0 and scalars["probe/probe_mean_per_class_recall"] == 1.0
+    assert details["probe"]["train_images"] == 18 and details["probe"]["images"] == 12
+    assert details["probe"]["confusion"] == (np.eye(3, dtype=int) * 4).tolist()
+
+
+def test_undecodable_images_are_skipped_and_counted(tmp_path):
+    root = image_folder(tmp_path / "cut", per_class=3)
+    png = (root / "red_fox" / "0.png").read_bytes()
+    (root / "red_fox" / "0.png").write_bytes(png[: len(png) // 2])  # header intact: passes the scan
+    (root / "blue_jay" / "1.png").write_bytes(b"not an image")  # fails the scan
+    with pytest.warns(Warning):
+        loaded = load_sets(
+            [parse_spec("zeroshot", f"cut={root}", "short")], 32, DataChecks(max_bad_fraction=0.5)
+        )
+        _, details = evaluate_sets(loaded, encode_image, encode_text, tokenize)
+    assert details["cut"]["skipped"] == 2 and details["cut"]["images"] == 7

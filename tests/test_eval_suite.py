@@ -6,6 +6,7 @@ random-init checkpoint end to end.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -197,3 +198,115 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path):
         )
         _, details = evaluate_sets(loaded, encode_image, encode_text, tokenize)
     assert details["cut"]["skipped"] == 2 and details["cut"]["images"] == 7
+
+
+# ---------------------------------------------------------------------------
+# python -m mlx_clip.eval on named sets
+
+TINY = [
+    "--steps", "1", "--model.image_size", "32", "--model.patch_size", "8", "--model.vision_width", "32",
+    "--model.vision_heads", "2", "--model.vision_layers", "1", "--model.text_width", "32",
+    "--model.text_layers", "1", "--model.context_length", "16", "--model.vocab_size", "600",
+    "--model.embed_dim", "16", "--data.builtin_train_size", "32", "--data.builtin_val_size", "16",
+    "--data.batch_size", "16", "--train.progress", "false", "--train.eval_every", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """(a one-step run's checkpoint, a copy of it with other random weights)."""
+    import shutil
+
+    from mlx_clip.models.model import create_model
+    from mlx_clip.models.weights import save_weights
+    from mlx_clip.train import main as train_main
+
+    root = tmp_path_factory.mktemp("eval_cli")
+    train_main(["--out", str(root / "run"), *TINY])
+    a = root / "run" / "checkpoints" / "latest"
+    b = root / "other"
+    shutil.copytree(a.resolve(), b)
+    model, _, _ = __import__("mlx_clip").load(a)
+    save_weights(create_model(model.config, seed=123), b / "model.safetensors")
+    return a.resolve(), b
+
+
+def cli(*argv):
+    from mlx_clip.eval import main as eval_main
+
+    return eval_main([str(a) for a in argv])
+
+
+def test_cli_sets_table_json_and_png(checkpoints, data, tmp_path, capsys):
+    a, _ = checkpoints
+    out = tmp_path / "res" / "eval.json"
+    sets = ["--zeroshot", f"colours={data['folder']}", "--retrieval", f"caps={data['karpathy']}"]
+    sets += ["--linear-probe", f"probe={data['train']},{data['folder']}"]
+    result = cli("--checkpoint", a, *sets, "--templates", "short", "--batch-size", "8", "--out", out)
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split() == ["set", "metric", "value"]
+    assert "colours  top1" in printed and "caps     i2t_R@1" in printed and "probe_top1" in printed
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result)) and saved["checkpoint"] == str(a)
+    assert {
+        "colours/top1",
+        "colours/mean_per_class_recall",
+        "caps/t2i_median_rank",
+        "probe/probe_top1",
+    } <= set(saved["metrics"])
+    assert saved["details"]["colours"]["per_class_recall"].keys() == {"blue jay", "green frog", "red fox"}
+    assert np.array(saved["details"]["colours"]["confusion"]).sum() == 12
+    png = out.parent / "confusion_colours.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (out.parent / "confusion_caps.png").exists()
+
+
+def test_cli_compare_differences(checkpoints, data, tmp_path, capsys):
+    a, b = checkpoints
+    sets = ["--zeroshot", f"colours={data['folder']}", "--retrieval", f"caps={data['karpathy']}"]
+    out = tmp_path / "ab.json"
+    result = cli(
+        "--checkpoint", a, "--compare", b, "--no-verify", *sets, "--templates", "short", "--out", out
+    )
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[2].split() == ["set", "metric", "A", "B", "B-A"]
+    mine, theirs = result["metrics"], result["compare"]["metrics"]
+    assert result["compare"]["checkpoint"] == str(b) and mine != theirs
+    assert result["difference"] == {k: theirs[k] - mine[k] for k in mine}
+    assert json.loads(out.read_text())["difference"] == result["difference"]
+    assert (tmp_path / "confusion_colours.png").is_file() and (tmp_path / "confusion_colours_B.png").is_file()
+    # a checkpoint against itself: every difference is 0
+    same = cli(
+        "--checkpoint", a, "--compare", a, *sets, "--templates", "short", "--out", tmp_path / "aa.json"
+    )
+    assert set(same["difference"].values()) == {0.0}
+    assert "+0.0000" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line(checkpoints, data, tmp_path):
+    a, _ = checkpoints
+    folder = f"colours={data['folder']}"
+    for argv, says in [
+        (["--zeroshot", "colours"], "error: zeroshot set 'colours': expected NAME=PATH"),
+        (["--zeroshot", f"x={tmp_path / 'nope'}"], "error: zeroshot set 'x': .*nope: no such file or folder"),
+        (
+            ["--zeroshot", folder, "--retrieval", f"colours={data['karpathy']}"],
+            "error: set name 'colours' is given twice",
+        ),
+        (["--linear-probe", folder], "error: linear_probe set .*expected NAME=TRAIN,TEST"),
+        (["--zeroshot", folder, "--templates", "fancy"], "error: templates 'fancy': no such file"),
+        (["--compare", a], "error: --compare needs at least one"),
+        (["--zeroshot", folder, "--data", "x.csv"], "error: --data is for the run's own val split"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli("--checkpoint", a, *argv, "--out", tmp_path / "e.json")
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code
+        assert re.match(says, e.value.code), e.value.code
+    with pytest.raises(SystemExit, match="error: .*nowhere"):
+        cli("--checkpoint", tmp_path / "nowhere", "--zeroshot", folder)
+
+
+def test_cli_without_sets_keeps_the_run_val_json(checkpoints, tmp_path, capsys):
+    a, _ = checkpoints
+    metrics = cli("--checkpoint", a, "--out", tmp_path / "val.json")
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(metrics))
+    assert "zeroshot_top1" in metrics and "i2t_R@1" in metrics and metrics["checkpoint"] == str(a)

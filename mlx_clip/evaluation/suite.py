@@ -140,17 +140,28 @@ def load_sets(specs, image_size: int, checks: DataChecks | None = None) -> list[
 # Evaluation
 
 
-def _texts_to_features(texts: list[str], encode_text, tokenize, batch_size: int) -> np.ndarray:
-    parts = [encode_text(tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+def _text_features(strings: list[str], encode_text, tokenize, batch_size: int) -> np.ndarray:
+    """(len(strings), E) float32: tokenized and encoded `batch_size` strings at a time."""
+    parts = [encode_text(tokenize(strings[i : i + batch_size])) for i in range(0, len(strings), batch_size)]
     return np.concatenate([np.asarray(p, np.float32) for p in parts])
 
 
+def _classifier(classnames: list[str], templates: list[str], texts) -> np.ndarray:
+    prompts = [t.format(c) for c in classnames for t in templates]  # CLIP_benchmark's prompts
+    return zero_shot_classifier(texts(prompts).reshape(len(classnames), len(templates), -1))
+
+
 def class_text_features(classnames, templates, encode_text, tokenize, batch_size: int = 256) -> np.ndarray:
-    """(C, E) prompt-ensembled class weights: every class x template prompt encoded in batches of
-    `batch_size`, then metrics.zero_shot_classifier (as CLIP_benchmark: `template.format(name)`)."""
-    prompts = [t.format(c) for c in classnames for t in templates]
-    feats = _texts_to_features(prompts, encode_text, tokenize, batch_size)
-    return zero_shot_classifier(feats.reshape(len(classnames), len(templates), -1))
+    """(C, E) prompt-ensembled class weights, as evaluate_sets computes them for a zero-shot set:
+    every classname x template prompt encoded in batches, then metrics.zero_shot_classifier."""
+    return _classifier(
+        list(classnames), list(templates), lambda p: _text_features(p, encode_text, tokenize, batch_size)
+    )
+
+
+def _skipped(ds: LabelledImages | CaptionedImages, kept: np.ndarray) -> int:
+    """Images left out of a set: skipped when read or scanned, and those that failed to decode."""
+    return len(ds.skipped) + len(ds) - len(kept)
 
 
 def _classification_details(m: dict, ds: LabelledImages, kept: np.ndarray) -> dict:
@@ -159,12 +170,51 @@ def _classification_details(m: dict, ds: LabelledImages, kept: np.ndarray) -> di
         "confusion": np.asarray(m["confusion"]).tolist(),
         "classnames": list(ds.classnames),
         "images": int(len(kept)),
-        "skipped": len(ds.skipped) + len(ds) - len(kept),
+        "skipped": _skipped(ds, kept),
     }
 
 
 def _scalars(name: str, m: dict, keys, prefix: str = "") -> dict[str, float]:
     return {f"{name}/{prefix}{k}": float(m[k]) for k in keys if k in m}
+
+
+CLASSIFICATION = ("top1", "top5", "mean_per_class_recall")
+
+
+def _zeroshot(s: LoadedSet, images, texts) -> tuple[dict, dict]:
+    feats, kept = images(s.data)
+    classifier = _classifier(s.data.classnames, s.templates, texts)
+    m = zero_shot_metrics(feats, classifier, s.data.labels[kept], s.data.classnames)
+    details = {"kind": "zeroshot", "templates": len(s.templates), **_classification_details(m, s.data, kept)}
+    return _scalars(s.name, m, CLASSIFICATION), details
+
+
+def _retrieval(s: LoadedSet, images, texts) -> tuple[dict, dict]:
+    feats, kept = images(s.data)
+    captions, owner = s.data.queries(kept)
+    m = retrieval_metrics(feats, texts(captions), owner)  # no same-text rule: CLIP_benchmark's numbers
+    details = {"kind": "retrieval", "images": int(len(kept)), "captions": len(captions)}
+    details["skipped"] = _skipped(s.data, kept)
+    return _scalars(s.name, m, [k for k in m if k != "retrieval_images"]), details
+
+
+def _linear_probe(s: LoadedSet, images, texts) -> tuple[dict, dict]:
+    train_feats, train_kept = images(s.data)
+    test_feats, test_kept = images(s.test)
+    train_labels, test_labels = s.data.labels[train_kept], s.test.labels[test_kept]
+    m = linear_probe(train_feats, train_labels, test_feats, test_labels, s.data.classnames)
+    details = {
+        "kind": "linear_probe",
+        "l2": m["l2"],
+        "l2_sweep": {str(k): v for k, v in m["l2_sweep"].items()},
+        "train_images": int(len(train_kept)),
+        **_classification_details(m, s.test, test_kept),
+    }
+    details["skipped"] += _skipped(s.data, train_kept)
+    return _scalars(s.name, m, CLASSIFICATION, prefix="probe_"), details
+
+
+EVALUATORS = {"zeroshot": _zeroshot, "retrieval": _retrieval, "linear_probe": _linear_probe}
 
 
 def evaluate_sets(
@@ -178,61 +228,24 @@ def evaluate_sets(
 ) -> tuple[dict[str, float], dict]:
     """(flat scalars "NAME/metric", details per set) of the encoders on every loaded set.
 
-    Images go through eval_images.image_features (the eval Loader, parallel decoding) in batches of
-    `batch_size`, at `image_size` (default: the one the sets were loaded for); texts in batches of
-    `batch_size` too. Class text embeddings are computed once here, per zero-shot set."""
+    Images go through eval_images.image_features (the eval Loader: parallel decoding, a skipped
+    image's row left out) in batches of `batch_size`, at `image_size` (default: the size the sets
+    were loaded for). Texts are tokenized and encoded in batches of `batch_size`: a zero-shot set's
+    classnames x templates prompts once per call, a retrieval set's captions."""
     scalars: dict[str, float] = {}
     details: dict = {}
+
+    def texts(strings: list[str]) -> np.ndarray:
+        return _text_features(strings, encode_text, tokenize, batch_size)
+
     for s in loaded:
-        size = image_size or s.image_size
 
-        def images(ds, s=s, size=size):
+        def images(ds, s=s):
             kw = dict(batch_size=batch_size, num_workers=num_workers, data_checks=s.checks)
-            return image_features(ds, encode_image, size, **kw)
+            return image_features(ds, encode_image, image_size or s.image_size, **kw)
 
-        if s.spec.kind == "zeroshot":
-            feats, kept = images(s.data)
-            classifier = class_text_features(
-                s.data.classnames, s.templates, encode_text, tokenize, batch_size
-            )
-            m = zero_shot_metrics(feats, classifier, s.data.labels[kept], s.data.classnames)
-            scalars.update(_scalars(s.name, m, ("top1", "top5", "mean_per_class_recall")))
-            details[s.name] = {
-                "kind": "zeroshot",
-                "templates": len(s.templates),
-                **_classification_details(m, s.data, kept),
-            }
-        elif s.spec.kind == "retrieval":
-            feats, kept = images(s.data)
-            texts, owner = s.data.queries(kept)
-            m = retrieval_metrics(feats, _texts_to_features(texts, encode_text, tokenize, batch_size), owner)
-            scalars.update(_scalars(s.name, m, [k for k in m if k != "retrieval_images"]))
-            skipped = len(s.data.skipped) + len(s.data) - len(kept)
-            details[s.name] = {
-                "kind": "retrieval",
-                "images": int(len(kept)),
-                "captions": len(texts),
-                "skipped": skipped,
-            }
-        else:
-            train_feats, train_kept = images(s.data)
-            test_feats, test_kept = images(s.test)
-            m = linear_probe(
-                train_feats,
-                s.data.labels[train_kept],
-                test_feats,
-                s.test.labels[test_kept],
-                s.data.classnames,
-            )
-            scalars.update(_scalars(s.name, m, ("top1", "top5", "mean_per_class_recall"), prefix="probe_"))
-            details[s.name] = {
-                "kind": "linear_probe",
-                "l2": m["l2"],
-                "l2_sweep": {str(k): v for k, v in m["l2_sweep"].items()},
-                "train_images": int(len(train_kept)),
-                **_classification_details(m, s.test, test_kept),
-            }
-            details[s.name]["skipped"] += len(s.data.skipped) + len(s.data) - len(train_kept)
+        values, details[s.name] = EVALUATORS[s.spec.kind](s, images, texts)
+        scalars.update(values)
     return scalars, details
 
 

@@ -8,7 +8,7 @@ prints a table and writes eval.json (scalars and per-class details) and a confus
 zero-shot set beside it. --compare CKPT2 evaluates a second checkpoint on the same sets (read once)
 and adds its column and the difference B-A: a fine-tuned model next to its starting point shows
 gain and forgetting. Without sets, it evaluates on the held-out split of the checkpoint's own
-config (or on --data SRC) and prints the metrics as JSON, as before.
+config (or on --data SRC) and prints the metrics as JSON.
 """
 
 from __future__ import annotations
@@ -24,10 +24,15 @@ SET_KINDS = ("zeroshot", "retrieval", "linear_probe")  # the options --zeroshot,
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mlx_clip.eval", description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoint", required=True, help="step_N directory or run directory")
-    p.add_argument("--zeroshot", action="append", default=[], metavar="NAME=PATH", help="zero-shot set")
-    p.add_argument("--retrieval", action="append", default=[], metavar="NAME=PATH", help="retrieval set")
-    p.add_argument("--linear-probe", action="append", default=[], metavar="NAME=TRAIN,TEST", help="probe set")
-    p.add_argument("--templates", default="openai", help="openai | short | dataset (the set's own) | FILE")
+    sets = dict(action="append", default=[])
+    p.add_argument("--zeroshot", **sets, metavar="NAME=PATH", help="zero-shot classification set; repeatable")
+    p.add_argument("--retrieval", **sets, metavar="NAME=PATH", help="image-text retrieval set; repeatable")
+    p.add_argument("--linear-probe", **sets, metavar="NAME=TRAIN,TEST", help="linear probe; repeatable")
+    p.add_argument(
+        "--templates",
+        default="openai",
+        help="zero-shot prompts: openai (80) | short (7) | dataset (its own) | FILE",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images and texts per encoder call")
     p.add_argument("--compare", metavar="CKPT2", help="also evaluate CKPT2 and print B-A")
     p.add_argument("--data", help="without sets: evaluation source; default: the run's val split")

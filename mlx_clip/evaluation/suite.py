@@ -7,11 +7,17 @@ on any encoder (framework-free: encoders are callables on numpy, as metrics.eval
     scalars, details = evaluate_sets(loaded, encode_image, encode_text, tokenize)
     scalars["pets/top1"], scalars["coco/i2t_R@1"], scalars["pets/probe_top1"]
 
-Scalars are flat "NAME/metric" floats (for metrics.jsonl, TensorBoard and eval.best); `details`
-holds per set what does not fit a scalar: per-class recall by class name, the confusion matrix,
-counts of images and captions, and how many images were skipped. The metric definitions are
-CLIP_benchmark's (classification.py, metrics.py, linear_probe.py); retrieval is scored without the
-same-text rule of training's own val split, so the numbers equal CLIP_benchmark's zeroshot_retrieval.
+Scalars are flat "NAME/metric" floats (for metrics.jsonl, TensorBoard and eval.best): zero-shot
+top1, top5 (with 5+ classes), mean_per_class_recall; retrieval i2t_/t2i_ R@1, R@5, R@10,
+mean_rank, median_rank; a linear probe's probe_top1, probe_top5, probe_mean_per_class_recall.
+`details[NAME]` holds what does not fit a scalar: "kind", "images" (evaluated; a probe's test
+split), "skipped" (left out when read, scanned or decoded), for classification "classnames",
+"per_class_recall" {class name: recall or None} and "confusion" (C x C, rows true), for retrieval
+"captions", for zero-shot "templates" (their count), for a probe "train_images", "l2", "l2_sweep".
+
+The metric definitions are CLIP_benchmark's (classification.py, metrics.py, linear_probe.py).
+Retrieval is scored without the same-text rule of training's own val split, so its numbers equal
+CLIP_benchmark's zeroshot_retrieval (ties aside, metrics.py).
 """
 
 from __future__ import annotations

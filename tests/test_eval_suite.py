@@ -310,3 +310,27 @@ def test_cli_without_sets_keeps_the_run_val_json(checkpoints, tmp_path, capsys):
     metrics = cli("--checkpoint", a, "--out", tmp_path / "val.json")
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(metrics))
     assert "zeroshot_top1" in metrics and "i2t_R@1" in metrics and metrics["checkpoint"] == str(a)
+
+
+def test_cli_builtin_val_as_a_table_equals_training_eval(checkpoints, tmp_path):
+    """The run's own held-out images written to disk (a labelled CSV, the 24 class names, the
+    built-in prompts) give the zero-shot numbers of training's evaluation."""
+    from mlx_clip.data.run_data import BUILTIN_SEED
+    from mlx_clip.data.synthetic import generate
+    from mlx_clip.data.synthetic_captions import TEMPLATES
+    from mlx_clip.data.synthetic_scene import CLASSNAMES
+
+    a, _ = checkpoints
+    val = generate(16, image_size=32, seed=BUILTIN_SEED, part="val", split="single", grid=0)  # as TINY's val
+    rows = ["image,label"]
+    for i, (image, label) in enumerate(zip(val.images, val.labels, strict=True)):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{CLASSNAMES[label]}")
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    (tmp_path / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    ours = cli("--checkpoint", a, "--zeroshot", f"builtin={tmp_path / 'val.csv'}", "--templates", "dataset")
+    run = cli("--checkpoint", a, "--out", tmp_path / "run_eval.json")
+    assert ours["details"]["builtin"]["images"] == 16
+    assert ours["metrics"]["builtin/top1"] == pytest.approx(run["zeroshot_top1"], abs=1e-9)
+    assert ours["metrics"]["builtin/top5"] == pytest.approx(run["zeroshot_top5"], abs=1e-9)

@@ -1,8 +1,14 @@
-"""`python -m mlx_clip.eval --checkpoint DIR [--data SRC] [--out FILE]`
+"""`python -m mlx_clip.eval --checkpoint CKPT [--zeroshot NAME=PATH] [--retrieval NAME=PATH]
+[--linear-probe NAME=TRAIN,TEST] [--templates openai|short|dataset|FILE] [--compare CKPT2] [--out FILE]`
 
-Evaluates any checkpoint (a step_N directory, or a run directory: its latest checkpoint) on
-the held-out split of its own config, or on SRC, and prints the metrics as JSON. They are
-also written to DIR/eval.json (or --out).
+Evaluates a checkpoint (a step_N directory, or a run directory: its latest checkpoint) on named
+sets, each option repeatable: zero-shot classification (an ImageFolder, CLIP_benchmark shards or
+a labelled CSV/JSONL), retrieval (a Karpathy JSON or any caption source) and linear probes. It
+prints a table and writes eval.json (scalars and per-class details) and a confusion_NAME.png per
+zero-shot set beside it. --compare CKPT2 evaluates a second checkpoint on the same sets (read once)
+and adds its column and the difference B-A: a fine-tuned model next to its starting point shows
+gain and forgetting. Without sets, it evaluates on the held-out split of the checkpoint's own
+config (or on --data SRC) and prints the metrics as JSON.
 """
 
 from __future__ import annotations
@@ -12,26 +18,105 @@ import json
 import sys
 from pathlib import Path
 
-from .config import load_config
-from .schema import ConfigError
+SET_KINDS = ("zeroshot", "retrieval", "linear_probe")  # the options --zeroshot, --retrieval, --linear-probe
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_clip.eval", description=__doc__.split("\n\n")[1])
+    p.add_argument("--checkpoint", required=True, help="step_N directory or run directory")
+    sets = dict(action="append", default=[])
+    p.add_argument("--zeroshot", **sets, metavar="NAME=PATH", help="zero-shot classification set; repeatable")
+    p.add_argument("--retrieval", **sets, metavar="NAME=PATH", help="image-text retrieval set; repeatable")
+    p.add_argument("--linear-probe", **sets, metavar="NAME=TRAIN,TEST", help="linear probe; repeatable")
+    p.add_argument(
+        "--templates",
+        default="openai",
+        help="zero-shot prompts: openai (80) | short (7) | dataset (its own) | FILE",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images and texts per encoder call")
+    p.add_argument("--compare", metavar="CKPT2", help="also evaluate CKPT2 and print B-A")
+    p.add_argument("--data", help="without sets: evaluation source; default: the run's val split")
+    p.add_argument("--out", help="where to write the metrics JSON (default: CHECKPOINT/eval.json)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m mlx_clip.eval", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--checkpoint", required=True, help="step_N directory or run directory")
-    parser.add_argument(
-        "--data", help="evaluation source (csv/json/folder/tar); default: the run's val split"
-    )
-    parser.add_argument("--out", help="where to write the metrics JSON (default: CHECKPOINT/eval.json)")
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)"
-    )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    texts = {kind: getattr(args, kind) for kind in SET_KINDS}
+    if not any(texts.values()):
+        if args.compare:
+            sys.exit("error: --compare needs at least one --zeroshot, --retrieval or --linear-probe set")
+        return _own_val(args)
+    if args.data:
+        sys.exit(
+            "error: --data is for the run's own val split; give a caption source as --retrieval NAME=PATH"
+        )
+    if args.batch_size < 1:
+        sys.exit(f"error: --batch-size must be at least 1, got {args.batch_size}")
+    return _named_sets(args, texts)
 
+
+def _named_sets(args, texts: dict[str, list[str]]) -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    from .data.samples import DataError
+    from .evaluation import report
+    from .evaluation.suite import evaluate_sets, load_sets, parse_spec
+    from .inference import load
+    from .models.locate import resolve_checkpoint
+
+    runs = []  # (checkpoint, model, tokenizer) of A, then B
+    try:
+        specs = [parse_spec(kind, t, args.templates) for kind, ts in texts.items() for t in ts]
+        for path in [args.checkpoint] + ([args.compare] if args.compare else []):
+            ckpt = resolve_checkpoint(path)
+            model, tokenizer, _ = load(ckpt, verify=not args.no_verify)
+            runs.append((ckpt, model, tokenizer))
+        loaded = load_sets(specs, runs[0][1].config.image_size)  # read once, for both checkpoints
+        results = []
+        for ckpt, model, tokenizer in runs:
+            scalars, details = evaluate_sets(
+                loaded,
+                encode_image=lambda x, m=model: np.array(m.encode_image(mx.array(x))),
+                encode_text=lambda t, m=model: np.array(m.encode_text(mx.array(t))),
+                tokenize=tokenizer,
+                batch_size=args.batch_size,
+                image_size=model.config.image_size,
+            )
+            results.append({"checkpoint": str(ckpt), "metrics": scalars, "details": details})
+    except (DataError, ValueError, FileNotFoundError, OSError) as e:  # ValueError: a bad spec or weights
+        sys.exit(f"error: {e}")
+
+    out = Path(args.out) if args.out else runs[0][0] / "eval.json"
+    result = results[0]
+    if len(results) == 2:
+        a, b = results[0]["metrics"], results[1]["metrics"]
+        result = {**results[0], "compare": results[1], "difference": report.difference(a, b)}
+        print(f"A: {results[0]['checkpoint']}\nB: {results[1]['checkpoint']}")
+        print(report.table({"A": a, "B": b}, diff=True))
+    else:
+        print(report.table({"value": result["metrics"]}))
+    try:
+        report.write_json(out, result)
+        pngs = report.write_confusions(out.parent, results[0]["details"])
+        if len(results) == 2:
+            pngs += report.write_confusions(out.parent, results[1]["details"], suffix="_B")
+    except OSError as e:
+        sys.exit(f"error: could not write {out} or its confusion PNGs ({e}); the table is printed above")
+    print(f"wrote {out}" + "".join(f", {p.name}" for p in pngs))
+    return result
+
+
+def _own_val(args) -> dict:
+    """The checkpoint on the held-out split of its own config (or --data), as JSON."""
+    from .config import load_config
     from .data.run_data import build_run_data
     from .models.locate import resolve_checkpoint, verify_files
     from .models.model import create_model
     from .models.weights import load_weights
+    from .schema import ConfigError
     from .training.evaluate import evaluate
 
     try:
@@ -40,10 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
             verify_files(ckpt, hint="; --no-verify skips this check")
     except (FileNotFoundError, ValueError) as e:  # ValueError: WeightError, a damaged file
         sys.exit(f"error: {e}")
-    overrides = []
-    if args.data:
-        # Evaluate on SRC in full: it becomes the held-out set, nothing of it is trained on.
-        overrides.append(("data.val", args.data))
+    # Evaluate on SRC in full: it becomes the held-out set, nothing of it is trained on.
+    overrides = [("data.val", args.data)] if args.data else []
     try:
         cfg = load_config(ckpt / "config.yaml", overrides)
     except ConfigError as e:

@@ -85,7 +85,7 @@ def write_confusion_png(
 ) -> None:
     """Confusion matrix as a PNG: rows true, columns predicted, colour = share of the row (so the
     diagonal reads as per-class recall). Class names and counts are drawn while they stay legible
-    (up to 40 and 25 classes); a 1000-class matrix is drawn as an image only."""
+    (up to 50 and 25 classes); a 1000-class matrix is drawn as an image only."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +100,7 @@ def write_confusion_png(
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
     ax.set(xlabel="predicted", ylabel="true", title=title or f"confusion ({int(confusion.sum())} images)")
-    if n <= 40:
+    if n <= 50:
         ax.set_xticks(range(n), classnames, rotation=90, fontsize=7)
         ax.set_yticks(range(n), classnames, fontsize=7)
     if n <= 25:

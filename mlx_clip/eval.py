@@ -113,6 +113,7 @@ def _own_val(args) -> dict:
     """The checkpoint on the held-out split of its own config (or --data), as JSON."""
     from .config import load_config
     from .data.run_data import build_run_data
+    from .data.samples import DataError
     from .models.locate import resolve_checkpoint, verify_files
     from .models.model import create_model
     from .models.weights import load_weights
@@ -132,13 +133,13 @@ def _own_val(args) -> dict:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     mcfg = cfg.model_config()
-    data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
     model = create_model(mcfg, seed=None)
     try:
         load_weights(model, ckpt / "model.safetensors")
-    except (ValueError, OSError) as e:  # WeightError: a key, shape or dtype that does not fit
+        data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
+        metrics = {"checkpoint": str(ckpt), **evaluate(model, data)}
+    except (DataError, ValueError, OSError) as e:  # bad data (a worker's error too), or weights
         sys.exit(f"error: {e}")
-    metrics = {"checkpoint": str(ckpt), **evaluate(model, data)}
     out = Path(args.out) if args.out else ckpt / "eval.json"
     try:
         out.write_text(json.dumps(metrics, indent=1))

@@ -303,6 +303,8 @@ def test_cli_bad_input_is_one_line(checkpoints, data, tmp_path):
         assert re.match(says, e.value.code), e.value.code
     with pytest.raises(SystemExit, match="error: .*nowhere"):
         cli("--checkpoint", tmp_path / "nowhere", "--zeroshot", folder)
+    with pytest.raises(SystemExit, match=r"^error: .*missing\.csv: no such file"):  # was a traceback
+        cli("--checkpoint", a, "--data", tmp_path / "missing.csv", "--out", tmp_path / "e.json")
 
 
 def test_cli_without_sets_keeps_the_run_val_json(checkpoints, tmp_path, capsys):

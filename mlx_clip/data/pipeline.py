@@ -84,6 +84,34 @@ class ArraySource:
         return len(self.images)
 
 
+def _check_arguments(
+    *, batch_size, image_size, seed, rank, world_size, num_workers, prefetch, chunk_batches,
+    on_error, sampler, max_image_pixels, max_aspect_ratio,
+) -> None:  # fmt: skip
+    """The Loader's arguments, each refused by name with the value it got."""
+    for name, value, low in [
+        ("batch_size", batch_size, 1),
+        ("image_size", image_size, 1),
+        ("seed", seed, 0),
+        ("world_size", world_size, 1),
+        ("num_workers", num_workers, 0),
+        ("prefetch", prefetch, 1),
+        ("chunk_batches", chunk_batches, 1),
+    ]:
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"Loader: {name} must be an int >= {low}, got {value!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"Loader: rank must be in [0, {world_size}), got {rank}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"Loader: on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Loader: sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if max_image_pixels is not None and (not isinstance(max_image_pixels, int) or max_image_pixels < 1):
+        raise ValueError(f"Loader: max_image_pixels must be None or an int >= 1: {max_image_pixels!r}")
+    if max_aspect_ratio is not None and not max_aspect_ratio >= 1:
+        raise ValueError(f"Loader: max_aspect_ratio must be None or >= 1, got {max_aspect_ratio!r}")
+
+
 # ---------------------------------------------------------------------------
 # The loader
 
@@ -135,27 +163,11 @@ class Loader:
         max_aspect_ratio: float | None = None,
         sampler: str = "random",
     ):
-        for name, value, low in [
-            ("batch_size", batch_size, 1),
-            ("image_size", image_size, 1),
-            ("seed", seed, 0),
-            ("world_size", world_size, 1),
-            ("num_workers", num_workers, 0),
-            ("prefetch", prefetch, 1),
-            ("chunk_batches", chunk_batches, 1),
-        ]:
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"Loader: {name} must be an int >= {low}, got {value!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"Loader: rank must be in [0, {world_size}), got {rank}")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"Loader: on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"Loader: sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if max_image_pixels is not None and (not isinstance(max_image_pixels, int) or max_image_pixels < 1):
-            raise ValueError(f"Loader: max_image_pixels must be None or an int >= 1: {max_image_pixels!r}")
-        if max_aspect_ratio is not None and not max_aspect_ratio >= 1:
-            raise ValueError(f"Loader: max_aspect_ratio must be None or >= 1, got {max_aspect_ratio!r}")
+        _check_arguments(
+            batch_size=batch_size, image_size=image_size, seed=seed, rank=rank, world_size=world_size,
+            num_workers=num_workers, prefetch=prefetch, chunk_batches=chunk_batches, on_error=on_error,
+            sampler=sampler, max_image_pixels=max_image_pixels, max_aspect_ratio=max_aspect_ratio,
+        )  # fmt: skip
         self.batch_size, self.image_size, self.train, self.seed = batch_size, image_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch, self.chunk_batches = num_workers, prefetch, chunk_batches

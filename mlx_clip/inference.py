@@ -96,11 +96,6 @@ class Preprocess:
         return decode_image(image if isinstance(image, bytes) else str(image), self.transform, **limits)
 
 
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _model_config_and_tokenizer_kind(ckpt: Path):
     cfg_path = ckpt / "config.yaml"
     if cfg_path.is_file():

@@ -115,7 +115,8 @@ def zero_shot(args, model, tokenizer, preprocess) -> dict:
 
 
 def search(args, model, tokenizer, preprocess, ckpt: Path) -> dict:
-    from .inference import encode_texts, file_sha256, index_folder
+    from .inference import encode_texts, index_folder
+    from .models.locate import file_sha256
 
     index = index_folder(
         model, preprocess, args.index, file_sha256(ckpt / "model.safetensors"), args.cache, args.batch_size

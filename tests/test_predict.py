@@ -19,7 +19,8 @@ import mlx_clip
 from mlx_clip import inference
 from mlx_clip.data.synthetic import write_dataset
 from mlx_clip.data.transforms import eval_transform
-from mlx_clip.inference import SkippedImageWarning, encode_images, encode_texts, file_sha256, index_folder
+from mlx_clip.inference import SkippedImageWarning, encode_images, encode_texts, index_folder
+from mlx_clip.models.locate import file_sha256
 from mlx_clip.models.model import CLIP, create_model
 from mlx_clip.models.weights import save_weights
 from mlx_clip.predict import main as predict_main

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 
 from ..config import Config, LossConfig, ModelSection, config_to_yaml, load_config
 from ..models.config import ModelConfig, available_models, model_config
-from ..models.locate import MANIFEST, file_sha256, resolve_checkpoint
+from ..models.locate import MANIFEST, file_checksums, resolve_checkpoint
 from ..models.model import CLIP
 from ..models.weights import (
     FLOAT_DTYPES,
@@ -262,10 +262,7 @@ def _check_replaceable(out: Path) -> None:
 def write_manifest(directory: Path) -> None:
     """directory/state.json: {"files": {name: sha256}}, what mlx_clip.load and eval check."""
     skip = (MANIFEST, STAGING_MARKER)
-    files = {
-        p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip
-    }
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    (directory / MANIFEST).write_text(json.dumps({"files": file_checksums(directory, skip)}, indent=1))
 
 
 def fsync_tree(directory: Path) -> None:

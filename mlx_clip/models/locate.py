@@ -28,6 +28,12 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_checksums(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{name: sha256} of the files directly in `directory` (sorted), but those named in `skip`:
+    the "files" of a state.json."""
+    return {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
+
+
 def read_manifest(ckpt: Path) -> dict | None:
     """ckpt/state.json as a dict, or None when there is none; ValueError naming it if unreadable."""
     path = ckpt / MANIFEST

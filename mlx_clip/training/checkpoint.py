@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..interop.files import fsync_dir
+from ..interop.files import fsync_dir, fsync_tree
 from ..interop.layouts import WeightError, check_state
-from ..models.locate import file_sha256, verify_files
+from ..models.locate import file_checksums, verify_files
 from ..models.weights import FORMAT, load_weights, read_safetensors, save_weights, write_safetensors
 from .state import RunState
 
@@ -54,12 +54,9 @@ def save_checkpoint(
         write_safetensors(tmp / "optimizer.safetensors", opt_state, metadata={"format": FORMAT})
         tokenizer.save(tmp)
         (tmp / "config.yaml").write_text(config_yaml)
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = file_checksums(tmp)
         (tmp / "state.json").write_text(json.dumps({**state.to_json(), "files": files}, indent=1))
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 from mlx_clip.config import load_config
+from mlx_clip.data.samples import DataError
 from mlx_clip.schema import ConfigError
 
 TINY = [
@@ -188,3 +189,32 @@ def test_eval_keys_from_the_command_line_and_lower_is_better():
     assert not state.observe("val_loss", {"val_loss": 3.0}, "step_2", lower=True)
     assert state.observe("val_loss", {"val_loss": 1.0}, "step_3", lower=True)
     assert state.observe("top1", {"top1": 0.1}, "step_4")  # another metric: a new best
+
+
+def test_bad_images_of_a_set_go_to_the_run_skip_log(tmp_path):
+    """A set's undecodable image is dropped and logged like training data's (data.* checks)."""
+    from mlx_clip.data.checks import SkipLog
+    from mlx_clip.training.evaluate import load_eval_sets
+
+    folder = image_folder(tmp_path / "zs", 3, 0)
+    (folder / "red_square" / "broken.png").write_bytes(b"not a png")
+    sets = [{"name": "colours", "kind": "zeroshot", "path": str(folder)}]
+    overrides = [("model.image_size", "32"), ("model.patch_size", "8"), ("data.max_bad_fraction", "0.2")]
+    cfg = load_config(write_config(tmp_path / "c.yaml", sets), overrides)
+    log = SkipLog(tmp_path / "skipped.jsonl")
+    with pytest.warns(Warning, match="colours"):
+        (loaded,) = load_eval_sets(cfg, log)
+    log.close()
+    assert len(loaded.data) == 9 and log.count == 1
+    assert "broken.png" in (tmp_path / "skipped.jsonl").read_text()
+    cfg = load_config(write_config(tmp_path / "c.yaml", sets), overrides[:2])  # 1 of 10 > 5%
+    with pytest.raises(DataError, match="broken.png"):
+        load_eval_sets(cfg, None)
+
+
+def test_curves_panel_lines_are_the_sets_headlines():
+    from mlx_clip.training.logging import set_headlines
+
+    evals = [{"step": 2, "zeroshot_top1": 0.1, "a/top1": 0.5, "a/top5": 0.9, "b/i2t_R@1": 0.2},
+             {"step": 4, "c/probe_top1": 1.0, "b/t2i_R@1": 0.3}]  # fmt: skip
+    assert set_headlines(evals) == ["a/top1", "b/i2t_R@1", "c/probe_top1"]

@@ -208,7 +208,7 @@ def test_bad_images_of_a_set_go_to_the_run_skip_log(tmp_path):
     assert len(loaded.data) == 9 and log.count == 1
     assert "broken.png" in (tmp_path / "skipped.jsonl").read_text()
     cfg = load_config(write_config(tmp_path / "c.yaml", sets), overrides[:2])  # 1 of 10 > 5%
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.warns(Warning), pytest.raises(DataError, match="broken.png"):
         load_eval_sets(cfg, None)
 
 
@@ -218,3 +218,23 @@ def test_curves_panel_lines_are_the_sets_headlines():
     evals = [{"step": 2, "zeroshot_top1": 0.1, "a/top1": 0.5, "a/top5": 0.9, "b/i2t_R@1": 0.2},
              {"step": 4, "c/probe_top1": 1.0, "b/t2i_R@1": 0.3}]  # fmt: skip
     assert set_headlines(evals) == ["a/top1", "b/i2t_R@1", "c/probe_top1"]
+
+
+def test_tensorboard_tags_of_eval_sets_are_their_names(tmp_path):
+    from mlx_clip.training.logging import Logger
+
+    class Writer:
+        def __init__(self):
+            self.tags = []
+
+        def add_scalar(self, tag, value, step):
+            self.tags.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    logger = Logger(tmp_path, 4, progress=False)
+    logger.tensorboard = Writer()
+    logger.log({"event": "eval", "step": 2, "zeroshot_top1": 0.5, "pets/top1": 0.25})
+    assert logger.tensorboard.tags == [("eval/zeroshot_top1", 0.5, 2), ("pets/top1", 0.25, 2)]
+    logger.close()

@@ -49,10 +49,12 @@ class Logger:
             if self.dropped:
                 self.message(f"{self.path}: written again; {self.dropped} records were dropped")
                 self.dropped = 0
-        if self.tensorboard is not None:
+        if self.tensorboard is not None:  # "eval/zeroshot_top1"; an eval set's "NAME/top1" as is
             for k, v in record.items():
                 if k not in ("event", "step") and isinstance(v, (int, float)):
-                    self.tensorboard.add_scalar(f"{record['event']}/{k}", v, record["step"])
+                    self.tensorboard.add_scalar(
+                        k if "/" in k else f"{record['event']}/{k}", v, record["step"]
+                    )
 
     def progress_line(self, step: int, loss: float, lr: float, img_s: float, eta_s: float, mem_mb: float):
         if not self.progress:

@@ -238,3 +238,15 @@ def test_tensorboard_tags_of_eval_sets_are_their_names(tmp_path):
     logger.log({"event": "eval", "step": 2, "zeroshot_top1": 0.5, "pets/top1": 0.25})
     assert logger.tensorboard.tags == [("eval/zeroshot_top1", 0.5, 2), ("pets/top1", 0.25, 2)]
     logger.close()
+
+
+def test_a_bad_templates_file_names_its_set(tmp_path):
+    from mlx_clip.training.evaluate import load_eval_sets
+
+    sets = [{"name": "colours", "kind": "zeroshot", "path": str(image_folder(tmp_path / "zs", 1, 0)),
+             "templates": str(tmp_path / "prompts.txt")}]  # fmt: skip
+    cfg = load_config(write_config(tmp_path / "c.yaml", sets), [("model.image_size", "32")])
+    with pytest.raises(
+        DataError, match=r"^eval.sets 'colours' \(zeroshot\): templates .*prompts.txt': no such file"
+    ):
+        load_eval_sets(cfg, None)

@@ -17,8 +17,9 @@ from typing import Literal
 
 import yaml
 
+from .evaluation.spec import EvalSetSpec, best_metric_problem
 from .models.config import ModelConfig, model_config
-from .schema import ConfigError, from_dict, load_yaml, set_dotted, to_dict
+from .schema import ConfigError, from_dict, load_yaml, merge, move_deprecated, set_dotted, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -222,10 +223,8 @@ class TrainConfig:
     streams: int | Auto = "auto"
     memory_budget_gb: float | None = None  # data.batch_size auto: None is 60% of device memory
     log_every: int = 20
-    eval_every: int = 150  # 0: only at the end
     save_every: int = 150  # 0: only at the end
     keep_last: int = 2  # recent checkpoints kept, besides the best one
-    best_metric: str = "auto"  # metric that picks the best checkpoint (auto: zero-shot top-1 or i2t R@1)
     tensorboard: bool = False
     progress: bool = True
     # One OpenBLAS thread: multi-threaded OpenBLAS drifts in the last bits between identical runs
@@ -237,6 +236,40 @@ class TrainConfig:
     # rank, a lost link) exits; it must exceed rank 0's longest evaluation + checkpoint.
     dist_timeout: float = 300.0
     dist_bucket_mb: float = 25.0  # gradients are averaged in all_sum buckets of about this size
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training: the run's own held-out split, plus named sets (evaluation/suite.py)
+    read once before step 1 and evaluated with it, into the same metrics.jsonl record."""
+
+    every: int = 150  # steps between evaluations; 0: only at the end (the final one always runs)
+    # The metric that picks the best checkpoint: "auto" (zero-shot top-1, else i2t R@1, on the run's
+    # held-out split), a held-out metric (val_loss, i2t_R@1, ...) or "NAME/metric" of a set. Losses
+    # and ranks count lower as better, everything else higher.
+    best: str = "auto"
+    # Named sets, each {name, kind: zeroshot|retrieval|linear_probe, path, test_path (linear_probe),
+    # templates (zeroshot: openai|short|dataset|FILE)}; metrics are "NAME/top1", "NAME/i2t_R@1", ...
+    sets: list[EvalSetSpec] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0 (0: only at the end), got {self.every}")
+        seen = set()
+        for i, spec in enumerate(self.sets):
+            problem = spec.problem()
+            if problem:
+                raise ConfigError(f"eval.sets[{i}] ({spec.name!r}): {problem}")
+            if spec.name in seen:
+                raise ConfigError(f"eval.sets[{i}]: the name {spec.name!r} is used twice; names must differ")
+            seen.add(spec.name)
+        problem = best_metric_problem(self.best, self.sets)
+        if problem:
+            raise ConfigError(f"eval.best={self.best!r} is not a metric the run reports; {problem}")
+
+
+# Keys that moved: the old one is still read, with a warning; old and new together must agree.
+DEPRECATED_KEYS = {"train.eval_every": "eval.every", "train.best_metric": "eval.best"}
 
 
 @dataclass
@@ -253,6 +286,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def model_config(self) -> ModelConfig:
         """The architecture (ModelConfig's defaults for "custom"), then the SigLIP paper's init where
@@ -335,8 +369,8 @@ class Config:
             raise ConfigError(f"train.memory_budget_gb must be > 0 (or null), got {t.memory_budget_gb}")
         if t.max_bad_steps < 1:
             raise ConfigError(f"train.max_bad_steps must be at least 1, got {t.max_bad_steps}")
-        if t.log_every < 1 or t.eval_every < 0 or t.save_every < 0 or t.keep_last < 1:
-            raise ConfigError("train.log_every and keep_last must be >= 1; eval_every, save_every >= 0")
+        if t.log_every < 1 or t.save_every < 0 or t.keep_last < 1:
+            raise ConfigError("train.log_every and keep_last must be >= 1; train.save_every >= 0")
         if t.dist_timeout <= 0 or t.dist_bucket_mb <= 0:
             raise ConfigError("train.dist_timeout and train.dist_bucket_mb must be > 0")
         kind = self.tokenizer.kind
@@ -344,23 +378,30 @@ class Config:
             raise ConfigError(
                 f"tokenizer.kind='openai' has 49408 tokens but model.vocab_size={mcfg.vocab_size}"
             )
+        self.eval.validate()
 
 
-def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = (), log=print) -> Config:
     """YAML file (optional) + dotted overrides -> validated Config.
 
     Override values are parsed as YAML scalars, so `--train.steps 10` is an int and
-    `--data.val null` is None.
+    `--data.val null` is None. Deprecated keys (DEPRECATED_KEYS) are renamed with a warning
+    through `log` (None: silently, for a checkpoint's own config.yaml), in the file and on the
+    command line apart, so `--train.eval_every 0` still overrides a file's `eval.every`.
     """
     data = load_yaml(path) if path else {}
+    cli: dict = {}
     for dotted, raw in overrides:
         try:
             value = yaml.safe_load(raw) if isinstance(raw, str) else raw
         except yaml.YAMLError:
             value = raw
-        set_dotted(data, dotted, value)
+        set_dotted(cli, dotted, value)
     where = f"{path}: " if path else ""
     try:
+        move_deprecated(data, DEPRECATED_KEYS, log)
+        move_deprecated(cli, DEPRECATED_KEYS, log)
+        merge(data, cli)
         cfg = from_dict(Config, data)
         cfg.validate()
     except ConfigError as e:
@@ -383,6 +424,7 @@ __all__ = [
     "Config",
     "ModelSection",
     "DataConfig",
+    "EvalConfig",
     "LossConfig",
     "OptimConfig",
     "TemperatureConfig",

@@ -129,7 +129,7 @@ def _own_val(args) -> dict:
     # Evaluate on SRC in full: it becomes the held-out set, nothing of it is trained on.
     overrides = [("data.val", args.data)] if args.data else []
     try:
-        cfg = load_config(ckpt / "config.yaml", overrides)
+        cfg = load_config(ckpt / "config.yaml", overrides, log=None)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     mcfg = cfg.model_config()

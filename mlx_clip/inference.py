@@ -99,7 +99,7 @@ class Preprocess:
 def _model_config_and_tokenizer_kind(ckpt: Path):
     cfg_path = ckpt / "config.yaml"
     if cfg_path.is_file():
-        cfg = load_config(cfg_path)
+        cfg = load_config(cfg_path, log=None)  # a checkpoint's own config: no deprecation warnings
         return cfg.model_config(), cfg.tokenizer.kind
     # No run config: save_weights also records the ModelConfig in the safetensors header.
     with safe_open(str(ckpt / "model.safetensors"), "np") as f:

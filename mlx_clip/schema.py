@@ -133,7 +133,8 @@ def unknown_key_error(key: str, valid: list[str], prefix: str = "") -> ConfigErr
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from `data`, rejecting unknown keys, wrong types and missing required
+    keys (fields without a default). A list of dataclasses names each item's keys `key[i].field`."""
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in fields(cls)]
     kwargs = {}
@@ -141,7 +142,16 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in valid:
             raise unknown_key_error(key, valid, prefix)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    required = [f.name for f in fields(cls) if _required(f)]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        where = f"{prefix}: " if prefix else ""
+        raise ConfigError(f"{where}missing key {one_of(tuple(missing))} (required: {', '.join(required)})")
     return cls(**kwargs)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def to_dict(obj: Any) -> dict:
@@ -174,4 +184,45 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-__all__ = ["ConfigError", "from_dict", "load_yaml", "one_of", "set_dotted", "to_dict", "unknown_key_error"]
+def merge(data: dict, overrides: dict) -> None:
+    """Overlay `overrides` (nested like `data`, as set_dotted builds it) on `data`, key by key."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merge(data[key], value)
+        else:
+            data[key] = value
+
+
+def move_deprecated(data: dict, renames: dict[str, str], log=print) -> None:
+    """Rename deprecated "section.key"s of a raw config mapping to their new "section.key" (`renames`:
+    old -> new), warning through `log` (None: silently); old and new given together must agree."""
+    for old, new in renames.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = data.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        value = section.pop(old_key)
+        target = data.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{new_section}: expected a mapping, got {type(target).__name__} {target!r}")
+        if new_key in target and target[new_key] != value:
+            raise ConfigError(
+                f"{old}={value!r} and {new}={target[new_key]!r} disagree; {old} is the deprecated name "
+                f"of {new}: give {new} only"
+            )
+        target[new_key] = value
+        if log is not None:
+            log(f"warning: {old} is deprecated, use {new} (read as {new}: {value!r})")
+
+
+__all__ = [
+    "ConfigError",
+    "from_dict",
+    "load_yaml",
+    "merge",
+    "move_deprecated",
+    "one_of",
+    "set_dotted",
+    "to_dict",
+    "unknown_key_error",
+]

@@ -161,7 +161,7 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
                     rate = record["img_per_s"]
                     print(f"step {step}/{total} loss {record['loss']:.4f} lr {lr:.2e} {rate:.0f} img/s")
                 window_t, window_n = now, 0
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < total:
                 log.write(json.dumps({"event": "eval", "step": step, **evaluate()}) + "\n")
             if step >= total:
                 break

@@ -7,5 +7,6 @@ templates.py       prompt templates and class-name lists; prompts/*.txt: OpenAI'
 datasets.py        zero-shot sets on disk: ImageFolder, CLIP_benchmark shards, labelled CSV/JSONL
 retrieval_sets.py  retrieval sets on disk: Karpathy-split JSON, any caption source training reads
 eval_images.py     a set's images as model input, through training's eval pipeline
+spec.py            what a set is (EvalSetSpec) and the metric names it reports; framework-free
 suite.py           named sets (eval.sets, the eval CLI): read once, evaluated on any encoder
 """

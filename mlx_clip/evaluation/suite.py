@@ -26,7 +26,6 @@ import glob
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -37,21 +36,10 @@ from .eval_images import image_features
 from .linear_probe import linear_probe
 from .metrics import retrieval_metrics, zero_shot_classifier
 from .retrieval_sets import CaptionedImages, read_retrieval
+from .spec import CLASSIFICATION_METRICS, KINDS, SET_METRICS, EvalSetSpec
 from .templates import load_templates
 
-KINDS = ("zeroshot", "retrieval", "linear_probe")
 OWN_TEMPLATES = "dataset"  # templates="dataset": the set's zeroshot_classification_templates.txt
-
-
-@dataclass(frozen=True)
-class EvalSetSpec:
-    """One named evaluation set: an entry of eval.sets, or one CLI option."""
-
-    name: str
-    kind: Literal["zeroshot", "retrieval", "linear_probe"]
-    path: str  # linear_probe: the training split
-    test_path: str | None = None  # linear_probe: the test split
-    templates: str = "openai"  # zeroshot: openai | short | FILE | dataset (its own file, else openai)
 
 
 @dataclass
@@ -184,15 +172,12 @@ def _scalars(name: str, m: dict, keys, prefix: str = "") -> dict[str, float]:
     return {f"{name}/{prefix}{k}": float(m[k]) for k in keys if k in m}
 
 
-CLASSIFICATION = ("top1", "top5", "mean_per_class_recall")
-
-
 def _zeroshot(s: LoadedSet, images, texts) -> tuple[dict, dict]:
     feats, kept = images(s.data)
     classifier = _classifier(s.data.classnames, s.templates, texts)
     m = zero_shot_metrics(feats, classifier, s.data.labels[kept], s.data.classnames)
     details = {"kind": "zeroshot", "templates": len(s.templates), **_classification_details(m, s.data, kept)}
-    return _scalars(s.name, m, CLASSIFICATION), details
+    return _scalars(s.name, m, CLASSIFICATION_METRICS), details
 
 
 def _retrieval(s: LoadedSet, images, texts) -> tuple[dict, dict]:
@@ -201,7 +186,7 @@ def _retrieval(s: LoadedSet, images, texts) -> tuple[dict, dict]:
     m = retrieval_metrics(feats, texts(captions), owner)  # no same-text rule: CLIP_benchmark's numbers
     details = {"kind": "retrieval", "images": int(len(kept)), "captions": len(captions)}
     details["skipped"] = _skipped(s.data, kept)
-    return _scalars(s.name, m, [k for k in m if k != "retrieval_images"]), details
+    return _scalars(s.name, m, SET_METRICS["retrieval"]), details
 
 
 def _linear_probe(s: LoadedSet, images, texts) -> tuple[dict, dict]:
@@ -217,7 +202,7 @@ def _linear_probe(s: LoadedSet, images, texts) -> tuple[dict, dict]:
         **_classification_details(m, s.test, test_kept),
     }
     details["skipped"] += _skipped(s.data, train_kept)
-    return _scalars(s.name, m, CLASSIFICATION, prefix="probe_"), details
+    return _scalars(s.name, m, CLASSIFICATION_METRICS, prefix="probe_"), details
 
 
 EVALUATORS = {"zeroshot": _zeroshot, "retrieval": _retrieval, "linear_probe": _linear_probe}

@@ -183,7 +183,7 @@ def read_checkpoint(path: str | Path):
     ckpt = resolve_checkpoint(path)
     weights = ckpt / "model.safetensors"
     if (ckpt / "config.yaml").is_file():
-        cfg = load_config(ckpt / "config.yaml").model_config()
+        cfg = load_config(ckpt / "config.yaml", log=None).model_config()
     else:  # save_weights also records the architecture in the file's metadata
         _, meta = mx.load(str(weights), return_metadata=True)
         if "config" not in meta:

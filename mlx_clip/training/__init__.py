@@ -2,6 +2,7 @@
 
 build.py        build_training: model + optimizer + compiled step + run state, the one place they are made
 loop.py         train(): set-up, the step loop, finish
+evaluate.py     held-out metrics and val loss; the config's eval sets (eval.sets), read once, evaluated
 state.py        RunState: what a checkpoint's state.json records, to and from JSON
 loss.py         contrastive objectives (clip, siglip, hard_negative, multi_scale) and feature gathering
 optim.py        AdamW groups, learning-rate schedule, tower locking
@@ -12,6 +13,6 @@ distributed.py  data parallel over mx.distributed
 checkpoint.py   atomic run checkpoints, finding the one to resume, pruning (this run's only)
 run_dir.py      one process (OUT/.lock) and one run (refuse other runs' checkpoints) per OUT
 resume.py       --resume: what changed since the checkpoint, refusing what breaks exactness
-logging.py      metrics.jsonl, progress line, curves.png, TensorBoard
+logging.py      metrics.jsonl, progress line, curves.png, TensorBoard, eval_sets.json
 autobatch.py    data.batch_size auto
 """

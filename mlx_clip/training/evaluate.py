@@ -1,4 +1,5 @@
-"""A run's held-out evaluation: zero-shot and retrieval metrics, and the training loss on val."""
+"""A run's evaluation: zero-shot and retrieval metrics and the training loss on its held-out split,
+and the config's named eval sets (eval.sets: evaluation/suite.py), read once at set-up."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import Config
+from ..data.checks import SkipLog
 from ..data.run_data import RunData
+from ..data.samples import DataError
+from ..evaluation.datasets import DataChecks
 from ..evaluation.metrics import evaluate_run
+from ..evaluation.suite import LoadedSet, evaluate_sets, load_sets
 from ..models.model import CLIP, encode_pair
 from .build import make_loss_parts
 
@@ -37,11 +42,53 @@ def val_loss(model: CLIP, data: RunData, cfg: Config) -> float:
     return float(np.average([x for x, _ in losses], weights=[n for _, n in losses])) if losses else math.nan
 
 
+def load_eval_sets(cfg: Config, skip_log: SkipLog | None) -> list[LoadedSet]:
+    """eval.sets read once (rank 0, before step 1) at the model's image size, with the run's own
+    data checks (data.validate, data.max_bad_fraction, ...): skipped images go to `skip_log`, the
+    run's skipped.jsonl. A missing path or a bad set raises a DataError naming the set."""
+    if not cfg.eval.sets:
+        return []
+    d = cfg.data
+    checks = DataChecks(
+        mode=d.validate,
+        max_bad_fraction=d.max_bad_fraction,
+        max_image_pixels=d.max_image_pixels,
+        max_aspect_ratio=d.max_aspect_ratio or None,
+        max_caption_chars=d.max_caption_chars,
+        log=skip_log,
+    )
+    loaded, size = [], cfg.model_config().image_size
+    for spec in cfg.eval.sets:  # one at a time, so that every error names its set
+        try:
+            loaded += load_sets([spec], size, checks)
+        except DataError as e:
+            if repr(spec.name) in str(e):
+                raise
+            raise DataError(f"eval.sets '{spec.name}' ({spec.kind}): {e}") from e
+    for s in loaded:
+        images = len(s.data) if s.test is None else f"{len(s.data)} train + {len(s.test)} test"
+        print(f"eval set {s.name} ({s.spec.kind}): {images} images", flush=True)
+    return loaded
+
+
+def evaluate_eval_sets(model: CLIP, data: RunData, loaded: list[LoadedSet], cfg: Config) -> tuple[dict, dict]:
+    """(flat "NAME/metric" scalars, per-set details) of `model` on the loaded eval sets, with the
+    run's tokenizer, in batches of data.batch_size."""
+    return evaluate_sets(
+        loaded,
+        encode_image=lambda images: np.array(model.encode_image(mx.array(images))),
+        encode_text=lambda tokens: np.array(model.encode_text(mx.array(tokens))),
+        tokenize=data.tokenize,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+
+
 def pick_best_metric(cfg: Config, metrics: dict) -> str | None:
-    """The metric that picks the best checkpoint: train.best_metric, or with "auto" zero-shot top-1
+    """The metric that picks the best checkpoint: eval.best, or with "auto" zero-shot top-1
     (else image-to-text R@1) when the evaluation has it."""
-    if cfg.train.best_metric != "auto":
-        return cfg.train.best_metric
+    if cfg.eval.best != "auto":
+        return cfg.eval.best
     for name in ("zeroshot_top1", "i2t_R@1"):
         if name in metrics:
             return name

@@ -1,4 +1,5 @@
-"""What a run reports: OUT/metrics.jsonl, the progress line, OUT/curves.png and TensorBoard."""
+"""What a run reports: OUT/metrics.jsonl, the progress line, OUT/curves.png, TensorBoard and
+OUT/eval_sets.json (the eval sets' details at the latest evaluation)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+
+from ..evaluation.spec import HEADLINE
 
 
 class RunWriteError(OSError):
@@ -46,10 +49,12 @@ class Logger:
             if self.dropped:
                 self.message(f"{self.path}: written again; {self.dropped} records were dropped")
                 self.dropped = 0
-        if self.tensorboard is not None:
+        if self.tensorboard is not None:  # "eval/zeroshot_top1"; an eval set's "NAME/top1" as is
             for k, v in record.items():
                 if k not in ("event", "step") and isinstance(v, (int, float)):
-                    self.tensorboard.add_scalar(f"{record['event']}/{k}", v, record["step"])
+                    self.tensorboard.add_scalar(
+                        k if "/" in k else f"{record['event']}/{k}", v, record["step"]
+                    )
 
     def progress_line(self, step: int, loss: float, lr: float, img_s: float, eta_s: float, mem_mb: float):
         if not self.progress:
@@ -177,6 +182,20 @@ def write_curves(out: Path, log=print) -> None:
         log(f"warning: {out / 'curves.png'} not written: {e}")
 
 
+def write_eval_sets(out: Path, step: int, scalars: dict, details: dict, log=print) -> None:
+    """OUT/eval_sets.json: {"step", "metrics" ("NAME/metric" scalars), "details" (per set: counts,
+    per-class recall, confusion, ...)} of the latest evaluation, replacing the previous one
+    atomically (every step's scalars are in metrics.jsonl). A failed write is a warning."""
+    path = out / "eval_sets.json"
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps({"step": step, "metrics": scalars, "details": details}, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log(f"warning: {path} not written ({e}); the eval sets' scalars are in metrics.jsonl")
+
+
 def write_summary(path: Path, summary: dict, final: Path) -> None:
     """OUT/summary.json; a failed write (a full disk) is a RunWriteError naming the saved checkpoint."""
     try:
@@ -188,7 +207,15 @@ def write_summary(path: Path, summary: dict, final: Path) -> None:
         ) from e
 
 
+def set_headlines(evals: list[dict]) -> list[str]:
+    """The eval sets' headline scalars in the eval records, in order of first appearance:
+    "NAME/top1" (zero-shot), "NAME/i2t_R@1" (retrieval), "NAME/probe_top1" (linear probe)."""
+    suffixes = tuple(f"/{m}" for m in HEADLINE.values())
+    return list(dict.fromkeys(k for r in evals for k in r if "/" in k and k.endswith(suffixes)))
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
+    """Train loss and held-out accuracy; with eval sets, a third panel with one line per set."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,7 +223,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     train = [r for r in history if r["event"] == "train"]
     evals = [r for r in history if r["event"] == "eval"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    sets = set_headlines(evals)
+    fig, (ax1, ax2, *ax3) = plt.subplots(1, 3 if sets else 2, figsize=(15 if sets else 10, 3.5))
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train])
     ax1.set(xlabel="step", ylabel="train loss", title="loss")
     for key in ("zeroshot_top1", "i2t_R@1", "t2i_R@1"):
@@ -206,6 +234,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax2.set(xlabel="step", ylabel="accuracy", title="held-out", ylim=(0, 1))
     if evals:
         ax2.legend()
+    for key in sets:
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        ax3[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    if sets:
+        ax3[0].set(xlabel="step", ylabel="accuracy / R@1", title="eval sets", ylim=(0, 1))
+        ax3[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -2,7 +2,8 @@
 
     train(cfg, out)  ->  claim OUT (run_dir.py: one process, one run per directory)
                      ->  setup(): data, what changed since a resumed checkpoint (resume.py),
-                         model + optimizer + compiled step (build.py), run state
+                         the eval sets (eval.sets), model + optimizer + compiled step (build.py),
+                         run state
                      ->  run_steps(): step, log, evaluate and checkpoint on schedule
                      ->  finish(): final evaluation, checkpoint, curves, summary.json
 
@@ -29,6 +30,7 @@ from mlx.utils import tree_flatten
 from ..config import Config, config_to_yaml
 from ..data import checks
 from ..data.run_data import RunData, build_run_data, fingerprints
+from ..evaluation.spec import lower_is_better
 from ..models.locate import resolve_init
 from ..models.model import LOGIT_SCALE_MAX
 from ..models.weights import load_init_weights
@@ -37,8 +39,8 @@ from . import run_dir, streams
 from .autobatch import find_batch_size
 from .build import Training, build_training
 from .distributed import World, init_world, pack_dir, unpack_dir
-from .evaluate import evaluate, pick_best_metric
-from .logging import Logger, Throughput, memory_mb, write_curves, write_summary
+from .evaluate import evaluate, evaluate_eval_sets, load_eval_sets, pick_best_metric
+from .logging import Logger, Throughput, memory_mb, write_curves, write_eval_sets, write_summary
 from .optim_rules import lr_at
 from .resume import check_config, check_data, continue_position, restore
 from .state import RunState, config_hash, new_run_id
@@ -66,6 +68,7 @@ class Run:
     logger: Logger | None  # rank 0 only
     skip_log: checks.SkipLog | None  # own data only
     started: float
+    eval_sets: list  # eval.sets read once (evaluation/suite.LoadedSet); rank 0 only
 
     @property
     def ckpt_root(self) -> Path:
@@ -103,6 +106,8 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
     data, resume_dir, init_weights = load_data(cfg, out, world, resume, skip_log, config_yaml, resume_changed)
     world.check_same({"config": config_hash(config_yaml), "training samples": str(data.train.num_samples)})
     print(f"data: {data.describe()} ({time.perf_counter() - started:.1f}s)", flush=True)
+    eval_sets = []  # rank 0 evaluates alone; a bad set stops every rank here, before step 1
+    world.on_main(lambda: eval_sets.extend(load_eval_sets(cfg, skip_log)), "reading the eval sets")
     if world.size > 1:
         per_rank = cfg.data.batch_size // world.size
         print(f"data parallel: {world.size} ranks x {per_rank} = global batch {cfg.data.batch_size}")
@@ -146,14 +151,14 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
     logger = (
         Logger(out, cfg.train.steps, cfg.train.progress, cfg.train.tensorboard) if world.is_main else None
     )
-    return Run(cfg, out, world, data, training, state, config_yaml, logger, skip_log, started)
+    return Run(cfg, out, world, data, training, state, config_yaml, logger, skip_log, started, eval_sets)
 
 
 def open_skip_log(cfg: Config, out: Path, world: World, resume: bool) -> checks.SkipLog | None:
     """Own data: every skipped item goes to OUT/skipped.jsonl (rank 0; other ranks to a temp file).
     Resuming, the lines are held in memory until the checkpoint is restored (setup releases
     them), so a refused resume leaves the run's skipped.jsonl as it was."""
-    if cfg.data.train == "builtin" and not cfg.data.val:
+    if cfg.data.train == "builtin" and not cfg.data.val and not cfg.eval.sets:
         return None
     path = out / "skipped.jsonl" if world.is_main else Path(tempfile.mkdtemp()) / "skipped.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,9 +305,9 @@ def log_progress(run: Run, meter: Throughput, stop_at: int, loss, grad_norm, tau
 
 
 def evaluate_and_save_on_schedule(run: Run, stop_at: int) -> None:
-    """train.eval_every / train.save_every: rank 0 evaluates and saves, the others wait for it."""
+    """eval.every / train.save_every: rank 0 evaluates and saves, the others wait for it."""
     cfg, step, world = run.cfg, run.state.step, run.world
-    evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
+    evaluate_now = cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps
     save_now = cfg.train.save_every and step % cfg.train.save_every == 0 and step < stop_at
     metrics = run_eval(run) if evaluate_now and world.is_main else None
     if save_now and world.is_main:
@@ -337,8 +342,14 @@ _OOM_WORDS = ("malloc", "allocate", "out of memory", "resource limit", "bad_allo
 
 
 def run_eval(run: Run) -> dict:
+    """The run's held-out metrics, then the eval sets' "NAME/metric" scalars, as one eval record
+    (their per-set details: OUT/eval_sets.json)."""
     started = time.perf_counter()
     metrics = evaluate(run.training.model, run.data, run.cfg)
+    if run.eval_sets:
+        scalars, details = evaluate_eval_sets(run.training.model, run.data, run.eval_sets, run.cfg)
+        metrics.update(scalars)
+        write_eval_sets(run.out, run.state.step, scalars, details, run.logger.message)
     run.logger.log({"event": "eval", "step": run.state.step, **metrics})
     temperature = run.training.temperature
     if temperature.observe(metrics.get("val_loss", math.nan)):
@@ -353,7 +364,8 @@ def save(run: Run, metrics: dict | None) -> Path:
     one and the last train.keep_last."""
     state, training = run.state, run.training
     metrics = metrics or {}
-    state.observe(pick_best_metric(run.cfg, metrics), metrics, f"step_{state.step}")
+    metric = pick_best_metric(run.cfg, metrics)
+    state.observe(metric, metrics, f"step_{state.step}", lower=metric is not None and lower_is_better(metric))
     state.temperature = training.temperature.state_dict()
     path = ckpt_io.save_checkpoint(
         run.ckpt_root, training.model, training.optimizer, run.data.tokenizer, run.config_yaml, state

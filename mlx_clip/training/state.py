@@ -75,12 +75,17 @@ class RunState:
             self.epoch, start = self.epoch + 1, 0
         self.batch_in_epoch, self.samples_in_epoch = start, start * self.batch_size
 
-    def observe(self, metric: str | None, metrics: dict, checkpoint: str) -> bool:
-        """Record `metrics` of the checkpoint about to be saved; True when it is the new best. A
-        non-finite value (NaN from non-finite embeddings) never is."""
+    def observe(self, metric: str | None, metrics: dict, checkpoint: str, lower: bool = False) -> bool:
+        """Record `metrics` of the checkpoint about to be saved; True when it is the new best:
+        `metric` higher than the best so far (`lower`: lower, for a loss or a rank). A non-finite
+        value (NaN from non-finite embeddings) never is. A best of another metric (eval.best changed
+        on --resume) does not count: the first value of the new metric replaces it."""
         self.metrics = metrics
         value = metrics.get(metric) if metric is not None else None
-        if value is None or not math.isfinite(value) or not value > self.best["value"]:
+        if value is None or not math.isfinite(value):
+            return False
+        best = self.best["value"] if self.best["name"] == metric else None
+        if best is not None and not (value < best if lower else value > best):
             return False
         self.best = {"name": metric, "value": metrics[metric], "checkpoint": checkpoint}
         return True

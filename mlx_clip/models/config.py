@@ -106,10 +106,15 @@ class ModelConfig:
             )
 
     def _check_shapes(self, where: str) -> None:
-        if self.image_size % self.patch_size:
+        # A remainder is SigLIP's (384 px, 14 px patches: the stride-p conv leaves out the last 6
+        # pixel rows and columns); in a class-token model it is refused as the likely typo.
+        if self.image_size % self.patch_size and (
+            self.vision_pool == "cls" or self.image_size < self.patch_size
+        ):
             raise ConfigError(
                 f"{where}.image_size={self.image_size} is not divisible by "
-                f"{where}.patch_size={self.patch_size}: the ViT needs a whole grid of patches"
+                f"{where}.patch_size={self.patch_size}: the ViT needs a whole grid of patches "
+                f"(only a vision_pool 'map' model may leave out a remainder, as SigLIP's 384 px / 14 px)"
             )
         for tower in ("vision", "text"):
             width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
@@ -201,6 +206,7 @@ class ModelConfig:
 
     @property
     def num_patches(self) -> int:
+        """The patch grid's size; pixels past the last whole patch are not seen (as a stride-p conv)."""
         return (self.image_size // self.patch_size) ** 2
 
 

@@ -115,6 +115,8 @@ class PatchEmbed(nn.Module):
         B, H, W, C = x.shape
         p = self.patch_size
         gh, gw = H // p, W // p
+        if H % p or W % p:  # as a stride-p conv: the pixels past the last whole patch are left out
+            x = x[:, : gh * p, : gw * p]
         x = x.reshape(B, gh, p, gw, p, C).transpose(0, 1, 3, 2, 4, 5)  # (B, gh, gw, p, p, C)
         x = x.reshape(B, gh * gw, p * p * C)  # (B, N, p*p*C), same order as the weight
         w = self.weight.reshape(self.weight.shape[0], -1)  # (width, p*p*C)

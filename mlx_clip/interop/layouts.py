@@ -224,7 +224,7 @@ def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
     text = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.text_width,
-        intermediate_size=int(cfg.text_width * cfg.mlp_ratio),
+        intermediate_size=cfg.mlp_hidden("text"),
         num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads,
         max_position_embeddings=cfg.context_length,
@@ -238,7 +238,7 @@ def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
     )
     vision = dict(
         hidden_size=cfg.vision_width,
-        intermediate_size=int(cfg.vision_width * cfg.mlp_ratio),
+        intermediate_size=cfg.mlp_hidden("vision"),
         num_hidden_layers=cfg.vision_layers,
         num_attention_heads=cfg.vision_heads,
         image_size=cfg.image_size,

@@ -257,3 +257,14 @@ def test_pooling_head_and_text_head_unlock_with_the_last_blocks():
     assert is_locked("visual.patch_embed.bias", opt, cfg) and is_locked(
         "text.token_embedding.weight", opt, cfg
     )
+
+
+def test_fine_tuning_at_another_size_resamples_positions_without_a_class_token(tmp_path):
+    from mlx_clip.interop.layouts import resize_positional_embedding
+    from mlx_clip.models.weights import load_init_weights
+
+    m, _, path = paired(FAMILIES["siglip"], tmp_path)  # a 5 x 5 grid
+    bigger = load_init_weights(CLIP(replace(FAMILIES["siglip"], image_size=45)), path)  # 7 x 7
+    want = resize_positional_embedding(np.array(m.visual.positional_embedding), 7, class_token=False)
+    assert want.shape == (49, 48)
+    np.testing.assert_allclose(np.array(bigger.visual.positional_embedding), want, atol=1e-6)

@@ -39,7 +39,7 @@ def test_ints_are_accepted_for_floats():
     [
         (dict(image_size=50), "not divisible by model.patch_size"),
         (dict(vision_heads=5), "vision_width=96 is not divisible by model.vision_heads=5"),
-        (dict(activation="relu"), "activation must be 'quick_gelu' or 'gelu'"),
+        (dict(activation="relu"), "activation must be 'quick_gelu', 'gelu' or 'gelu_tanh'"),
         (dict(text_layers=0), "text_layers must be positive"),
     ],
 )

@@ -27,6 +27,10 @@ def test_exp_relative_error_over_float32_range():
     [
         (fm.fast_gelu, lambda a: 0.5 * a * (1 + mx.erf(a / math.sqrt(2)))),
         (fm.fast_quick_gelu, lambda a: a * mx.sigmoid(1.702 * a)),
+        (
+            fm.fast_gelu_tanh,
+            lambda a: 0.5 * a * (1 + mx.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a**3))),
+        ),
     ],
 )
 def test_activation_values_and_gradients(fast, ref):
@@ -60,9 +64,10 @@ def test_environment_picks_the_kernel_the_activation_runs(monkeypatch):
     native = {
         "gelu": lambda a: 0.5 * a * (1 + mx.erf(a * (1 / math.sqrt(2.0)))),
         "quick_gelu": lambda a: a * mx.sigmoid(1.702 * a),
+        "gelu_tanh": lambda a: 0.5 * a * (1 + mx.tanh(fm._TANH_C * (a + fm._TANH_A * a * a * a))),
     }
-    fast = {"gelu": fm.fast_gelu, "quick_gelu": fm.fast_quick_gelu}
-    for name in ("gelu", "quick_gelu"):
+    fast = {"gelu": fm.fast_gelu, "quick_gelu": fm.fast_quick_gelu, "gelu_tanh": fm.fast_gelu_tanh}
+    for name in native:
         act = fm.activation(name)
         monkeypatch.setenv(fm.ENV, "native")
         assert mx.array_equal(act(x), native[name](x)).item()
@@ -77,3 +82,19 @@ def test_bad_environment_value_and_unknown_activation_are_errors(monkeypatch):
         fm.use_fast_kernels()
     with pytest.raises(ValueError, match="unknown activation 'relu'"):
         fm.activation("relu")
+
+
+def test_gelu_tanh_is_torchs_tanh_approximation():
+    """gelu_tanh, both kernels, equals torch GELU(approximate="tanh") (HF gelu_pytorch_tanh),
+    values and gradients, computed in float64."""
+    torch = pytest.importorskip("torch")
+    x = np.linspace(-10, 10, 20001, dtype=np.float32)
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.gelu(t, approximate="tanh").sum().backward()
+    want = torch.nn.functional.gelu(t.detach(), approximate="tanh").numpy()
+    for env in ("native", "fast"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(fm.ENV, env)
+            value, grad = mx.value_and_grad(lambda a: fm.gelu_tanh(a).sum())(mx.array(x))
+            assert np.abs(np.array(fm.gelu_tanh(mx.array(x))) - want).max() < 2e-6
+            assert np.abs(np.array(grad) - t.grad.numpy()).max() < 2e-6

@@ -224,7 +224,7 @@ def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
     text = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.text_width,
-        intermediate_size=int(cfg.text_width * cfg.mlp_ratio),
+        intermediate_size=cfg.mlp_hidden("text"),
         num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads,
         max_position_embeddings=cfg.context_length,
@@ -238,7 +238,7 @@ def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
     )
     vision = dict(
         hidden_size=cfg.vision_width,
-        intermediate_size=int(cfg.vision_width * cfg.mlp_ratio),
+        intermediate_size=cfg.mlp_hidden("vision"),
         num_hidden_layers=cfg.vision_layers,
         num_attention_heads=cfg.vision_heads,
         image_size=cfg.image_size,
@@ -381,13 +381,15 @@ def _cubic_weights(in_size: int, out_size: int, a: float = -0.75):
     return idx, w
 
 
-def resize_positional_embedding(pe, new_grid: int):
-    """(1 + g*g, W) position embedding (class token first) -> (1 + n*n, W) by bicubic resampling
-    of the g x g grid, as open_clip and timm do when a model is fine-tuned at another image size."""
+def resize_positional_embedding(pe, new_grid: int, class_token: bool = True):
+    """(1 + g*g, W) position embedding (class token first; g*g rows without one) -> (1 + n*n, W)
+    by bicubic resampling of the g x g grid, as open_clip and timm do when a model is fine-tuned
+    at another image size."""
     import numpy as np
 
     pe = np.asarray(pe, dtype=np.float32)
-    cls, grid = pe[:1], pe[1:]
+    lead = int(class_token)
+    cls, grid = pe[:lead], pe[lead:]
     g = int(round((grid.shape[0]) ** 0.5))
     if g * g != grid.shape[0]:
         raise WeightError(f"visual.positional_embedding has {grid.shape[0]} grid rows, not a square")

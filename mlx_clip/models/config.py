@@ -16,7 +16,12 @@ from .init_table import LOGIT_SCALE_MAX
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs" / "models"
 # The MLP activations: kernels.ACTIVATIONS (and torch_ref.transformer's) implement exactly these.
-Activation = Literal["quick_gelu", "gelu"]
+# gelu_tanh is GELU's tanh approximation (torch GELU(approximate="tanh"), HF gelu_pytorch_tanh).
+Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+# The towers' options (models/transformer.py): each Literal is the one list of its choices.
+VisionPool = Literal["cls", "map"]  # class token (CLIP) or attention pooling (SigLIP's MAP head)
+TextPool = Literal["argmax", "last", "first"]  # the EOT token (the largest id), position -1 or 0
+TextProj = Literal["proj", "head", "none"]  # matrix without bias, Linear with bias, or none
 
 # Bounds checked before anything is allocated, so that a typo or a hostile config file (a weights
 # header, an HF config.json) is an error, not minutes of allocation. The size caps sit far above
@@ -53,12 +58,21 @@ class ModelConfig:
     vision_width: int = 768
     vision_layers: int = 12
     vision_heads: int = 12
+    vision_pool: VisionPool = "cls"
+    patch_bias: bool = False  # the patch embedding's bias (SigLIP has one)
+    vision_pre_norm: bool = True  # ln_pre before the transformer (SigLIP has none)
+    vision_mlp_dim: int | None = None  # the MLP's hidden width; None: vision_width * mlp_ratio
+    vision_proj: bool = True  # False: no projection, the tower's width is embed_dim
     # text tower
     context_length: int = 77
     vocab_size: int = 49408
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
+    text_mlp_dim: int | None = None  # None: text_width * mlp_ratio
+    text_causal: bool = True  # False: bidirectional attention (SigLIP, MobileCLIP2)
+    text_pool: TextPool = "argmax"
+    text_proj: TextProj = "proj"
     # shared
     mlp_ratio: float = 4.0
     activation: Activation = "quick_gelu"
@@ -92,10 +106,15 @@ class ModelConfig:
             )
 
     def _check_shapes(self, where: str) -> None:
-        if self.image_size % self.patch_size:
+        # A remainder is SigLIP's (384 px, 14 px patches: the stride-p conv leaves out the last 6
+        # pixel rows and columns); in a class-token model it is refused as the likely typo.
+        if self.image_size % self.patch_size and (
+            self.vision_pool == "cls" or self.image_size < self.patch_size
+        ):
             raise ConfigError(
                 f"{where}.image_size={self.image_size} is not divisible by "
-                f"{where}.patch_size={self.patch_size}: the ViT needs a whole grid of patches"
+                f"{where}.patch_size={self.patch_size}: the ViT needs a whole grid of patches "
+                f"(only a vision_pool 'map' model may leave out a remainder, as SigLIP's 384 px / 14 px)"
             )
         for tower in ("vision", "text"):
             width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
@@ -104,10 +123,17 @@ class ModelConfig:
                     f"{where}.{tower}_width={width} is not divisible by "
                     f"{where}.{tower}_heads={heads}: each head needs an equal slice"
                 )
+        for tower in ("vision", "text"):
+            dim, width = getattr(self, f"{tower}_mlp_dim"), getattr(self, f"{tower}_width")
+            if dim is not None and not 1 <= dim <= 64 * width:
+                raise ConfigError(
+                    f"{where}.{tower}_mlp_dim must be in [1, 64 * {tower}_width = {64 * width}], got {dim}"
+                )
         if not 0 < self.mlp_ratio <= 64 or self.mlp_hidden("vision") < 1 or self.mlp_hidden("text") < 1:
             raise ConfigError(
                 f"{where}.mlp_ratio must be in (0, 64] and give an MLP of >= 1 unit, got {self.mlp_ratio}"
             )
+        self._check_projections(where)
         if not 0 < self.layer_norm_eps < 1:
             raise ConfigError(f"{where}.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
         # The model clamps the logit scale at log(100); the loss' temperature range is [0.01, 100].
@@ -122,27 +148,53 @@ class ModelConfig:
                 f"got {self.init_logit_bias}"
             )
 
+    def _check_projections(self, where: str) -> None:
+        """Without a projection a tower's output is the feature, so its width must be embed_dim."""
+        for off, tower, setting in (
+            (not self.vision_proj, "vision", "vision_proj is false"),
+            (self.text_proj == "none", "text", "text_proj is 'none'"),
+        ):
+            width = getattr(self, f"{tower}_width")
+            if off and width != self.embed_dim:
+                raise ConfigError(
+                    f"{where}.{setting}, so the {tower} tower's output is the feature: "
+                    f"{where}.{tower}_width={width} must equal {where}.embed_dim={self.embed_dim} "
+                    "(or turn the projection on)"
+                )
+
     def mlp_hidden(self, tower: str) -> int:
-        """The MLP's hidden width in a tower ("vision" or "text")."""
-        return int(getattr(self, f"{tower}_width") * self.mlp_ratio)
+        """The MLP's hidden width in a tower ("vision" or "text"): its mlp_dim, else width * mlp_ratio."""
+        dim = getattr(self, f"{tower}_mlp_dim")
+        return dim if dim is not None else int(getattr(self, f"{tower}_width") * self.mlp_ratio)
 
     @property
     def num_parameters(self) -> int:
         """The parameter count of the model this config builds (models/transformer.py), from the
         sizes alone: validate bounds it before anything is allocated."""
 
-        def tower(width: int, layers: int, hidden: int) -> int:
-            # per block: 2 LayerNorms, qkv + out projections, MLP in + out (all with biases)
-            block = 2 * 2 * width + (3 * width * width + 3 * width) + (width * width + width)
-            block += (width * hidden + hidden) + (hidden * width + width)
-            return layers * block + 2 * width + width * self.embed_dim  # + final LN, projection
+        def linear(n_in: int, n_out: int, bias: bool = True) -> int:
+            return n_in * n_out + bias * n_out
 
-        v, t = self.vision_width, self.text_width
-        vision = tower(v, self.vision_layers, self.mlp_hidden("vision"))
-        # patch projection (no bias), class token, position embeddings, ln_pre
-        vision += v * self.patch_size**2 * 3 + v + (self.num_patches + 1) * v + 2 * v
-        text = tower(t, self.text_layers, self.mlp_hidden("text"))
+        def attn_mlp(width: int, hidden: int) -> int:  # qkv and out projections, MLP in and out
+            attn = linear(width, 3 * width) + linear(width, width)
+            return attn + linear(width, hidden) + linear(hidden, width)
+
+        def block(width: int, hidden: int) -> int:  # + 2 LayerNorms
+            return 2 * 2 * width + attn_mlp(width, hidden)
+
+        v, t, e = self.vision_width, self.text_width, self.embed_dim
+        hv, ht = self.mlp_hidden("vision"), self.mlp_hidden("text")
+        vision = self.vision_layers * block(v, hv) + 2 * v  # + ln_post
+        vision += linear(3 * self.patch_size**2, v, self.patch_bias)
+        vision += 2 * v * self.vision_pre_norm  # ln_pre
+        if self.vision_pool == "cls":  # class token and its position
+            vision += v + (self.num_patches + 1) * v
+        else:  # positions; the pooling head's probe, attention, LayerNorm and MLP
+            vision += self.num_patches * v + v + attn_mlp(v, hv) + 2 * v
+        vision += linear(v, e, bias=False) * self.vision_proj
+        text = self.text_layers * block(t, ht) + 2 * t  # + ln_final
         text += (self.vocab_size + self.context_length) * t  # token and position embeddings
+        text += {"proj": linear(t, e, bias=False), "head": linear(t, e), "none": 0}[self.text_proj]
         return vision + text + 1 + (self.init_logit_bias is not None)  # logit scale (and bias)
 
     @classmethod
@@ -154,6 +206,7 @@ class ModelConfig:
 
     @property
     def num_patches(self) -> int:
+        """The patch grid's size; pixels past the last whole patch are not seen (as a stride-p conv)."""
         return (self.image_size // self.patch_size) ** 2
 
 

@@ -2,8 +2,9 @@
 
 The model takes two things from here:
 
-- `activation(name)`: "gelu" (exact erf form, as torch.nn.GELU() and HF "gelu") or "quick_gelu"
-  (OpenAI CLIP's x * sigmoid(1.702 x)).
+- `activation(name)`: "gelu" (exact erf form, as torch.nn.GELU() and HF "gelu"), "gelu_tanh"
+  (its tanh approximation, as torch GELU(approximate="tanh") and HF "gelu_pytorch_tanh": SigLIP's)
+  or "quick_gelu" (OpenAI CLIP's x * sigmoid(1.702 x)).
 - `checkpoint_block(block, x, causal)`: a transformer block with gradient checkpointing.
 
 The switch, `use_fast_kernels()`, picks between MLX's native `mx.erf` / `mx.sigmoid` and
@@ -174,12 +175,33 @@ def _fast_quick_gelu_vjp(primals, cotangent, output):
     return cotangent * (s + 1.702 * x * s * (1 - s))
 
 
+# gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+_TANH_C = math.sqrt(2.0 / math.pi)
+_TANH_A = 0.044715
+
+
+def _fast_gelu_tanh(x: mx.array) -> mx.array:
+    return x * _sigmoid(2 * _TANH_C * (x + _TANH_A * x * x * x))
+
+
+def _fast_gelu_tanh_vjp(primals, cotangent, output):
+    x = primals  # a single array for a one-input custom_function
+    e = _exp(-2 * _TANH_C * (x + _TANH_A * x * x * x))
+    s = 1.0 / (1.0 + e)
+    dz = 2 * _TANH_C * (1 + 3 * _TANH_A * x * x)
+    return cotangent * (s + x * (s * s * e) * dz)  # s (1 - s) = s^2 e, without 1 - s's cancellation
+
+
 def fast_gelu(x: mx.array) -> mx.array:
     return on_this_stream(_fast_gelu, _fast_gelu_vjp)(x)
 
 
 def fast_quick_gelu(x: mx.array) -> mx.array:
     return on_this_stream(_fast_quick_gelu, _fast_quick_gelu_vjp)(x)
+
+
+def fast_gelu_tanh(x: mx.array) -> mx.array:
+    return on_this_stream(_fast_gelu_tanh, _fast_gelu_tanh_vjp)(x)
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -189,6 +211,14 @@ def gelu(x: mx.array) -> mx.array:
     return 0.5 * x * (1 + mx.erf(x * _INV_SQRT2))
 
 
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU's tanh approximation, as torch GELU(approximate="tanh") and HF "gelu_pytorch_tanh"
+    (not mlx.nn.gelu_approx, a sigmoid refit that differs by ~1e-4)."""
+    if use_fast_kernels():
+        return fast_gelu_tanh(x)
+    return 0.5 * x * (1 + mx.tanh(_TANH_C * (x + _TANH_A * x * x * x)))
+
+
 def quick_gelu(x: mx.array) -> mx.array:
     """OpenAI CLIP's x * sigmoid(1.702 x)."""
     if use_fast_kernels():
@@ -196,11 +226,15 @@ def quick_gelu(x: mx.array) -> mx.array:
     return x * mx.sigmoid(1.702 * x)
 
 
-ACTIVATIONS: dict[Activation, Callable[[mx.array], mx.array]] = {"quick_gelu": quick_gelu, "gelu": gelu}
+ACTIVATIONS: dict[Activation, Callable[[mx.array], mx.array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
+}
 
 
 def activation(name: Activation) -> Callable[[mx.array], mx.array]:
-    """The activation function called `name` ("quick_gelu" or "gelu"); each one checks the switch
+    """The activation function called `name` (a key of ACTIVATIONS); each one checks the switch
     when it runs, so a model built on one device computes correctly on another."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")

@@ -1,4 +1,6 @@
-"""CLIP in MLX: two towers, their projections and a learnable temperature.
+"""CLIP in MLX: two towers, their projections and a learnable temperature (and SigLIP's bias).
+
+ModelConfig's tower options (transformer.py) build CLIP, SigLIP and their mixes from this one class.
 
 The model returns features and the logit scale, never a loss (see loss.py).
 """
@@ -40,7 +42,8 @@ class CLIP(nn.Module):
         return _normalize(x) if normalize else x
 
     def encode_text(self, tokens: mx.array, normalize: bool = True) -> mx.array:
-        """tokens: (B, context_length) int32, EOT-terminated, zero-padded."""
+        """tokens: (B, context_length) int32 as the tokenizer lays them out (CLIP: EOT-terminated,
+        zero-padded); the config's text_pool says which position is pooled."""
         x = self.text(tokens)
         return _normalize(x) if normalize else x
 

@@ -1,7 +1,16 @@
-"""Transformer building blocks and the two CLIP towers, in MLX.
+"""Transformer building blocks and the two towers (CLIP, SigLIP and their mixes), in MLX.
 
 Attribute names here are the checkpoint keys. torch_ref/transformer.py mirrors
-this file name for name, so both frameworks share one key scheme.
+this file name for name, so both frameworks share one key scheme. The keys that
+ModelConfig's options add or remove (CLIP's defaults have all of the first column):
+
+    visual.class_embedding, positional_embedding (N+1, W)   vision_pool "cls"
+    visual.positional_embedding (N, W), visual.attn_pool.*  vision_pool "map": probe (1, 1, W),
+        attn.in_proj (3W, W: q, k, v rows) / attn.out_proj, norm, mlp.c_fc / mlp.c_proj
+    visual.patch_embed.bias                                 patch_bias
+    visual.ln_pre                                           vision_pre_norm
+    visual.proj (no bias)                                   vision_proj
+    text.text_projection (no bias) / text.head (bias)       text_proj "proj" / "head"
 """
 
 from __future__ import annotations
@@ -9,7 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import Activation, ModelConfig
+from .config import Activation, ModelConfig, TextPool
 from .kernels import activation, checkpoint_block
 
 
@@ -33,13 +42,25 @@ class Attention(nn.Module):
         )  # (B, h, L, hd)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
+    def cross(self, x: mx.array, context: mx.array) -> mx.array:
+        """Queries from x (B, L, D), keys and values from context (B, S, D): in_proj's first D
+        rows project the queries, the other 2D the keys and values (torch's MultiheadAttention)."""
+        B, L, D = x.shape
+        S, h = context.shape[1], self.heads
+        w, b = self.in_proj.weight, self.in_proj.bias
+        q = (x @ w[:D].T + b[:D]).reshape(B, L, h, D // h).transpose(0, 2, 1, 3)  # (B, h, L, hd)
+        kv = (context @ w[D:].T + b[D:]).reshape(B, S, 2, h, D // h)
+        kv = kv.transpose(2, 0, 3, 1, 4)  # (2, B, h, S, hd)
+        out = mx.fast.scaled_dot_product_attention(q, kv[0], kv[1], scale=(D // h) ** -0.5)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+
 
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, act: Activation):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
         self.c_proj = nn.Linear(hidden, width)
-        self.act = activation(act)  # "quick_gelu" or "gelu"
+        self.act = activation(act)  # a name of kernels.ACTIVATIONS
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -48,12 +69,12 @@ class MLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: Activation, eps: float):
+    def __init__(self, width: int, heads: int, hidden: int, activation: Activation, eps: float):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, int(width * mlp_ratio), activation)
+        self.mlp = MLP(width, hidden, activation)
 
     def __call__(self, x: mx.array, causal: bool = False) -> mx.array:
         x = x + self.attn(self.ln_1(x), causal=causal)
@@ -61,10 +82,10 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, eps: float):
+    def __init__(self, width: int, layers: int, heads: int, hidden: int, activation: Activation, eps: float):
         super().__init__()
         self.resblocks = [
-            ResidualAttentionBlock(width, heads, mlp_ratio, activation, eps) for _ in range(layers)
+            ResidualAttentionBlock(width, heads, hidden, activation, eps) for _ in range(layers)
         ]
         self.grad_checkpointing = False  # set by CLIP.set_grad_checkpointing
 
@@ -75,70 +96,122 @@ class Transformer(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patch projection (a stride-p conv without bias).
+    """Non-overlapping patch projection (a stride-p conv, with a bias if asked).
 
     The weight keeps MLX's conv layout (out, kh, kw, in). Because stride equals
     kernel size, the conv is exactly a reshape plus one matmul, which is much
     faster than a strided conv (and its backward) on MLX's CPU backend.
     """
 
-    def __init__(self, patch_size: int, width: int, in_channels: int = 3):
+    def __init__(self, patch_size: int, width: int, in_channels: int = 3, bias: bool = False):
         super().__init__()
         self.patch_size = patch_size
         scale = (in_channels * patch_size * patch_size) ** -0.5
         self.weight = mx.random.uniform(-scale, scale, (width, patch_size, patch_size, in_channels))
+        if bias:
+            self.bias = mx.zeros((width,))
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         p = self.patch_size
         gh, gw = H // p, W // p
+        if H % p or W % p:  # as a stride-p conv: the pixels past the last whole patch are left out
+            x = x[:, : gh * p, : gw * p]
         x = x.reshape(B, gh, p, gw, p, C).transpose(0, 1, 3, 2, 4, 5)  # (B, gh, gw, p, p, C)
         x = x.reshape(B, gh * gw, p * p * C)  # (B, N, p*p*C), same order as the weight
         w = self.weight.reshape(self.weight.shape[0], -1)  # (width, p*p*C)
-        return x @ w.T  # (B, N, width)
+        x = x @ w.T  # (B, N, width)
+        return x + self.bias if "bias" in self else x
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's multi-head attention pooling (MAP): a learned probe attends to all tokens, then a
+    residual MLP on its LayerNorm; the probe's output is the pooled feature."""
+
+    def __init__(self, width: int, heads: int, hidden: int, activation: Activation, eps: float):
+        super().__init__()
+        self.probe = mx.zeros((1, 1, width))
+        self.attn = Attention(width, heads)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, hidden, activation)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        probe = mx.broadcast_to(self.probe, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        y = self.attn.cross(probe, x)  # (B, 1, W)
+        y = y + self.mlp(self.norm(y))
+        return y[:, 0]  # (B, W)
+
+
+def _pool_text(x: mx.array, tokens: mx.array, pool: TextPool) -> mx.array:
+    """(B, L, W) -> (B, W) at the end-of-text token (argmax: it has the largest id in CLIP
+    vocabularies), the last position or the first."""
+    if pool == "last":
+        return x[:, -1]
+    if pool == "first":
+        return x[:, 0]
+    eot = mx.argmax(tokens, axis=-1)  # (B,)
+    return mx.take_along_axis(x, eot[:, None, None], axis=1).squeeze(1)
+
+
+def _tower(cfg: ModelConfig, tower: str) -> Transformer:
+    width, layers, heads = (getattr(cfg, f"{tower}_{k}") for k in ("width", "layers", "heads"))
+    return Transformer(width, layers, heads, cfg.mlp_hidden(tower), cfg.activation, cfg.layer_norm_eps)
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        width = cfg.vision_width
+        width, eps = cfg.vision_width, cfg.layer_norm_eps
         scale = width**-0.5
-        self.patch_embed = PatchEmbed(cfg.patch_size, width)
-        self.class_embedding = scale * mx.random.normal((width,))
-        self.positional_embedding = scale * mx.random.normal((cfg.num_patches + 1, width))
-        self.ln_pre = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
-        self.transformer = Transformer(
-            width, cfg.vision_layers, cfg.vision_heads, cfg.mlp_ratio, cfg.activation, cfg.layer_norm_eps
-        )
-        self.ln_post = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
-        self.proj = nn.Linear(width, cfg.embed_dim, bias=False)
+        self.pool = cfg.vision_pool
+        self.patch_embed = PatchEmbed(cfg.patch_size, width, bias=cfg.patch_bias)
+        if self.pool == "cls":
+            self.class_embedding = scale * mx.random.normal((width,))
+        positions = cfg.num_patches + (self.pool == "cls")
+        self.positional_embedding = scale * mx.random.normal((positions, width))
+        if cfg.vision_pre_norm:
+            self.ln_pre = nn.LayerNorm(width, eps=eps)
+        self.transformer = _tower(cfg, "vision")
+        self.ln_post = nn.LayerNorm(width, eps=eps)
+        if self.pool == "map":
+            self.attn_pool = AttentionPool(
+                width, cfg.vision_heads, cfg.mlp_hidden("vision"), cfg.activation, eps
+            )
+        if cfg.vision_proj:
+            self.proj = nn.Linear(width, cfg.embed_dim, bias=False)
 
     def __call__(self, images: mx.array) -> mx.array:
         x = self.patch_embed(images)  # (B, N, W)
-        cls = mx.broadcast_to(self.class_embedding, (x.shape[0], 1, x.shape[-1]))
-        x = mx.concatenate([cls.astype(x.dtype), x], axis=1)  # (B, N+1, W)
-        x = self.ln_pre(x + self.positional_embedding)
-        x = self.transformer(x)
-        return self.proj(self.ln_post(x[:, 0]))  # class token -> (B, E)
+        if self.pool == "cls":
+            cls = mx.broadcast_to(self.class_embedding, (x.shape[0], 1, x.shape[-1]))
+            x = mx.concatenate([cls.astype(x.dtype), x], axis=1)  # (B, N+1, W)
+        x = x + self.positional_embedding
+        x = self.transformer(self.ln_pre(x) if "ln_pre" in self else x)
+        # class token: LayerNorm of token 0; map: LayerNorm of every token, then the pooling head
+        x = self.ln_post(x[:, 0]) if self.pool == "cls" else self.attn_pool(self.ln_post(x))  # (B, W)
+        return self.proj(x) if "proj" in self else x
 
 
 class TextTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         width = cfg.text_width
+        self.causal, self.pool = cfg.text_causal, cfg.text_pool
         self.token_embedding = nn.Embedding(cfg.vocab_size, width)
         self.positional_embedding = mx.zeros((cfg.context_length, width))
-        self.transformer = Transformer(
-            width, cfg.text_layers, cfg.text_heads, cfg.mlp_ratio, cfg.activation, cfg.layer_norm_eps
-        )
+        self.transformer = _tower(cfg, "text")
         self.ln_final = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
-        self.text_projection = nn.Linear(width, cfg.embed_dim, bias=False)
+        if cfg.text_proj == "proj":
+            self.text_projection = nn.Linear(width, cfg.embed_dim, bias=False)
+        elif cfg.text_proj == "head":
+            self.head = nn.Linear(width, cfg.embed_dim)
 
     def __call__(self, tokens: mx.array) -> mx.array:
         L = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, W)
-        x = self.ln_final(self.transformer(x, causal=True))
-        # Pool at the end-of-text token: it has the largest id in CLIP vocabularies.
-        eot = mx.argmax(tokens, axis=-1)  # (B,)
-        x = mx.take_along_axis(x, eot[:, None, None], axis=1).squeeze(1)  # (B, W)
-        return self.text_projection(x)
+        x = self.ln_final(self.transformer(x, causal=self.causal))
+        x = _pool_text(x, tokens, self.pool)  # (B, W)
+        for name in ("text_projection", "head"):
+            if name in self:
+                return self[name](x)
+        return x

@@ -110,8 +110,10 @@ def load_init_weights(model: nn.Module, path: str | Path) -> nn.Module:
     key = "visual.positional_embedding"
     want = model.visual.positional_embedding.shape
     if key in weights and weights[key].shape != want and weights[key].shape[1:] == want[1:]:
-        grid = int(round((want[0] - 1) ** 0.5))
-        resized = resize_positional_embedding(np.array(weights[key].astype(mx.float32)), grid)
+        class_token = model.config.vision_pool == "cls"
+        grid = int(round((want[0] - class_token) ** 0.5))
+        pe = np.array(weights[key].astype(mx.float32))
+        resized = resize_positional_embedding(pe, grid, class_token=class_token)
         print(f"{path}: resampling {key} {tuple(weights[key].shape)} -> {tuple(resized.shape)}")
         weights[key] = mx.array(resized).astype(weights[key].dtype)
     # SigLIP's bias is part of the objective, not of the towers: a CLIP checkpoint fine-tuned with

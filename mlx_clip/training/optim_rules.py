@@ -31,13 +31,19 @@ def tower_lr(path: str, cfg: OptimConfig) -> float:
 def is_locked(path: str, cfg: OptimConfig, mcfg: ModelConfig) -> bool:
     """Locked (frozen) parameters of LiT-style fine-tuning: a tower but its last N blocks + head."""
     for prefix, locked, unlocked, layers, head in (
-        ("visual.", cfg.lock_image, cfg.lock_image_unlocked_layers, mcfg.vision_layers, ("ln_post", "proj")),
+        (
+            "visual.",
+            cfg.lock_image,
+            cfg.lock_image_unlocked_layers,
+            mcfg.vision_layers,
+            ("ln_post", "attn_pool", "proj"),
+        ),
         (
             "text.",
             cfg.lock_text,
             cfg.lock_text_unlocked_layers,
             mcfg.text_layers,
-            ("ln_final", "text_projection"),
+            ("ln_final", "text_projection", "head"),
         ),
     ):
         if not (locked and path.startswith(prefix)):

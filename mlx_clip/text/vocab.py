@@ -211,11 +211,15 @@ CLIP_KINDS = ("openai", "trained", "converted", "unknown")  # Tokenizer.kind val
 
 
 def _saved_config(directory: Path) -> dict | None:
-    """Our tokenizer_config.json, or None where the file is missing or someone else's (Hugging Face)."""
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    """Our tokenizer_config.json, or None where the file is missing or someone else's (Hugging Face).
+    A file that is not JSON is an error, whoever wrote it."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
         return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt tokenizer config {path}: {e}") from e
     return config if isinstance(config, dict) and config.get("format") == CONFIG_FORMAT else None
 
 

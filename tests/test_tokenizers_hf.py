@@ -15,7 +15,8 @@ import pytest
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from mlx_clip.text.hf_tokenizer import CLEANERS, HFTokenizer, read_hf_directory
+from mlx_clip.text.clean import CLEANERS
+from mlx_clip.text.hf_tokenizer import HFTokenizer, read_hf_directory
 from mlx_clip.text.tokenizer import Tokenizer
 from mlx_clip.text.vocab import load_saved, load_tokenizer, train_tokenizer
 
@@ -297,3 +298,21 @@ def test_errors_name_the_file(hf_dirs, tmp_path):
     (nothing / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
     with pytest.raises(FileNotFoundError, match="nothing.*tokenizer.json.*spiece.model"):
         read_hf_directory(nothing)
+
+
+def test_interop_reads_and_writes_checkpoint_tokenizers(hf_dirs, spiece, tmp_path):
+    from types import SimpleNamespace
+
+    from mlx_clip.interop.hf import read_hf_tokenizer, write_hf_tokenizer
+
+    t5 = load_tokenizer(hf_dirs["t5"])
+    cfg = SimpleNamespace(vocab_size=t5.vocab_size, context_length=24)
+    tok = read_hf_tokenizer(hf_dirs["t5"], cfg, clean="canonicalize")  # open_clip's tokenizer_kwargs
+    assert (type(tok), tok.context_length, tok.clean) == (HFTokenizer, 24, "canonicalize")
+    np.testing.assert_array_equal(tok(CORPUS), t5([CLEANERS["canonicalize"](t) for t in CORPUS], 24))
+    write_hf_tokenizer(t5, tmp_path, context_length=32)  # export: AutoTokenizer reads our ids back
+    np.testing.assert_array_equal(hf_ids(tmp_path, CORPUS, 32), t5(CORPUS, 32))
+    sp = read_hf_tokenizer(
+        spiece[0], SimpleNamespace(vocab_size=spiece[1].get_piece_size(), context_length=64)
+    )
+    assert sp.kind == "sentencepiece"

@@ -21,11 +21,8 @@ Differences from transformers kept on purpose: a SentencePiece model gives `sent
 
 from __future__ import annotations
 
-import html
 import json
 import os
-import re
-import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -33,12 +30,8 @@ import numpy as np
 import tokenizers
 from tokenizers import normalizers, processors
 
-from .tokenizer import CONFIG_FILE, CONFIG_FORMAT, DEFAULT_CONTEXT_LENGTH, _write_atomic, clean_text
-
-try:  # ftfy repairs mojibake the way open_clip does (a base dependency; see tokenizer.clean_text)
-    import ftfy
-except ImportError:  # pragma: no cover
-    ftfy = None
+from .clean import CLEANERS
+from .tokenizer import CONFIG_FILE, CONFIG_FORMAT, DEFAULT_CONTEXT_LENGTH, _write_atomic
 
 HF_CONFIG_VERSION = 2  # version 1 configs are all CLIP BPE; older mlx_clip refuses version 2 plainly
 KINDS = {"hf": "tokenizer.json", "sentencepiece": "spiece.model"}  # kind -> the file saved with it
@@ -47,45 +40,6 @@ SIGLIP_CONTEXT_LENGTH = 64
 INSTALL_SENTENCEPIECE = "pip install 'mlx-clip[sentencepiece]' (or pip install sentencepiece)"
 # transformers 5 classes whose default padding side is left (a tokenizer_config.json setting wins)
 LEFT_PADDING_CLASSES = ("Gemma", "Siglip2", "Llama", "CodeLlama", "Cohere", "XLNet")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-# ------------------------------------------------------------------------------------------- cleaning
-
-
-def _basic_clean(text: str) -> str:
-    # open_clip's basic_clean: fix encoding, unescape HTML twice, strip
-    text = ftfy.fix_text(text) if ftfy is not None else text
-    return html.unescape(html.unescape(text)).strip()
-
-
-def canonicalize(text: str) -> str:
-    """open_clip's `canonicalize` cleaning (its SigLIP default): basic clean, "_" -> " ", ASCII
-    punctuation removed, lower case, whitespace collapsed."""
-    text = _basic_clean(text).replace("_", " ").translate(_PUNCTUATION).lower()
-    return " ".join(text.split())
-
-
-def siglip_clean(text: str) -> str:
-    """transformers' SiglipTokenizer.canonicalize_text (do_lower_case=True): lower case, ASCII
-    punctuation removed, runs of whitespace -> one space, stripped. No ftfy, "_" is dropped."""
-    return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
-
-
-def whitespace_clean(text: str) -> str:
-    """open_clip's `whitespace` cleaning (its HFTokenizer default): basic clean, whitespace collapsed."""
-    return " ".join(_basic_clean(text).split())
-
-
-CLEANERS = {
-    "clip": clean_text,  # the CLIP BPE's: ftfy, HTML, whitespace, lower case
-    "canonicalize": canonicalize,
-    "siglip": siglip_clean,
-    "whitespace": whitespace_clean,
-    "lower": lambda text: whitespace_clean(text).lower(),  # open_clip's "lower"
-    "lowercase": str.lower,  # only that: transformers' Siglip2Tokenizer lower-cases in its normalizer
-    "none": lambda text: text,
-}
 
 
 # ------------------------------------------------------------------------------------------- backends
@@ -396,7 +350,8 @@ def read_hf_directory(directory: str | os.PathLike, clean: str | None = None) ->
     name = {k: _token(config.get(f"{k}_token") or specials.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
     sp_path = next((directory / n for n in SP_FILES if (directory / n).is_file()), None)
     json_path = directory / "tokenizer.json"
-    if json_path.is_file() and cls != "Siglip":  # SiglipTokenizer is SentencePiece-only in transformers
+    # transformers' SiglipTokenizer reads only the SentencePiece model, where there is one
+    if json_path.is_file() and (cls != "Siglip" or sp_path is None):
         backend = _Tokenizers.from_file(json_path)
         bos, eos = _post_processor_specials(json_path)
     elif sp_path is not None:

@@ -40,6 +40,11 @@ def make_corpus() -> list[str]:
         "mojibake: cafÃ© and â€œquotesâ€\x9d",
         "zero-width\u200bspace and nbsp\u00a0here",
         "the end </s> in the middle",
+        "</s>",
+        "</s> starts with EOS",
+        "ends with EOS</s>",
+        "a<unk>b <pad> c </s></s> d",
+        "Hello, </s>!!! World_42",
         " ".join(["a very long caption that must be truncated"] * 40),
     ]
     for _ in range(300):
@@ -55,6 +60,7 @@ def make_corpus() -> list[str]:
 
 
 CORPUS = make_corpus()
+TRAIN = [t for t in CORPUS if "<" not in t]  # special tokens written in a text are not for training
 LENGTHS = (64, 16)
 
 
@@ -82,7 +88,7 @@ def t5_like(directory):
     trainer = trainers.UnigramTrainer(
         vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(TRAIN, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
@@ -101,7 +107,7 @@ def gemma_like(directory, tokenizer_class="GemmaTokenizer"):
     trainer = trainers.BpeTrainer(
         vocab_size=700, special_tokens=specials + byte_tokens, limit_alphabet=60, show_progress=False
     )
-    trained.train_from_iterator(CORPUS, trainer=trainer)
+    trained.train_from_iterator(TRAIN, trainer=trainer)
     model = json.loads(trained.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tok = RustTokenizer(
@@ -135,7 +141,7 @@ def bpe_template(directory):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(TRAIN, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
     )
@@ -183,9 +189,9 @@ def test_settings_follow_the_checkpoint(hf_dirs):
     assert (bpe.bos_id, bpe.eos_id, bpe.pad_side) == (1, 2, "left")
     row = t5(["a photo"], 8)[0]
     assert row[list(row).index(1) + 1 :].tolist() == [0] * (7 - list(row).index(1))  # EOS then pads
-    long = t5([CORPUS[10]], 16)[0]
+    long = t5([max(CORPUS, key=len)], 16)[0]
     assert long[-1] == 1 and 0 not in long  # truncated: EOS kept at the end
-    assert bpe([CORPUS[10]], 16)[0][[0, -1]].tolist() == [1, 2]
+    assert bpe([max(CORPUS, key=len)], 16)[0][[0, -1]].tolist() == [1, 2]
     assert t5.decode(t5(["A photo of a dog"])[0]) == "A photo of a dog"
 
 
@@ -203,7 +209,7 @@ def spiece(tmp_path_factory):
     sentencepiece = pytest.importorskip("sentencepiece")
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter([CLEANERS["siglip"](t) for t in CORPUS if t.strip()]),
+        sentence_iterator=iter([CLEANERS["siglip"](t) for t in TRAIN if t.strip()]),
         model_writer=model,
         vocab_size=300,
         pad_id=0,
@@ -233,12 +239,13 @@ def test_sentencepiece_model_equals_its_own_ids(spiece, tmp_path):
         1,
         1,
     )
+    plain = [t for t in CORPUS if not any(s in t for s in ("</s>", "<pad>", "<unk>"))]
     for length in LENGTHS:
-        expected = np.full((len(CORPUS), length), 1, dtype=np.int32)
-        for row, text in zip(expected, CORPUS, strict=True):
+        expected = np.full((len(plain), length), 1, dtype=np.int32)
+        for row, text in zip(expected, plain, strict=True):
             ids = [*sp.encode(CLEANERS["siglip"](text))[: length - 1], 1]
             row[: len(ids)] = ids
-        np.testing.assert_array_equal(ours(CORPUS, length), expected)
+        np.testing.assert_array_equal(ours(plain, length), expected)
     bare = load_tokenizer(directory / "spiece.model")  # a bare .model: its own pad / EOS ids, no cleaning
     assert (bare.pad_id, bare.eos_id, bare.clean) == (0, 1, "none")
     ours.save(tmp_path / "ckpt")
@@ -256,7 +263,7 @@ def test_missing_sentencepiece_names_the_extra(spiece, monkeypatch):
 
 
 def test_clip_tokenizer_dirs_still_load(tmp_path):
-    clip = train_tokenizer(CORPUS, 600)
+    clip = train_tokenizer(TRAIN, 600)
     clip.save(tmp_path / "new")
     old = tmp_path / "old"  # an early checkpoint: a config without "kind"
     clip.save(old)
@@ -316,3 +323,21 @@ def test_interop_reads_and_writes_checkpoint_tokenizers(hf_dirs, spiece, tmp_pat
         spiece[0], SimpleNamespace(vocab_size=spiece[1].get_piece_size(), context_length=64)
     )
     assert sp.kind == "sentencepiece"
+
+
+@pytest.mark.filterwarnings("ignore:This sequence already has")
+def test_sentencepiece_equals_transformers_siglip_tokenizer(spiece, tmp_path):
+    pytest.importorskip("google.protobuf")  # transformers' SiglipTokenizer needs protobuf
+    ours = load_tokenizer(spiece[0])
+    for length in LENGTHS:  # special tokens written in the text included
+        np.testing.assert_array_equal(ours(CORPUS, length), hf_ids(spiece[0], CORPUS, length))
+    # padding with "<pad>" (not EOS) shows where an EOS written at the end is not doubled
+    other = tmp_path / "pad"
+    other.mkdir()
+    for name in ("spiece.model", "tokenizer_config.json"):
+        (other / name).write_bytes((spiece[0] / name).read_bytes())
+    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (other / "special_tokens_map.json").write_text(json.dumps(specials))
+    ours = load_tokenizer(other)
+    assert ours.pad_id == 0
+    np.testing.assert_array_equal(ours(CORPUS), hf_ids(other, CORPUS, 64))

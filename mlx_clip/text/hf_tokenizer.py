@@ -15,14 +15,18 @@ does, and tests/test_tokenizers_hf.py checks ids against `AutoTokenizer` on a va
 tokenizer_config.json, special_tokens_map.json). `load_tokenizer` (vocab.py) picks this class or the
 CLIP BPE for any directory.
 
-Differences from transformers kept on purpose: a SentencePiece model gives `sentencepiece`'s own ids
-(transformers' slow SiglipTokenizer adds a prefix trick that can differ on empty or space-led text).
+A SentencePiece model gives `sentencepiece`'s own ids, with transformers' SiglipTokenizer handling of
+special tokens written in the text ("a </s> b": found before cleaning, no second EOS after a final one).
+transformers 5 is the reference: where a tokenizer.json exists its post-processor decides BOS / EOS
+(tokenizer_config.json's add_bos_token / add_eos_token are ignored), and a few classes pad on the left
+by default (LEFT_PADDING_CLASSES).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -53,6 +57,7 @@ class _Tokenizers:
     def __init__(self, hf: tokenizers.Tokenizer):
         self.hf = hf
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self.unk_id = None  # its added tokens are found by the Rust side
 
     @classmethod
     def from_file(cls, path: Path) -> _Tokenizers:
@@ -61,7 +66,7 @@ class _Tokenizers:
         except Exception as e:  # the Rust side raises a bare Exception for any parse error
             raise ValueError(f"corrupt tokenizer file {path}: {e}") from e
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], start: bool = True) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
@@ -97,13 +102,20 @@ class _SentencePiece:
         except Exception as e:  # RuntimeError or OSError, depending on the version
             raise ValueError(f"corrupt SentencePiece model {source}: {e}") from e
         self.vocab_size = self.sp.get_piece_size()
+        self.unk_id = self.sp.unk_id()
 
     @classmethod
     def from_file(cls, path: Path) -> _SentencePiece:
         return cls(path.read_bytes(), str(path))
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+    def encode_batch(self, texts: list[str], start: bool = True) -> list[list[int]]:
+        if start:
+            return self.sp.encode(texts)
+        # Text that continues after a special token: no "▁" word start in front. Encode it behind the
+        # unk piece and drop that piece's ids (as transformers' SiglipTokenizer does).
+        unk = self.sp.id_to_piece(self.sp.unk_id())
+        skip = len(self.sp.encode(unk))
+        return [ids[skip:] for ids in self.sp.encode([unk + t for t in texts])]
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
@@ -152,6 +164,8 @@ class HFTokenizer:
         self.clean, self.context_length = clean, context_length
         self.pad_id, self.pad_side, self.bos_id, self.eos_id = pad_id, pad_side, bos_id, eos_id
         self.vocab_size = backend.vocab_size
+        ids = [pad_id, bos_id, eos_id, backend.unk_id]
+        self._specials = {backend.id_to_token(i): i for i in ids if i is not None}
 
     def __repr__(self) -> str:
         return (
@@ -171,7 +185,11 @@ class HFTokenizer:
             raise ValueError(f"context_length {ctx} leaves no room for the BOS/EOS tokens")
         out = np.full((len(texts), ctx), self.pad_id, dtype=np.int32)  # (B, ctx)
         for row, ids in zip(out, self._encode_many(texts), strict=True):
-            ids = [*prefix, *ids[:room], *suffix]
+            ids = [*prefix, *ids[:room]]
+            # transformers' SentencePiece tokenizers (SiglipTokenizer, T5) add no second EOS after an
+            # EOS written in the text; a tokenizer.json post-processor always adds it.
+            if not (self.kind == "sentencepiece" and len(ids) > len(prefix) and ids[-1] == self.eos_id):
+                ids += suffix
             if self.pad_side == "left":
                 row[ctx - len(ids) :] = ids
             else:
@@ -184,7 +202,21 @@ class HFTokenizer:
 
     def _encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         clean = CLEANERS[self.clean]
-        return self._backend.encode_batch([clean(t) for t in texts])
+        specials = self._specials if self.clean == "siglip" else {}
+        if not any(tok in text for text in texts for tok in specials):
+            return self._backend.encode_batch([clean(t) for t in texts])
+        # transformers' SiglipTokenizer finds its special tokens in the raw text first, then cleans and
+        # encodes the pieces between them: "a </s> b" keeps the EOS id, which the cleaning would drop.
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")"
+        result = []
+        for text in texts:
+            parts = re.split(pattern, text)  # text, special, text, special, ..., text
+            ids = self._backend.encode_batch([clean(parts[0])])[0]
+            pieces = self._backend.encode_batch([clean(p) for p in parts[2::2]], start=False)
+            for special, piece in zip(parts[1::2], pieces, strict=True):
+                ids = [*ids, specials[special], *piece]
+            result.append(ids)
+        return result
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids` (a list or one row of `__call__`), without padding, BOS and EOS."""

@@ -16,7 +16,8 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mlx_clip.text.clean import CLEANERS
-from mlx_clip.text.hf_tokenizer import HFTokenizer, read_hf_directory
+from mlx_clip.text.hf_dir import read_hf_directory
+from mlx_clip.text.hf_tokenizer import HFTokenizer
 from mlx_clip.text.tokenizer import Tokenizer
 from mlx_clip.text.vocab import load_saved, load_tokenizer, train_tokenizer
 

@@ -3,7 +3,7 @@
 `HFTokenizer` has the interface of the CLIP `Tokenizer` (texts -> (B, context_length) int32 ids), so
 training, eval and predict use either. Its settings follow the checkpoint and are saved with it:
 
-* clean           Python text cleaning before the tokenizer sees the text (see CLEANERS)
+* clean           Python text cleaning before the tokenizer sees the text (clean.py: CLEANERS)
 * context_length  rows are padded or truncated to this length
 * pad_id, pad_side  the pad token id, on the "right" (SigLIP, T5) or the "left"
 * bos_id, eos_id  a token put before / after the text ids, or None
@@ -11,15 +11,12 @@ training, eval and predict use either. Its settings follow the checkpoint and ar
 
 This is what transformers' `tokenizer(texts, padding="max_length", truncation=True, max_length=L)`
 does, and tests/test_tokenizers_hf.py checks ids against `AutoTokenizer` on a varied corpus.
-`read_hf_directory` reads these settings from a Hugging Face directory (tokenizer.json or spiece.model,
+hf_dir.py reads these settings from a Hugging Face directory (tokenizer.json or spiece.model,
 tokenizer_config.json, special_tokens_map.json). `load_tokenizer` (vocab.py) picks this class or the
 CLIP BPE for any directory.
 
 A SentencePiece model gives `sentencepiece`'s own ids, with transformers' SiglipTokenizer handling of
 special tokens written in the text ("a </s> b": found before cleaning, no second EOS after a final one).
-transformers 5 is the reference: where a tokenizer.json exists its post-processor decides BOS / EOS
-(tokenizer_config.json's add_bos_token / add_eos_token are ignored), and a few classes pad on the left
-by default (LEFT_PADDING_CLASSES).
 """
 
 from __future__ import annotations
@@ -40,16 +37,13 @@ from .tokenizer import CONFIG_FILE, CONFIG_FORMAT, DEFAULT_CONTEXT_LENGTH, _writ
 HF_CONFIG_VERSION = 2  # version 1 configs are all CLIP BPE; older mlx_clip refuses version 2 plainly
 KINDS = {"hf": "tokenizer.json", "sentencepiece": "spiece.model"}  # kind -> the file saved with it
 SP_FILES = ("spiece.model", "tokenizer.model", "sentencepiece.model")  # names HF directories use
-SIGLIP_CONTEXT_LENGTH = 64
 INSTALL_SENTENCEPIECE = "pip install 'mlx-clip[sentencepiece]' (or pip install sentencepiece)"
-# transformers 5 classes whose default padding side is left (a tokenizer_config.json setting wins)
-LEFT_PADDING_CLASSES = ("Gemma", "Siglip2", "Llama", "CodeLlama", "Cohere", "XLNet")
 
 
 # ------------------------------------------------------------------------------------------- backends
 
 
-class _Tokenizers:
+class TokenizerJson:
     """A `tokenizers.Tokenizer` (tokenizer.json): Unigram, BPE, WordPiece, with its own normalizer."""
 
     kind = "hf"
@@ -60,7 +54,7 @@ class _Tokenizers:
         self.unk_id = None  # its added tokens are found by the Rust side
 
     @classmethod
-    def from_file(cls, path: Path) -> _Tokenizers:
+    def from_file(cls, path: Path) -> TokenizerJson:
         try:
             return cls(tokenizers.Tokenizer.from_file(str(path)))
         except Exception as e:  # the Rust side raises a bare Exception for any parse error
@@ -82,7 +76,7 @@ class _Tokenizers:
         return self.hf.to_str(pretty=False).encode("utf-8")
 
 
-class _SentencePiece:
+class SentencePieceModel:
     """A SentencePiece model (.model, a serialized protobuf) read by the `sentencepiece` package."""
 
     kind = "sentencepiece"
@@ -105,7 +99,7 @@ class _SentencePiece:
         self.unk_id = self.sp.unk_id()
 
     @classmethod
-    def from_file(cls, path: Path) -> _SentencePiece:
+    def from_file(cls, path: Path) -> SentencePieceModel:
         return cls(path.read_bytes(), str(path))
 
     def encode_batch(self, texts: list[str], start: bool = True) -> list[list[int]]:
@@ -131,7 +125,7 @@ class _SentencePiece:
         return self.proto
 
 
-BACKENDS = {"hf": _Tokenizers, "sentencepiece": _SentencePiece}
+BACKENDS = {"hf": TokenizerJson, "sentencepiece": SentencePieceModel}
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -143,7 +137,7 @@ class HFTokenizer:
 
     def __init__(
         self,
-        backend: _Tokenizers | _SentencePiece,
+        backend: TokenizerJson | SentencePieceModel,
         *,
         clean: str = "none",
         context_length: int = DEFAULT_CONTEXT_LENGTH,
@@ -260,7 +254,7 @@ class HFTokenizer:
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
         if config is None:
-            config = _read_json(config_path)
+            config = read_json(config_path)
         kind = config.get("kind")
         if kind not in KINDS:
             raise ValueError(f"{config_path}: kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -324,19 +318,16 @@ class HFTokenizer:
     def __setstate__(self, state: dict) -> None:
         c = state["config"]
         if c["kind"] == "hf":
-            backend = _Tokenizers(tokenizers.Tokenizer.from_str(state["file"].decode("utf-8")))
+            backend = TokenizerJson(tokenizers.Tokenizer.from_str(state["file"].decode("utf-8")))
         else:
-            backend = _SentencePiece(state["file"])
+            backend = SentencePieceModel(state["file"])
         self.__init__(backend, **{k: c[k] for k in SETTINGS})
 
 
 SETTINGS = ("clean", "context_length", "pad_id", "pad_side", "bos_id", "eos_id")
 
 
-# --------------------------------------------------------------------- Hugging Face directories
-
-
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -344,94 +335,3 @@ def _read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return value
-
-
-def _token(value) -> str | None:
-    # tokenizer_config.json writes a special token as a string or as an AddedToken dict
-    return value.get("content") if isinstance(value, dict) else value
-
-
-def _post_processor_specials(path: Path) -> tuple[str | None, str | None]:
-    """(BOS, EOS) that tokenizer.json's post-processor puts around a single text."""
-    proc = _read_json(path).get("post_processor")
-    procs = proc.get("processors", []) if proc and proc.get("type") == "Sequence" else [proc]
-    bos = eos = None
-    for p in filter(None, procs):
-        if p.get("type") in ("BertProcessing", "RobertaProcessing"):
-            bos, eos = p["cls"][0], p["sep"][0]
-        elif p.get("type") == "TemplateProcessing":
-            items = p["single"]
-            a = next(i for i, item in enumerate(items) if "Sequence" in item)
-            before = [item["SpecialToken"]["id"] for item in items[:a]]
-            after = [item["SpecialToken"]["id"] for item in items[a + 1 :]]
-            if len(before) > 1 or len(after) > 1:
-                raise ValueError(f"{path}: a post-processor adding {before} / {after} is not supported")
-            bos, eos = (before or [None])[0], (after or [None])[0]
-    return bos, eos
-
-
-def read_hf_directory(directory: str | os.PathLike, clean: str | None = None) -> HFTokenizer:
-    """The tokenizer of a Hugging Face directory: tokenizer.json (through `tokenizers`) or a
-    SentencePiece model, with the padding, BOS/EOS and cleaning its tokenizer_config.json and
-    special_tokens_map.json set (as transformers 5 reads them). `clean` overrides the cleaning."""
-    directory = Path(directory)
-    config = _read_json(directory / CONFIG_FILE) if (directory / CONFIG_FILE).is_file() else {}
-    smap = directory / "special_tokens_map.json"
-    specials = _read_json(smap) if smap.is_file() else {}
-    cls = str(config.get("tokenizer_class") or "").removesuffix("Fast").removesuffix("Tokenizer")
-    name = {k: _token(config.get(f"{k}_token") or specials.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
-    sp_path = next((directory / n for n in SP_FILES if (directory / n).is_file()), None)
-    json_path = directory / "tokenizer.json"
-    # transformers' SiglipTokenizer reads only the SentencePiece model, where there is one
-    if json_path.is_file() and (cls != "Siglip" or sp_path is None):
-        backend = _Tokenizers.from_file(json_path)
-        bos, eos = _post_processor_specials(json_path)
-    elif sp_path is not None:
-        backend = _SentencePiece.from_file(sp_path)
-        bos, eos = None, name["eos"] or "</s>"  # SigLIP / T5: EOS appended, no BOS
-        # (transformers 5 ignores these two where there is a tokenizer.json: its post-processor rules)
-        if "add_bos_token" in config or "add_eos_token" in config:
-            bos = name["bos"] if config.get("add_bos_token") else None
-            eos = name["eos"] if config.get("add_eos_token", True) else None
-    else:
-        files = ", ".join(["tokenizer.json", *SP_FILES])
-        raise FileNotFoundError(f"{directory}: no tokenizer file (looked for {files})")
-    if cls == "T5":
-        bos, eos = None, "</s>"  # transformers' T5Tokenizer sets this post-processor itself
-    if cls == "Siglip" and config.get("do_lower_case", True) is False:
-        raise ValueError(
-            f"{directory / CONFIG_FILE}: SiglipTokenizer with do_lower_case false is unsupported"
-        )
-    default_clean = {"Siglip": "siglip", "Siglip2": "lowercase"}.get(cls, "none")
-    default_side = "left" if cls in LEFT_PADDING_CLASSES else "right"
-    pad = name["pad"] or ("</s>" if cls == "Siglip" else None)
-    ids = {}
-    for key, token in (("bos", bos), ("eos", eos), ("pad", pad)):
-        ids[key] = None if token is None else backend.token_to_id(token)
-        if token is not None and ids[key] is None:
-            raise ValueError(f"{directory}: the {key} token {token!r} is not in the vocabulary")
-    if ids["pad"] is None:
-        raise ValueError(f"{directory}: no pad_token in {CONFIG_FILE} or special_tokens_map.json")
-    max_len = config.get("model_max_length")
-    default_ctx = SIGLIP_CONTEXT_LENGTH if cls == "Siglip" else DEFAULT_CONTEXT_LENGTH
-    return HFTokenizer(
-        backend,
-        clean=clean or default_clean,
-        context_length=max_len if isinstance(max_len, int) and max_len < 100_000 else default_ctx,
-        pad_id=ids["pad"],
-        pad_side=config.get("padding_side", default_side),
-        bos_id=ids["bos"],
-        eos_id=ids["eos"],
-    )
-
-
-def read_sentencepiece(path: str | os.PathLike) -> HFTokenizer:
-    """A bare SentencePiece .model file: SigLIP's layout (text, then EOS, padded right to 64 with the
-    model's pad id, or EOS where it has none), no cleaning."""
-    backend = _SentencePiece.from_file(Path(path))
-    sp = backend.sp
-    eos = sp.eos_id() if sp.eos_id() >= 0 else None
-    pad = sp.pad_id() if sp.pad_id() >= 0 else eos
-    if pad is None:
-        raise ValueError(f"{path}: the model has neither a pad nor an EOS id to pad with")
-    return HFTokenizer(backend, context_length=SIGLIP_CONTEXT_LENGTH, pad_id=pad, eos_id=eos)

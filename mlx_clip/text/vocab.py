@@ -17,7 +17,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import models, trainers
 
-from .hf_tokenizer import KINDS, SP_FILES, HFTokenizer, read_hf_directory, read_sentencepiece
+from .hf_dir import read_hf_directory, read_sentencepiece
+from .hf_tokenizer import KINDS, SP_FILES, HFTokenizer
 from .tokenizer import (
     CONFIG_FILE,
     CONFIG_FORMAT,

@@ -59,7 +59,10 @@ def read_hf_directory(directory: str | os.PathLike, clean: str | None = None) ->
     # transformers' SiglipTokenizer reads only the SentencePiece model, where there is one
     if json_path.is_file() and (cls != "Siglip" or sp_path is None):
         backend = TokenizerJson.from_file(json_path)
-        bos, eos = _post_processor_specials(json_path)
+        try:
+            bos, eos = _post_processor_specials(json_path)
+        except (KeyError, StopIteration, TypeError, AttributeError) as e:
+            raise ValueError(f"{json_path}: unreadable post_processor ({e!r})") from None
     elif sp_path is not None:
         backend = SentencePieceModel.from_file(sp_path)
         bos, eos = None, name["eos"] or "</s>"  # SigLIP / T5: EOS appended, no BOS

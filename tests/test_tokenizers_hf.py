@@ -342,3 +342,30 @@ def test_sentencepiece_equals_transformers_siglip_tokenizer(spiece, tmp_path):
     ours = load_tokenizer(other)
     assert ours.pad_id == 0
     np.testing.assert_array_equal(ours(CORPUS), hf_ids(other, CORPUS, 64))
+
+
+def test_checkpoint_with_its_own_tokenizer_loads_for_inference(hf_dirs, tmp_path):
+    import mlx_clip
+    from mlx_clip.config import Config, ModelSection, config_to_yaml
+    from mlx_clip.inference import encode_texts, load
+    from mlx_clip.interop.files import read_checkpoint
+    from mlx_clip.models.config import ModelConfig
+    from mlx_clip.schema import to_dict
+
+    tok = load_tokenizer(hf_dirs["t5"])
+    arch = dict(embed_dim=16, image_size=32, patch_size=16, vision_width=32, vision_layers=1)
+    arch |= dict(vision_heads=2, context_length=13, vocab_size=tok.vocab_size, text_width=32)
+    arch |= dict(text_layers=1, text_heads=2)
+    model = mlx_clip.create_model(ModelConfig(**arch), seed=0)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    mlx_clip.save_weights(model, ckpt / "model.safetensors")
+    (ckpt / "config.yaml").write_text(
+        config_to_yaml(Config(model=ModelSection(arch="tiny", **to_dict(model.config))))
+    )
+    tok.save(ckpt)
+    _, loaded, _ = load(ckpt)
+    assert isinstance(loaded, HFTokenizer) and loaded.context_length == 13
+    np.testing.assert_array_equal(loaded(CORPUS[:8]), tok(CORPUS[:8], 13))
+    assert encode_texts(model, loaded, CORPUS[:8]).shape == (8, 16)
+    assert isinstance(read_checkpoint(ckpt)[3], HFTokenizer)  # convert / export read it too

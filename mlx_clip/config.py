@@ -111,7 +111,8 @@ class DataConfig:
 class TokenizerConfig:
     # "auto": the checkpoint's tokenizer when fine-tuning, else a BPE trained on the captions.
     # "trained": always train one; "openai": the 49408-token CLIP vocabulary (needs
-    # vocab_size 49408); or a path to a saved tokenizer / HF CLIP directory.
+    # vocab_size 49408); or a path: a saved tokenizer, a Hugging Face tokenizer directory (CLIP,
+    # any tokenizer.json, or a SentencePiece model, with its settings) or a SentencePiece .model file.
     kind: str = "auto"
 
 

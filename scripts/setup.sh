@@ -48,7 +48,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
 if [ "$KIND" = "dev" ]; then
-    echo ">> installing mlx_clip with the dev extra (torch, transformers, open_clip, pytest)"
+    echo ">> installing mlx_clip with the dev extra (torch, transformers, open_clip, sentencepiece, pytest)"
     "$VENV/bin/python" -m pip install -q -e ".[dev]"
     # CLIP_benchmark, the reference of the evaluation tests: its metrics need only torch, tqdm and
     # scikit-learn (in the dev extra); its full requirements add ~100 MB of captioning tools.

@@ -16,8 +16,8 @@ import numpy as np
 from ..config import Config
 from ..models.config import ModelConfig
 from ..schema import ConfigError
-from ..text.tokenizer import MIN_VOCAB_SIZE, Tokenizer
-from ..text.vocab import load_tokenizer, openai_tokenizer, train_tokenizer
+from ..text.tokenizer import MIN_VOCAB_SIZE
+from ..text.vocab import AnyTokenizer, load_saved, load_tokenizer, openai_tokenizer, train_tokenizer
 from . import synthetic
 from .pipeline import ArraySource, Loader
 from .readers import detect_format, read_samples, split_samples
@@ -40,7 +40,7 @@ class EvalSet:
 @dataclass
 class RunData:
     train: Loader | None  # None when built for evaluation only
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     tokenize: Callable[[list[str]], np.ndarray]
     evals: dict[str, EvalSet] = field(default_factory=dict)
     classnames: list[str] = field(default_factory=list)
@@ -67,11 +67,11 @@ class RunData:
 
 def build_tokenizer(
     cfg: Config, mcfg: ModelConfig, captions: list[list[str]], saved: Path | None
-) -> Tokenizer:
+) -> AnyTokenizer:
     """The run's tokenizer; a resumed or fine-tuned run reuses the one saved with its checkpoint."""
     kind = cfg.tokenizer.kind
     if saved is not None:
-        tok = Tokenizer.load(saved)
+        tok = load_saved(saved)
     elif kind in ("auto", "trained"):
         if mcfg.vocab_size < MIN_VOCAB_SIZE:
             raise ConfigError(

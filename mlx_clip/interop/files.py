@@ -43,7 +43,7 @@ from ..models.weights import (
 )
 from ..schema import to_dict
 from ..text.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
-from ..text.tokenizer import Tokenizer
+from ..text.vocab import AnyTokenizer, load_saved
 from .layouts import WeightError, check_state
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -160,7 +160,7 @@ def expected_shapes(cfg) -> dict[str, tuple]:
 
 
 def write_checkpoint(
-    out: str | Path, cfg, state: dict, tokenizer: Tokenizer | None, source: str, force: bool = False
+    out: str | Path, cfg, state: dict, tokenizer: AnyTokenizer | None, source: str, force: bool = False
 ) -> Path:
     """Canonical weights (numpy) -> OUT/{model.safetensors, config.yaml, tokenizer files}."""
     check_state(expected_shapes(cfg), state, source)
@@ -192,7 +192,7 @@ def read_checkpoint(path: str | Path):
     state = read_weights(weights)
     check_state(expected_shapes(cfg), state, str(weights))
     state = {k: _to_numpy(k, v, weights) for k, v in state.items()}
-    tokenizer = Tokenizer.load(ckpt) if (ckpt / TOKENIZER_CONFIG_FILE).is_file() else None
+    tokenizer = load_saved(ckpt) if (ckpt / TOKENIZER_CONFIG_FILE).is_file() else None
     return ckpt, cfg, state, tokenizer
 
 

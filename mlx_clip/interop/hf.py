@@ -34,15 +34,15 @@ from safetensors.numpy import save_file
 from ..data.transforms import OPENAI_MEAN, OPENAI_STD
 from ..models.config import SIZE_LIMITS, Activation, ModelConfig
 from ..schema import ConfigError
+from ..text.hf_tokenizer import HFTokenizer
 from ..text.tokenizer import (
-    END_OF_WORD,
     HF_EOT_TOKEN,
     HF_SOT_TOKEN,
     OPENAI_VOCAB_SIZE,
     TOKENIZER_FILE,
     Tokenizer,
 )
-from ..text.vocab import _read_hf_dir, openai_tokenizer
+from ..text.vocab import AnyTokenizer, openai_tokenizer, read_hf_tokenizer_dir
 from .files import (
     contiguous,
     read_checkpoint,
@@ -247,12 +247,17 @@ def _write_vocab_merges(out: Path, vocab: dict[str, int], merges: list[tuple[str
     (out / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def write_hf_tokenizer(tok: Tokenizer, out: Path, context_length: int) -> None:
+def write_hf_tokenizer(tok: AnyTokenizer, out: Path, context_length: int) -> None:
     """vocab.json + merges.txt + HF tokenizer_config.json + special_tokens_map.json.
 
-    Every mlx_clip vocab is CLIP's byte-level BPE with "</w>", which is what transformers'
+    Every mlx_clip CLIP vocab is a byte-level BPE with "</w>", which is what transformers'
     CLIPTokenizer builds from these two files. The OpenAI vocab gets the OpenAI special-token names.
+    A checkpoint's own tokenizer (tokenizer.json or SentencePiece) is written back as it came.
     """
+    if isinstance(tok, HFTokenizer):
+        tok.context_length = context_length
+        tok.save_hf(out)
+        return
     vocab, merges = vocab_and_merges(tok)
     sot, eot = tok.sot_token, tok.eot_token
     if tok.kind == "openai" and (sot, eot) != (HF_SOT_TOKEN, HF_EOT_TOKEN):
@@ -285,31 +290,26 @@ def _kind(tok: Tokenizer) -> str:
     return "openai" if same else "converted"
 
 
-def read_hf_tokenizer(directory: Path, cfg: ModelConfig) -> Tokenizer | None:
-    """The tokenizer of a Hugging Face CLIP directory: vocab.json + merges.txt (transformers 4), or
-    the BPE inside tokenizer.json (what transformers 5 saves); None when there is neither."""
-    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-        tok = _read_hf_dir(directory)
-    elif (directory / "tokenizer.json").is_file():
-        path = directory / "tokenizer.json"
-        try:
-            model = json.loads(path.read_text(encoding="utf-8"))["model"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"{path}: not a Hugging Face tokenizer file ({e})") from None
-        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
-            raise ConfigError(f"{path}: not a CLIP tokenizer (a byte-level BPE with {END_OF_WORD!r})")
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        with tempfile.TemporaryDirectory() as d:
-            _write_vocab_merges(Path(d), model["vocab"], merges)
-            tok = _read_hf_dir(Path(d))
-    else:
+def read_hf_tokenizer(directory: Path, cfg: ModelConfig, clean: str | None = None) -> AnyTokenizer | None:
+    """The tokenizer of a Hugging Face directory: the CLIP BPE (vocab.json + merges.txt, or inside
+    tokenizer.json as transformers 5 saves it), any other tokenizer.json or a SentencePiece model
+    (SigLIP), with its tokenizer_config.json settings; None when there is none. `clean` overrides the
+    text cleaning of a non-CLIP tokenizer (open_clip's tokenizer_kwargs)."""
+    try:
+        tok = read_hf_tokenizer_dir(directory)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if tok is None:
         return None
+    if isinstance(tok, HFTokenizer) and clean is not None:
+        tok.clean = clean
     if tok.vocab_size != cfg.vocab_size:
         raise ConfigError(
             f"{directory}: the tokenizer has {tok.vocab_size} tokens, "
             f"the model's vocab_size is {cfg.vocab_size}"
         )
-    tok.kind = _kind(tok)
+    if isinstance(tok, Tokenizer):
+        tok.kind = _kind(tok)
     tok.context_length = cfg.context_length
     return tok
 

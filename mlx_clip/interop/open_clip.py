@@ -62,6 +62,7 @@ WEIGHT_FILES = (
     "open_clip_pytorch_model.pth",
 )
 TRAINED_TOKENIZER_NAME = "mlx_clip-bpe"  # open_clip's local-dir: loads the files next to the config
+OPEN_CLIP_CLEANS = ("canonicalize", "whitespace", "lower")  # open_clip's HFTokenizer `clean` values
 
 # open_clip's CLIPVisionCfg / CLIPTextCfg defaults for the fields that set shapes.
 _VISION_DEFAULTS = dict(layers=12, width=768, head_width=64, mlp_ratio=4.0, patch_size=16, image_size=224)
@@ -309,10 +310,10 @@ def import_open_clip(
     hf_name = raw.get("text_cfg", {}).get("hf_tokenizer_name")
     if hf_name:
         # open_clip's local-dir: loads a Hugging Face tokenizer from the model directory itself.
-        tok = read_hf_tokenizer(Path(src), cfg) if Path(src).is_dir() else None
-        notes.append(
-            "tokenizer: vocab.json + merges.txt" if tok else f"tokenizer: none written ({hf_name!r})"
-        )
+        # Its text cleaning is open_clip's HFTokenizer's: tokenizer_kwargs' "clean", else "whitespace".
+        clean = raw["text_cfg"].get("tokenizer_kwargs", {}).get("clean", "whitespace")
+        tok = read_hf_tokenizer(Path(src), cfg, clean=clean) if Path(src).is_dir() else None
+        notes.append(f"tokenizer: {tok!r}" if tok else f"tokenizer: none written ({hf_name!r})")
     elif cfg.vocab_size == OPENAI_VOCAB_SIZE:
         tok = openai_tokenizer()
         tok.context_length = cfg.context_length
@@ -337,6 +338,10 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, force: bool = Fals
             model_cfg["text_cfg"]["hf_tokenizer_name"] = TRAINED_TOKENIZER_NAME
             write_hf_tokenizer(tok, tmp, cfg.context_length)
             notes.append(f"tokenizer: {tok.kind} ({tok.vocab_size} tokens) as Hugging Face files")
+            if getattr(tok, "clean", None) in OPEN_CLIP_CLEANS:  # a checkpoint's own tokenizer
+                model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": tok.clean}
+            elif getattr(tok, "clean", None) not in (None, "none"):
+                notes.append(f"tokenizer: open_clip has no {tok.clean!r} text cleaning; it will use its own")
         elif tok is None and cfg.vocab_size != OPENAI_VOCAB_SIZE:
             notes.append("tokenizer: none in the checkpoint; open_clip's default (OpenAI) will not fit")
         save_file(oc_state, str(tmp / "open_clip_model.safetensors"), metadata={"format": "pt"})

@@ -302,6 +302,11 @@ class Tokenizer:
             raise ValueError(
                 f"{config_path} is not an mlx_clip tokenizer config (format != {CONFIG_FORMAT!r})"
             )
+        if config.get("kind") in ("hf", "sentencepiece"):
+            raise ValueError(
+                f"{config_path} holds a {config['kind']} tokenizer, not the CLIP BPE: read it with "
+                "mlx_clip.text.vocab.load_tokenizer"
+            )
         if config.get("version", 0) > CONFIG_VERSION:
             raise ValueError(
                 f"{config_path} has version {config['version']}; this mlx_clip reads <= {CONFIG_VERSION}"
@@ -343,8 +348,8 @@ class Tokenizer:
         )
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: str | bytes) -> None:
     # A checkpoint directory must never hold half a file: write a sibling, then rename over.
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     os.replace(tmp, path)

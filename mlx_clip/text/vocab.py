@@ -1,5 +1,6 @@
-"""Where a Tokenizer comes from: OpenAI's vocabulary (found offline), a BPE trained on captions,
-or a saved directory (ours, or a Hugging Face CLIP one). The Tokenizer itself is tokenizer.py.
+"""Where a tokenizer comes from: OpenAI's vocabulary (found offline), a BPE trained on captions,
+a saved directory (ours, of either kind), or a Hugging Face directory (CLIP, or any tokenizer.json or
+SentencePiece model, read by hf_tokenizer.py). The CLIP Tokenizer itself is tokenizer.py.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import gzip
 import importlib.util
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,6 +17,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import models, trainers
 
+from .hf_dir import read_hf_directory, read_sentencepiece
+from .hf_tokenizer import KINDS, SP_FILES, HFTokenizer
 from .tokenizer import (
     CONFIG_FILE,
     CONFIG_FORMAT,
@@ -34,6 +38,8 @@ from .tokenizer import (
     clean_text,
     pre_tokenizer,
 )
+
+AnyTokenizer = Tokenizer | HFTokenizer  # same interface: texts -> (B, context_length) int32
 
 
 def _from_vocab(
@@ -202,37 +208,100 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int) -> Tokenizer:
 # -------------------------------------------------------------------------------------------- loading
 
 
-def _is_saved_tokenizer(directory: Path) -> bool:
+CLIP_KINDS = ("openai", "trained", "converted", "unknown")  # Tokenizer.kind values: all the CLIP BPE
+
+
+def _saved_config(directory: Path) -> dict | None:
+    """Our tokenizer_config.json, or None where the file is missing or someone else's (Hugging Face).
+    A file that is not JSON is an error, whoever wrote it."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        return None
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and config.get("format") == CONFIG_FORMAT
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt tokenizer config {path}: {e}") from e
+    return config if isinstance(config, dict) and config.get("format") == CONFIG_FORMAT else None
 
 
-def load_tokenizer(spec: str | os.PathLike | Tokenizer) -> Tokenizer:
-    """Resolve a tokenizer spec: a Tokenizer; "openai"; a directory written by `Tokenizer.save` (e.g. a
-    checkpoint); a Hugging Face CLIP directory (vocab.json + merges.txt); or a CLIP BPE .txt.gz file."""
-    if isinstance(spec, Tokenizer):
+def load_saved(directory: Path) -> AnyTokenizer:
+    """A tokenizer saved next to a checkpoint, of whichever kind its tokenizer_config.json names
+    (configs without a kind, as early mlx_clip wrote them, are the CLIP BPE)."""
+    config = _saved_config(directory)
+    if config is None:
+        return Tokenizer.load(directory)  # let load() say what is wrong
+    kind = config.get("kind", "unknown")
+    if kind in KINDS:
+        return HFTokenizer.load(directory, config)
+    if kind not in CLIP_KINDS:
+        raise ValueError(
+            f"{directory / CONFIG_FILE}: unknown tokenizer kind {kind!r} "
+            f"(known: {', '.join([*CLIP_KINDS, *KINDS])}); was it written by a newer mlx_clip?"
+        )
+    return Tokenizer.load(directory)
+
+
+def read_clip_json(path: Path) -> Tokenizer | None:
+    """The CLIP BPE inside a Hugging Face tokenizer.json (what transformers 5 saves for CLIP), or None
+    when the file holds another tokenizer (not a byte-level BPE with "</w>")."""
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a Hugging Face tokenizer file ({e})") from None
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
+        return None
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+        (Path(d) / "merges.txt").write_text("\n".join(f"{a} {b}" for a, b in merges), encoding="utf-8")
+        return _read_hf_dir(Path(d))
+
+
+def read_hf_tokenizer_dir(directory: Path) -> AnyTokenizer | None:
+    """The tokenizer of a Hugging Face directory: the CLIP BPE (vocab.json + merges.txt, or in
+    tokenizer.json), any other tokenizer.json, or a SentencePiece model; None when there is none."""
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return _read_hf_dir(directory)
+    if (directory / TOKENIZER_FILE).is_file():
+        clip = read_clip_json(directory / TOKENIZER_FILE)
+        if clip is not None:
+            return clip
+    if (directory / TOKENIZER_FILE).is_file() or any((directory / n).is_file() for n in SP_FILES):
+        return read_hf_directory(directory)
+    return None
+
+
+def load_tokenizer(spec: str | os.PathLike | AnyTokenizer) -> AnyTokenizer:
+    """Resolve a tokenizer spec: a tokenizer; "openai"; a directory written by `save` (e.g. a
+    checkpoint), CLIP BPE or HF kind; a Hugging Face directory (a CLIP vocab.json + merges.txt, any
+    tokenizer.json, or a SentencePiece model, with its tokenizer_config.json settings); a CLIP BPE
+    .txt.gz file; or a SentencePiece .model file."""
+    if isinstance(spec, Tokenizer | HFTokenizer):
         return spec
     if str(spec).lower() in ("openai", "clip", "openai-clip"):
         return openai_tokenizer()
     path = Path(spec)
     if path.is_dir():
-        # Hugging Face CLIP directories also hold a tokenizer_config.json (theirs): check whose it is.
-        if _is_saved_tokenizer(path):
-            return Tokenizer.load(path)
+        # Hugging Face directories also hold a tokenizer_config.json (theirs): check whose it is.
+        if _saved_config(path) is not None:
+            return load_saved(path)
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             return openai_tokenizer(path)
-        if (path / CONFIG_FILE).is_file() or (path / TOKENIZER_FILE).is_file():
+        tok = read_hf_tokenizer_dir(path)
+        if tok is not None:
+            return tok
+        if (path / CONFIG_FILE).is_file():
             return Tokenizer.load(path)  # half a saved tokenizer: let load() say what is wrong
         raise FileNotFoundError(
-            f"{path} holds no tokenizer: expected {TOKENIZER_FILE} + {CONFIG_FILE} (Tokenizer.save) "
-            "or vocab.json + merges.txt (a Hugging Face CLIP directory)"
+            f"{path} holds no tokenizer: expected {TOKENIZER_FILE} + {CONFIG_FILE} (a saved tokenizer), "
+            f"vocab.json + merges.txt (a Hugging Face CLIP directory), a Hugging Face {TOKENIZER_FILE} "
+            f"or a SentencePiece model ({', '.join(SP_FILES)})"
         )
     if path.is_file() and path.name.endswith(".gz"):
         return openai_tokenizer(path)
+    if path.is_file() and path.suffix == ".model":
+        return read_sentencepiece(path)
     raise FileNotFoundError(
         f"unknown tokenizer {str(spec)!r}: give 'openai', a saved tokenizer directory, a Hugging Face "
-        "CLIP directory or a CLIP BPE .txt.gz file"
+        "tokenizer directory, a CLIP BPE .txt.gz file or a SentencePiece .model file"
     )

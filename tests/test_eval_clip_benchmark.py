@@ -34,11 +34,11 @@ from mlx_clip.evaluation.templates import load_templates
 
 # A briefly trained model: well above chance on the built-in images, far from perfect. At 40 px
 # (5 x 5 patches of 8) the built-in objects sit on the patch grid (data.builtin_grid -1), which a
-# small ViT learns in 150 steps; at SMALL's 32 px they are placed freely and it learns the
+# small ViT learns in 120 steps; at SMALL's 32 px they are placed freely and it learns the
 # colours only, where the zero-shot classifier and a probe are equally stuck near 25%.
 SIZE, GRID = 40, 8
 TRAIN = [
-    *SMALL, "--model.image_size", str(SIZE), "--steps", "150", "--data.builtin_split", "single",
+    *SMALL, "--model.image_size", str(SIZE), "--steps", "120", "--data.builtin_split", "single",
     "--data.builtin_train_size", "1024", "--data.batch_size", "32", "--train.eval_every", "0",
     "--train.save_every", "0",
 ]  # fmt: skip

@@ -1,3 +1,4 @@
+import builtins
 import io
 import tarfile
 
@@ -53,6 +54,13 @@ def check_schema(obj, spec, where):
             assert isinstance(obj[key], tp), (
                 f"{where}.{key}: {type(obj[key]).__name__}, expected {tp.__name__}"
             )
+
+
+def clip_benchmark_float(x):
+    """float() that also takes a one-element array, as numpy < 2.4 did. CLIP_benchmark 1.6.2's
+    zero-shot accuracy() calls float() on a (1,) array, an error since numpy 2.4; its code runs
+    unchanged with this in place of its module's `float` (monkeypatch.setattr(zsc, "float", ...))."""
+    return builtins.float(x.item() if hasattr(x, "item") else x)
 
 
 # ---------------------------------------------------------------------------

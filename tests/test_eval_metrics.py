@@ -6,11 +6,11 @@ They feed CLIP_benchmark's evaluators a stand-in model whose "tokenizer" returns
 and whose encoders are the identity, so both sides see the same features.
 """
 
-import builtins
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import clip_benchmark_float
 
 from mlx_clip.evaluation.classification import (
     classification_metrics,
@@ -49,18 +49,11 @@ def zero_shot_problem(n_classes=12, n_templates=3, n=300, dim=16, seed=0):
     return text, images, labels
 
 
-def scalar(x):
-    """float() that also takes a one-element array, as numpy < 2.4 did."""
-    return builtins.float(x.item() if hasattr(x, "item") else x)
-
-
 def clip_benchmark_zero_shot(text, images, labels, classnames, monkeypatch):
     torch = pytest.importorskip("torch")
     pytest.importorskip("sklearn")
     zsc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
-    # CLIP_benchmark 1.6.2's accuracy() calls float() on a (1,) array, an error since numpy 2.4;
-    # its code runs unchanged with only that conversion relaxed in its module.
-    monkeypatch.setattr(zsc, "float", scalar, raising=False)
+    monkeypatch.setattr(zsc, "float", clip_benchmark_float, raising=False)
     templates = [f"template {t}: {{c}}" for t in range(text.shape[1])]
     feats = {tpl.format(c=c): text[i, t] for i, c in enumerate(classnames) for t, tpl in enumerate(templates)}
     batches = [

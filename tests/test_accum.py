@@ -115,7 +115,7 @@ def test_indivisible_batch_is_refused():
 
 def test_training_run_with_accum_steps(tmp_path):
     out, summary = train_run(
-        tmp_path, "accum", "--steps", "2", "--optim.accum_steps", "2", "--train.eval_every", "0"
+        tmp_path, "accum", "--steps", "2", "--optim.accum_steps", "2", "--eval.every", "0"
     )
     assert summary["step"] == 2
     assert (out / "checkpoints" / "step_2" / "model.safetensors").is_file()

@@ -29,7 +29,7 @@ TIMEOUT = 120  # per launch; a healthy one takes a few seconds
 
 # conftest's small run, with one loader worker per rank.
 SMALL = [*SMALL_RUN, "--data.num_workers", "1"]
-TEN_STEPS = ["--steps", "10", "--train.eval_every", "5", "--train.save_every", "5"]
+TEN_STEPS = ["--steps", "10", "--eval.every", "5", "--train.save_every", "5"]
 
 
 def free_port_pair() -> int:

@@ -39,7 +39,7 @@ from mlx_clip.evaluation.templates import load_templates
 SIZE, GRID = 40, 8
 TRAIN = [
     *SMALL, "--model.image_size", str(SIZE), "--steps", "120", "--data.builtin_split", "single",
-    "--data.builtin_train_size", "1024", "--data.batch_size", "32", "--train.eval_every", "0",
+    "--data.builtin_train_size", "1024", "--data.batch_size", "32", "--eval.every", "0",
     "--train.save_every", "0",
 ]  # fmt: skip
 

@@ -208,7 +208,7 @@ TINY = [
     "--model.vision_heads", "2", "--model.vision_layers", "1", "--model.text_width", "32",
     "--model.text_layers", "1", "--model.context_length", "16", "--model.vocab_size", "600",
     "--model.embed_dim", "16", "--data.builtin_train_size", "32", "--data.builtin_val_size", "16",
-    "--data.batch_size", "16", "--train.progress", "false", "--train.eval_every", "0",
+    "--data.batch_size", "16", "--train.progress", "false", "--eval.every", "0",
 ]  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from mlx_clip.schema import ConfigError
 from mlx_clip.train import main as train_main
 from mlx_clip.training.optim_rules import is_locked, lr_at, tower_lr
 
-FAST = [*SMALL, "--train.eval_every", "0", "--train.save_every", "0", "--optim.warmup_steps", "0"]
+FAST = [*SMALL, "--eval.every", "0", "--train.save_every", "0", "--optim.warmup_steps", "0"]
 
 
 @pytest.fixture(scope="module")

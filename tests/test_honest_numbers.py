@@ -118,7 +118,7 @@ def test_a_run_with_non_finite_embeddings_reports_nan_not_100_percent(tmp_path, 
 
     encode_image = CLIP.encode_image
     monkeypatch.setattr(CLIP, "encode_image", lambda self, *a, **k: encode_image(self, *a, **k) * mx.nan)
-    out, summary = train_run(tmp_path, "nan", "--steps", "2", "--train.eval_every", "0")
+    out, summary = train_run(tmp_path, "nan", "--steps", "2", "--eval.every", "0")
     assert math.isnan(summary["zeroshot_top1"]) and math.isnan(summary["i2t_R@1"])
     assert summary["skipped_steps"] == 2  # the loss was NaN too: both updates were refused
     state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
@@ -174,7 +174,7 @@ def test_the_loop_counts_rejected_updates_and_stops_after_max_bad_steps(tmp_path
     with pytest.raises(
         SystemExit, match="2 consecutive steps with a non-finite loss, gradient or updated weights"
     ):
-        train_run(tmp_path, "huge", "--steps", "4", "--train.eval_every", "0", "--train.max_bad_steps", "2")
+        train_run(tmp_path, "huge", "--steps", "4", "--eval.every", "0", "--train.max_bad_steps", "2")
 
 
 def test_the_issue_command_is_refused_by_name():

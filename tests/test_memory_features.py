@@ -69,7 +69,7 @@ def test_checkpointing_lowers_peak_memory():
 
 def test_checkpointing_run_from_the_cli(tmp_path):
     _, summary = train_run(
-        tmp_path, "ckpt", "--steps", "2", "--train.eval_every", "0", "--train.grad_checkpointing", "true"
+        tmp_path, "ckpt", "--steps", "2", "--eval.every", "0", "--train.grad_checkpointing", "true"
     )
     assert summary["step"] == 2
 
@@ -112,7 +112,7 @@ BF16_TOL = 0.02
 @pytest.mark.slow
 def test_bf16_tracks_float32_over_50_steps(tmp_path):
     common = [
-        "--steps", "50", "--train.eval_every", "0", "--train.save_every", "0", "--train.log_every", "5",
+        "--steps", "50", "--eval.every", "0", "--train.save_every", "0", "--train.log_every", "5",
         "--optim.warmup_steps", "5", "--optim.lr", "5e-4", "--data.batch_size", "32",
         "--data.builtin_split", "single",
     ]  # fmt: skip
@@ -158,7 +158,7 @@ def test_auto_batch_respects_cap_ranks_and_accumulation():
 
 def test_auto_batch_from_the_cli_is_resolved_in_the_run_config(tmp_path):
     out, summary = train_run(
-        tmp_path, "auto", "--steps", "1", "--train.eval_every", "0",
+        tmp_path, "auto", "--steps", "1", "--eval.every", "0",
         "--data.batch_size", "auto", "--train.memory_budget_gb", "0.2",
     )  # fmt: skip
     cfg = load_config(out / "config.yaml")

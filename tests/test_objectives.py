@@ -383,7 +383,7 @@ def test_every_objective_trains_from_the_cli(tmp_path, name):
 
     out = tmp_path / name
     summary = train_main(
-        ["--out", str(out), *SMALL, *CLI_OBJECTIVES[name], "--steps", "4", "--train.eval_every", "0",
+        ["--out", str(out), *SMALL, *CLI_OBJECTIVES[name], "--steps", "4", "--eval.every", "0",
          "--train.save_every", "0", "--train.log_every", "1"]
     )  # fmt: skip
     assert summary["step"] == 4 and math.isfinite(summary["val_loss"])

@@ -31,7 +31,7 @@ TINY = [
     "--model.vision_heads", "2", "--model.vision_layers", "2", "--model.text_width", "64",
     "--model.text_layers", "2", "--model.context_length", "16", "--model.vocab_size", "600",
     "--model.embed_dim", "32", "--data.builtin_train_size", "256", "--data.builtin_val_size", "48",
-    "--data.batch_size", "16", "--train.progress", "false", "--train.eval_every", "0",
+    "--data.batch_size", "16", "--train.progress", "false", "--eval.every", "0",
 ]  # fmt: skip
 
 

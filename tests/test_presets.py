@@ -33,6 +33,6 @@ def test_preset_trains_two_steps_on_builtin_data(tmp_path, name):
     out = Path(tmp_path) / name
     summary = train_main(
         ["--config", str(CONFIG_DIR / "presets" / f"{name}.yaml"), "--out", str(out), *SMALL,
-         "--steps", "2", "--train.eval_every", "0", "--train.save_every", "0"]
+         "--steps", "2", "--eval.every", "0", "--train.save_every", "0"]
     )  # fmt: skip
     assert summary["step"] == 2

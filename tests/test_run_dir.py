@@ -20,7 +20,7 @@ from mlx_clip.training.checkpoint import find_resumable, prune_checkpoints
 from mlx_clip.training.resume import breaks_exactness, config_changes
 from mlx_clip.training.state import RunState
 
-QUIET = ["--train.eval_every", "0", "--train.save_every", "0"]
+QUIET = ["--eval.every", "0", "--train.save_every", "0"]
 
 
 def snapshot(out):
@@ -126,10 +126,10 @@ def test_a_file_system_without_locks_is_reported_not_fatal(tmp_path, monkeypatch
 def test_a_fresh_run_into_a_used_directory_is_refused_and_changes_nothing(tmp_path):
     """Issue #13: `train --out R --steps 20 --save_every 10; train --out R --steps 12 --save_every 4`
     used to prune each new checkpoint as it was written (the old step_20 counted as newest)."""
-    out, _ = train_run(tmp_path, "R", "--steps", "20", "--train.save_every", "10", "--train.eval_every", "0")
+    out, _ = train_run(tmp_path, "R", "--steps", "20", "--train.save_every", "10", "--eval.every", "0")
     before = snapshot(out)
     with pytest.raises(SystemExit, match=r"already holds checkpoints .*step_20.*--resume.*new --out"):
-        train_run(tmp_path, "R", "--steps", "12", "--train.save_every", "4", "--train.eval_every", "0")
+        train_run(tmp_path, "R", "--steps", "12", "--train.save_every", "4", "--eval.every", "0")
     assert snapshot(out) == before
     run_ids = {s["run_id"] for s in states(out).values()}
     assert len(run_ids) == 1 and len(run_ids.pop()) == 32

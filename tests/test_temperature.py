@@ -84,7 +84,7 @@ def test_training_uses_and_logs_the_scheduled_temperature(tmp_path):
     out, _ = train_run(
         tmp_path,
         "cosine",
-        "--steps", "6", "--train.eval_every", "3", "--train.save_every", "0",
+        "--steps", "6", "--eval.every", "3", "--train.save_every", "0",
         "--loss.temperature.schedule", "cosine", "--loss.temperature.start", "0.1",
         "--loss.temperature.end", "0.02",
     )  # fmt: skip
@@ -104,7 +104,7 @@ def test_training_uses_and_logs_the_scheduled_temperature(tmp_path):
 
 def test_learnable_temperature_is_logged_and_moves(tmp_path):
     out, _ = train_run(
-        tmp_path, "learn", "--steps", "4", "--train.eval_every", "0", "--train.save_every", "0"
+        tmp_path, "learn", "--steps", "4", "--eval.every", "0", "--train.save_every", "0"
     )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     taus = [r["temperature"] for r in records if r["event"] == "temperature"]
@@ -116,7 +116,7 @@ def test_adaptive_run_lowers_temperature_on_plateau_and_resumes(tmp_path):
     # threshold 1.0: no val-loss drop counts as an improvement, so every evaluation after the first
     # is a plateau (patience 1) and halves tau.
     args = [
-        "--steps", "6", "--train.eval_every", "2", "--train.save_every", "2",
+        "--steps", "6", "--eval.every", "2", "--train.save_every", "2",
         "--loss.temperature.schedule", "adaptive", "--loss.temperature.start", "0.08",
         "--loss.temperature.end", "0.01", "--loss.temperature.threshold", "1.0",
     ]  # fmt: skip

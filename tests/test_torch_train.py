@@ -44,7 +44,7 @@ def test_twenty_steps_mlx_and_torch_ref_agree(tmp_path, objective):
     mlx_clip.save_weights(model, tmp_path / "init.safetensors")
     common = [
         *SMALL, *OBJECTIVES[objective], "--steps", "20", "--train.log_every", "1",
-        "--train.eval_every", "0", "--model.init_from", str(tmp_path / "init.safetensors"),
+        "--eval.every", "0", "--model.init_from", str(tmp_path / "init.safetensors"),
         "--optim.lr", "2e-3",
     ]  # fmt: skip
     m = mlx_main(["--out", str(tmp_path / "mlx"), *common])

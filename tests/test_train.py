@@ -19,7 +19,7 @@ from mlx_clip.train import main as train_main
 
 def test_end_to_end_outputs(tmp_path):
     out, summary = train_run(
-        tmp_path, "run", "--steps", "6", "--train.eval_every", "3", "--train.save_every", "3"
+        tmp_path, "run", "--steps", "6", "--eval.every", "3", "--train.save_every", "3"
     )
     assert summary["step"] == 6
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json"):
@@ -59,7 +59,7 @@ def test_end_to_end_outputs(tmp_path):
 
 def test_resume_is_bit_exact(tmp_path):
     """train 8 == train 4, stop, resume, train 4 -- bit for bit (CPU)."""
-    common = ["--steps", "8", "--train.eval_every", "0", "--train.save_every", "0"]
+    common = ["--steps", "8", "--eval.every", "0", "--train.save_every", "0"]
     full, _ = train_run(tmp_path, "full", *common)
     half, _ = train_run(tmp_path, "half", *common, "--stop-after", "4")
     assert json.loads((half / "checkpoints" / "step_4" / "state.json").read_text())["step"] == 4
@@ -77,7 +77,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_keeps_best_and_last_k(tmp_path):
     out, _ = train_run(
-        tmp_path, "keep", "--steps", "8", "--train.eval_every", "2", "--train.save_every", "2",
+        tmp_path, "keep", "--steps", "8", "--eval.every", "2", "--train.save_every", "2",
         "--train.keep_last", "1",
     )  # fmt: skip
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
@@ -88,7 +88,7 @@ def test_keeps_best_and_last_k(tmp_path):
 
 
 def test_eval_cli_matches_training_eval(tmp_path):
-    out, summary = train_run(tmp_path, "ev", "--steps", "4", "--train.eval_every", "0")
+    out, summary = train_run(tmp_path, "ev", "--steps", "4", "--eval.every", "0")
     proc = subprocess.run(
         [sys.executable, "-m", "mlx_clip.eval", "--checkpoint", str(out)], capture_output=True, text=True
     )
@@ -136,7 +136,7 @@ def test_users_csv_trains_with_one_command(tmp_path):
     proc = subprocess.run(
         [
             sys.executable, "-m", "mlx_clip.train", "--out", str(out), *SMALL, "--data.train", str(csv),
-            "--data.val_ratio", "0.25", "--steps", "3", "--train.eval_every", "0",
+            "--data.val_ratio", "0.25", "--steps", "3", "--eval.every", "0",
         ],
         capture_output=True,
         text=True,
@@ -165,7 +165,7 @@ def test_missing_data_and_checkpoint_give_one_clear_line(tmp_path):
 def test_resume_is_bit_exact_at_tiny_size(tmp_path):
     """Large enough matmuls for OpenBLAS to thread: train.deterministic keeps resume bit-exact."""
     common = [
-        "--steps", "6", "--train.eval_every", "0", "--train.save_every", "0", "--train.progress", "false",
+        "--steps", "6", "--eval.every", "0", "--train.save_every", "0", "--train.progress", "false",
         "--data.builtin_train_size", "640", "--data.builtin_val_size", "48", "--optim.warmup_steps", "2",
     ]  # fmt: skip
     train_main(["--out", str(tmp_path / "full"), *common])
@@ -183,7 +183,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     (tmp_path / "d" / "images" / "000005.png").write_bytes(b"")  # zero bytes
     (tmp_path / "d" / "images" / "000007.png").unlink()  # missing
     out, summary = train_run(tmp_path, "bad", "--data.train", str(csv), "--steps", "2",
-                             "--train.eval_every", "0", "--data.max_bad_fraction", "0.05")  # fmt: skip
+                             "--eval.every", "0", "--data.max_bad_fraction", "0.05")  # fmt: skip
     lines = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
     assert {Path(x["item"]).name for x in lines} == {"000005.png", "000007.png"}
     assert summary["skipped"]["skipped"] == 2
@@ -192,12 +192,12 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     for i in range(8, 14):
         (tmp_path / "d" / "images" / f"{i:06d}.png").write_bytes(b"junk")
     with pytest.raises(SystemExit, match="000008.png"):
-        train_run(tmp_path, "worse", "--data.train", str(csv), "--steps", "2", "--train.eval_every", "0")
+        train_run(tmp_path, "worse", "--data.train", str(csv), "--steps", "2", "--eval.every", "0")
     assert not (tmp_path / "worse" / "checkpoints").exists()
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
-    common = ["--steps", "6", "--train.eval_every", "0", "--train.save_every", "2", "--train.keep_last", "3"]
+    common = ["--steps", "6", "--eval.every", "0", "--train.save_every", "2", "--train.keep_last", "3"]
     full, _ = train_run(tmp_path, "full", *common)
     half, _ = train_run(tmp_path, "half", *common, "--stop-after", "4")
     damaged = half / "checkpoints" / "step_4" / "model.safetensors"
@@ -219,7 +219,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "sig"
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_clip.train", "--out", str(out), *SMALL, "--steps", "5000",
-         "--train.log_every", "1", "--train.eval_every", "0", "--train.save_every", "0"],
+         "--train.log_every", "1", "--eval.every", "0", "--train.save_every", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     metrics = out / "metrics.jsonl"
@@ -255,7 +255,7 @@ def nan_batches_at(monkeypatch, bad_steps):
 
 def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     nan_batches_at(monkeypatch, {3})
-    out, summary = train_run(tmp_path, "nan", "--steps", "4", "--train.eval_every", "0",
+    out, summary = train_run(tmp_path, "nan", "--steps", "4", "--eval.every", "0",
                              "--train.save_every", "1", "--train.keep_last", "10")  # fmt: skip
     ck = out / "checkpoints"
     w2, w3 = (load_file(str(ck / f"step_{i}" / "model.safetensors")) for i in (2, 3))
@@ -271,7 +271,7 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
 def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
     nan_batches_at(monkeypatch, {3, 4, 5, 6})
     with pytest.raises(SystemExit, match="2 consecutive steps.*Lower optim.lr"):
-        train_run(tmp_path, "nan2", "--steps", "8", "--train.eval_every", "0", "--train.save_every", "2",
+        train_run(tmp_path, "nan2", "--steps", "8", "--eval.every", "0", "--train.save_every", "2",
                   "--train.max_bad_steps", "2")  # fmt: skip
     latest = (tmp_path / "nan2" / "checkpoints" / "latest").resolve()
     assert latest.name == "step_2"
@@ -295,7 +295,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     with pytest.raises(
         SystemExit, match=r"could not write checkpoint .*step_4.*No space left.*step_2 is intact"
     ):
-        train_run(tmp_path, "disk", "--steps", "6", "--train.eval_every", "0", "--train.save_every", "2")
+        train_run(tmp_path, "disk", "--steps", "6", "--eval.every", "0", "--train.save_every", "2")
     ck = tmp_path / "disk" / "checkpoints"
     assert (ck / "latest").resolve().name == "step_2" and not list(ck.glob(".tmp-*"))
     from mlx_clip.training.checkpoint import verify_checkpoint
@@ -310,7 +310,7 @@ def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_p
     import signal
     import time
 
-    common = [*SMALL, "--steps", "60", "--train.eval_every", "0", "--train.save_every", "1",
+    common = [*SMALL, "--steps", "60", "--eval.every", "0", "--train.save_every", "1",
               "--train.keep_last", "2", "--train.log_every", "1"]  # fmt: skip
     full, _ = train_run(tmp_path, "full", *common)
     out = tmp_path / "killed"
@@ -358,4 +358,4 @@ def test_out_of_memory_suggests_what_to_change(tmp_path, monkeypatch, error):
 
     monkeypatch.setattr(trainer, "build_training", failing_build_training)
     with pytest.raises(SystemExit, match="out of memory.*smaller data.batch_size.*gradient checkpointing"):
-        train_run(tmp_path, "oom", "--steps", "2", "--train.eval_every", "0")
+        train_run(tmp_path, "oom", "--steps", "2", "--eval.every", "0")

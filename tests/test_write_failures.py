@@ -117,12 +117,12 @@ def test_real_full_disk_keeps_the_previous_checkpoint(tmp_path, tmpfs):
 
 def test_cli_full_disk_is_one_line(tmp_path, tmpfs):
     """The issue's reproduction: train on a disk that holds one checkpoint; the final save fails."""
-    probe, _ = train_run(tmp_path, "probe", "--steps", "2", "--train.eval_every", "0")
+    probe, _ = train_run(tmp_path, "probe", "--steps", "2", "--eval.every", "0")
     run_files = dir_size(probe) - dir_size(probe / "checkpoints")
     ckpt = dir_size(probe / "checkpoints" / "step_2")
     out = tmpfs(run_files + int(ckpt * 1.6)) / "run"
     with pytest.raises(SystemExit) as exit_info:
-        train_run(out.parent, "run", "--steps", "4", "--train.eval_every", "0", "--train.save_every", "2")
+        train_run(out.parent, "run", "--steps", "4", "--eval.every", "0", "--train.save_every", "2")
     message = str(exit_info.value.code)
     assert message.startswith("error: could not write checkpoint") and "\n" not in message
     assert "step_4" in message and "step_2 is intact" in message
@@ -141,7 +141,7 @@ def test_cli_full_disk_simulated_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mx, "save_safetensors", save)
     with pytest.raises(SystemExit) as exit_info:
-        train_run(tmp_path, "run", "--steps", "4", "--train.eval_every", "0", "--train.save_every", "2")
+        train_run(tmp_path, "run", "--steps", "4", "--eval.every", "0", "--train.save_every", "2")
     message = str(exit_info.value.code)
     assert message.startswith("error: could not write checkpoint") and "\n" not in message
     assert "step_2 is intact" in message
@@ -157,7 +157,7 @@ def test_summary_write_failure_names_the_saved_checkpoint(tmp_path, monkeypatch)
 
     monkeypatch.setattr(Path, "write_text", write_text)
     with pytest.raises(SystemExit) as exit_info:
-        train_run(tmp_path, "run", "--steps", "2", "--train.eval_every", "0")
+        train_run(tmp_path, "run", "--steps", "2", "--eval.every", "0")
     message = str(exit_info.value.code)
     assert "summary.json" in message and "No space left" in message and "step_2 is saved" in message
     assert not (tmp_path / "run" / "summary.json").exists()
@@ -226,11 +226,11 @@ def test_torn_last_line_is_skipped_and_garbage_named(tmp_path):
 
 def test_next_run_after_a_torn_line_works(tmp_path):
     """The issue's reproduction: a half line at the end of metrics.jsonl, then --resume."""
-    out, _ = train_run(tmp_path, "run", "--steps", "2", "--train.eval_every", "0")
+    out, _ = train_run(tmp_path, "run", "--steps", "2", "--eval.every", "0")
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"event": "train", "step": 3, "lo')
     (out / "curves.png").unlink()
-    summary = mlx_clip_train(out, "--steps", "4", "--train.eval_every", "0", "--resume")
+    summary = mlx_clip_train(out, "--steps", "4", "--eval.every", "0", "--resume")
     assert summary["step"] == 4 and (out / "curves.png").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert all(isinstance(json.loads(line), dict) for line in lines)  # the torn line was cut off
@@ -250,7 +250,7 @@ def mlx_clip_train(out, *extra):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("integrity") / "run"
-    mlx_clip_train(out, "--steps", "2", "--train.eval_every", "0")
+    mlx_clip_train(out, "--steps", "2", "--eval.every", "0")
     return out
 
 

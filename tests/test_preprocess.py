@@ -14,9 +14,10 @@ from PIL import Image
 
 import mlx_clip
 from mlx_clip.config import load_config
+from mlx_clip.data.decode import decode_image, open_lazy
 from mlx_clip.data.pipeline import ArraySource, Loader
 from mlx_clip.data.run_data import build_run_data
-from mlx_clip.data.transforms import ImagePreprocess, eval_transform, train_transform
+from mlx_clip.data.transforms import EXACT_RESIZE_LIMIT, ImagePreprocess, eval_transform, train_transform
 from mlx_clip.inference import encode_images
 from mlx_clip.interop.files import write_checkpoint
 from mlx_clip.interop.hf import export_hf, import_hf
@@ -55,7 +56,8 @@ def clip_reference(im: Image.Image, size: int) -> np.ndarray:
 
 
 def test_defaults_are_clips_pixels_bit_for_bit():
-    default = ImagePreprocess.of(ModelConfig())
+    # A checkpoint header or config.yaml written before these fields existed gets CLIP's.
+    default = ImagePreprocess.of(ModelConfig.from_dict({"embed_dim": 512}))
     assert default == ImagePreprocess()
     for im in images():
         ours = default.eval_transform(S)(im)
@@ -118,6 +120,32 @@ def test_squash_of_a_thin_strip_is_bounded_and_close():
     plain = SIGLIP.normalize(np.asarray(strip.resize((S, S), Image.Resampling.BILINEAR)))
     assert ours.shape == (S, S, 3)
     assert np.abs(ours - plain).max() <= 1 / 255 / 0.5 + 1e-6
+
+
+def test_squash_work_is_bounded(tmp_path, monkeypatch):
+    """Squash keeps decode_image's bounds: a 1 x 200,000 strip never makes an S x 200,000 buffer,
+    and a large JPEG decodes at a reduced scale (within a few 8-bit levels of the full decode)."""
+    Image.new("RGB", (1, 200_000), (90, 120, 150)).save(tmp_path / "thin.png")
+    calls, resize = [], Image.Image.resize
+
+    def spy(im, size, resample=None, box=None, **kw):
+        box = box or (0, 0, *im.size)
+        calls.append(size[0] * (box[3] - box[1]))  # PIL's buffer after its horizontal pass
+        return resize(im, size, resample, box, **kw)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    out = decode_image(tmp_path / "thin.png", SIGLIP.eval_transform(224), max_aspect=None)
+    assert calls and max(calls) <= EXACT_RESIZE_LIMIT * 224 * 224
+    np.testing.assert_allclose(out, np.broadcast_to(SIGLIP.normalize(np.uint8([90, 120, 150])), out.shape))
+    monkeypatch.undo()
+    x = np.linspace(0, 255, 1024)
+    smooth = np.stack(np.broadcast_arrays(x[None, :], x[::-1, None][:768], 128 + 0 * x[None, :]), -1)
+    Image.fromarray(smooth.astype(np.uint8)).save(tmp_path / "big.jpg", quality=95)
+    lazy = open_lazy(tmp_path / "big.jpg")
+    reduced = SIGLIP.eval_transform(32)(lazy)
+    assert lazy.size == (256, 192)  # 1/4 scale: still 6x the output on the shorter side
+    full = SIGLIP.eval_transform(32)(Image.open(tmp_path / "big.jpg").convert("RGB"))
+    assert np.abs(reduced - full).max() < 4 / 255 / 0.5
 
 
 # ---------------------------------------------------------------------------

@@ -106,7 +106,8 @@ def hf_preprocess_fields(pp: dict, image_size: int, where: str = HF_FILE) -> dic
     the key."""
     if not isinstance(pp, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(pp).__name__}")
-    kind = str(pp.get("image_processor_type", "CLIPImageProcessor"))
+    legacy = str(pp.get("feature_extractor_type", "CLIPFeatureExtractor"))  # older files name only this
+    kind = str(pp.get("image_processor_type", legacy.replace("FeatureExtractor", "ImageProcessor")))
     base = next((k for k in _HF_DEFAULTS if kind in (k, k + "Fast", k + "Pil")), None)
     if base is None:
         raise ConfigError(

@@ -316,3 +316,46 @@ def test_open_clip_refusals_name_the_key():
 
     with pytest.raises(ConfigError, match="interpolation='nearest': open_clip"):
         open_clip_preprocess_cfg(dataclasses.replace(ModelConfig(), interpolation="nearest"))
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning and resuming keep the checkpoint's pixels
+
+TINY_RUN = [
+    ("model.arch", "custom"), ("model.image_size", str(S)), ("model.patch_size", "8"),
+    ("model.vision_width", "32"), ("model.vision_heads", "2"), ("model.vision_layers", "1"),
+    ("model.text_width", "32"), ("model.text_heads", "2"), ("model.text_layers", "1"),
+    ("model.context_length", "8"), ("model.vocab_size", "600"), ("model.embed_dim", "16"),
+]  # fmt: skip
+
+
+def test_init_from_refuses_other_preprocessing_unless_set(siglip_ckpt):
+    from mlx_clip.training.resume import check_init_preprocessing
+
+    weights = siglip_ckpt / "model.safetensors"
+    with pytest.raises(
+        ConfigError, match=r"image_mean \[0\.5, 0\.5, 0\.5\].*--model\.resize_mode squash"
+    ) as e:
+        check_init_preprocessing(load_config(None, TINY_RUN), weights)
+    flags = str(e.value).split("Keep the checkpoint's with ")[1].split(", or set")[0].split(" --")
+    pairs = [(f.removeprefix("--").split(" ", 1)[0], f.split(" ", 1)[1].strip("'")) for f in flags]
+    cfg = load_config(None, TINY_RUN + pairs)  # the flags the message gives
+    check_init_preprocessing(cfg, weights)
+    assert ImagePreprocess.of(cfg.model_config()) == SIGLIP
+    check_init_preprocessing(load_config(None, TINY_RUN + [("model.image_mean", "[0.4, 0.4, 0.4]")]), None)
+
+
+def test_resume_of_a_config_written_before_the_fields_is_no_change(tmp_path):
+    from mlx_clip.config import config_to_yaml
+    from mlx_clip.training.resume import check_config
+
+    new = config_to_yaml(load_config(None, TINY_RUN))
+    old = new
+    for key in ("image_mean", "image_std"):  # as a config.yaml written before these fields
+        old = old.replace(f"  {key}:\n" + "".join(f"  - {v}\n" for v in getattr(ModelConfig(), key)), "")
+    old = old.replace("  resize_mode: shortest\n", "").replace("  interpolation: bicubic\n", "")
+    assert "image_mean" not in old and "resize_mode" not in old
+    (tmp_path / "config.yaml").write_text(old)
+    logged = []
+    check_config(tmp_path, new, allow_changed=False, log=logged.append)
+    assert logged == []

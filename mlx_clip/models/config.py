@@ -138,21 +138,6 @@ class ModelConfig:
                 f"got {self.init_logit_bias}"
             )
 
-    def _check_preprocess(self, where: str) -> None:
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if len(value) != 3:
-                raise ConfigError(f"{where}.{name} must be 3 numbers (R, G, B), got {list(value)}")
-        if not all(0 <= m <= 1 for m in self.image_mean):
-            raise ConfigError(
-                f"{where}.image_mean must be in [0, 1] (pixels scaled to [0, 1]; divide 0-255 values by "
-                f"255), got {list(self.image_mean)}"
-            )
-        if not all(s > 0 for s in self.image_std):
-            raise ConfigError(
-                f"{where}.image_std must be positive (it divides the pixels), got {list(self.image_std)}"
-            )
-
     def mlp_hidden(self, tower: str) -> int:
         """The MLP's hidden width in a tower ("vision" or "text")."""
         return int(getattr(self, f"{tower}_width") * self.mlp_ratio)
@@ -186,6 +171,21 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    def _check_preprocess(self, where: str) -> None:
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise ConfigError(f"{where}.{name} must be 3 numbers (R, G, B), got {list(value)}")
+        if not all(0 <= m <= 1 for m in self.image_mean):
+            raise ConfigError(
+                f"{where}.image_mean must be in [0, 1] (pixels scaled to [0, 1]; divide 0-255 values by "
+                f"255), got {list(self.image_mean)}"
+            )
+        if not all(s > 0 for s in self.image_std):
+            raise ConfigError(
+                f"{where}.image_std must be positive (it divides the pixels), got {list(self.image_std)}"
+            )
 
 
 def available_models() -> list[str]:

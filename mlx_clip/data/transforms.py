@@ -299,6 +299,8 @@ class ImagePreprocess:
     interpolation: Interpolation = "bicubic"
 
     def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(self.mean))  # lists too, and equal to the tuple form
+        object.__setattr__(self, "std", tuple(self.std))
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
             raise ValueError(f"mean and std must be 3 numbers, std > 0; got {self.mean}, {self.std}")
         if self.resize_mode not in typing.get_args(ResizeMode):

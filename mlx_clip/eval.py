@@ -62,6 +62,7 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
     import numpy as np
 
     from .data.samples import DataError
+    from .data.transforms import ImagePreprocess
     from .evaluation import report
     from .evaluation.suite import evaluate_sets, load_sets, parse_spec
     from .inference import load
@@ -84,6 +85,7 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
                 tokenize=tokenizer,
                 batch_size=args.batch_size,
                 image_size=model.config.image_size,
+                preprocess=ImagePreprocess.of(model.config),
             )
             results.append({"checkpoint": str(ckpt), "metrics": scalars, "details": details})
     except (DataError, ValueError, FileNotFoundError, OSError) as e:  # ValueError: a bad spec or weights

@@ -42,7 +42,7 @@ from safetensors.numpy import save_file
 from .config import load_config
 from .data.decode import DEFAULT_MAX_ASPECT_RATIO, decode_image
 from .data.samples import DataError
-from .data.transforms import EvalTransform
+from .data.transforms import CLIP_PREPROCESS, ImagePreprocess
 from .evaluation.metrics import zero_shot_classifier
 from .models.config import ModelConfig
 from .models.locate import resolve_checkpoint, verify_files
@@ -73,8 +73,9 @@ class SkippedImageWarning(UserWarning):
 
 
 class Preprocess:
-    """Image path, encoded bytes (an upload), PIL image or uint8 array -> float32 (S, S, 3): CLIP's
-    eval preprocessing, decoding and resizing only the centre crop (data/decode.py).
+    """Image path, encoded bytes (an upload), PIL image or uint8 array -> float32 (S, S, 3): the
+    model's eval preprocessing (`settings`, from its ModelConfig: CLIP's by default), decoding and
+    resizing only what it keeps (data/decode.py).
 
     A path or bytes whose longer side is over `max_aspect_ratio` times the shorter (None: any) or
     with more than `max_image_pixels` pixels (None: PIL's own limit) is a DataError naming it."""
@@ -84,10 +85,11 @@ class Preprocess:
         image_size: int,
         max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
         max_image_pixels: int | None = None,
+        settings: ImagePreprocess = CLIP_PREPROCESS,
     ):
-        self.image_size = image_size
+        self.image_size, self.settings = image_size, settings
         self.max_aspect_ratio, self.max_image_pixels = max_aspect_ratio, max_image_pixels
-        self.transform = EvalTransform(image_size)
+        self.transform = settings.eval_transform(image_size)
 
     def __call__(self, image) -> np.ndarray:
         if not isinstance(image, (str, os.PathLike, bytes)):
@@ -131,7 +133,7 @@ def load(path: str | Path, verify: bool = True) -> tuple[CLIP, Tokenizer, Prepro
     if tokenizer.vocab_size != mcfg.vocab_size:
         raise ValueError(f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens, model {mcfg.vocab_size}")
     tokenizer.context_length = mcfg.context_length
-    return model, tokenizer, Preprocess(mcfg.image_size)
+    return model, tokenizer, Preprocess(mcfg.image_size, settings=ImagePreprocess.of(mcfg))
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,8 @@ readers.py     own-data formats (csv/tsv, json/jsonl, folders) -> samples
 tar_shards.py  WebDataset tar shards, indexed in place (never extracted)
 checks.py      bad-data checks before training (bad images and captions skipped and logged)
 decode.py      the one bounded way an image becomes pixels: header limits, then only the crop decoded
-transforms.py  CLIP preprocessing and train-time augmentation
+transforms.py  a model's preprocessing (ImagePreprocess.of(model config); CLIP's by default) and
+               train-time augmentation
 sampler.py     batch orders: random, hard-negative
 pipeline.py    the mlx-data loader: batches as a pure function of (seed, epoch, index)
 sample_maker.py  one sample of it: caption of the epoch, decoded image, substitute for a bad one

@@ -61,7 +61,7 @@ from .readers import ON_ERROR, read_samples, split_samples
 from .sample_maker import SampleMaker, sample_rng
 from .sampler import SAMPLERS, KeyWords, epoch_permutation, hard_negative_order, key_words
 from .samples import DataError, Sample, Skip, TarRef
-from .transforms import TrainTransform
+from .transforms import CLIP_PREPROCESS, ImagePreprocess, TrainTransform
 from .workers import Prefetch, failed, placeholder, worker_error
 
 
@@ -119,7 +119,8 @@ def _check_arguments(
 class Loader:
     """Batches `{"images", "captions", "index"[, "tokens"]}` for one rank, epoch by epoch.
 
-    - images: float32 (B, S, S, 3), normalised with the OpenAI mean/std
+    - images: float32 (B, S, S, 3), preprocessed as `preprocess` says (the model's settings:
+      ImagePreprocess.of(model_config); CLIP's by default)
     - captions: list[str] of length B (one caption per image, drawn per epoch when training)
     - index: int64 (B,), positions in `source`
     - tokens: int32 (B, L), only when `tokenize` (list[str] -> int array) is given; it runs
@@ -162,6 +163,7 @@ class Loader:
         max_image_pixels: int | None = None,
         max_aspect_ratio: float | None = None,
         sampler: str = "random",
+        preprocess: ImagePreprocess = CLIP_PREPROCESS,
     ):
         _check_arguments(
             batch_size=batch_size, image_size=image_size, seed=seed, rank=rank, world_size=world_size,
@@ -173,7 +175,7 @@ class Loader:
         self.num_workers, self.prefetch, self.chunk_batches = num_workers, prefetch, chunk_batches
         self.tokenize = tokenize
         self.on_error, self.on_skip, self.max_image_pixels = on_error, on_skip, max_image_pixels
-        self.max_aspect_ratio = max_aspect_ratio
+        self.max_aspect_ratio, self.preprocess = max_aspect_ratio, preprocess
         self._failures: dict[tuple[int, int], Exception] = {}  # (epoch, sample): raised in a callback
 
         if isinstance(source, ArraySource):
@@ -204,6 +206,7 @@ class Loader:
             train=train,
             seed=seed,
             image_size=image_size,
+            preprocess=preprocess,
             augment=augment,
             tokenize=tokenize,
             on_error=on_error,
@@ -222,10 +225,10 @@ class Loader:
         if not self.train or augment is False:
             return None
         if augment is None:
-            return None if self._array is not None else TrainTransform(self.image_size)
+            return None if self._array is not None else self.preprocess.train_transform(self.image_size)
         kwargs = {} if augment is True else dict(augment)
         try:
-            return TrainTransform(self.image_size, **kwargs)
+            return self.preprocess.train_transform(self.image_size, **kwargs)
         except TypeError:
             valid = "scale, ratio, color_jitter, hflip"
             raise ValueError(f"Loader: unknown augment key in {sorted(kwargs)} (valid: {valid})") from None

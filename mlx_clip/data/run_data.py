@@ -24,6 +24,7 @@ from .readers import detect_format, read_samples, split_samples
 from .synthetic_captions import TEMPLATES
 from .synthetic_scene import CLASSNAMES
 from .tar_shards import shard_paths
+from .transforms import ImagePreprocess
 
 # The built-in dataset is generated from a fixed seed, so every run (whatever train.seed)
 # is evaluated on the same held-out images.
@@ -175,7 +176,9 @@ def build_run_data(
     def tokenize(texts: list[str]) -> np.ndarray:
         return tokenizer(texts, ctx)
 
+    # The model's own preprocessing (ModelConfig's mean/std, resize mode, filter), train and eval alike.
     common = dict(num_workers=d.num_workers, prefetch=d.prefetch, rank=rank, world_size=world_size)
+    common["preprocess"] = ImagePreprocess.of(mcfg)
     files = {}
     if skip_log is not None:  # own data: a bad image mid-epoch is replaced and reported, never fatal
         files = dict(on_error="skip", on_skip=skip_log, max_image_pixels=d.max_image_pixels)
@@ -207,7 +210,14 @@ def build_run_data(
         # Every rank encodes the whole held-out set, so evaluation needs no gathering.
         val_files = files if not isinstance(val_src, ArraySource) else {}
         val_loader = Loader(
-            val_src, 256, S, train=False, num_workers=d.num_workers, prefetch=d.prefetch, **val_files
+            val_src,
+            256,
+            S,
+            train=False,
+            num_workers=d.num_workers,
+            prefetch=d.prefetch,
+            preprocess=common["preprocess"],
+            **val_files,
         )
         evals["val"] = EvalSet(val_loader, val_caps, labels)
     return RunData(train, tokenizer, tokenize, evals, classnames, templates, source)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .decode import decode_image, describe
 from .samples import DataError, Skip
-from .transforms import EvalTransform, TrainTransform, normalize
+from .transforms import ImagePreprocess, TrainTransform
 
 # First words of the per-sample seed sequences (sampler.PERM and sampler.HARD order the epochs).
 SAMPLE, SUBST = 2, 3
@@ -43,7 +43,7 @@ class SampleMaker:
     `whole_batch(epoch, idx)` for in-memory images at model size that only need normalising.
 
     `images` (file references) or `array` (an ArraySource's uint8 images) hold the pixels;
-    `augment` is the training transform (None: the eval transform). Failed decodes are counted in
+    `augment` is the training transform (None: `preprocess`'s eval transform). Failed decodes are counted in
     `num_skipped` and passed to `on_skip` (on_error="skip").
     """
 
@@ -56,6 +56,7 @@ class SampleMaker:
         train: bool,
         seed: int,
         image_size: int,
+        preprocess: ImagePreprocess,
         augment: TrainTransform | None,
         tokenize: Callable[[list[str]], np.ndarray] | None,
         on_error: str,
@@ -65,7 +66,8 @@ class SampleMaker:
     ):
         self.captions, self._images, self._array = captions, images, array
         self.train, self.seed, self.tokenize = train, seed, tokenize
-        self._eval, self._augment = EvalTransform(image_size), augment
+        self._eval, self._augment = preprocess.eval_transform(image_size), augment
+        self._normalize = preprocess.normalize
         self.on_error, self.on_skip = on_error, on_skip
         self.max_image_pixels, self.max_aspect_ratio = max_image_pixels, max_aspect_ratio
         self.num_skipped = 0  # failed decodes replaced by a substitute (on_error="skip")
@@ -167,7 +169,7 @@ class SampleMaker:
         """
         # One caption: no draw needed (it would return 0); the per-sample path agrees.
         choice = [0 if len(self.captions[i]) == 1 else self._caption_rng(epoch, i)[1] for i in idx.tolist()]
-        out = {"index": idx, "image": normalize(self._array[idx]), "caption": np.array(choice)}
+        out = {"index": idx, "image": self._normalize(self._array[idx]), "caption": np.array(choice)}
         if self.tokenize is not None:
             caps = [self.captions[i][c] for i, c in zip(idx.tolist(), choice, strict=True)]
             out["tokens"] = np.asarray(self.tokenize(caps), np.int32)  # (B, L)

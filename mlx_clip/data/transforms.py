@@ -2,7 +2,11 @@
 
 Framework-free (numpy + PIL) so the MLX loader, torch_ref and the CLIs share one
 implementation. Every transform returns float32 (S, S, 3) HWC, normalised with the
-OpenAI CLIP mean/std.
+model's mean/std.
+
+A model's preprocessing is part of its ModelConfig (image_mean, image_std, resize_mode,
+interpolation); `ImagePreprocess.of(model_config)` is the one place that turns those into
+transforms, and its defaults are CLIP's (OpenAI mean/std, shortest side, bicubic).
 
 - `eval_transform(S)` reproduces CLIP's preprocessing: bicubic resize of the shorter
   side to S (PIL, torchvision's size rounding), centre crop (torchvision's offset
@@ -11,6 +15,9 @@ OpenAI CLIP mean/std.
   region resampled straight to S x S instead (`resample_box`): a 1 x 200,000 image would
   otherwise resize to 224 x 44.8M pixels. Those pixels differ slightly from CLIP's: PIL
   takes the box in float32 and may run its two passes in the other order.
+  resize_mode "squash" (SigLIP's) resizes the whole image to S x S instead, as HF's
+  SiglipImageProcessor and open_clip's squash transform do (PIL, the model's filter); a
+  source taller than EXACT_RESIZE_LIMIT * S rows is resized along its height first.
 - `train_transform(S, ...)` is a random resized crop plus optional colour jitter and
   flip, with all randomness drawn from an explicit `np.random.Generator`, so the
   loader can make each sample's augmentation a pure function of (seed, epoch, index).
@@ -33,17 +40,19 @@ EXACT_RESIZE_LIMIT output images.
 from __future__ import annotations
 
 import math
+import typing
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..models.config import OPENAI_MEAN, OPENAI_STD, Interpolation, ResizeMode
 
-_MEAN = np.asarray(OPENAI_MEAN, np.float32)
-_STD = np.asarray(OPENAI_STD, np.float32)
-_SCALE = (1.0 / (255.0 * np.asarray(OPENAI_STD))).astype(np.float32)  # normalize() as x * _SCALE - _SHIFT
-_SHIFT = (np.asarray(OPENAI_MEAN) / np.asarray(OPENAI_STD)).astype(np.float32)
+RESAMPLE = {  # ModelConfig.interpolation -> PIL's filter
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale (used by contrast / saturation jitter).
 _LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
 
@@ -111,11 +120,11 @@ def _shorter_to(width: int, height: int, size: int) -> tuple[int, int]:
     return (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
 
 
-def resize_shorter(im: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize so the shorter side is `size` (unbounded for a thin image: the eval path
-    uses center_crop_box instead)."""
+def resize_shorter(im: Image.Image, size: int, interpolation: Interpolation = "bicubic") -> Image.Image:
+    """Resize so the shorter side is `size` (unbounded for a thin image: the eval path uses
+    center_crop_box instead)."""
     new = _shorter_to(*im.size, size)
-    return im if new == im.size else im.resize(new, Image.Resampling.BICUBIC)
+    return im if new == im.size else im.resize(new, RESAMPLE[interpolation])
 
 
 def _center_offsets(width: int, height: int, size: int) -> tuple[int, int]:
@@ -207,39 +216,52 @@ def _draft(im: Image.Image, box: tuple, size: int) -> tuple:
     return box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy
 
 
-def resample_box(img: Image.Image | np.ndarray, box: tuple, size: int) -> np.ndarray:
+def resample_box(
+    img: Image.Image | np.ndarray, box: tuple, size: int, interpolation: Interpolation = "bicubic"
+) -> np.ndarray:
     """uint8 (size, size, 3): the source region `box` (left, top, right, bottom, in source pixels,
-    fractions allowed) resampled bicubically to size x size.
+    fractions allowed) resampled to size x size with PIL's `interpolation` filter.
 
     The work after decoding is bounded by the output, not the image: PIL's resize(box=) resamples
     only the rows the box needs, into a size-wide buffer, and a lazy JPEG is decoded at a reduced
     scale when the box is large (DRAFT_OVERSAMPLE). (Cropping the source first would save nothing
     and changes PIL's pixels for crops under twice the output size: measured with Pillow 13.)
+    PIL resizes the width first, into a size x rows buffer: a box narrower than `size` with more
+    than EXACT_RESIZE_LIMIT * size rows (only a squashed thin strip: a crop or a square never is)
+    is transposed, so that buffer holds fewer than size x size pixels.
     """
     if isinstance(img, np.ndarray):
         img = Image.fromarray(_array_to_rgb(img))
     left, top, right, bottom = _draft(img, box, size)
     w, h = img.size
     box = (left, top, min(right, w), min(bottom, h))  # (left + S) * scale may pass w by a rounding error
-    return np.asarray(to_rgb(img).resize((size, size), Image.Resampling.BICUBIC, box=box))
+    rows, cols = box[3] - box[1], box[2] - box[0]
+    im, resample = to_rgb(img), RESAMPLE[interpolation]
+    if rows > EXACT_RESIZE_LIMIT * size and cols < size:
+        flip = Image.Transpose.TRANSPOSE  # (x, y) -> (y, x): the box's axes swap too
+        out = im.transpose(flip).resize((size, size), resample, box=(box[1], box[0], box[3], box[2]))
+        return np.asarray(out.transpose(flip))
+    return np.asarray(im.resize((size, size), resample, box=box))
 
 
 # ---------------------------------------------------------------------------
 # Pixel values
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
+def normalize(x: np.ndarray, mean=OPENAI_MEAN, std=OPENAI_STD) -> np.ndarray:
     """uint8 (..., 3) -> float32 (x / 255 - mean) / std, computed as x * a - b (one copy, two
     in-place passes; within 3e-7 of the torchvision ToTensor + Normalize result)."""
+    scale = (1.0 / (255.0 * np.asarray(std))).astype(np.float32)
+    shift = (np.asarray(mean) / np.asarray(std)).astype(np.float32)
     out = x.astype(np.float32)
-    out *= _SCALE
-    out -= _SHIFT
+    out *= scale
+    out -= shift
     return out
 
 
-def _normalize01(x: np.ndarray) -> np.ndarray:
+def _normalize01(x: np.ndarray, mean=OPENAI_MEAN, std=OPENAI_STD) -> np.ndarray:
     """float32 (..., 3) in [0, 1] -> normalised."""
-    return ((x - _MEAN) / _STD).astype(np.float32, copy=False)
+    return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32, copy=False)
 
 
 def color_jitter(x: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -263,39 +285,87 @@ def color_jitter(x: np.ndarray, strength: float, rng: np.random.Generator) -> np
 
 
 # ---------------------------------------------------------------------------
-# The two transforms
+# A model's preprocessing settings, and the two transforms
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How a model wants its pixels: mean/std, resize mode and filter (ModelConfig's image_mean,
+    image_std, resize_mode, interpolation). The defaults are CLIP's."""
+
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    resize_mode: ResizeMode = "shortest"
+    interpolation: Interpolation = "bicubic"
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(self.mean))  # lists too, and equal to the tuple form
+        object.__setattr__(self, "std", tuple(self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            raise ValueError(f"mean and std must be 3 numbers, std > 0; got {self.mean}, {self.std}")
+        if self.resize_mode not in typing.get_args(ResizeMode):
+            raise ValueError(
+                f"resize_mode must be one of {typing.get_args(ResizeMode)}, got {self.resize_mode!r}"
+            )
+        if self.interpolation not in RESAMPLE:
+            raise ValueError(f"interpolation must be one of {tuple(RESAMPLE)}, got {self.interpolation!r}")
+
+    @classmethod
+    def of(cls, model_config) -> ImagePreprocess:
+        """A ModelConfig's preprocessing (the one place that reads those fields)."""
+        c = model_config
+        return cls(tuple(c.image_mean), tuple(c.image_std), c.resize_mode, c.interpolation)
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """uint8 (..., 3) -> float32, normalised with this mean/std."""
+        return normalize(x, self.mean, self.std)
+
+    def eval_transform(self, image_size: int) -> EvalTransform:
+        return EvalTransform(image_size, self)
+
+    def train_transform(self, image_size: int, **augment) -> TrainTransform:
+        """Random resized crop with this filter and mean/std; `augment`: TrainTransform's scale,
+        ratio, color_jitter, hflip."""
+        return TrainTransform(image_size, **augment, preprocess=self)
+
+
+CLIP_PREPROCESS = ImagePreprocess()
 
 
 class EvalTransform:
-    """CLIP's eval preprocessing: shorter side -> S (bicubic), centre crop, normalise.
+    """The eval preprocessing: shorter side -> S and centre crop (resize_mode "shortest", CLIP's),
+    or the whole image -> S x S ("squash", SigLIP's); then normalise.
 
     Call as `t(img)` or `t(img, rng)` (rng ignored) so it is interchangeable with
     TrainTransform. Returns float32 (S, S, 3).
     """
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, preprocess: ImagePreprocess = CLIP_PREPROCESS):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        self.image_size = image_size
+        self.image_size, self.preprocess = image_size, preprocess
 
     def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        size = self.image_size
+        size, p = self.image_size, self.preprocess
         w, h = image_size(img)
+        if p.resize_mode == "squash":  # the whole image, both sides to S (bounded: resample_box)
+            return p.normalize(resample_box(img, (0, 0, w, h), size, p.interpolation))
         box = center_crop_box(w, h, size)
         new_w, new_h = _shorter_to(w, h, size)
         if new_w * new_h > EXACT_RESIZE_LIMIT * size * size:  # a thin strip: resample the crop only
-            return normalize(resample_box(img, box, size))
+            return p.normalize(resample_box(img, box, size, p.interpolation))
         _draft(img, box, size)  # a large JPEG decodes smaller, then is resized like any image
-        im = resize_shorter(to_rgb(img), size)
+        im = resize_shorter(to_rgb(img), size, p.interpolation)
         left, top = _center_offsets(im.width, im.height, size)
-        return normalize(np.asarray(im)[top : top + size, left : left + size])  # crop = a view
+        return p.normalize(np.asarray(im)[top : top + size, left : left + size])  # crop = a view
 
     def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size})"
+        return f"EvalTransform(image_size={self.image_size}, preprocess={self.preprocess})"
 
 
 class TrainTransform:
-    """Random resized crop (bicubic) + optional colour jitter + optional horizontal flip.
+    """Random resized crop (the model's filter) + optional colour jitter + optional horizontal flip,
+    normalised with the model's mean/std (`preprocess`; CLIP's by default).
 
     Flip is off by default because captions mention left and right. All randomness
     comes from the `rng` argument: the same generator state gives the same output.
@@ -309,6 +379,7 @@ class TrainTransform:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         color_jitter: float = 0.0,
         hflip: bool = False,
+        preprocess: ImagePreprocess = CLIP_PREPROCESS,
     ):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -323,22 +394,24 @@ class TrainTransform:
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.color_jitter = float(color_jitter)
         self.hflip = bool(hflip)
+        self.preprocess = preprocess
 
     def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if not isinstance(rng, np.random.Generator):
             raise TypeError("TrainTransform needs an np.random.Generator: t(img, rng)")
+        p = self.preprocess
         box = random_resized_crop_box(*image_size(img), self.scale, self.ratio, rng)  # source pixels
-        x = resample_box(img, box, self.image_size)  # uint8 (S, S, 3)
+        x = resample_box(img, box, self.image_size, p.interpolation)  # uint8 (S, S, 3)
         if self.color_jitter > 0:
             x = color_jitter(x.astype(np.float32) / np.float32(255.0), self.color_jitter, rng)
         if self.hflip and rng.random() < 0.5:
             x = x[:, ::-1]
-        return _normalize01(x) if self.color_jitter > 0 else normalize(x)
+        return _normalize01(x, p.mean, p.std) if self.color_jitter > 0 else p.normalize(x)
 
     def __repr__(self) -> str:
         return (
             f"TrainTransform(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
-            f"color_jitter={self.color_jitter}, hflip={self.hflip})"
+            f"color_jitter={self.color_jitter}, hflip={self.hflip}, preprocess={self.preprocess})"
         )
 
 
@@ -357,9 +430,11 @@ def train_transform(
 
 
 __all__ = [
+    "CLIP_PREPROCESS",
     "OPENAI_MEAN",
     "OPENAI_STD",
     "EvalTransform",
+    "ImagePreprocess",
     "TrainTransform",
     "center_crop",
     "center_crop_box",

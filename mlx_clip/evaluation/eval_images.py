@@ -4,14 +4,14 @@
     for images, positions, keep in eval_batches(loader): ...  # (B, S, S, 3), (B,), (B,) bool
     feats, kept = image_features(ds, encode_image, 224)       # (N', E) and the N' positions in ds
 
-The loader is the one run_data builds for a run's held-out set: CLIP's eval preprocessing (resize the
-shorter side, centre crop, OpenAI mean/std) through data/decode.py's bounded decoding, on mlx-data
-worker threads in dataset order, so a 10k-image set is one pass of parallel decoding. An image that
-passed the scan but fails to decode (cut short after its header) is replaced in its batch by the
-loader (on_error="skip") and reported to the set's SkipLog as in training; here the replacement's
-row is marked keep=False and left out, so every kept feature is its own image's and `kept` says
-which labels or captions go with the features. Framework-free: `encode_image` maps numpy images to
-numpy features (MLX or torch_ref alike).
+The loader is the one run_data builds for a run's held-out set: the model's eval preprocessing
+(CLIP's by default: resize the shorter side, centre crop, OpenAI mean/std) through data/decode.py's
+bounded decoding, on mlx-data worker threads in dataset order, so a 10k-image set is one pass of
+parallel decoding. An image that passed the scan but fails to decode (cut short after its header)
+is replaced in its batch by the loader (on_error="skip") and reported to the set's SkipLog as in
+training; here the replacement's row is marked keep=False and left out, so every kept feature is
+its own image's and `kept` says which labels or captions go with the features. Framework-free:
+`encode_image` maps numpy images to numpy features (MLX or torch_ref alike).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 
 from ..data.checks import SkipLog
 from ..data.pipeline import Loader
+from ..data.transforms import CLIP_PREPROCESS, ImagePreprocess
 from .datasets import DataChecks, LabelledImages
 from .retrieval_sets import CaptionedImages
 
@@ -34,9 +35,11 @@ def eval_loader(
     num_workers: int = 4,
     prefetch: int = 4,
     data_checks: DataChecks | None = None,
+    preprocess: ImagePreprocess = CLIP_PREPROCESS,
 ) -> Loader:
-    """The held-out Loader of `dataset`'s images: eval transform, dataset order, every image once;
-    decode failures go to data_checks.log (a SkipLog that counts them and warns, when None)."""
+    """The held-out Loader of `dataset`'s images: the eval transform of `preprocess` (the model's:
+    ImagePreprocess.of(model.config)), dataset order, every image once; decode failures go to
+    data_checks.log (a SkipLog that counts them and warns, when None)."""
     c = data_checks or DataChecks()
     return Loader(
         dataset.samples(),
@@ -49,6 +52,7 @@ def eval_loader(
         on_skip=c.log if c.log is not None else SkipLog(),
         max_image_pixels=c.max_image_pixels,
         max_aspect_ratio=c.max_aspect_ratio,
+        preprocess=preprocess,
     )
 
 
@@ -70,7 +74,7 @@ def image_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(features (N', E) of the images that decoded, their positions in `dataset` (N',)), N' <= N.
 
-    `loader_kw` go to eval_loader (batch_size, num_workers, prefetch, data_checks)."""
+    `loader_kw` go to eval_loader (batch_size, num_workers, prefetch, data_checks, preprocess)."""
     feats, kept = [], []
     for images, positions, keep in eval_batches(eval_loader(dataset, image_size, **loader_kw)):
         out = np.asarray(encode_image(images))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.samples import DataError
+from ..data.transforms import CLIP_PREPROCESS, ImagePreprocess
 from .classification import zero_shot_metrics
 from .datasets import DataChecks, LabelledImages, read_classification
 from .eval_images import image_features
@@ -216,13 +217,15 @@ def evaluate_sets(
     batch_size: int = 256,
     num_workers: int = 4,
     image_size: int | None = None,
+    preprocess: ImagePreprocess = CLIP_PREPROCESS,
 ) -> tuple[dict[str, float], dict]:
     """(flat scalars "NAME/metric", details per set) of the encoders on every loaded set.
 
     Images go through eval_images.image_features (the eval Loader: parallel decoding, a skipped
     image's row left out) in batches of `batch_size`, at `image_size` (default: the size the sets
-    were loaded for). Texts are tokenized and encoded in batches of `batch_size`: a zero-shot set's
-    classnames x templates prompts once per call, a retrieval set's captions."""
+    were loaded for), preprocessed as `preprocess` says (the model's: ImagePreprocess.of(config)).
+    Texts are tokenized and encoded in batches of `batch_size`: a zero-shot set's classnames x
+    templates prompts once per call, a retrieval set's captions."""
     scalars: dict[str, float] = {}
     details: dict = {}
 
@@ -232,7 +235,9 @@ def evaluate_sets(
     for s in loaded:
 
         def images(ds, s=s):
-            kw = dict(batch_size=batch_size, num_workers=num_workers, data_checks=s.checks)
+            kw = dict(
+                batch_size=batch_size, num_workers=num_workers, data_checks=s.checks, preprocess=preprocess
+            )
             return image_features(ds, encode_image, image_size or s.image_size, **kw)
 
         values, details[s.name] = EVALUATORS[s.spec.kind](s, images, texts)

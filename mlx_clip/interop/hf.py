@@ -6,7 +6,8 @@ config) -> ModelConfig; model.safetensors (or a sharded index, or pytorch_model.
 
 Export (`python -m mlx_clip.export --to hf`): config.json, model.safetensors, the tokenizer as
 vocab.json + merges.txt + tokenizer_config.json + special_tokens_map.json, and
-preprocessor_config.json, so that
+preprocessor_config.json (the checkpoint's own preprocessing, read back on import: interop/preprocess.py),
+so that
 
     model = transformers.CLIPModel.from_pretrained(OUT)
     processor = transformers.AutoProcessor.from_pretrained(OUT)   # or CLIPTokenizerFast
@@ -31,7 +32,6 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from ..data.transforms import OPENAI_MEAN, OPENAI_STD
 from ..models.config import SIZE_LIMITS, Activation, ModelConfig
 from ..schema import ConfigError
 from ..text.hf_tokenizer import HFTokenizer
@@ -52,6 +52,7 @@ from .files import (
     write_checkpoint,
 )
 from .layouts import WeightError, canonical_to_hf, hf_config_kwargs, hf_to_canonical
+from .preprocess import HF_FILE, hf_preprocessor_config, with_hf_preprocessing
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults (used when config.json omits a field).
 _TEXT_DEFAULTS = dict(
@@ -206,26 +207,6 @@ def hf_config_json(cfg: ModelConfig) -> dict:
     }
 
 
-def preprocessor_config(image_size: int) -> dict:
-    """CLIPImageProcessor settings equal to mlx_clip's eval transform: bicubic resize of the shorter
-    side, centre crop, OpenAI mean/std."""
-    return {
-        "image_processor_type": "CLIPImageProcessor",
-        "processor_class": "CLIPProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "size": {"shortest_edge": image_size},
-        "resample": 3,  # PIL bicubic
-        "do_center_crop": True,
-        "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(OPENAI_MEAN),
-        "image_std": list(OPENAI_STD),
-    }
-
-
 # ---------------------------------------------------------------------------
 # Tokenizer files
 
@@ -336,6 +317,7 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False) -> list[str
     except ValueError as e:
         raise ConfigError(f"{src / 'config.json'}: invalid JSON ({e})") from None
     cfg = hf_model_config(config, str(src / "config.json"))
+    cfg, preprocessing = with_hf_preprocessing(cfg, src)  # preprocessor_config.json, when there is one
     hf_state, path = _hf_weights(src)
     try:
         state = hf_to_canonical(hf_state, cfg, concat=np.concatenate)
@@ -343,7 +325,8 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False) -> list[str
         raise WeightError(f"{path}: {e}") from None
     tok = read_hf_tokenizer(src, cfg)
     write_checkpoint(out, cfg, state, tok, str(path), force)
-    return [f"read {path}", "tokenizer: " + (f"{tok.vocab_size} tokens" if tok else "none in the source")]
+    tokenizer = "tokenizer: " + (f"{tok.vocab_size} tokens" if tok else "none in the source")
+    return [f"read {path}", tokenizer, preprocessing]
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
@@ -353,8 +336,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, force: bool = False) -> l
     with staged_output(out, force) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config_json(cfg), indent=2))
-        preprocess = preprocessor_config(cfg.image_size)
-        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocess, indent=2))
+        (tmp / HF_FILE).write_text(json.dumps(hf_preprocessor_config(cfg), indent=2))
         if tok is not None:
             write_hf_tokenizer(tok, tmp, cfg.context_length)
     return [f"from {ckpt}", "tokenizer: " + (f"{tok.kind}, {tok.vocab_size} tokens" if tok else "none")]

@@ -45,7 +45,6 @@ from pathlib import Path
 from safetensors.numpy import save_file
 
 from ..config import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT
-from ..data.transforms import OPENAI_MEAN, OPENAI_STD
 from ..models.config import ModelConfig, available_models, model_config
 from ..schema import ConfigError
 from ..text.tokenizer import OPENAI_VOCAB_SIZE
@@ -53,6 +52,7 @@ from ..text.vocab import openai_tokenizer
 from .files import contiguous, read_checkpoint, read_state_dict, staged_output, write_checkpoint
 from .hf import read_hf_tokenizer, write_hf_tokenizer
 from .layouts import BIAS_KEY, WeightError, canonical_to_open_clip, open_clip_to_canonical
+from .preprocess import describe, open_clip_preprocess_cfg, open_clip_preprocess_fields
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = (
@@ -247,17 +247,6 @@ def arch_config(name: str) -> ModelConfig:
     )
 
 
-def preprocess_cfg(image_size: int) -> dict:
-    return {
-        "size": image_size,
-        "mode": "RGB",
-        "mean": list(OPENAI_MEAN),
-        "std": list(OPENAI_STD),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
-
-
 # ---------------------------------------------------------------------------
 # Import / export
 
@@ -277,6 +266,10 @@ def _source(src: Path, arch: str | None) -> tuple[ModelConfig, dict, Path, dict]
                 raise ConfigError(f"{src / CONFIG_FILE}: no 'model_cfg' entry")
             raw = data["model_cfg"]
             cfg = open_clip_model_config(raw, f"{src / CONFIG_FILE}: model_cfg")
+            where = f"{src / CONFIG_FILE}: preprocess_cfg"
+            pp = open_clip_preprocess_fields(data.get("preprocess_cfg", {}), cfg.image_size, where)
+            cfg = dataclasses.replace(cfg, **pp)
+            cfg.validate(where)
     elif src.is_file():
         if arch is None:
             raise ConfigError(f"{src}: a plain state dict needs --arch NAME (e.g. ViT-B-32-quickgelu)")
@@ -293,7 +286,7 @@ def import_open_clip(
 ) -> list[str]:
     """An open_clip checkpoint -> an mlx_clip checkpoint directory. Returns notes to print."""
     cfg, raw, weights, oc_state = _source(Path(src), arch)
-    notes = [f"read {weights}"]
+    notes = [f"read {weights}", f"preprocessing: {describe(cfg)}"]
     if BIAS_KEY in oc_state and cfg.init_logit_bias is None:
         scale = SIGLIP_LOGIT_SCALE_INIT if cfg.init_logit_scale is None else cfg.init_logit_scale
         cfg = dataclasses.replace(cfg, init_logit_scale=scale, init_logit_bias=SIGLIP_LOGIT_BIAS_INIT)
@@ -328,7 +321,7 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, force: bool = Fals
     """An mlx_clip checkpoint -> open_clip_config.json + open_clip_model.safetensors (+ tokenizer)."""
     ckpt, cfg, state, tok = read_checkpoint(checkpoint)
     oc_state = contiguous(canonical_to_open_clip(state, cfg))
-    model_cfg = open_clip_cfg(cfg)
+    model_cfg, preprocess_cfg = open_clip_cfg(cfg), open_clip_preprocess_cfg(cfg)
     notes = [f"from {ckpt}"]
     if cfg.init_logit_bias is not None:
         notes.append(f"logit_bias: {float(state[BIAS_KEY]):g} (SigLIP; model_cfg.init_logit_bias is set)")
@@ -345,6 +338,6 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, force: bool = Fals
         elif tok is None and cfg.vocab_size != OPENAI_VOCAB_SIZE:
             notes.append("tokenizer: none in the checkpoint; open_clip's default (OpenAI) will not fit")
         save_file(oc_state, str(tmp / "open_clip_model.safetensors"), metadata={"format": "pt"})
-        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(cfg.image_size)}
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return notes

@@ -7,7 +7,7 @@ loss, optimizer, ...) live in mlx_clip/config.py.
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +45,11 @@ SIZE_MINIMUMS = {  # (the least value, why) where it is more than 1
 }
 MAX_PARAMETERS = 20 * 10**9
 MAX_LOGIT_BIAS = 100.0  # SigLIP starts at -10
+# Preprocessing (data/transforms.py ImagePreprocess acts on these): CLIP's mean/std are the defaults.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+ResizeMode = Literal["shortest", "squash"]  # shorter side + centre crop (CLIP) | both sides (SigLIP)
+Interpolation = Literal["bicubic", "bilinear", "nearest"]  # PIL's filters of those names
 
 
 @dataclass
@@ -81,6 +86,16 @@ class ModelConfig:
     # a learnable logit_bias exists only when init_logit_bias is set (SigLIP: log 10 and -10).
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
+    # Preprocessing: the pixels the model expects (data/transforms.py ImagePreprocess); CLIP's by default.
+    image_mean: list[float] = field(default_factory=lambda: list(OPENAI_MEAN))  # RGB, of [0, 1] values
+    image_std: list[float] = field(default_factory=lambda: list(OPENAI_STD))
+    resize_mode: ResizeMode = "shortest"
+    interpolation: Interpolation = "bicubic"
+
+    def __post_init__(self):
+        for name in ("image_mean", "image_std"):  # a tuple (ImagePreprocess's) is the same list
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
 
     def validate(self, where: str = "model") -> None:
         """Refuse a config that cannot be built, or that would allocate absurd sizes, before any
@@ -97,6 +112,7 @@ class ModelConfig:
             if value > limit:
                 raise ConfigError(f"{where}.{name}={value} is above the limit {limit}: a typo?")
         self._check_shapes(where)
+        self._check_preprocess(where)
         n = self.num_parameters
         if n > MAX_PARAMETERS:
             raise ConfigError(
@@ -208,6 +224,21 @@ class ModelConfig:
     def num_patches(self) -> int:
         """The patch grid's size; pixels past the last whole patch are not seen (as a stride-p conv)."""
         return (self.image_size // self.patch_size) ** 2
+
+    def _check_preprocess(self, where: str) -> None:
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise ConfigError(f"{where}.{name} must be 3 numbers (R, G, B), got {list(value)}")
+        if not all(0 <= m <= 1 for m in self.image_mean):
+            raise ConfigError(
+                f"{where}.image_mean must be in [0, 1] (pixels scaled to [0, 1]; divide 0-255 values by "
+                f"255), got {list(self.image_mean)}"
+            )
+        if not all(s > 0 for s in self.image_std):
+            raise ConfigError(
+                f"{where}.image_std must be positive (it divides the pixels), got {list(self.image_std)}"
+            )
 
 
 def available_models() -> list[str]:

@@ -47,17 +47,31 @@ def write_safetensors(path: str | Path, arrays: dict[str, mx.array], metadata: d
         raise OSError(f"{path}: could not write ({e}{free})") from e
 
 
-def safetensors_dtypes(path: str | Path) -> dict[str, str]:
-    """{key: dtype as the file's header names it (F32, BF16, I64, F8_E4M3...)}."""
+def _header(path: str | Path) -> dict:
+    """A safetensors file's JSON header: {key: {"dtype", ...}, "__metadata__": {...}}."""
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             if size > Path(path).stat().st_size:
                 raise ValueError(f"header of {size} bytes is longer than the file")
-            header = json.loads(f.read(size))
-        return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
-    except (struct.error, ValueError, TypeError, KeyError, MemoryError, OverflowError) as e:
+            return json.loads(f.read(size))
+    except (struct.error, ValueError, TypeError, MemoryError, OverflowError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def safetensors_dtypes(path: str | Path) -> dict[str, str]:
+    """{key: dtype as the file's header names it (F32, BF16, I64, F8_E4M3...)}."""
+    header = _header(path)
+    try:
+        return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def saved_config(path: str | Path) -> dict | None:
+    """The ModelConfig fields save_weights recorded in a weights file's header; None without them."""
+    text = (_header(path).get("__metadata__") or {}).get("config")
+    return json.loads(text) if text else None
 
 
 def check_float_dtypes(path: str | Path) -> None:

@@ -42,7 +42,7 @@ from .distributed import World, init_world, pack_dir, unpack_dir
 from .evaluate import evaluate, evaluate_eval_sets, load_eval_sets, pick_best_metric
 from .logging import Logger, Throughput, memory_mb, write_curves, write_eval_sets, write_summary
 from .optim_rules import lr_at
-from .resume import check_config, check_data, continue_position, restore
+from .resume import check_config, check_data, check_init_preprocessing, continue_position, restore
 from .state import RunState, config_hash, new_run_id
 
 
@@ -178,6 +178,7 @@ def load_data(
         found["resume"] = ckpt_io.find_resumable(out / "checkpoints") if resume else None
         check_config(found["resume"], config_yaml, resume_changed)
         found["init"], init_tokenizer = resolve_init(cfg.model.init_from)
+        check_init_preprocessing(cfg, found["init"])
         tokenizer_dir = found["resume"] or init_tokenizer
         found["data"] = build_run_data(cfg, mcfg, tokenizer_dir, world.rank, world.size, skip_log=skip_log)
         return pack_dir(found["data"].tokenizer.save) if world.size > 1 else None

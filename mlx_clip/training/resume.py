@@ -1,4 +1,5 @@
-"""--resume: what changed since the checkpoint, what may change, and restoring its state.
+"""--resume: what changed since the checkpoint, what may change, and restoring its state; and
+model.init_from: the preprocessing a run inherits from the checkpoint it starts from.
 
 Resume is exact (bit-identical to an uninterrupted run) only if the sample stream, the batch, the
 model and the objective are the ones the checkpoint was trained with. So before anything in OUT is
@@ -17,6 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from ..config import Config, config_to_yaml, load_config
+from ..models.config import ModelConfig
+from ..models.weights import saved_config
+from ..schema import ConfigError
 from . import checkpoint as ckpt_io
 from .distributed import World
 from .state import RunState
@@ -76,12 +81,51 @@ def check_config(ckpt: Path | None, config_yaml: str, allow_changed: bool, log=p
     refuse (ResumeError) those that break exactness unless `allow_changed` (--resume-changed)."""
     if ckpt is None:
         return
-    changes = config_changes((ckpt / "config.yaml").read_text(), config_yaml)
+    changes = config_changes(_in_current_schema(ckpt / "config.yaml"), config_yaml)
     if changes:
         shown = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
         log(f"config changed since {ckpt.name}: {shown}")
     breaking = [f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items() if breaks_exactness(k)]
     _refuse_unless_allowed(ckpt, breaking, allow_changed, log)
+
+
+def _in_current_schema(path: Path) -> str:
+    """A checkpoint's config.yaml with the keys added to mlx_clip since it was written at their
+    defaults (which keep the old behaviour, e.g. model.image_mean), so they are no change; as
+    written when it no longer loads (a key since removed is then reported as changed)."""
+    try:
+        return config_to_yaml(load_config(path))
+    except ConfigError:
+        return path.read_text()
+
+
+PREPROCESS_FIELDS = ("image_mean", "image_std", "resize_mode", "interpolation")
+
+
+def check_init_preprocessing(cfg: Config, weights: Path | None) -> None:
+    """model.init_from: the checkpoint's preprocessing (mean/std, resize mode, filter) is the pixels
+    its weights were trained on. A run whose architecture gives other values, without setting them
+    itself (model.image_mean, ...), is refused with the flags that keep the checkpoint's."""
+    saved = saved_config(weights) if weights is not None and weights.suffix == ".safetensors" else None
+    if saved is None:
+        return
+    theirs, ours = ModelConfig.from_dict(saved, where=str(weights)), cfg.model_config()
+    differ = [
+        f
+        for f in PREPROCESS_FIELDS
+        if getattr(theirs, f) != getattr(ours, f) and getattr(cfg.model, f) is None
+    ]
+    if differ:
+        value = {f: getattr(theirs, f) for f in differ}
+        flags = " ".join(
+            f"--model.{f} {v if isinstance(v, str) else repr(json.dumps(v))}" for f, v in value.items()
+        )
+        shown = ", ".join(f"{f} {_show(getattr(theirs, f))} (run: {_show(getattr(ours, f))})" for f in differ)
+        raise ConfigError(
+            f"model.init_from {weights} was trained with other preprocessing than model.arch "
+            f"{cfg.model.arch!r} gives: {shown}. Keep the checkpoint's with {flags}, or set these "
+            "fields yourself to train with other pixels"
+        )
 
 
 def check_data(ckpt: Path | None, fingerprints: dict, allow_changed: bool, log=print) -> None:

@@ -359,3 +359,14 @@ def test_resume_of_a_config_written_before_the_fields_is_no_change(tmp_path):
     logged = []
     check_config(tmp_path, new, allow_changed=False, log=logged.append)
     assert logged == []
+
+
+def test_named_siglip_configs_carry_siglips_preprocessing():
+    from mlx_clip.models.config import available_models, model_config
+
+    names = [n for n in available_models() if n.startswith("siglip")]
+    assert len(names) >= 4
+    for name in names:
+        cfg = model_config(name)
+        assert (cfg.image_mean, cfg.image_std) == ([0.5] * 3, [0.5] * 3), name
+        assert (cfg.resize_mode, cfg.interpolation) == ("squash", "bicubic"), name

@@ -12,6 +12,7 @@ from ..config import Config
 from ..data.checks import SkipLog
 from ..data.run_data import RunData
 from ..data.samples import DataError
+from ..data.transforms import ImagePreprocess
 from ..evaluation.datasets import DataChecks
 from ..evaluation.metrics import evaluate_run
 from ..evaluation.suite import LoadedSet, evaluate_sets, load_sets
@@ -81,6 +82,7 @@ def evaluate_eval_sets(model: CLIP, data: RunData, loaded: list[LoadedSet], cfg:
         tokenize=data.tokenize,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
+        preprocess=ImagePreprocess.of(model.config),  # the model's own pixels (data/transforms.py)
     )
 
 

@@ -36,24 +36,35 @@ def _tower(tokens: int, width: int, layers: int, mlp_hidden: int) -> dict[str, i
     }
 
 
+def _attention_pool(tokens: int, width: int, mlp_hidden: int) -> int:
+    """SigLIP's attention-pooling head: one probe query attends over `tokens`, then a residual MLP."""
+    T, W = tokens, width
+    return 2 * W * W + 2 * T * W * 2 * W + 2 * 2 * T * W + 2 * W * W + 2 * 2 * W * mlp_hidden
+
+
 def clip_flops_per_pair(cfg: ModelConfig, batch_size: int | None = None) -> dict:
     """Forward matmul FLOPs per image-text pair, by part, plus `forward` and `train` totals.
 
+    Follows the tower options: a class token adds one token, SigLIP's attention pool (MAP) is
+    counted as its own part, and a tower without projection has none.
     Returns {"image": {part: flops, ..., "total"}, "text": {...}, "logits", "forward", "train"}
     (all Python ints; `train` = 3 * `forward`, see the module docstring).
     """
     p, E = cfg.patch_size, cfg.embed_dim
     Wv, Wt = cfg.vision_width, cfg.text_width
     N = cfg.num_patches
+    tokens = N + (cfg.vision_pool == "cls")  # N patches (+ the class token)
     image = {
         "patch_embed": 2 * N * (p * p * 3) * Wv,
-        **_tower(N + 1, Wv, cfg.vision_layers, int(Wv * cfg.mlp_ratio)),  # N patches + class token
-        "proj": 2 * Wv * E,  # class token only
+        **_tower(tokens, Wv, cfg.vision_layers, cfg.mlp_hidden("vision")),
     }
+    if cfg.vision_pool == "map":
+        image["attn_pool"] = _attention_pool(N, Wv, cfg.mlp_hidden("vision"))
+    image["proj"] = 2 * Wv * E if cfg.vision_proj else 0  # the pooled token only
     image["total"] = sum(image.values())
     text = {
-        **_tower(cfg.context_length, Wt, cfg.text_layers, int(Wt * cfg.mlp_ratio)),
-        "proj": 2 * Wt * E,  # the EOT token only
+        **_tower(cfg.context_length, Wt, cfg.text_layers, cfg.mlp_hidden("text")),
+        "proj": 0 if cfg.text_proj == "none" else 2 * Wt * E,  # the pooled token only
     }
     text["total"] = sum(text.values())
     logits = 2 * batch_size * E if batch_size else 0  # this pair's row of (B, E) @ (E, B)

@@ -26,7 +26,16 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import torch_ref  # noqa: E402
 
-ARCHS = {"tiny": model_config("tiny"), "odd": ModelConfig.from_dict(ODD_ARCH)}
+ARCHS = {
+    "tiny": model_config("tiny"),
+    "odd": ModelConfig.from_dict(ODD_ARCH),
+    # SigLIP's options: attention pool, no class token, no image projection, a text head
+    "siglip_odd": ModelConfig.from_dict(
+        {**ODD_ARCH, "vision_pool": "map", "patch_bias": True, "vision_pre_norm": False,
+         "vision_proj": False, "embed_dim": ODD_ARCH["vision_width"], "text_causal": False,
+         "text_pool": "last", "text_proj": "head", "vision_mlp_dim": 70, "init_logit_bias": -10.0}
+    ),
+}  # fmt: skip
 
 
 def _torch_batch(cfg, batch: int):

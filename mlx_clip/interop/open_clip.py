@@ -42,6 +42,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 from safetensors.numpy import save_file
 
 from ..config import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT
@@ -53,6 +54,8 @@ from ..text.vocab import openai_tokenizer
 from .files import contiguous, read_checkpoint, read_state_dict, staged_output, write_checkpoint
 from .hf import read_hf_tokenizer, write_hf_tokenizer
 from .layouts import BIAS_KEY, WeightError, canonical_to_open_clip, open_clip_to_canonical
+from .layouts_timm import canonical_to_open_clip_timm, is_timm_layout, open_clip_timm_to_canonical
+from .open_clip_timm import is_timm_config, needs_timm, open_clip_timm_cfg, timm_model_config
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = (
@@ -134,6 +137,8 @@ def _eps(section: dict, where: str) -> float:
 
 def open_clip_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelConfig:
     """An open_clip model_cfg (a model_configs/*.json) -> ModelConfig; errors name the field."""
+    if is_timm_config(model_cfg):  # SigLIP, MobileCLIP2-L/14: open_clip_timm.py
+        return timm_model_config(model_cfg, where)
     if "multimodal_cfg" in model_cfg:
         raise ConfigError(f"{where}.multimodal_cfg: CoCa models are not supported")
     _check_fields(model_cfg, _TOP_FIXED, _TOP_KNOWN, where)
@@ -303,7 +308,10 @@ def import_open_clip(
             f"init_logit_bias {SIGLIP_LOGIT_BIAS_INIT:g})"
         )
     try:
-        state = open_clip_to_canonical(oc_state, cfg)
+        if is_timm_layout(oc_state):  # a timm image tower under visual.trunk
+            state = open_clip_timm_to_canonical(oc_state, cfg, np.concatenate)
+        else:
+            state = open_clip_to_canonical(oc_state, cfg)
     except WeightError as e:
         raise WeightError(f"{weights}: {e}") from None
     tok = None
@@ -313,7 +321,14 @@ def import_open_clip(
         # Its text cleaning is open_clip's HFTokenizer's: tokenizer_kwargs' "clean", else "whitespace".
         clean = raw["text_cfg"].get("tokenizer_kwargs", {}).get("clean", "whitespace")
         tok = read_hf_tokenizer(Path(src), cfg, clean=clean) if Path(src).is_dir() else None
-        notes.append(f"tokenizer: {tok!r}" if tok else f"tokenizer: none written ({hf_name!r})")
+        # TODO(tokenizer): SigLIP's tokenizer by name when the directory has no tokenizer files
+        notes.append(
+            f"tokenizer: {tok!r}"
+            if tok
+            else f"tokenizer: none written: the config names the Hugging Face tokenizer {hf_name!r}, "
+            f"which is not downloaded; put its files (tokenizer.json and tokenizer_config.json, or "
+            f"a SentencePiece .model) in {src} and convert again"
+        )
     elif cfg.vocab_size == OPENAI_VOCAB_SIZE:
         tok = openai_tokenizer()
         tok.context_length = cfg.context_length
@@ -327,9 +342,15 @@ def import_open_clip(
 def export_open_clip(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
     """An mlx_clip checkpoint -> open_clip_config.json + open_clip_model.safetensors (+ tokenizer)."""
     ckpt, cfg, state, tok = read_checkpoint(checkpoint)
-    oc_state = contiguous(canonical_to_open_clip(state, cfg))
-    model_cfg = open_clip_cfg(cfg)
     notes = [f"from {ckpt}"]
+    if needs_timm(cfg):  # SigLIP-style towers: a timm image tower in a CustomTextCLIP
+        model_cfg, head = open_clip_timm_cfg(cfg)
+        oc_state = contiguous(canonical_to_open_clip_timm(state, cfg, head))
+        notes.append(f"image tower: timm {model_cfg['vision_cfg']['timm_model_name']}")
+        # TODO(tokenizer): write a SigLIP checkpoint's own tokenizer (hf_tokenizer_name, clean)
+    else:
+        oc_state = contiguous(canonical_to_open_clip(state, cfg))
+        model_cfg = open_clip_cfg(cfg)
     if cfg.init_logit_bias is not None:
         notes.append(f"logit_bias: {float(state[BIAS_KEY]):g} (SigLIP; model_cfg.init_logit_bias is set)")
     with staged_output(out, force) as tmp:
@@ -345,6 +366,7 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, force: bool = Fals
         elif tok is None and cfg.vocab_size != OPENAI_VOCAB_SIZE:
             notes.append("tokenizer: none in the checkpoint; open_clip's default (OpenAI) will not fit")
         save_file(oc_state, str(tmp / "open_clip_model.safetensors"), metadata={"format": "pt"})
+        # TODO(preprocess): SigLIP's mean/std 0.5 and resize mode, from the checkpoint's preprocessing
         config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(cfg.image_size)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return notes

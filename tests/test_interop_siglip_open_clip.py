@@ -173,7 +173,10 @@ def test_named_mobileclip2_l14_is_open_clips():
 @pytest.mark.parametrize(
     "name,field",
     [
-        ("MobileCLIP2-S2", r"vision_cfg\.timm_model_name='fastvit_mci2': only timm ViTs"),  # conv trunk
+        (
+            "MobileCLIP2-S2",
+            r"vision_cfg\.timm_model_name='fastvit_mci2': only timm's plain ViTs",
+        ),  # conv trunk
         ("coca_ViT-B-32", r"multimodal_cfg"),
         ("nllb-clip-base-siglip", r"text_cfg\.hf_model_name='facebook/nllb.*Hugging Face text tower"),
         ("xlm-roberta-base-ViT-B-32", r"text_cfg\.hf_model_name"),

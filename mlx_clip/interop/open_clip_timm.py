@@ -77,13 +77,15 @@ def timm_vit_spec(name: str, pool: str) -> tuple[tuple, tuple]:
     """(spec items, unsupported parts) of timm model `name` built with global_pool `pool`."""
     import timm
     import torch
-    from timm.layers import AttentionPoolLatent, Mlp
+    from timm.layers import AttentionPoolLatent, Mlp, PatchEmbed
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     with torch.device("meta"):
         m = timm.create_model(name, pretrained=False, num_classes=0, global_pool=pool)
     if type(m) is not VisionTransformer:
         return (), (f"a {type(m).__name__} (not timm's plain VisionTransformer)",)
+    if type(m.patch_embed) is not PatchEmbed:
+        return (), (f"a {type(m.patch_embed).__name__} patch embedding (a conv stem, not PatchEmbed)",)
     identity, bad = torch.nn.Identity, []
     b0 = m.blocks[0]
     for part, ok in (
@@ -184,8 +186,8 @@ def _vision_fields(vraw: dict, embed_dim: int, vw: str) -> dict:
     name, pool = vraw["timm_model_name"], vraw.get("timm_pool", "avg")
     if not str(name).startswith("vit_"):
         raise ConfigError(
-            f"{vw}.timm_model_name={name!r}: only timm ViTs (vit_*) map onto mlx_clip, not a conv or "
-            "hybrid image tower"
+            f"{vw}.timm_model_name={name!r}: only timm's plain ViTs (vit_*) map onto mlx_clip, not "
+            "this image tower (a conv, hybrid, EVA, Swin, ... model)"
         )
     if pool not in ("map", "token"):
         raise ConfigError(f"{vw}.timm_pool={pool!r} is not supported (needs 'map' or 'token')")

@@ -112,6 +112,32 @@ def test_import_features_match_open_clip(tmp_path, case):
         assert cfg.init_logit_bias == -10.0 and m.logit_bias.item() == oc.logit_bias.item() != -10.0
 
 
+def test_import_a_state_dict_with_arch(tmp_path):
+    """A bare open_clip state dict (training checkpoint) + --arch JSON: the layout is read from the keys."""
+    from safetensors.torch import save_file
+
+    oc = open_clip_dir(tmp_path / "oc", CASES["siglip2"], seed=7)
+    save_file(oc.state_dict(), str(tmp_path / "weights.safetensors"))
+    (tmp_path / "arch.json").write_text(json.dumps({"model_cfg": CASES["siglip2"]}))
+    args = [
+        "--from",
+        "open_clip",
+        str(tmp_path / "weights.safetensors"),
+        "--arch",
+        str(tmp_path / "arch.json"),
+    ]
+    convert.main([*args, "--out", str(tmp_path / "mlx")])
+    m = load_mlx(tmp_path / "mlx")
+    images, tokens = inputs(m.config, seed=8)
+    theirs = torch_features(oc.encode_image, oc.encode_text, images, tokens)
+    for a, b in zip(mlx_features(m, images, tokens), theirs, strict=True):
+        np.testing.assert_allclose(a, b, atol=ATOL)
+    state = {k: v for k, v in oc.state_dict().items() if k != "visual.trunk.attn_pool.kv.weight"}
+    save_file(state, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(SystemExit, match=r"missing key 'visual.trunk.attn_pool.kv.weight'"):
+        convert.main([*args, "--out", str(tmp_path / "bad")])
+
+
 EXPORT_CASES = {
     "siglip_so400m": "siglip_so400m",
     "siglip2": "siglip2",

@@ -10,9 +10,17 @@ Import (`python -m mlx_clip.convert --from open_clip SRC --out OUT [--arch NAME]
   ViT-B-32-quickgelu, ...: its JSON is read from the installed open_clip package without
   importing torch), a path to such a JSON, or an mlx_clip architecture name (vit_b32, ...).
 
-Only the ViT + text-transformer CLIP with argmax text pooling maps onto mlx_clip; any other variant
-(other pooling, layer scale, attentional pooler, timm / HF towers, ...) is refused with an error
-that names the config field. The tokenizer is the OpenAI one when vocab_size is 49408.
+Two kinds of open_clip model map onto mlx_clip: open_clip's own ViT + text-transformer CLIP with
+argmax text pooling (the OpenAI layout, here), and a timm ViT image tower with open_clip's text
+tower (the SigLIP configs, MobileCLIP2-L/14: open_clip_timm.py and layouts_timm.py; reading a timm
+definition imports timm and torch). Any other variant (other pooling, layer scale, attentional
+pooler, conv / EVA / hybrid timm towers, HF text towers, CoCa, ...) is refused with an error that
+names the config field. The tokenizer is the OpenAI one when vocab_size is 49408, else the
+directory's Hugging Face tokenizer files for an `hf_tokenizer_name` config.
+
+Export writes the OpenAI layout when open_clip's own CLIP can express the model, else a
+CustomTextCLIP whose timm_model_name is the registered timm ViT that equals the image tower
+(refused, naming the closest one's difference, when there is none).
 
 A model trained with a sigmoid (SigLIP) loss has a learnable `logit_bias` beside `logit_scale`:
 open_clip's `init_logit_bias` / `init_logit_scale` map to ModelConfig's fields of the same names

@@ -123,12 +123,21 @@ def timm_vit_spec(name: str, pool: str) -> tuple[tuple, tuple]:
     acts = {_activation(b.mlp.act) for b in m.blocks}
     if None in acts or len(acts) > 1:
         bad.append(f"activation {type(b0.mlp.act).__name__}")
-    norms = [x for x in m.modules() if isinstance(x, torch.nn.LayerNorm)]
+    norms = [b.norm1 for b in m.blocks] + [b.norm2 for b in m.blocks] + [m.norm, m.norm_pre]
+    norms = [x for x in norms + [getattr(m.attn_pool, "norm", None)] if x is not None]
+    if any(not isinstance(x, (torch.nn.LayerNorm, identity)) or isinstance(x, torch.nn.LayerNorm)
+           and (x.weight is None or x.bias is None) for x in norms):  # fmt: skip
+        bad.append("a norm other than LayerNorm with gain and bias (RmsNorm, ...)")
+    norms = [x for x in norms if isinstance(x, torch.nn.LayerNorm)]
     if len({x.eps for x in norms}) > 1:
         bad.append("LayerNorms with different eps")
     patch, image = m.patch_embed.patch_size, m.patch_embed.img_size
     if patch[0] != patch[1] or image is None or image[0] != image[1]:
         bad.append(f"non-square patch {patch} or image {image}")
+    elif image[0] % patch[0] and m.patch_embed.dynamic_img_pad:  # pads where we leave out pixels
+        bad.append("dynamic_img_pad with an image size that is not a multiple of the patch size")
+    # dynamic_img_size is ignored: at the model's own image size it computes the same (its position
+    # grid is used as is); other sizes go through mlx_clip's resampling on fine-tuning.
     spec = dict(
         vision_width=m.embed_dim,
         vision_layers=len(m.blocks),

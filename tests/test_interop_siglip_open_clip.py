@@ -239,3 +239,22 @@ def test_export_refuses_an_image_tower_no_timm_model_has(tmp_path):
     with pytest.raises(SystemExit, match=r"vit_odd_patch6_siglip_33, differs in vision_activation 'gelu'"):
         export.main(["--checkpoint", str(ckpt), "--to", "open_clip", "--out", str(tmp_path / "oc")])
     assert not (tmp_path / "oc").exists()
+
+
+def test_import_takes_the_directorys_tokenizer(tmp_path, capsys):
+    """hf_tokenizer_name is a hub name (not downloaded): the directory's own files are used, with
+    the config's text cleaning; without them the weights import and the note says what to add."""
+    import shutil
+
+    from test_tokenizers_hf import t5_like
+
+    from mlx_clip.interop.files import read_checkpoint
+
+    cfg = dict(CASES["siglip2"], text_cfg=dict(CASES["siglip2"]["text_cfg"], vocab_size=400))
+    open_clip_dir(tmp_path / "bare", cfg, seed=9)
+    convert.main(["--from", "open_clip", str(tmp_path / "bare"), "--out", str(tmp_path / "mlx_bare")])
+    assert "put its files (tokenizer.json" in capsys.readouterr().out
+    shutil.copytree(t5_like(tmp_path / "t5"), tmp_path / "bare", dirs_exist_ok=True)  # 400 tokens
+    convert.main(["--from", "open_clip", str(tmp_path / "bare"), "--out", str(tmp_path / "mlx")])
+    tok = read_checkpoint(tmp_path / "mlx")[3]
+    assert (tok.vocab_size, tok.clean, tok.context_length) == (400, "canonicalize", 13)

@@ -63,7 +63,15 @@ from .files import contiguous, read_checkpoint, read_state_dict, staged_output, 
 from .hf import read_hf_tokenizer, write_hf_tokenizer
 from .layouts import BIAS_KEY, WeightError, canonical_to_open_clip, open_clip_to_canonical
 from .layouts_timm import canonical_to_open_clip_timm, is_timm_layout, open_clip_timm_to_canonical
-from .open_clip_timm import is_timm_config, needs_timm, open_clip_timm_cfg, timm_model_config
+from .open_clip_timm import (
+    field_problems,
+    is_timm_config,
+    layer_norm_eps,
+    needs_timm,
+    open_clip_timm_cfg,
+    optional_float,
+    timm_model_config,
+)
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = (
@@ -127,20 +135,9 @@ _TOP_KNOWN = {
 
 
 def _check_fields(section: dict, fixed: dict, known: set, where: str) -> None:
-    for key, value in section.items():
-        if key in fixed:
-            if value not in fixed[key]:
-                allowed = " or ".join(repr(v) for v in fixed[key])
-                raise ConfigError(f"{where}.{key}={value!r} is not supported by mlx_clip (needs {allowed})")
-        elif key not in known:
-            raise ConfigError(f"{where}.{key}: unknown or unsupported open_clip config field")
-
-
-def _eps(section: dict, where: str) -> float:
-    norm = section.get("norm_kwargs") or {}
-    if set(norm) - {"eps"}:
-        raise ConfigError(f"{where}.norm_kwargs={norm}: only 'eps' is supported")
-    return float(norm.get("eps", 1e-5))
+    problems = field_problems(section, fixed, known, where)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def open_clip_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelConfig:
@@ -169,8 +166,8 @@ def open_clip_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelCo
             f"{vw}.mlp_ratio={vision['mlp_ratio']} differs from text_cfg.mlp_ratio={text['mlp_ratio']}; "
             "mlx_clip uses one mlp_ratio"
         )
-    eps = _eps(vision, vw)
-    if _eps(text, tw) != eps:
+    eps = layer_norm_eps(vision, vw)
+    if layer_norm_eps(text, tw) != eps:
         raise ConfigError(f"{vw}.norm_kwargs.eps differs from text_cfg.norm_kwargs.eps; mlx_clip uses one")
     image, patch = vision["image_size"], vision["patch_size"]
     for name, value in (("image_size", image), ("patch_size", patch)):
@@ -191,20 +188,11 @@ def open_clip_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelCo
         mlp_ratio=float(text["mlp_ratio"]),
         activation="quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
         layer_norm_eps=eps,
-        init_logit_scale=_optional_float(model_cfg, "init_logit_scale", where),
-        init_logit_bias=_optional_float(model_cfg, "init_logit_bias", where),
+        init_logit_scale=optional_float(model_cfg, "init_logit_scale", where),
+        init_logit_bias=optional_float(model_cfg, "init_logit_bias", where),
     )
     cfg.validate(where)
     return cfg
-
-
-def _optional_float(section: dict, key: str, where: str) -> float | None:
-    value = section.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}.{key}={value!r}: expected a number")
-    return float(value)
 
 
 def open_clip_cfg(cfg: ModelConfig) -> dict:

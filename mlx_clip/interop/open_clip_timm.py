@@ -62,6 +62,40 @@ def is_timm_config(model_cfg: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# model_cfg field checks (open_clip.py's OpenAI-layout mapping uses them too)
+
+
+def field_problems(section: dict, fixed: dict, known: set, where: str) -> list[str]:
+    """One message per field of `section` that does not map: a value outside `fixed[key]`, or a
+    key neither fixed nor `known`."""
+    problems = []
+    for key, value in section.items():
+        if key in fixed:
+            if value not in fixed[key]:
+                allowed = " or ".join(repr(v) for v in fixed[key])
+                problems.append(f"{where}.{key}={value!r} is not supported by mlx_clip (needs {allowed})")
+        elif key not in known:
+            problems.append(f"{where}.{key}: unknown or unsupported open_clip config field")
+    return problems
+
+
+def layer_norm_eps(section: dict, where: str) -> float:
+    norm = section.get("norm_kwargs") or {}
+    if set(norm) - {"eps"}:
+        raise ConfigError(f"{where}.norm_kwargs={norm}: only 'eps' is supported")
+    return float(norm.get("eps", 1e-5))
+
+
+def optional_float(section: dict, key: str, where: str) -> float | None:
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}.{key}={value!r}: expected a number")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------
 # timm's model definitions, read from the modules timm builds
 
 
@@ -169,18 +203,6 @@ def _spec(name: str, pool: str, where: str) -> dict:
     return dict(items)
 
 
-def _check(section: dict, fixed: dict, known: set, where: str) -> list[str]:
-    bad = []
-    for key, value in section.items():
-        if key in fixed:
-            if value not in fixed[key]:
-                allowed = " or ".join(repr(v) for v in fixed[key])
-                bad.append(f"{where}.{key}={value!r} (needs {allowed})")
-        elif key not in known:
-            bad.append(f"{where}.{key} (unknown or unsupported)")
-    return bad
-
-
 def _text_activation(traw: dict, quick_gelu: bool, where: str) -> str:
     kwargs = traw.get("act_kwargs") or {}
     if quick_gelu and not kwargs:
@@ -191,7 +213,7 @@ def _text_activation(traw: dict, quick_gelu: bool, where: str) -> str:
     return {"none": "gelu", "tanh": "gelu_tanh"}[approx]
 
 
-def _vision_fields(vraw: dict, embed_dim: int, vw: str) -> dict:
+def _vision_fields(vraw: dict, vw: str) -> dict:
     name, pool = vraw["timm_model_name"], vraw.get("timm_pool", "avg")
     if not str(name).startswith("vit_"):
         raise ConfigError(
@@ -220,27 +242,24 @@ def timm_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelConfig:
     """An open_clip model_cfg with a timm ViT image tower -> ModelConfig; errors name the fields."""
     vw, tw = f"{where}.vision_cfg", f"{where}.text_cfg"
     vraw, traw = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-    bad = ([f"{where}.multimodal_cfg (CoCa)"] if "multimodal_cfg" in model_cfg else []) + _check(
-        model_cfg, {"custom_text": (True,)}, _TOP_KNOWN, where
-    )
+    bad = [f"{where}.multimodal_cfg: CoCa models are not supported"] if "multimodal_cfg" in model_cfg else []
+    bad += field_problems(model_cfg, {"custom_text": (True,)}, _TOP_KNOWN, where)
     if traw.get("hf_model_name"):
         bad.append(
-            f"{tw}.hf_model_name={traw['hf_model_name']!r} (a Hugging Face text tower: XLM-R, NLLB, ...)"
+            f"{tw}.hf_model_name={traw['hf_model_name']!r}: a Hugging Face text tower (XLM-R, NLLB, ...) "
+            "is not supported"
         )
-    bad += _check(vraw, {}, _VISION_UNUSED | _TIMM_FIELDS, vw)
-    bad += _check({k: v for k, v in traw.items() if k != "hf_model_name"}, _TEXT_FIXED, _TEXT_KNOWN, tw)
-    if bad:
-        raise ConfigError(
-            f"{bad[0]}: not supported by mlx_clip" + (f" (also: {', '.join(bad[1:])})" * bool(bad[1:]))
-        )
-    vision = _vision_fields(vraw, model_cfg["embed_dim"], vw)
+    bad += field_problems(vraw, {}, _VISION_UNUSED | _TIMM_FIELDS, vw)
+    text_fields = {k: v for k, v in traw.items() if k != "hf_model_name"}
+    bad += field_problems(text_fields, _TEXT_FIXED, _TEXT_KNOWN, tw)
+    if bad:  # every part that does not map, by name
+        raise ConfigError("; ".join(bad))
+    vision = _vision_fields(vraw, vw)
     text = {**_TEXT_DEFAULTS, **traw}
-    norm = text.get("norm_kwargs") or {}
-    if set(norm) - {"eps"}:
-        raise ConfigError(f"{tw}.norm_kwargs={norm}: only 'eps' is supported")
-    if float(norm.get("eps", 1e-5)) != vision["layer_norm_eps"]:
+    eps = layer_norm_eps(text, tw)
+    if eps != vision["layer_norm_eps"]:
         raise ConfigError(
-            f"{tw}.norm_kwargs.eps={norm.get('eps', 1e-5)} differs from the eps of timm's "
+            f"{tw}.norm_kwargs.eps={eps} differs from the eps of timm's "
             f"{vraw['timm_model_name']} ({vision['layer_norm_eps']}); mlx_clip uses one"
         )
     text_act = _text_activation(traw, bool(model_cfg.get("quick_gelu")), tw)
@@ -259,18 +278,11 @@ def timm_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelConfig:
         text_causal=not text.get("no_causal_mask", False),
         text_pool=text.get("pool_type", "argmax"),
         text_proj="none" if text.get("proj_type") == "none" else "head" if text.get("proj_bias") else "proj",
-        init_logit_scale=_number(model_cfg, "init_logit_scale", where),
-        init_logit_bias=_number(model_cfg, "init_logit_bias", where),
+        init_logit_scale=optional_float(model_cfg, "init_logit_scale", where),
+        init_logit_bias=optional_float(model_cfg, "init_logit_bias", where),
     )
     cfg.validate(where)
     return cfg
-
-
-def _number(section: dict, key: str, where: str) -> float | None:
-    value = section.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"{where}.{key}={value!r}: expected a number")
-    return None if value is None else float(value)
 
 
 # ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ FRAMEWORK_FREE = (
     "mlx_clip/text/clean.py",
     "mlx_clip/text/hf_dir.py",
     "mlx_clip/interop/layouts.py",
+    "mlx_clip/interop/layouts_timm.py",
     "mlx_clip/run_args.py",
     "mlx_clip/models/init_table.py",
     "mlx_clip/models/locate.py",

@@ -437,7 +437,7 @@ def test_every_open_clip_config_maps_or_names_the_field():
             refused.append(name)
     assert len(mapped) > 10 and len(refused) > 10
     for name, field in [
-        ("ViT-B-16-SigLIP", "vision_cfg.timm_model_name"),  # its logit bias maps, its timm tower not
+        ("MobileCLIP2-S2", "vision_cfg.timm_model_name"),  # a conv (FastViT) timm tower
         ("RN50", "vision_cfg.layers"),  # ResNet tower
         ("coca_ViT-B-32", "multimodal_cfg"),  # CoCa
         ("ViT-L-14-CLIPA", "vision_cfg.no_ln_pre"),

@@ -69,6 +69,15 @@ FAMILIES = {
     "bidirectional_first": replace(
         BASE, text_causal=False, text_pool="first", patch_bias=True, text_proj="head"
     ),
+    # open_clip's mixes: MobileCLIP2-L/14's biased image projection, SigLIP 2's per-tower GELUs
+    "per_tower": replace(
+        BASE,
+        vision_proj_bias=True,
+        text_causal=False,
+        vision_activation="gelu",
+        text_activation="gelu_tanh",
+        activation="quick_gelu",
+    ),
 }
 
 
@@ -199,6 +208,8 @@ def test_grad_checkpointing_and_bf16_run_the_options():
         (dict(text_mlp_dim=40 * 65), r"model.text_mlp_dim must be in"),
         (dict(text_causal="no"), r"model.text_causal"),
         (dict(image_size=32), r"model.image_size=32 is not divisible by model.patch_size=6"),
+        (dict(vision_proj_bias=True, vision_proj=False, vision_width=48), r"vision_proj_bias needs"),
+        (dict(text_activation="relu"), r"model.text_activation.*gelu_tanh.*null"),
     ],
 )
 def test_validation_names_the_field(change, message):

@@ -103,9 +103,7 @@ def test_training_uses_and_logs_the_scheduled_temperature(tmp_path):
 
 
 def test_learnable_temperature_is_logged_and_moves(tmp_path):
-    out, _ = train_run(
-        tmp_path, "learn", "--steps", "4", "--eval.every", "0", "--train.save_every", "0"
-    )
+    out, _ = train_run(tmp_path, "learn", "--steps", "4", "--eval.every", "0", "--train.save_every", "0")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     taus = [r["temperature"] for r in records if r["event"] == "temperature"]
     assert len(taus) == 4 and taus[0] == pytest.approx(0.07, rel=1e-6)

@@ -18,9 +18,7 @@ from mlx_clip.train import main as train_main
 
 
 def test_end_to_end_outputs(tmp_path):
-    out, summary = train_run(
-        tmp_path, "run", "--steps", "6", "--eval.every", "3", "--train.save_every", "3"
-    )
+    out, summary = train_run(tmp_path, "run", "--steps", "6", "--eval.every", "3", "--train.save_every", "3")
     assert summary["step"] == 6
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "summary.json"):
         assert (out / name).is_file(), name

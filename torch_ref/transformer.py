@@ -138,7 +138,8 @@ def _pool_text(x: torch.Tensor, tokens: torch.Tensor, pool: TextPool) -> torch.T
 
 def _tower(cfg: ModelConfig, tower: str) -> Transformer:
     width, layers, heads = (getattr(cfg, f"{tower}_{k}") for k in ("width", "layers", "heads"))
-    return Transformer(width, layers, heads, cfg.mlp_hidden(tower), cfg.activation, cfg.layer_norm_eps)
+    act = cfg.tower_activation(tower)
+    return Transformer(width, layers, heads, cfg.mlp_hidden(tower), act, cfg.layer_norm_eps)
 
 
 class VisionTransformer(nn.Module):
@@ -157,9 +158,9 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width, eps=eps)
         if self.pool == "map":
             self.attn_pool = AttentionPool(
-                width, cfg.vision_heads, cfg.mlp_hidden("vision"), cfg.activation, eps
+                width, cfg.vision_heads, cfg.mlp_hidden("vision"), cfg.tower_activation("vision"), eps
             )
-        self.proj = nn.Linear(width, cfg.embed_dim, bias=False) if cfg.vision_proj else None
+        self.proj = nn.Linear(width, cfg.embed_dim, bias=cfg.vision_proj_bias) if cfg.vision_proj else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)  # (B, N, W)

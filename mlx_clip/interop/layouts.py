@@ -7,7 +7,8 @@ PyTorch is the patch-embedding conv: MLX (out, kh, kw, in) vs torch (out, in, kh
 
 Functions here take and return plain dicts of arrays and work on numpy, MLX and
 torch tensors alike, so this module imports no framework. Mappings: torch_ref (conv
-layout only), Hugging Face transformers and open_clip. Reading and writing files lives
+layout only), Hugging Face transformers and open_clip (layouts_timm.py: open_clip models with a
+timm ViT image tower, SigLIP and MobileCLIP2-L/14). Reading and writing files lives
 beside it (files.py, hf.py, open_clip.py); the CLI is `python -m mlx_clip.convert`.
 """
 
@@ -228,7 +229,7 @@ def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
         num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads,
         max_position_embeddings=cfg.context_length,
-        hidden_act=cfg.activation,
+        hidden_act=cfg.tower_activation("text"),
         layer_norm_eps=cfg.layer_norm_eps,
         projection_dim=cfg.embed_dim,
         # eos_token_id=2 selects HF's legacy argmax pooling, which is CLIP's.
@@ -244,7 +245,7 @@ def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         num_channels=3,
-        hidden_act=cfg.activation,
+        hidden_act=cfg.tower_activation("vision"),
         layer_norm_eps=cfg.layer_norm_eps,
         projection_dim=cfg.embed_dim,
     )

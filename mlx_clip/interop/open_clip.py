@@ -10,9 +10,17 @@ Import (`python -m mlx_clip.convert --from open_clip SRC --out OUT [--arch NAME]
   ViT-B-32-quickgelu, ...: its JSON is read from the installed open_clip package without
   importing torch), a path to such a JSON, or an mlx_clip architecture name (vit_b32, ...).
 
-Only the ViT + text-transformer CLIP with argmax text pooling maps onto mlx_clip; any other variant
-(other pooling, layer scale, attentional pooler, timm / HF towers, ...) is refused with an error
-that names the config field. The tokenizer is the OpenAI one when vocab_size is 49408.
+Two kinds of open_clip model map onto mlx_clip: open_clip's own ViT + text-transformer CLIP with
+argmax text pooling (the OpenAI layout, here), and a timm ViT image tower with open_clip's text
+tower (the SigLIP configs, MobileCLIP2-L/14: open_clip_timm.py and layouts_timm.py; reading a timm
+definition imports timm and torch). Any other variant (other pooling, layer scale, attentional
+pooler, conv / EVA / hybrid timm towers, HF text towers, CoCa, ...) is refused with an error that
+names the config field. The tokenizer is the OpenAI one when vocab_size is 49408, else the
+directory's Hugging Face tokenizer files for an `hf_tokenizer_name` config.
+
+Export writes the OpenAI layout when open_clip's own CLIP can express the model, else a
+CustomTextCLIP whose timm_model_name is the registered timm ViT that equals the image tower
+(refused, naming the closest one's difference, when there is none).
 
 A model trained with a sigmoid (SigLIP) loss has a learnable `logit_bias` beside `logit_scale`:
 open_clip's `init_logit_bias` / `init_logit_scale` map to ModelConfig's fields of the same names
@@ -42,6 +50,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 from safetensors.numpy import save_file
 
 from ..config import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT
@@ -52,6 +61,16 @@ from ..text.vocab import openai_tokenizer
 from .files import contiguous, read_checkpoint, read_state_dict, staged_output, write_checkpoint
 from .hf import read_hf_tokenizer, write_hf_tokenizer
 from .layouts import BIAS_KEY, WeightError, canonical_to_open_clip, open_clip_to_canonical
+from .layouts_timm import canonical_to_open_clip_timm, is_timm_layout, open_clip_timm_to_canonical
+from .open_clip_timm import (
+    field_problems,
+    is_timm_config,
+    layer_norm_eps,
+    needs_timm,
+    open_clip_timm_cfg,
+    optional_float,
+    timm_model_config,
+)
 from .preprocess import describe, open_clip_preprocess_cfg, open_clip_preprocess_fields
 
 CONFIG_FILE = "open_clip_config.json"
@@ -116,24 +135,15 @@ _TOP_KNOWN = {
 
 
 def _check_fields(section: dict, fixed: dict, known: set, where: str) -> None:
-    for key, value in section.items():
-        if key in fixed:
-            if value not in fixed[key]:
-                allowed = " or ".join(repr(v) for v in fixed[key])
-                raise ConfigError(f"{where}.{key}={value!r} is not supported by mlx_clip (needs {allowed})")
-        elif key not in known:
-            raise ConfigError(f"{where}.{key}: unknown or unsupported open_clip config field")
-
-
-def _eps(section: dict, where: str) -> float:
-    norm = section.get("norm_kwargs") or {}
-    if set(norm) - {"eps"}:
-        raise ConfigError(f"{where}.norm_kwargs={norm}: only 'eps' is supported")
-    return float(norm.get("eps", 1e-5))
+    problems = field_problems(section, fixed, known, where)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def open_clip_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelConfig:
     """An open_clip model_cfg (a model_configs/*.json) -> ModelConfig; errors name the field."""
+    if is_timm_config(model_cfg):  # SigLIP, MobileCLIP2-L/14: open_clip_timm.py
+        return timm_model_config(model_cfg, where)
     if "multimodal_cfg" in model_cfg:
         raise ConfigError(f"{where}.multimodal_cfg: CoCa models are not supported")
     _check_fields(model_cfg, _TOP_FIXED, _TOP_KNOWN, where)
@@ -156,8 +166,8 @@ def open_clip_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelCo
             f"{vw}.mlp_ratio={vision['mlp_ratio']} differs from text_cfg.mlp_ratio={text['mlp_ratio']}; "
             "mlx_clip uses one mlp_ratio"
         )
-    eps = _eps(vision, vw)
-    if _eps(text, tw) != eps:
+    eps = layer_norm_eps(vision, vw)
+    if layer_norm_eps(text, tw) != eps:
         raise ConfigError(f"{vw}.norm_kwargs.eps differs from text_cfg.norm_kwargs.eps; mlx_clip uses one")
     image, patch = vision["image_size"], vision["patch_size"]
     for name, value in (("image_size", image), ("patch_size", patch)):
@@ -178,20 +188,11 @@ def open_clip_model_config(model_cfg: dict, where: str = "model_cfg") -> ModelCo
         mlp_ratio=float(text["mlp_ratio"]),
         activation="quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
         layer_norm_eps=eps,
-        init_logit_scale=_optional_float(model_cfg, "init_logit_scale", where),
-        init_logit_bias=_optional_float(model_cfg, "init_logit_bias", where),
+        init_logit_scale=optional_float(model_cfg, "init_logit_scale", where),
+        init_logit_bias=optional_float(model_cfg, "init_logit_bias", where),
     )
     cfg.validate(where)
     return cfg
-
-
-def _optional_float(section: dict, key: str, where: str) -> float | None:
-    value = section.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}.{key}={value!r}: expected a number")
-    return float(value)
 
 
 def open_clip_cfg(cfg: ModelConfig) -> dict:
@@ -296,7 +297,10 @@ def import_open_clip(
             f"init_logit_bias {SIGLIP_LOGIT_BIAS_INIT:g})"
         )
     try:
-        state = open_clip_to_canonical(oc_state, cfg)
+        if is_timm_layout(oc_state):  # a timm image tower under visual.trunk
+            state = open_clip_timm_to_canonical(oc_state, cfg, np.concatenate)
+        else:
+            state = open_clip_to_canonical(oc_state, cfg)
     except WeightError as e:
         raise WeightError(f"{weights}: {e}") from None
     tok = None
@@ -306,7 +310,13 @@ def import_open_clip(
         # Its text cleaning is open_clip's HFTokenizer's: tokenizer_kwargs' "clean", else "whitespace".
         clean = raw["text_cfg"].get("tokenizer_kwargs", {}).get("clean", "whitespace")
         tok = read_hf_tokenizer(Path(src), cfg, clean=clean) if Path(src).is_dir() else None
-        notes.append(f"tokenizer: {tok!r}" if tok else f"tokenizer: none written ({hf_name!r})")
+        notes.append(
+            f"tokenizer: {tok!r}"
+            if tok
+            else f"tokenizer: none written: the config names the Hugging Face tokenizer {hf_name!r}, "
+            f"which is not downloaded; put its files (tokenizer.json and tokenizer_config.json, or "
+            f"a SentencePiece .model) in {src} and convert again"
+        )
     elif cfg.vocab_size == OPENAI_VOCAB_SIZE:
         tok = openai_tokenizer()
         tok.context_length = cfg.context_length
@@ -320,9 +330,14 @@ def import_open_clip(
 def export_open_clip(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
     """An mlx_clip checkpoint -> open_clip_config.json + open_clip_model.safetensors (+ tokenizer)."""
     ckpt, cfg, state, tok = read_checkpoint(checkpoint)
-    oc_state = contiguous(canonical_to_open_clip(state, cfg))
-    model_cfg, preprocess_cfg = open_clip_cfg(cfg), open_clip_preprocess_cfg(cfg)
     notes = [f"from {ckpt}"]
+    if needs_timm(cfg):  # SigLIP-style towers: a timm image tower in a CustomTextCLIP
+        model_cfg, head = open_clip_timm_cfg(cfg)
+        oc_state = contiguous(canonical_to_open_clip_timm(state, cfg, head))
+        notes.append(f"image tower: timm {model_cfg['vision_cfg']['timm_model_name']}")
+    else:
+        oc_state = contiguous(canonical_to_open_clip(state, cfg))
+        model_cfg = open_clip_cfg(cfg)
     if cfg.init_logit_bias is not None:
         notes.append(f"logit_bias: {float(state[BIAS_KEY]):g} (SigLIP; model_cfg.init_logit_bias is set)")
     with staged_output(out, force) as tmp:
@@ -338,6 +353,6 @@ def export_open_clip(checkpoint: str | Path, out: str | Path, force: bool = Fals
         elif tok is None and cfg.vocab_size != OPENAI_VOCAB_SIZE:
             notes.append("tokenizer: none in the checkpoint; open_clip's default (OpenAI) will not fit")
         save_file(oc_state, str(tmp / "open_clip_model.safetensors"), metadata={"format": "pt"})
-        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+        config = {"model_cfg": model_cfg, "preprocess_cfg": open_clip_preprocess_cfg(cfg)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return notes

@@ -68,6 +68,7 @@ class ModelConfig:
     vision_pre_norm: bool = True  # ln_pre before the transformer (SigLIP has none)
     vision_mlp_dim: int | None = None  # the MLP's hidden width; None: vision_width * mlp_ratio
     vision_proj: bool = True  # False: no projection, the tower's width is embed_dim
+    vision_proj_bias: bool = False  # a bias on the image projection (timm's head, MobileCLIP2-L/14)
     # text tower
     context_length: int = 77
     vocab_size: int = 49408
@@ -81,6 +82,10 @@ class ModelConfig:
     # shared
     mlp_ratio: float = 4.0
     activation: Activation = "quick_gelu"
+    # Per-tower overrides of `activation` (None: the shared one): open_clip's SigLIP 2 configs pair
+    # timm's exact-GELU image tower with a tanh-GELU text tower.
+    vision_activation: Activation | None = None
+    text_activation: Activation | None = None
     layer_norm_eps: float = 1e-5
     # Temperature and bias at init: logit_scale = init_logit_scale (None: log(1/0.07), CLIP's);
     # a learnable logit_bias exists only when init_logit_bias is set (SigLIP: log 10 and -10).
@@ -150,6 +155,10 @@ class ModelConfig:
                 f"{where}.mlp_ratio must be in (0, 64] and give an MLP of >= 1 unit, got {self.mlp_ratio}"
             )
         self._check_projections(where)
+        if self.vision_proj_bias and not self.vision_proj:
+            raise ConfigError(
+                f"{where}.vision_proj_bias needs {where}.vision_proj (a projection to put it on)"
+            )
         if not 0 < self.layer_norm_eps < 1:
             raise ConfigError(f"{where}.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
         # The model clamps the logit scale at log(100); the loss' temperature range is [0.01, 100].
@@ -183,6 +192,10 @@ class ModelConfig:
         dim = getattr(self, f"{tower}_mlp_dim")
         return dim if dim is not None else int(getattr(self, f"{tower}_width") * self.mlp_ratio)
 
+    def tower_activation(self, tower: str) -> Activation:
+        """The MLP activation of a tower ("vision" or "text"): its override, else `activation`."""
+        return getattr(self, f"{tower}_activation") or self.activation
+
     @property
     def num_parameters(self) -> int:
         """The parameter count of the model this config builds (models/transformer.py), from the
@@ -207,7 +220,7 @@ class ModelConfig:
             vision += v + (self.num_patches + 1) * v
         else:  # positions; the pooling head's probe, attention, LayerNorm and MLP
             vision += self.num_patches * v + v + attn_mlp(v, hv) + 2 * v
-        vision += linear(v, e, bias=False) * self.vision_proj
+        vision += linear(v, e, bias=self.vision_proj_bias) * self.vision_proj
         text = self.text_layers * block(t, ht) + 2 * t  # + ln_final
         text += (self.vocab_size + self.context_length) * t  # token and position embeddings
         text += {"proj": linear(t, e, bias=False), "head": linear(t, e), "none": 0}[self.text_proj]

@@ -9,7 +9,7 @@ ModelConfig's options add or remove (CLIP's defaults have all of the first colum
         attn.in_proj (3W, W: q, k, v rows) / attn.out_proj, norm, mlp.c_fc / mlp.c_proj
     visual.patch_embed.bias                                 patch_bias
     visual.ln_pre                                           vision_pre_norm
-    visual.proj (no bias)                                   vision_proj
+    visual.proj (no bias) / visual.proj.bias                vision_proj / vision_proj_bias
     text.text_projection (no bias) / text.head (bias)       text_proj "proj" / "head"
 """
 
@@ -155,7 +155,8 @@ def _pool_text(x: mx.array, tokens: mx.array, pool: TextPool) -> mx.array:
 
 def _tower(cfg: ModelConfig, tower: str) -> Transformer:
     width, layers, heads = (getattr(cfg, f"{tower}_{k}") for k in ("width", "layers", "heads"))
-    return Transformer(width, layers, heads, cfg.mlp_hidden(tower), cfg.activation, cfg.layer_norm_eps)
+    act = cfg.tower_activation(tower)
+    return Transformer(width, layers, heads, cfg.mlp_hidden(tower), act, cfg.layer_norm_eps)
 
 
 class VisionTransformer(nn.Module):
@@ -175,10 +176,10 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width, eps=eps)
         if self.pool == "map":
             self.attn_pool = AttentionPool(
-                width, cfg.vision_heads, cfg.mlp_hidden("vision"), cfg.activation, eps
+                width, cfg.vision_heads, cfg.mlp_hidden("vision"), cfg.tower_activation("vision"), eps
             )
         if cfg.vision_proj:
-            self.proj = nn.Linear(width, cfg.embed_dim, bias=False)
+            self.proj = nn.Linear(width, cfg.embed_dim, bias=cfg.vision_proj_bias)
 
     def __call__(self, images: mx.array) -> mx.array:
         x = self.patch_embed(images)  # (B, N, W)

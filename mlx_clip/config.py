@@ -19,6 +19,7 @@ import yaml
 
 from .evaluation.spec import EvalSetSpec, best_metric_problem
 from .models.config import ModelConfig, model_config
+from .models.locate import checkpoint_model_config
 from .schema import ConfigError, from_dict, load_yaml, merge, move_deprecated, set_dotted, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,8 @@ Precision = Literal["float32", "bfloat16"]
 @dataclass
 class _ModelSectionBase:
     # a configs/models name or an architecture YAML path; "custom": ModelConfig's defaults, so
-    # every field that differs comes from this section
+    # every field that differs comes from this section; "checkpoint": the architecture saved with
+    # init_from (a converted or trained checkpoint), so fine-tuning needs no architecture name
     arch: str = "tiny"
     init_from: str | None = None  # fine-tuning: a .safetensors file, a checkpoint or a run directory
 
@@ -292,8 +294,7 @@ class Config:
     def model_config(self) -> ModelConfig:
         """The architecture (ModelConfig's defaults for "custom"), then the SigLIP paper's init where
         it sets none and loss.type is siglip, then the model section's overrides."""
-        arch = self.model.arch
-        values = to_dict(ModelConfig() if arch == "custom" else model_config(arch))
+        values = to_dict(self._architecture())
         if self.loss.type == "siglip":
             for name, init in (
                 ("init_logit_scale", SIGLIP_LOGIT_SCALE_INIT),
@@ -303,6 +304,23 @@ class Config:
         cfg = ModelConfig(**{**values, **self.model.overrides()})
         cfg.validate()
         return cfg
+
+    def _architecture(self) -> ModelConfig:
+        arch = self.model.arch
+        if arch == "custom":
+            return ModelConfig()
+        if arch != "checkpoint":
+            return model_config(arch)
+        if not self.model.init_from:
+            raise ConfigError(
+                "model.arch checkpoint takes the architecture saved with model.init_from, and "
+                "model.init_from is not set; name a checkpoint there or an architecture in model.arch"
+            )
+        try:
+            saved = checkpoint_model_config(self.model.init_from)
+        except (OSError, ValueError) as e:  # no checkpoint there, an unreadable header, none recorded
+            raise ConfigError(f"model.arch checkpoint: {e}") from None
+        return ModelConfig.from_dict(saved, where=f"model.init_from {self.model.init_from}: model")
 
     def validate(self) -> None:
         mcfg = self.model_config()

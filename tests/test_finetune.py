@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from conftest import SMALL
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from mlx_clip.config import OptimConfig, load_config
 from mlx_clip.interop.layouts import resize_positional_embedding
@@ -93,3 +93,24 @@ def test_position_grid_resampling_matches_torch_bicubic():
         ref = torch.nn.functional.interpolate(grid, size=(n, n), mode="bicubic", align_corners=False)
         np.testing.assert_allclose(ours[1:], ref.permute(0, 2, 3, 1).reshape(n * n, 5).numpy(), atol=1e-5)
         assert np.array_equal(ours[0], pe[0])  # the class token's position is kept
+
+
+def test_arch_checkpoint_takes_the_architecture_saved_with_init_from(tmp_path, base):
+    """model.arch checkpoint: the ModelConfig recorded in init_from's weights, with the section's
+    overrides on top; without init_from, or with weights that record none, a clear error."""
+    from mlx_clip.models.locate import saved_config
+
+    cfg = load_config(None, [("model.arch", "checkpoint"), ("model.init_from", str(base))])
+    saved = saved_config(base / "model.safetensors")
+    assert cfg.model_config().vision_width == saved["vision_width"] != model_config("tiny").vision_width
+    assert cfg.model_config() == model_config("tiny").__class__(**saved)
+    wider = load_config(
+        None, [("model.arch", "checkpoint"), ("model.init_from", str(base)), ("model.image_size", "48")]
+    )
+    assert wider.model_config().image_size == 48
+    with pytest.raises(ConfigError, match="model.init_from is not set"):
+        load_config(None, [("model.arch", "checkpoint")])
+    plain = tmp_path / "plain.safetensors"  # weights without mlx_clip's header
+    save_file({"a": np.zeros(2, np.float32)}, str(plain))
+    with pytest.raises(ConfigError, match="records no architecture"):
+        load_config(None, [("model.arch", "checkpoint"), ("model.init_from", str(plain))])

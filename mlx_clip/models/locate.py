@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 from ..interop.layouts import WeightError
@@ -82,6 +83,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(
         f"no checkpoint found at {path} (expected step_N/, checkpoints/latest or a run dir)"
     )
+
+
+def safetensors_header(path: str | Path) -> dict:
+    """A safetensors file's JSON header: {key: {"dtype", ...}, "__metadata__": {...}}."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > Path(path).stat().st_size:
+                raise ValueError(f"header of {size} bytes is longer than the file")
+            return json.loads(f.read(size))
+    except (struct.error, ValueError, TypeError, MemoryError, OverflowError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def saved_config(path: str | Path) -> dict | None:
+    """The ModelConfig fields save_weights recorded in a weights file's header; None without them."""
+    text = (safetensors_header(path).get("__metadata__") or {}).get("config")
+    return json.loads(text) if text else None
+
+
+def checkpoint_model_config(path: str | Path, where: str = "model.init_from") -> dict:
+    """The ModelConfig fields saved with a checkpoint (a weights file, a checkpoint or a run
+    directory, a converted directory), from its weights file's header: nothing else is read."""
+    path = Path(path)
+    weights = path if path.is_file() else resolve_checkpoint(path) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{where}: no weights at {weights}")
+    config = saved_config(weights)
+    if config is None:
+        raise WeightError(
+            f"{where}: {weights} records no architecture in its header (not written by mlx_clip); "
+            "name the architecture with model.arch instead"
+        )
+    return config
 
 
 def resolve_init(init_from: str | None) -> tuple[Path | None, Path | None]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from ..interop.layouts import WeightError, check_state, resize_positional_embedding
 from ..schema import to_dict
+from .locate import safetensors_header
 
 FORMAT = "mlx_clip"
 # Safetensors dtypes that model weights may have: every float that MLX reads as itself. Anything
@@ -47,31 +47,13 @@ def write_safetensors(path: str | Path, arrays: dict[str, mx.array], metadata: d
         raise OSError(f"{path}: could not write ({e}{free})") from e
 
 
-def _header(path: str | Path) -> dict:
-    """A safetensors file's JSON header: {key: {"dtype", ...}, "__metadata__": {...}}."""
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > Path(path).stat().st_size:
-                raise ValueError(f"header of {size} bytes is longer than the file")
-            return json.loads(f.read(size))
-    except (struct.error, ValueError, TypeError, MemoryError, OverflowError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
 def safetensors_dtypes(path: str | Path) -> dict[str, str]:
     """{key: dtype as the file's header names it (F32, BF16, I64, F8_E4M3...)}."""
-    header = _header(path)
+    header = safetensors_header(path)
     try:
         return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
     except (TypeError, KeyError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def saved_config(path: str | Path) -> dict | None:
-    """The ModelConfig fields save_weights recorded in a weights file's header; None without them."""
-    text = (_header(path).get("__metadata__") or {}).get("config")
-    return json.loads(text) if text else None
 
 
 def check_float_dtypes(path: str | Path) -> None:

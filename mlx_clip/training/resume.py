@@ -20,7 +20,7 @@ import yaml
 
 from ..config import Config, config_to_yaml, load_config
 from ..models.config import ModelConfig
-from ..models.weights import saved_config
+from ..models.locate import saved_config
 from ..schema import ConfigError
 from . import checkpoint as ckpt_io
 from .distributed import World

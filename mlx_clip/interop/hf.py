@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-import typing
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from ..data.transforms import OPENAI_MEAN, OPENAI_STD
-from ..models.config import SIZE_LIMITS, Activation, ModelConfig
+from ..models.config import SIZE_LIMITS, ModelConfig
 from ..schema import ConfigError
 from ..text.hf_tokenizer import HFTokenizer
 from ..text.tokenizer import (
@@ -51,7 +50,7 @@ from .files import (
     staged_output,
     write_checkpoint,
 )
-from .layouts import WeightError, canonical_to_hf, hf_config_kwargs, hf_to_canonical
+from .layouts import HF_ACTIVATIONS, WeightError, canonical_to_hf, hf_config_kwargs, hf_to_canonical
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults (used when config.json omits a field).
 _TEXT_DEFAULTS = dict(
@@ -124,12 +123,12 @@ def _size(value, name: str, limit: int, where: str) -> int:
     return value
 
 
-def _hf_sizes(config: dict, text: dict, vision: dict, where: str) -> dict:
-    """The ModelConfig sizes of a config.json, each checked under its own key."""
+def _hf_sizes(config: dict, text: dict, vision: dict, where: str, table=_HF_SIZES) -> dict:
+    """The ModelConfig sizes of a config.json (`table`: field, section, key), each checked under its key."""
     sections = {"": {"projection_dim": 512, **config}, "text_config": text, "vision_config": vision}
     sizes = {
         field: _size(sections[section][key], f"{section}.{key}".lstrip("."), SIZE_LIMITS[field], where)
-        for field, section, key in _HF_SIZES
+        for field, section, key in table
     }
     for section in ("text_config", "vision_config"):  # divided by the width below, for the MLP ratio
         limit = SIZE_LIMITS["vision_width"] * 64
@@ -137,24 +136,31 @@ def _hf_sizes(config: dict, text: dict, vision: dict, where: str) -> dict:
     return sizes
 
 
-def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
-    """A transformers CLIPModel config (the parsed config.json) -> ModelConfig; a variant our model
-    cannot express, or a value out of range, is an error that names the field."""
-    if not isinstance(config, dict):
-        raise ConfigError(
-            f"{where}: expected a JSON object (a CLIPModel config), got {type(config).__name__}"
-        )
-    if config.get("model_type") != "clip":
-        raise ConfigError(f"{where}: model_type={config.get('model_type')!r}, expected 'clip' (a CLIPModel)")
-    text = {**_TEXT_DEFAULTS, **_section(config, "text_config", where)}
-    vision = {**_VISION_DEFAULTS, **_section(config, "vision_config", where)}
-    sizes = _hf_sizes(config, text, vision, where)
+def _towers(config: dict, defaults: tuple[dict, dict], kinds: tuple[str, str], where: str):
+    """(text, vision) sections with the class's defaults filled in; a tower of another model_type
+    (an XLM-R text model, say) is refused by name."""
+    towers = []
+    for key, default, kind in zip(("text_config", "vision_config"), defaults, kinds, strict=True):
+        section = _section(config, key, where)
+        got = section.get("model_type", kind)
+        if got != kind:
+            raise ConfigError(
+                f"{where}: {key}.model_type={got!r}; mlx_clip builds the {kind!r} tower of this "
+                "class only (another text or vision model is another architecture)"
+            )
+        towers.append({**default, **section})
+    return towers
+
+
+def _shared_settings(text: dict, vision: dict, where: str) -> dict:
+    """activation and layer_norm_eps (one for both towers in mlx_clip); RGB input."""
     t, v = "text_config", "vision_config"
+    ours = {theirs: name for name, theirs in HF_ACTIVATIONS.items()}
     for tower, c in ((t, text), (v, vision)):
-        if c["hidden_act"] not in typing.get_args(Activation):
+        if c["hidden_act"] not in ours:
             raise ConfigError(
                 f"{where}: {tower}.hidden_act={c['hidden_act']!r}; mlx_clip supports "
-                + " and ".join(map(repr, typing.get_args(Activation)))
+                + " and ".join(map(repr, ours))
             )
         eps = c["layer_norm_eps"]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)):
@@ -166,27 +172,57 @@ def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
         )
     if text["layer_norm_eps"] != vision["layer_norm_eps"]:
         raise ConfigError(f"{where}: {t}.layer_norm_eps differs from {v}.layer_norm_eps; mlx_clip uses one")
-    ratio = text["intermediate_size"] / text["hidden_size"]
-    for tower, c in ((t, text), (v, vision)):
-        if int(c["hidden_size"] * ratio) != c["intermediate_size"]:
-            raise ConfigError(
-                f"{where}: {tower}.intermediate_size={c['intermediate_size']} does not fit "
-                f"{tower}.hidden_size={c['hidden_size']} with the MLP ratio {ratio:g} of the other "
-                "tower; mlx_clip uses one mlp_ratio"
-            )
     if vision["num_channels"] != 3:
         raise ConfigError(f"{where}: {v}.num_channels={vision['num_channels']}; only RGB (3) is supported")
+    return {"activation": ours[text["hidden_act"]], "layer_norm_eps": float(text["layer_norm_eps"])}
+
+
+def _mlp_fields(text: dict, vision: dict, shared_ratio: bool) -> dict:
+    """The towers' MLP widths as ModelConfig fields: one mlp_ratio where both towers share it
+    (shared_ratio, CLIP's imports as before), else mlp_ratio 4 and a {tower}_mlp_dim for each tower
+    whose intermediate_size is not 4x its width."""
+    ratio = text["intermediate_size"] / text["hidden_size"]
+    if shared_ratio and all(int(c["hidden_size"] * ratio) == c["intermediate_size"] for c in (text, vision)):
+        return {"mlp_ratio": ratio}
+    dims = {
+        f"{tower}_mlp_dim": c["intermediate_size"]
+        for tower, c in (("vision", vision), ("text", text))
+        if int(c["hidden_size"] * 4.0) != c["intermediate_size"]
+    }
+    return {"mlp_ratio": 4.0, **dims}
+
+
+def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
+    """A transformers CLIPModel or SiglipModel config (the parsed config.json) -> ModelConfig; a
+    variant our model cannot express, or a value out of range, is an error that names the field."""
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{where}: expected a JSON object (a CLIPModel or SiglipModel config), "
+            f"got {type(config).__name__}"
+        )
+    if config.get("model_type") in ("siglip", "siglip2"):
+        from .hf_siglip import siglip_model_config  # noqa: PLC0415  (it builds on the readers above)
+
+        return siglip_model_config(config, where)
+    if config.get("model_type") != "clip":
+        raise ConfigError(
+            f"{where}: model_type={config.get('model_type')!r}; mlx_clip reads 'clip' (a CLIPModel) "
+            "and 'siglip' (a SiglipModel)"
+        )
+    kinds = ("clip_text_model", "clip_vision_model")
+    text, vision = _towers(config, (_TEXT_DEFAULTS, _VISION_DEFAULTS), kinds, where)
+    sizes = _hf_sizes(config, text, vision, where)
+    shared = _shared_settings(text, vision, where)
     # Pooling: eos_token_id 2 is HF's legacy argmax (ours); otherwise HF pools at the first
     # eos_token_id, which is the argmax only when EOT is the largest id.
     eos = text["eos_token_id"]
     if eos not in (2, text["vocab_size"] - 1):
         raise ConfigError(
-            f"{where}: {t}.eos_token_id={eos}: mlx_clip pools text at argmax(token id), which equals HF's "
-            f"pooling only for eos_token_id 2 (legacy argmax) or {text['vocab_size'] - 1} (EOT = largest id)"
+            f"{where}: text_config.eos_token_id={eos}: mlx_clip pools text at argmax(token id), which "
+            f"equals HF's pooling only for eos_token_id 2 (legacy argmax) or {text['vocab_size'] - 1} "
+            "(EOT = largest id)"
         )
-    cfg = ModelConfig(
-        **sizes, mlp_ratio=ratio, activation=text["hidden_act"], layer_norm_eps=float(text["layer_norm_eps"])
-    )
+    cfg = ModelConfig(**sizes, **_mlp_fields(text, vision, shared_ratio=True), **shared)
     cfg.validate(f"{where}: model")  # what needs the whole architecture: divisibility, the parameter count
     return cfg
 
@@ -326,35 +362,70 @@ def _hf_weights(src: Path) -> tuple[dict[str, np.ndarray], Path]:
     raise FileNotFoundError(f"{src}: no Hugging Face weights ({', '.join(WEIGHT_FILES)})")
 
 
-def import_hf(src: str | Path, out: str | Path, force: bool = False) -> list[str]:
-    """A Hugging Face CLIP directory -> an mlx_clip checkpoint directory. Returns notes to print."""
-    src = Path(src)
+def _read_config(src: Path) -> dict:
     if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json (expected a Hugging Face CLIPModel directory)")
+        raise FileNotFoundError(
+            f"{src}: no config.json (expected a Hugging Face CLIPModel or SiglipModel directory)"
+        )
     try:
-        config = json.loads((src / "config.json").read_text())
+        return json.loads((src / "config.json").read_text())
     except ValueError as e:
         raise ConfigError(f"{src / 'config.json'}: invalid JSON ({e})") from None
+
+
+def import_hf(src: str | Path, out: str | Path, force: bool = False) -> list[str]:
+    """A Hugging Face CLIPModel or SiglipModel directory -> an mlx_clip checkpoint directory.
+    Returns notes to print."""
+    from .layouts_siglip import hf_siglip_to_canonical  # noqa: PLC0415  (hf_siglip imports this module)
+
+    src = Path(src)
+    config = _read_config(src)
     cfg = hf_model_config(config, str(src / "config.json"))
+    to_canonical = hf_siglip_to_canonical if config.get("model_type") == "siglip" else hf_to_canonical
     hf_state, path = _hf_weights(src)
     try:
-        state = hf_to_canonical(hf_state, cfg, concat=np.concatenate)
+        state = to_canonical(hf_state, cfg, concat=np.concatenate)
     except WeightError as e:
         raise WeightError(f"{path}: {e}") from None
     tok = read_hf_tokenizer(src, cfg)
     write_checkpoint(out, cfg, state, tok, str(path), force)
-    return [f"read {path}", "tokenizer: " + (f"{tok.vocab_size} tokens" if tok else "none in the source")]
+    kind = f"{tok.kind}, {tok.vocab_size} tokens" if tok else "none in the source"
+    return [f"read {path} ({config['model_type']})", f"tokenizer: {kind}"]
+
+
+# A CLIP BPE tokenizer pads with id 0, and transformers' CLIPTokenizer with EOT: a model pooled at
+# the last position (SigLIP's) sees the padding, and naming "!" (id 0) the pad token would make HF
+# split every "!" as that token. Setting the id after loading pads with 0 and changes nothing else.
+PAD_ZERO_NOTE = (
+    "tokenizer: a CLIP BPE, which pads with 0 where transformers' CLIPTokenizer pads with EOT, and "
+    "this model pools the last position: after tok = AutoTokenizer.from_pretrained(OUT), set "
+    "tok.pad_token_id = 0 and call tok(texts, padding='max_length', max_length={n}) to get its ids"
+)
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
-    """An mlx_clip checkpoint -> a directory that transformers' CLIPModel / AutoProcessor load."""
+    """An mlx_clip checkpoint -> a directory that transformers' CLIPModel or SiglipModel (whichever
+    has this model's towers: hf_siglip.hf_class) and AutoTokenizer load."""
+    from .hf_siglip import hf_class, siglip_config_json  # noqa: PLC0415  (it imports this module)
+    from .layouts_siglip import canonical_to_hf_siglip  # noqa: PLC0415
+
     ckpt, cfg, state, tok = read_checkpoint(checkpoint)
-    hf_state = contiguous(canonical_to_hf(state, cfg))
+    arch = hf_class(cfg)
+    if arch == "SiglipModel":
+        hf_state, config = canonical_to_hf_siglip(state, cfg), siglip_config_json(cfg)
+    else:
+        hf_state, config = canonical_to_hf(state, cfg), hf_config_json(cfg)
+    notes = [f"from {ckpt}", f"as transformers' {arch}"]
     with staged_output(out, force) as tmp:
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config_json(cfg), indent=2))
+        save_file(contiguous(hf_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # TODO(preprocess): SiglipModel's processor (SiglipImageProcessor: resize, no crop, mean/std
+        # 0.5) belongs here once ModelConfig carries the preprocessing; CLIP's is written for both.
         preprocess = preprocessor_config(cfg.image_size)
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocess, indent=2))
         if tok is not None:
             write_hf_tokenizer(tok, tmp, cfg.context_length)
-    return [f"from {ckpt}", "tokenizer: " + (f"{tok.kind}, {tok.vocab_size} tokens" if tok else "none")]
+    notes.append("tokenizer: " + (f"{tok.kind}, {tok.vocab_size} tokens" if tok else "none"))
+    if isinstance(tok, Tokenizer) and cfg.text_pool != "argmax":
+        notes.append(PAD_ZERO_NOTE.format(n=cfg.context_length))
+    return notes

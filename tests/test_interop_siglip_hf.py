@@ -1,0 +1,249 @@
+"""Hugging Face SiglipModel in (`python -m mlx_clip.convert --from hf`) and out (`mlx_clip.export
+--to hf`), and CLIPModel with a different MLP width per tower.
+
+Every model is a tiny random one built offline with sizes that are not powers of two (text width 40,
+vision width 48, 5 and 3 heads, MLPs 100 / 70, 32 px images in 6 px patches: a 2 px remainder), every
+tensor perturbed; the tokenizer is a SentencePiece model trained here (test_tokenizers_hf's `spiece`).
+Features are compared with transformers' own forward pass, token ids with its AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from test_interop import (
+    CAPTIONS,
+    assert_same_weights,
+    hf_clip,
+    inputs,
+    load_mlx,
+    mlx_features,
+    mlx_model,
+    perturb_torch,
+    save_hf,
+    save_mlx,
+    torch_features,
+)
+from test_tokenizers_hf import hf_ids, spiece  # noqa: F401  (spiece: a module-scoped fixture)
+
+from mlx_clip import convert, export
+from mlx_clip.interop.hf import hf_model_config
+from mlx_clip.interop.hf_siglip import siglip_config_json
+from mlx_clip.models.config import ModelConfig
+from mlx_clip.schema import ConfigError
+from mlx_clip.text.vocab import load_tokenizer, train_tokenizer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("sentencepiece")
+pytest.importorskip("google.protobuf")  # transformers' SiglipTokenizer
+
+ATOL = 1e-4
+
+
+def siglip_config(vocab_size: int, **vision) -> dict:
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=40,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=5,
+        max_position_embeddings=16,
+        projection_size=48,
+    )
+    vis = dict(
+        hidden_size=48,
+        intermediate_size=70,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        image_size=32,
+        patch_size=6,
+        **vision,
+    )
+    return dict(model_type="siglip", text_config=text, vision_config=vis)
+
+
+@pytest.fixture(scope="module")
+def hf_siglip(spiece, tmp_path_factory):  # noqa: F811
+    """A SiglipModel directory as save_pretrained writes it, with a SigLIP SentencePiece tokenizer."""
+    sp_dir, processor = spiece
+    config = siglip_config(processor.get_piece_size())
+    torch.manual_seed(3)
+    model = transformers.SiglipModel(
+        transformers.SiglipConfig(text_config=config["text_config"], vision_config=config["vision_config"])
+    )
+    model = perturb_torch(model, seed=3)
+    directory = tmp_path_factory.mktemp("siglip_hf") / "hf"
+    model.save_pretrained(directory)
+    for name in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(sp_dir / name, directory / name)
+    out = directory.parent / "mlx"
+    convert.main(["--from", "hf", str(directory), "--out", str(out)])
+    return model, directory, out
+
+
+def hf_features(model, images, ids):
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+        txt = model.get_text_features(input_ids=torch.from_numpy(ids).long())
+    return [getattr(x, "pooler_output", x).numpy() for x in (img, txt)]
+
+
+def check_features(model, directory, m, tok):
+    """Our features on our ids == transformers' on its AutoTokenizer's ids (which equal ours)."""
+    images, _ = inputs(m.config, seed=1)
+    ids = tok(CAPTIONS, m.config.context_length)
+    np.testing.assert_array_equal(ids, hf_ids(directory, CAPTIONS, m.config.context_length))
+    ours = mlx_features(m, images, ids)
+    theirs = hf_features(model, images, ids)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, atol=ATOL)
+
+
+def test_convert_siglip_features_match(hf_siglip):
+    model, directory, out = hf_siglip
+    m = load_mlx(out)
+    cfg = m.config
+    assert (cfg.vision_pool, cfg.patch_bias, cfg.vision_pre_norm, cfg.vision_proj) == (
+        "map",
+        True,
+        False,
+        False,
+    )
+    assert (cfg.text_causal, cfg.text_pool, cfg.text_proj) == (False, "last", "head")
+    assert (cfg.embed_dim, cfg.vision_mlp_dim, cfg.text_mlp_dim, cfg.mlp_ratio) == (48, 70, 100, 4.0)
+    assert (cfg.activation, cfg.layer_norm_eps, cfg.context_length) == ("gelu_tanh", 1e-6, 16)
+    assert m.logit_bias.item() == pytest.approx(model.logit_bias.item(), abs=0)
+    assert m.logit_scale.item() == pytest.approx(model.logit_scale.item(), abs=0)
+    tok = load_tokenizer(out)
+    assert (tok.kind, tok.clean, tok.context_length) == ("sentencepiece", "siglip", 16)
+    check_features(model, directory, m, tok)
+
+
+def test_export_siglip_round_trip(hf_siglip, tmp_path):
+    _, _, out = hf_siglip
+    export.main(["--checkpoint", str(out), "--to", "hf", "--out", str(tmp_path / "hf")])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("siglip", ["SiglipModel"])
+    hf, info = transformers.SiglipModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched key
+    m = load_mlx(out)
+    assert hf.logit_bias.item() == m.logit_bias.item()
+    check_features(hf.eval(), tmp_path / "hf", m, load_tokenizer(out))
+    convert.main(["--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
+    assert_same_weights(out, tmp_path / "back")  # MLX -> HF -> MLX, bit for bit
+    assert load_mlx(tmp_path / "back").config == m.config
+    ids = load_tokenizer(tmp_path / "back")(CAPTIONS)
+    np.testing.assert_array_equal(ids, load_tokenizer(out)(CAPTIONS))
+
+
+# A SigLIP-shaped mlx_clip model (trained here with a CLIP BPE, say)
+SIGLIP_SHAPED = dict(
+    embed_dim=48,
+    image_size=30,
+    patch_size=6,
+    vision_width=48,
+    vision_layers=2,
+    vision_heads=3,
+    vision_pool="map",
+    patch_bias=True,
+    vision_pre_norm=False,
+    vision_proj=False,
+    vision_mlp_dim=70,
+    context_length=12,
+    vocab_size=530,
+    text_width=40,
+    text_layers=1,
+    text_heads=5,
+    text_causal=False,
+    text_pool="last",
+    text_proj="head",
+    activation="gelu_tanh",
+    layer_norm_eps=1e-6,
+    init_logit_scale=math.log(10.0),
+    init_logit_bias=-10.0,
+)
+
+
+def test_export_siglip_shaped_model_with_clip_tokenizer(tmp_path, capsys):
+    tok = train_tokenizer(CAPTIONS * 4, 530)
+    m = mlx_model(SIGLIP_SHAPED, seed=5)
+    ckpt = save_mlx(m, tmp_path / "ckpt", tok)
+    export.main(["--checkpoint", str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf")])
+    assert "tok.pad_token_id = 0" in capsys.readouterr().out
+    hf, info = transformers.SiglipModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf_tok.pad_token_id = 0  # as the export's note says
+    ids = tok(CAPTIONS, 12)
+    theirs = hf_tok(CAPTIONS, padding="max_length", max_length=12, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(ids, np.array(theirs))
+    images, _ = inputs(m.config, seed=2)
+    for a, b in zip(mlx_features(m, images, ids), hf_features(hf.eval(), images, ids), strict=True):
+        np.testing.assert_allclose(a, b, atol=ATOL)
+
+
+def test_clip_with_per_tower_mlp_widths(tmp_path):
+    from test_interop import ODD
+
+    hf = hf_clip(ODD, 2, seed=7)  # widths 60 / 50, MLP ratio 3 ...
+    config = hf.config
+    config.vision_config.intermediate_size = 70  # ... then 70 in the vision tower: not 3x, not 4x
+    torch.manual_seed(7)
+    hf = perturb_torch(transformers.CLIPModel(config), seed=7)
+    save_hf(hf, tmp_path / "hf")
+    convert.main(["--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mlx")])
+    m = load_mlx(tmp_path / "mlx")
+    assert (m.config.vision_mlp_dim, m.config.text_mlp_dim, m.config.mlp_ratio) == (70, 150, 4.0)
+    images, tokens = inputs(m.config)
+    ours = mlx_features(m, images, tokens)
+    theirs = torch_features(hf.get_image_features, hf.get_text_features, images, tokens)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, atol=ATOL)
+    export.main(["--checkpoint", str(tmp_path / "mlx"), "--to", "hf", "--out", str(tmp_path / "out")])
+    back = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert back["architectures"] == ["CLIPModel"]
+    assert (back["vision_config"]["intermediate_size"], back["text_config"]["intermediate_size"]) == (70, 150)
+
+
+def test_refusals_name_the_field(tmp_path):
+    good = siglip_config(300)
+    assert hf_model_config(good).vision_pool == "map"
+
+    def refused(config, pattern):
+        with pytest.raises(ConfigError, match=pattern):
+            hf_model_config(config)
+
+    refused(dict(good, model_type="siglip2"), r"model_type='siglip2'.*NaFlex.*model_type 'siglip'")
+    refused(dict(good, model_type="blip"), r"model_type='blip'; mlx_clip reads 'clip'.*'siglip'")
+    for section, key, value, pattern in [
+        ("vision_config", "vision_use_head", False, r"vision_config.vision_use_head=False"),
+        ("vision_config", "num_channels", 1, r"vision_config.num_channels=1"),
+        ("text_config", "model_type", "xlm-roberta", r"text_config.model_type='xlm-roberta'"),
+        ("text_config", "projection_size", 40, r"text_config.projection_size=40 differs"),
+        ("text_config", "hidden_act", "gelu", r"text_config.hidden_act='gelu' differs"),
+        ("text_config", "hidden_act", "relu", r"text_config.hidden_act='relu'"),
+        ("vision_config", "layer_norm_eps", 1e-5, r"layer_norm_eps differs"),
+    ]:
+        bad = json.loads(json.dumps(good))
+        bad[section][key] = value
+        refused(bad, pattern)
+    # the config we write reads back as the same ModelConfig
+    cfg = ModelConfig.from_dict(dict(SIGLIP_SHAPED, image_size=32))
+    assert hf_model_config(siglip_config_json(cfg)) == cfg
+
+
+def test_export_refuses_what_neither_class_holds(tmp_path):
+    mixed = dict(SIGLIP_SHAPED, text_pool="argmax", text_causal=True)  # MAP pooling + CLIP's text
+    ckpt = save_mlx(mlx_model(mixed, seed=6), tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf")])
+    msg = str(e.value.code)
+    assert "neither transformers' CLIPModel nor SiglipModel" in msg
+    assert "vision_pool='map' (needs 'cls')" in msg and "text_pool='argmax' (needs 'last')" in msg
+    assert "--to torch_ref" in msg and "--to open_clip" in msg
+    assert not (tmp_path / "hf").exists()

@@ -32,7 +32,7 @@ from test_tokenizers_hf import hf_ids, spiece  # noqa: F401  (spiece: a module-s
 
 from mlx_clip import convert, export
 from mlx_clip.interop.hf import hf_model_config
-from mlx_clip.interop.hf_siglip import siglip_config_json
+from mlx_clip.interop.hf_config import siglip_config_json
 from mlx_clip.models.config import ModelConfig
 from mlx_clip.schema import ConfigError
 from mlx_clip.text.vocab import load_tokenizer, train_tokenizer

@@ -1,24 +1,30 @@
-"""Hugging Face transformers CLIP directories <-> mlx_clip checkpoints.
+"""Hugging Face transformers CLIPModel / SiglipModel directories <-> mlx_clip checkpoints.
 
-Import (`python -m mlx_clip.convert --from hf DIR --out OUT`): config.json (a `CLIPModel`
-config) -> ModelConfig; model.safetensors (or a sharded index, or pytorch_model.bin read with
-`torch.load(weights_only=True)`) -> canonical weights; vocab.json + merges.txt -> the tokenizer.
+Import (`python -m mlx_clip.convert --from hf DIR --out OUT`): config.json (model_type "clip" or
+"siglip") -> ModelConfig (hf_config.py); model.safetensors (or a sharded index, or pytorch_model.bin
+read with `torch.load(weights_only=True)`) -> canonical weights (layouts.py, layouts_siglip.py); the
+tokenizer: vocab.json + merges.txt (CLIP), or any tokenizer.json / spiece.model with its
+tokenizer_config.json settings (SigLIP: EOS appended, padded to 64).
 
-Export (`python -m mlx_clip.export --to hf`): config.json, model.safetensors, the tokenizer as
-vocab.json + merges.txt + tokenizer_config.json + special_tokens_map.json, and
-preprocessor_config.json, so that
+Export (`python -m mlx_clip.export --to hf`): config.json, model.safetensors, preprocessor_config.json
+and the tokenizer, as transformers' CLIPModel for a CLIP-shaped model and as SiglipModel for a
+SigLIP-shaped one (hf_config.hf_class; a model neither class holds is refused, naming the options),
+so that
 
-    model = transformers.CLIPModel.from_pretrained(OUT)
-    processor = transformers.AutoProcessor.from_pretrained(OUT)   # or CLIPTokenizerFast
+    model = transformers.AutoModel.from_pretrained(OUT)             # CLIPModel or SiglipModel
+    tokenizer = transformers.AutoTokenizer.from_pretrained(OUT)
 
-give our features and our token ids. One difference by design: HF pads with EOT where mlx_clip pads
-with 0. Features are unchanged: CLIP pools at the first EOT and attention is causal. (Padding with
-the id-0 token "!" instead would make HF split a real "!" as that special token.)
+give our features and our token ids. A checkpoint's own tokenizer (tokenizer.json or SentencePiece) is
+written back as it came. A CLIP BPE is written as vocab.json + merges.txt, and there is one
+difference by design: HF pads with EOT where mlx_clip pads with 0. CLIP's features are unchanged (it
+pools at the first EOT and attention is causal); a SigLIP-shaped model pools the last position, so
+the export says to set `tokenizer.pad_token_id = 0` (PAD_ZERO_NOTE). (Naming the id-0 token "!" the
+pad token instead would make HF split a real "!" as that special token.)
 
-The exported config keeps `text_config.eos_token_id = 2`, which selects HF's argmax pooling:
-exactly mlx_clip's. A model with SigLIP's `logit_bias` (trained with loss.type siglip) is refused
-with an error that says so: CLIPModel has no bias parameter, so its logits would not be ours; export
-such a model to open_clip or torch_ref. Key names and layouts change in convert.py only.
+The exported CLIPModel config keeps `text_config.eos_token_id = 2`, which selects HF's argmax
+pooling: exactly mlx_clip's. A CLIP-shaped model with SigLIP's `logit_bias` is refused with an error
+that says so: CLIPModel has no bias parameter, so its logits would not be ours; export such a model
+to open_clip or torch_ref. SiglipModel keeps logit_bias. Key names and layouts change in layouts*.py only.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..data.transforms import OPENAI_MEAN, OPENAI_STD
-from ..models.config import SIZE_LIMITS, ModelConfig
+from ..models.config import ModelConfig
 from ..schema import ConfigError
 from ..text.hf_tokenizer import HFTokenizer
 from ..text.tokenizer import (
@@ -50,31 +56,10 @@ from .files import (
     staged_output,
     write_checkpoint,
 )
-from .layouts import HF_ACTIVATIONS, WeightError, canonical_to_hf, hf_config_kwargs, hf_to_canonical
+from .hf_config import hf_class, hf_config_json, hf_model_config, siglip_config_json
+from .layouts import WeightError, canonical_to_hf, hf_to_canonical
+from .layouts_siglip import canonical_to_hf_siglip, hf_siglip_to_canonical
 
-# transformers' CLIPTextConfig / CLIPVisionConfig defaults (used when config.json omits a field).
-_TEXT_DEFAULTS = dict(
-    vocab_size=49408,
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=8,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    eos_token_id=49407,
-)
-_VISION_DEFAULTS = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_channels=3,
-    image_size=224,
-    patch_size=32,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -85,161 +70,6 @@ WEIGHT_FILES = (
 
 # ---------------------------------------------------------------------------
 # config.json <-> ModelConfig
-
-
-# ModelConfig's sizes in config.json: field, section ("" is the top level), key.
-_HF_SIZES = (
-    ("embed_dim", "", "projection_dim"),
-    ("image_size", "vision_config", "image_size"),
-    ("patch_size", "vision_config", "patch_size"),
-    ("vision_width", "vision_config", "hidden_size"),
-    ("vision_layers", "vision_config", "num_hidden_layers"),
-    ("vision_heads", "vision_config", "num_attention_heads"),
-    ("context_length", "text_config", "max_position_embeddings"),
-    ("vocab_size", "text_config", "vocab_size"),
-    ("text_width", "text_config", "hidden_size"),
-    ("text_layers", "text_config", "num_hidden_layers"),
-    ("text_heads", "text_config", "num_attention_heads"),
-)
-
-
-def _section(config: dict, key: str, where: str) -> dict:
-    """A tower's section of config.json (or its older `_dict` spelling); {} when absent."""
-    value = config.get(key) or config.get(f"{key}_dict") or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _size(value, name: str, limit: int, where: str) -> int:
-    """A size from config.json: a positive integer up to `limit` (image and patch sizes may be a
-    square pair), checked before any arithmetic or allocation uses it."""
-    if name.endswith(("image_size", "patch_size")) and isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ConfigError(f"{where}: {name}={value}: only square images and patches are supported")
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-        raise ConfigError(f"{where}: {name} must be an integer in [1, {limit}], got {value!r}")
-    return value
-
-
-def _hf_sizes(config: dict, text: dict, vision: dict, where: str, table=_HF_SIZES) -> dict:
-    """The ModelConfig sizes of a config.json (`table`: field, section, key), each checked under its key."""
-    sections = {"": {"projection_dim": 512, **config}, "text_config": text, "vision_config": vision}
-    sizes = {
-        field: _size(sections[section][key], f"{section}.{key}".lstrip("."), SIZE_LIMITS[field], where)
-        for field, section, key in table
-    }
-    for section in ("text_config", "vision_config"):  # divided by the width below, for the MLP ratio
-        limit = SIZE_LIMITS["vision_width"] * 64
-        _size(sections[section]["intermediate_size"], f"{section}.intermediate_size", limit, where)
-    return sizes
-
-
-def _towers(config: dict, defaults: tuple[dict, dict], kinds: tuple[str, str], where: str):
-    """(text, vision) sections with the class's defaults filled in; a tower of another model_type
-    (an XLM-R text model, say) is refused by name."""
-    towers = []
-    for key, default, kind in zip(("text_config", "vision_config"), defaults, kinds, strict=True):
-        section = _section(config, key, where)
-        got = section.get("model_type", kind)
-        if got != kind:
-            raise ConfigError(
-                f"{where}: {key}.model_type={got!r}; mlx_clip builds the {kind!r} tower of this "
-                "class only (another text or vision model is another architecture)"
-            )
-        towers.append({**default, **section})
-    return towers
-
-
-def _shared_settings(text: dict, vision: dict, where: str) -> dict:
-    """activation and layer_norm_eps (one for both towers in mlx_clip); RGB input."""
-    t, v = "text_config", "vision_config"
-    ours = {theirs: name for name, theirs in HF_ACTIVATIONS.items()}
-    for tower, c in ((t, text), (v, vision)):
-        if c["hidden_act"] not in ours:
-            raise ConfigError(
-                f"{where}: {tower}.hidden_act={c['hidden_act']!r}; mlx_clip supports "
-                + " and ".join(map(repr, ours))
-            )
-        eps = c["layer_norm_eps"]
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise ConfigError(f"{where}: {tower}.layer_norm_eps must be a number, got {eps!r}")
-    if text["hidden_act"] != vision["hidden_act"]:
-        raise ConfigError(
-            f"{where}: {t}.hidden_act={text['hidden_act']!r} differs from {v}.hidden_act="
-            f"{vision['hidden_act']!r}; mlx_clip uses one activation for both towers"
-        )
-    if text["layer_norm_eps"] != vision["layer_norm_eps"]:
-        raise ConfigError(f"{where}: {t}.layer_norm_eps differs from {v}.layer_norm_eps; mlx_clip uses one")
-    if vision["num_channels"] != 3:
-        raise ConfigError(f"{where}: {v}.num_channels={vision['num_channels']}; only RGB (3) is supported")
-    return {"activation": ours[text["hidden_act"]], "layer_norm_eps": float(text["layer_norm_eps"])}
-
-
-def _mlp_fields(text: dict, vision: dict, shared_ratio: bool) -> dict:
-    """The towers' MLP widths as ModelConfig fields: one mlp_ratio where both towers share it
-    (shared_ratio, CLIP's imports as before), else mlp_ratio 4 and a {tower}_mlp_dim for each tower
-    whose intermediate_size is not 4x its width."""
-    ratio = text["intermediate_size"] / text["hidden_size"]
-    if shared_ratio and all(int(c["hidden_size"] * ratio) == c["intermediate_size"] for c in (text, vision)):
-        return {"mlp_ratio": ratio}
-    dims = {
-        f"{tower}_mlp_dim": c["intermediate_size"]
-        for tower, c in (("vision", vision), ("text", text))
-        if int(c["hidden_size"] * 4.0) != c["intermediate_size"]
-    }
-    return {"mlp_ratio": 4.0, **dims}
-
-
-def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
-    """A transformers CLIPModel or SiglipModel config (the parsed config.json) -> ModelConfig; a
-    variant our model cannot express, or a value out of range, is an error that names the field."""
-    if not isinstance(config, dict):
-        raise ConfigError(
-            f"{where}: expected a JSON object (a CLIPModel or SiglipModel config), "
-            f"got {type(config).__name__}"
-        )
-    if config.get("model_type") in ("siglip", "siglip2"):
-        from .hf_siglip import siglip_model_config  # noqa: PLC0415  (it builds on the readers above)
-
-        return siglip_model_config(config, where)
-    if config.get("model_type") != "clip":
-        raise ConfigError(
-            f"{where}: model_type={config.get('model_type')!r}; mlx_clip reads 'clip' (a CLIPModel) "
-            "and 'siglip' (a SiglipModel)"
-        )
-    kinds = ("clip_text_model", "clip_vision_model")
-    text, vision = _towers(config, (_TEXT_DEFAULTS, _VISION_DEFAULTS), kinds, where)
-    sizes = _hf_sizes(config, text, vision, where)
-    shared = _shared_settings(text, vision, where)
-    # Pooling: eos_token_id 2 is HF's legacy argmax (ours); otherwise HF pools at the first
-    # eos_token_id, which is the argmax only when EOT is the largest id.
-    eos = text["eos_token_id"]
-    if eos not in (2, text["vocab_size"] - 1):
-        raise ConfigError(
-            f"{where}: text_config.eos_token_id={eos}: mlx_clip pools text at argmax(token id), which "
-            f"equals HF's pooling only for eos_token_id 2 (legacy argmax) or {text['vocab_size'] - 1} "
-            "(EOT = largest id)"
-        )
-    cfg = ModelConfig(**sizes, **_mlp_fields(text, vision, shared_ratio=True), **shared)
-    cfg.validate(f"{where}: model")  # what needs the whole architecture: divisibility, the parameter count
-    return cfg
-
-
-def hf_config_json(cfg: ModelConfig) -> dict:
-    """ModelConfig -> a config.json that transformers.CLIPModel.from_pretrained reads."""
-    kw = hf_config_kwargs(cfg)
-    return {
-        "architectures": ["CLIPModel"],
-        "model_type": "clip",
-        "projection_dim": kw["projection_dim"],
-        "logit_scale_init_value": 2.6592,
-        "initializer_factor": 1.0,
-        "dtype": "float32",
-        "text_config": {"model_type": "clip_text_model", **kw["text_config"]},
-        "vision_config": {"model_type": "clip_vision_model", **kw["vision_config"]},
-    }
 
 
 def preprocessor_config(image_size: int) -> dict:
@@ -376,8 +206,6 @@ def _read_config(src: Path) -> dict:
 def import_hf(src: str | Path, out: str | Path, force: bool = False) -> list[str]:
     """A Hugging Face CLIPModel or SiglipModel directory -> an mlx_clip checkpoint directory.
     Returns notes to print."""
-    from .layouts_siglip import hf_siglip_to_canonical  # noqa: PLC0415  (hf_siglip imports this module)
-
     src = Path(src)
     config = _read_config(src)
     cfg = hf_model_config(config, str(src / "config.json"))
@@ -405,10 +233,7 @@ PAD_ZERO_NOTE = (
 
 def export_hf(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
     """An mlx_clip checkpoint -> a directory that transformers' CLIPModel or SiglipModel (whichever
-    has this model's towers: hf_siglip.hf_class) and AutoTokenizer load."""
-    from .hf_siglip import hf_class, siglip_config_json  # noqa: PLC0415  (it imports this module)
-    from .layouts_siglip import canonical_to_hf_siglip  # noqa: PLC0415
-
+    has this model's towers: hf_config.hf_class) and AutoTokenizer load."""
     ckpt, cfg, state, tok = read_checkpoint(checkpoint)
     arch = hf_class(cfg)
     if arch == "SiglipModel":

@@ -49,7 +49,7 @@ _SCALARS = ("logit_scale", BIAS_KEY)  # (1,) in SiglipModel, () in the canonical
 
 
 def canonical_to_hf_siglip(state: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
-    """Canonical weights of a SigLIP-shaped model (hf_siglip.siglip_misfits(cfg) is empty) -> a
+    """Canonical weights of a SigLIP-shaped model (hf_config.hf_class(cfg) is "SiglipModel") -> a
     transformers SiglipModel state dict (same array type); nothing is dropped."""
     for key in _SCALARS:
         if key not in state:

@@ -1,0 +1,355 @@
+"""Hugging Face config.json <-> ModelConfig, for transformers' CLIPModel and SiglipModel, and which
+of the two classes can hold a given ModelConfig (hf_class).
+
+CLIPModel (model_type "clip") is ModelConfig's defaults: class token, ln_pre, causal text pooled at
+the EOT token, projections without bias; each tower's intermediate_size is its MLP width (one
+mlp_ratio where both towers share it, else vision_mlp_dim / text_mlp_dim).
+
+SiglipModel (model_type "siglip") is, in ModelConfig's terms: no class token and attention pooling
+(vision_pool "map"), a patch-embedding bias, no ln_pre, no vision projection (the pooled feature is
+the embedding, so embed_dim = vision_config.hidden_size), a bidirectional text tower pooled at the
+last position and ended by a Linear head with bias (text_config.projection_size outputs), and a
+learnable logit_bias. Google's SigLIP checkpoints and the fixed-resolution SigLIP 2 ones saved as
+model_type "siglip" import; "siglip2" (NaFlex) is refused with the reason.
+
+Anything our model cannot express (another tower model_type, vision_use_head false, one activation or
+layer_norm_eps per tower, num_channels != 3, ...) is an error that names the field. The weights' keys
+are layouts.py's (CLIPModel) and layouts_siglip.py's (SiglipModel).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..models.config import SIZE_LIMITS, ModelConfig
+from ..schema import ConfigError
+from .layouts import HF_ACTIVATIONS, hf_config_kwargs
+
+# transformers' CLIPTextConfig / CLIPVisionConfig defaults (used when config.json omits a field).
+_TEXT_DEFAULTS = dict(
+    vocab_size=49408,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    eos_token_id=49407,
+)
+_VISION_DEFAULTS = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_channels=3,
+    image_size=224,
+    patch_size=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+# transformers' SiglipTextConfig / SiglipVisionConfig defaults (used when config.json omits a field).
+_TEXT_DEFAULTS = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=64,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    projection_size=None,  # None: hidden_size
+)
+_VISION_DEFAULTS = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_channels=3,
+    image_size=224,
+    patch_size=16,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    vision_use_head=True,
+)
+_KINDS = ("siglip_text_model", "siglip_vision_model")
+
+# ModelConfig's sizes in config.json: field, section ("" is the top level), key.
+_HF_SIZES = (
+    ("embed_dim", "", "projection_dim"),
+    ("image_size", "vision_config", "image_size"),
+    ("patch_size", "vision_config", "patch_size"),
+    ("vision_width", "vision_config", "hidden_size"),
+    ("vision_layers", "vision_config", "num_hidden_layers"),
+    ("vision_heads", "vision_config", "num_attention_heads"),
+    ("context_length", "text_config", "max_position_embeddings"),
+    ("vocab_size", "text_config", "vocab_size"),
+    ("text_width", "text_config", "hidden_size"),
+    ("text_layers", "text_config", "num_hidden_layers"),
+    ("text_heads", "text_config", "num_attention_heads"),
+)
+
+
+def _section(config: dict, key: str, where: str) -> dict:
+    """A tower's section of config.json (or its older `_dict` spelling); {} when absent."""
+    value = config.get(key) or config.get(f"{key}_dict") or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _size(value, name: str, limit: int, where: str) -> int:
+    """A size from config.json: a positive integer up to `limit` (image and patch sizes may be a
+    square pair), checked before any arithmetic or allocation uses it."""
+    if name.endswith(("image_size", "patch_size")) and isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"{where}: {name}={value}: only square images and patches are supported")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ConfigError(f"{where}: {name} must be an integer in [1, {limit}], got {value!r}")
+    return value
+
+
+def _hf_sizes(config: dict, text: dict, vision: dict, where: str, table=_HF_SIZES) -> dict:
+    """The ModelConfig sizes of a config.json (`table`: field, section, key), each checked under its key."""
+    sections = {"": {"projection_dim": 512, **config}, "text_config": text, "vision_config": vision}
+    sizes = {
+        field: _size(sections[section][key], f"{section}.{key}".lstrip("."), SIZE_LIMITS[field], where)
+        for field, section, key in table
+    }
+    for section in ("text_config", "vision_config"):  # divided by the width below, for the MLP ratio
+        limit = SIZE_LIMITS["vision_width"] * 64
+        _size(sections[section]["intermediate_size"], f"{section}.intermediate_size", limit, where)
+    return sizes
+
+
+def _towers(config: dict, defaults: tuple[dict, dict], kinds: tuple[str, str], where: str):
+    """(text, vision) sections with the class's defaults filled in; a tower of another model_type
+    (an XLM-R text model, say) is refused by name."""
+    towers = []
+    for key, default, kind in zip(("text_config", "vision_config"), defaults, kinds, strict=True):
+        section = _section(config, key, where)
+        got = section.get("model_type", kind)
+        if got != kind:
+            raise ConfigError(
+                f"{where}: {key}.model_type={got!r}; mlx_clip builds the {kind!r} tower of this "
+                "class only (another text or vision model is another architecture)"
+            )
+        towers.append({**default, **section})
+    return towers
+
+
+def _shared_settings(text: dict, vision: dict, where: str) -> dict:
+    """activation and layer_norm_eps (one for both towers in mlx_clip); RGB input."""
+    t, v = "text_config", "vision_config"
+    ours = {theirs: name for name, theirs in HF_ACTIVATIONS.items()}
+    for tower, c in ((t, text), (v, vision)):
+        if c["hidden_act"] not in ours:
+            raise ConfigError(
+                f"{where}: {tower}.hidden_act={c['hidden_act']!r}; mlx_clip supports "
+                + " and ".join(map(repr, ours))
+            )
+        eps = c["layer_norm_eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ConfigError(f"{where}: {tower}.layer_norm_eps must be a number, got {eps!r}")
+    if text["hidden_act"] != vision["hidden_act"]:
+        raise ConfigError(
+            f"{where}: {t}.hidden_act={text['hidden_act']!r} differs from {v}.hidden_act="
+            f"{vision['hidden_act']!r}; mlx_clip uses one activation for both towers"
+        )
+    if text["layer_norm_eps"] != vision["layer_norm_eps"]:
+        raise ConfigError(f"{where}: {t}.layer_norm_eps differs from {v}.layer_norm_eps; mlx_clip uses one")
+    if vision["num_channels"] != 3:
+        raise ConfigError(f"{where}: {v}.num_channels={vision['num_channels']}; only RGB (3) is supported")
+    return {"activation": ours[text["hidden_act"]], "layer_norm_eps": float(text["layer_norm_eps"])}
+
+
+def _mlp_fields(text: dict, vision: dict, shared_ratio: bool) -> dict:
+    """The towers' MLP widths as ModelConfig fields: one mlp_ratio where both towers share it
+    (shared_ratio, CLIP's imports as before), else mlp_ratio 4 and a {tower}_mlp_dim for each tower
+    whose intermediate_size is not 4x its width."""
+    ratio = text["intermediate_size"] / text["hidden_size"]
+    if shared_ratio and all(int(c["hidden_size"] * ratio) == c["intermediate_size"] for c in (text, vision)):
+        return {"mlp_ratio": ratio}
+    dims = {
+        f"{tower}_mlp_dim": c["intermediate_size"]
+        for tower, c in (("vision", vision), ("text", text))
+        if int(c["hidden_size"] * 4.0) != c["intermediate_size"]
+    }
+    return {"mlp_ratio": 4.0, **dims}
+
+
+def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
+    """A transformers CLIPModel or SiglipModel config (the parsed config.json) -> ModelConfig; a
+    variant our model cannot express, or a value out of range, is an error that names the field."""
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"{where}: expected a JSON object (a CLIPModel or SiglipModel config), "
+            f"got {type(config).__name__}"
+        )
+    if config.get("model_type") in ("siglip", "siglip2"):
+        return _siglip_model_config(config, where)
+    if config.get("model_type") != "clip":
+        raise ConfigError(
+            f"{where}: model_type={config.get('model_type')!r}; mlx_clip reads 'clip' (a CLIPModel) "
+            "and 'siglip' (a SiglipModel)"
+        )
+    kinds = ("clip_text_model", "clip_vision_model")
+    text, vision = _towers(config, (_TEXT_DEFAULTS, _VISION_DEFAULTS), kinds, where)
+    sizes = _hf_sizes(config, text, vision, where)
+    shared = _shared_settings(text, vision, where)
+    # Pooling: eos_token_id 2 is HF's legacy argmax (ours); otherwise HF pools at the first
+    # eos_token_id, which is the argmax only when EOT is the largest id.
+    eos = text["eos_token_id"]
+    if eos not in (2, text["vocab_size"] - 1):
+        raise ConfigError(
+            f"{where}: text_config.eos_token_id={eos}: mlx_clip pools text at argmax(token id), which "
+            f"equals HF's pooling only for eos_token_id 2 (legacy argmax) or {text['vocab_size'] - 1} "
+            "(EOT = largest id)"
+        )
+    cfg = ModelConfig(**sizes, **_mlp_fields(text, vision, shared_ratio=True), **shared)
+    cfg.validate(f"{where}: model")  # what needs the whole architecture: divisibility, the parameter count
+    return cfg
+
+
+def hf_config_json(cfg: ModelConfig) -> dict:
+    """ModelConfig -> a config.json that transformers.CLIPModel.from_pretrained reads."""
+    kw = hf_config_kwargs(cfg)
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": kw["projection_dim"],
+        "logit_scale_init_value": 2.6592,
+        "initializer_factor": 1.0,
+        "dtype": "float32",
+        "text_config": {"model_type": "clip_text_model", **kw["text_config"]},
+        "vision_config": {"model_type": "clip_vision_model", **kw["vision_config"]},
+    }
+
+
+# The ModelConfig options each transformers class builds (its towers' fixed shape).
+CLIP_SHAPE = dict(
+    vision_pool="cls",
+    patch_bias=False,
+    vision_pre_norm=True,
+    vision_proj=True,
+    text_causal=True,
+    text_pool="argmax",
+    text_proj="proj",
+)
+SIGLIP_SHAPE = dict(
+    vision_pool="map",
+    patch_bias=True,
+    vision_pre_norm=False,
+    vision_proj=False,
+    text_causal=False,
+    text_pool="last",
+    text_proj="head",
+)
+# SigLIP's initial temperature and bias (the paper's log 10 and -10); the weights carry the trained values.
+SIGLIP_INIT = dict(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+
+SIGLIP2_REFUSED = (
+    "{where}: model_type='siglip2' is transformers' Siglip2Model (NaFlex): its patch embedding is a "
+    "Linear on flattened patches of any aspect ratio, and its position embeddings are resized to each "
+    "image's patch grid at run time; mlx_clip's ViT has a fixed resolution (a conv patch embedding and "
+    "one position grid), so these weights do not map. Use a fixed-resolution SigLIP 2 checkpoint: "
+    "open_clip's / timm's (e.g. ViT-B-16-SigLIP2-256: python -m mlx_clip.convert --from open_clip) or "
+    "a Hugging Face directory saved with model_type 'siglip' (SiglipModel)"
+)
+
+
+def _siglip_model_config(config: dict, where: str) -> ModelConfig:
+    """A transformers SiglipModel config.json -> ModelConfig; what our model cannot express is an
+    error that names the field."""
+    if config.get("model_type") == "siglip2":
+        raise ConfigError(SIGLIP2_REFUSED.format(where=where))
+    text, vision = _towers(config, (_TEXT_DEFAULTS, _VISION_DEFAULTS), _KINDS, where)
+    if vision["vision_use_head"] is not True:
+        raise ConfigError(
+            f"{where}: vision_config.vision_use_head={vision['vision_use_head']!r}: without its "
+            "attention-pooling head the vision tower has no pooled feature; mlx_clip's SigLIP pools "
+            "with it (vision_pool 'map')"
+        )
+    sizes = _hf_sizes(config, text, vision, where, table=_HF_SIZES[1:])  # no projection_dim
+    width = sizes["vision_width"]
+    out = text["projection_size"] if text["projection_size"] is not None else text["hidden_size"]
+    if _size(out, "text_config.projection_size", SIZE_LIMITS["embed_dim"], where) != width:
+        raise ConfigError(
+            f"{where}: text_config.projection_size={out} differs from vision_config.hidden_size={width}: "
+            "SiglipModel compares the text head's output with the pooled image feature, one size"
+        )
+    cfg = ModelConfig(
+        embed_dim=width,
+        **sizes,
+        **SIGLIP_SHAPE,
+        **_mlp_fields(text, vision, shared_ratio=False),
+        **_shared_settings(text, vision, where),
+        **SIGLIP_INIT,
+    )
+    cfg.validate(f"{where}: model")
+    return cfg
+
+
+def siglip_config_json(cfg: ModelConfig) -> dict:
+    """A SigLIP-shaped ModelConfig -> a config.json that transformers.SiglipModel.from_pretrained reads."""
+    act = HF_ACTIVATIONS[cfg.activation]
+    text = dict(
+        model_type=_KINDS[0],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.text_width,
+        intermediate_size=cfg.mlp_hidden("text"),
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.context_length,
+        hidden_act=act,
+        layer_norm_eps=cfg.layer_norm_eps,
+        projection_size=cfg.embed_dim,
+        # the model reads no token id (it pools the last position): the tokenizer files hold them
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    vision = dict(
+        model_type=_KINDS[1],
+        hidden_size=cfg.vision_width,
+        intermediate_size=cfg.mlp_hidden("vision"),
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        num_channels=3,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_act=act,
+        layer_norm_eps=cfg.layer_norm_eps,
+        vision_use_head=True,
+    )
+    return {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "initializer_factor": 1.0,
+        "dtype": "float32",
+        "text_config": text,
+        "vision_config": vision,
+    }
+
+
+def _misfits(cfg: ModelConfig, shape: dict) -> list[str]:
+    return [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in shape.items() if getattr(cfg, k) != v]
+
+
+def hf_class(cfg: ModelConfig) -> str:
+    """ "CLIPModel" or "SiglipModel": the transformers class whose towers are this model's. A CLIP-
+    shaped model with a logit_bias is "CLIPModel" (layouts.canonical_to_hf refuses it, saying why).
+    A model neither can hold is a ConfigError naming the options that do not fit each."""
+    clip, siglip = _misfits(cfg, CLIP_SHAPE), _misfits(cfg, SIGLIP_SHAPE)
+    if not clip:
+        return "CLIPModel"
+    if cfg.init_logit_bias is None:
+        siglip.append("init_logit_bias=None (needs a logit_bias: SiglipModel has one)")
+    if not siglip:
+        return "SiglipModel"
+    raise ConfigError(
+        "--to hf: neither transformers' CLIPModel nor SiglipModel has this model's towers. For CLIPModel, "
+        f"{', '.join(clip)}; for SiglipModel, {', '.join(siglip)}. Export with --to torch_ref (any "
+        "mlx_clip model) or --to open_clip instead"
+    )

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from test_interop import (
     CAPTIONS,
+    ODD,
     assert_same_weights,
     hf_clip,
     inputs,
@@ -28,7 +29,7 @@ from test_interop import (
     save_mlx,
     torch_features,
 )
-from test_tokenizers_hf import hf_ids, spiece  # noqa: F401  (spiece: a module-scoped fixture)
+from test_tokenizers_hf import hf_ids, spiece, t5_like  # noqa: F401  (spiece: a module-scoped fixture)
 
 from mlx_clip import convert, export
 from mlx_clip.interop.hf import hf_model_config
@@ -67,20 +68,26 @@ def siglip_config(vocab_size: int, **vision) -> dict:
     return dict(model_type="siglip", text_config=text, vision_config=vis)
 
 
-@pytest.fixture(scope="module")
-def hf_siglip(spiece, tmp_path_factory):  # noqa: F811
-    """A SiglipModel directory as save_pretrained writes it, with a SigLIP SentencePiece tokenizer."""
-    sp_dir, processor = spiece
-    config = siglip_config(processor.get_piece_size())
-    torch.manual_seed(3)
+def save_siglip(directory, tokenizer_dir, vocab_size: int, seed: int):
+    """A random SiglipModel saved as save_pretrained writes it, beside the tokenizer files."""
+    config = siglip_config(vocab_size)
+    torch.manual_seed(seed)
     model = transformers.SiglipModel(
         transformers.SiglipConfig(text_config=config["text_config"], vision_config=config["vision_config"])
     )
-    model = perturb_torch(model, seed=3)
-    directory = tmp_path_factory.mktemp("siglip_hf") / "hf"
+    model = perturb_torch(model, seed=seed)
     model.save_pretrained(directory)
-    for name in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(sp_dir / name, directory / name)
+    for path in tokenizer_dir.iterdir():
+        shutil.copyfile(path, directory / path.name)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_siglip(spiece, tmp_path_factory):  # noqa: F811
+    """A SiglipModel directory with a SigLIP SentencePiece tokenizer, and its conversion."""
+    sp_dir, processor = spiece
+    directory = tmp_path_factory.mktemp("siglip_hf") / "hf"
+    model = save_siglip(directory, sp_dir, processor.get_piece_size(), seed=3)
     out = directory.parent / "mlx"
     convert.main(["--from", "hf", str(directory), "--out", str(out)])
     return model, directory, out
@@ -141,6 +148,20 @@ def test_export_siglip_round_trip(hf_siglip, tmp_path):
     np.testing.assert_array_equal(ids, load_tokenizer(out)(CAPTIONS))
 
 
+def test_siglip_with_a_tokenizer_json(tmp_path):
+    """A tokenizer.json (T5-style Unigram, EOS appended) comes in and goes back out as itself."""
+    tok_dir = t5_like(tmp_path / "t5")
+    vocab = load_tokenizer(tok_dir).vocab_size
+    model = save_siglip(tmp_path / "hf", tok_dir, vocab, seed=4)
+    convert.main(["--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mlx")])
+    tok = load_tokenizer(tmp_path / "mlx")
+    assert (tok.kind, tok.context_length) == ("hf", 16)
+    check_features(model, tmp_path / "hf", load_mlx(tmp_path / "mlx"), tok)
+    export.main(["--checkpoint", str(tmp_path / "mlx"), "--to", "hf", "--out", str(tmp_path / "out")])
+    ids = hf_ids(tmp_path / "out", CAPTIONS, 16)
+    np.testing.assert_array_equal(ids, tok(CAPTIONS))
+
+
 # A SigLIP-shaped mlx_clip model (trained here with a CLIP BPE, say)
 SIGLIP_SHAPED = dict(
     embed_dim=48,
@@ -188,8 +209,6 @@ def test_export_siglip_shaped_model_with_clip_tokenizer(tmp_path, capsys):
 
 
 def test_clip_with_per_tower_mlp_widths(tmp_path):
-    from test_interop import ODD
-
     hf = hf_clip(ODD, 2, seed=7)  # widths 60 / 50, MLP ratio 3 ...
     config = hf.config
     config.vision_config.intermediate_size = 70  # ... then 70 in the vision tower: not 3x, not 4x
@@ -247,3 +266,46 @@ def test_export_refuses_what_neither_class_holds(tmp_path):
     assert "vision_pool='map' (needs 'cls')" in msg and "text_pool='argmax' (needs 'last')" in msg
     assert "--to torch_ref" in msg and "--to open_clip" in msg
     assert not (tmp_path / "hf").exists()
+
+
+def test_published_shapes_map_to_the_named_configs():
+    """transformers' own SiglipConfig for SigLIP B/16 (its defaults) and SO400M/14 (MLP 4304, not 4x)
+    reads as configs/models/siglip_*.yaml, so a converted checkpoint is named after them; an mlx_clip
+    gelu_tanh model goes out as HF's gelu_pytorch_tanh and back."""
+    from mlx_clip.interop.hf import hf_config_json
+    from mlx_clip.models.config import model_config
+
+    assert hf_model_config(transformers.SiglipConfig().to_dict()) == model_config("siglip_b16_224")
+    so400m = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27)
+    config = transformers.SiglipConfig(
+        text_config=dict(so400m, projection_size=1152),
+        vision_config=dict(so400m, image_size=384, patch_size=14),
+    )
+    assert hf_model_config(config.to_dict()) == model_config("siglip_so400m14_384")
+    cfg = ModelConfig.from_dict(dict(ODD, activation="gelu_tanh"))
+    assert hf_config_json(cfg)["text_config"]["hidden_act"] == "gelu_pytorch_tanh"
+    assert hf_model_config(hf_config_json(cfg)) == cfg
+
+
+def test_siglip_keys_are_checked_by_name(hf_siglip, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, directory, _ = hf_siglip
+    state = load_file(directory / "model.safetensors")
+    for change, pattern in [
+        (lambda s: s.pop("vision_model.head.attention.in_proj_weight"), r"missing key 'vision_model\.head"),
+        (
+            lambda s: s.update({"vision_model.extra.weight": s["logit_bias"]}),
+            r"unexpected key 'vision_model\.extra",
+        ),
+        (lambda s: s.update({"logit_bias": s["logit_bias"].repeat(2)}), r"key 'logit_bias' has shape \(2,\)"),
+    ]:
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(directory, bad)
+        broken = dict(state)
+        change(broken)
+        save_file(broken, str(bad / "model.safetensors"))
+        with pytest.raises(SystemExit, match=pattern):
+            convert.main(["--from", "hf", str(bad), "--out", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()

@@ -29,7 +29,7 @@ from test_interop import (
     save_mlx,
     torch_features,
 )
-from test_tokenizers_hf import hf_ids, spiece, t5_like  # noqa: F401  (spiece: a module-scoped fixture)
+from test_tokenizers_hf import gemma_like, hf_ids, spiece, t5_like  # noqa: F401  (spiece: a module-scoped fixture)
 
 from mlx_clip import convert, export
 from mlx_clip.interop.hf import hf_model_config
@@ -162,6 +162,50 @@ def test_siglip_with_a_tokenizer_json(tmp_path):
     np.testing.assert_array_equal(ids, tok(CAPTIONS))
 
 
+def test_siglip2_naflex_at_its_grid(tmp_path, capsys):
+    """A Siglip2Model (NaFlex: Linear patch embedding, position grid resized per image) imports for its
+    grid's fixed resolution, where its features on a square image are ours; it exports as SiglipModel."""
+    tok_dir = gemma_like(tmp_path / "gemma", "Siglip2Tokenizer")
+    config = siglip_config(load_tokenizer(tok_dir).vocab_size)
+    vision = {k: v for k, v in config["vision_config"].items() if k != "image_size"}
+    torch.manual_seed(8)
+    hf = transformers.Siglip2Model(
+        transformers.Siglip2Config(
+            text_config=config["text_config"], vision_config=dict(vision, num_patches=25)
+        )
+    )
+    hf = perturb_torch(hf, seed=8)
+    hf.save_pretrained(tmp_path / "hf")
+    for path in tok_dir.iterdir():
+        shutil.copyfile(path, tmp_path / "hf" / path.name)
+    convert.main(["--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mlx")])
+    assert "siglip2 (NaFlex): imported for the fixed resolution of its position grid, 30 x 30 px" in (
+        capsys.readouterr().out
+    )
+    m = load_mlx(tmp_path / "mlx")
+    assert (m.config.image_size, m.config.patch_size, m.config.vision_pool) == (30, 6, "map")
+    images, _ = inputs(m.config, seed=3)
+    tok = load_tokenizer(tmp_path / "mlx")
+    ids = tok(CAPTIONS, 16)
+    np.testing.assert_array_equal(ids, hf_ids(tmp_path / "hf", CAPTIONS, 16))
+    B = len(images)  # NaFlex input: (row, column, channel)-flattened patches, their mask and grid
+    patches = images.reshape(B, 5, 6, 5, 6, 3).transpose(0, 1, 3, 2, 4, 5).reshape(B, 25, 108)
+    with torch.no_grad():
+        img = hf.get_image_features(
+            pixel_values=torch.from_numpy(patches),
+            pixel_attention_mask=torch.ones(B, 25, dtype=torch.long),
+            spatial_shapes=torch.tensor([[5, 5]] * B),
+        )
+        txt = hf.get_text_features(input_ids=torch.from_numpy(ids).long())
+    theirs = [getattr(x, "pooler_output", x).numpy() for x in (img, txt)]
+    for a, b in zip(mlx_features(m, images, ids), theirs, strict=True):
+        np.testing.assert_allclose(a, b, atol=ATOL)
+    export.main(["--checkpoint", str(tmp_path / "mlx"), "--to", "hf", "--out", str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "siglip"
+    convert.main(["--from", "hf", str(tmp_path / "out"), "--out", str(tmp_path / "back")])
+    assert_same_weights(tmp_path / "mlx", tmp_path / "back")
+
+
 # A SigLIP-shaped mlx_clip model (trained here with a CLIP BPE, say)
 SIGLIP_SHAPED = dict(
     embed_dim=48,
@@ -237,7 +281,11 @@ def test_refusals_name_the_field(tmp_path):
         with pytest.raises(ConfigError, match=pattern):
             hf_model_config(config)
 
-    refused(dict(good, model_type="siglip2"), r"model_type='siglip2'.*NaFlex.*model_type 'siglip'")
+    naflex = json.loads(json.dumps(dict(good, model_type="siglip2")))
+    del naflex["vision_config"]["image_size"]
+    naflex["vision_config"]["num_patches"] = 24
+    refused(naflex, r"vision_config.num_patches=24 is not a square grid")
+    refused(dict(good, model_type="siglip2"), r"vision_config.image_size: a siglip2 \(NaFlex\) config has")
     refused(dict(good, model_type="blip"), r"model_type='blip'; mlx_clip reads 'clip'.*'siglip'")
     for section, key, value, pattern in [
         ("vision_config", "vision_use_head", False, r"vision_config.vision_use_head=False"),

@@ -1,10 +1,11 @@
 """Hugging Face transformers CLIPModel / SiglipModel directories <-> mlx_clip checkpoints.
 
-Import (`python -m mlx_clip.convert --from hf DIR --out OUT`): config.json (model_type "clip" or
-"siglip") -> ModelConfig (hf_config.py); model.safetensors (or a sharded index, or pytorch_model.bin
-read with `torch.load(weights_only=True)`) -> canonical weights (layouts.py, layouts_siglip.py); the
-tokenizer: vocab.json + merges.txt (CLIP), or any tokenizer.json / spiece.model with its
-tokenizer_config.json settings (SigLIP: EOS appended, padded to 64).
+Import (`python -m mlx_clip.convert --from hf DIR --out OUT`): config.json (model_type "clip",
+"siglip", or "siglip2" for use at its grid's fixed resolution) -> ModelConfig (hf_config.py);
+model.safetensors (or a sharded index, or pytorch_model.bin read with `torch.load(weights_only=True)`)
+-> canonical weights (layouts.py, layouts_siglip.py); the tokenizer: vocab.json + merges.txt (CLIP),
+or any tokenizer.json / spiece.model with its tokenizer_config.json settings (SigLIP: EOS appended,
+padded to 64).
 
 Export (`python -m mlx_clip.export --to hf`): config.json, model.safetensors, preprocessor_config.json
 and the tokenizer, as transformers' CLIPModel for a CLIP-shaped model and as SiglipModel for a
@@ -56,7 +57,7 @@ from .files import (
     staged_output,
     write_checkpoint,
 )
-from .hf_config import hf_class, hf_config_json, hf_model_config, siglip_config_json
+from .hf_config import NAFLEX_NOTE, hf_class, hf_config_json, hf_model_config, siglip_config_json
 from .layouts import WeightError, canonical_to_hf, hf_to_canonical
 from .layouts_siglip import canonical_to_hf_siglip, hf_siglip_to_canonical
 
@@ -209,16 +210,20 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False) -> list[str
     src = Path(src)
     config = _read_config(src)
     cfg = hf_model_config(config, str(src / "config.json"))
-    to_canonical = hf_siglip_to_canonical if config.get("model_type") == "siglip" else hf_to_canonical
+    model_type = config["model_type"]
     hf_state, path = _hf_weights(src)
     try:
-        state = to_canonical(hf_state, cfg, concat=np.concatenate)
+        if model_type == "clip":
+            state = hf_to_canonical(hf_state, cfg, concat=np.concatenate)
+        else:
+            state = hf_siglip_to_canonical(hf_state, cfg, np.concatenate, naflex=model_type == "siglip2")
     except WeightError as e:
         raise WeightError(f"{path}: {e}") from None
     tok = read_hf_tokenizer(src, cfg)
     write_checkpoint(out, cfg, state, tok, str(path), force)
     kind = f"{tok.kind}, {tok.vocab_size} tokens" if tok else "none in the source"
-    return [f"read {path} ({config['model_type']})", f"tokenizer: {kind}"]
+    notes = [f"read {path} ({model_type})", f"tokenizer: {kind}"]
+    return notes + ([NAFLEX_NOTE.format(size=cfg.image_size)] if model_type == "siglip2" else [])
 
 
 # A CLIP BPE tokenizer pads with id 0, and transformers' CLIPTokenizer with EOT: a model pooled at

@@ -9,8 +9,12 @@ SiglipModel (model_type "siglip") is, in ModelConfig's terms: no class token and
 (vision_pool "map"), a patch-embedding bias, no ln_pre, no vision projection (the pooled feature is
 the embedding, so embed_dim = vision_config.hidden_size), a bidirectional text tower pooled at the
 last position and ended by a Linear head with bias (text_config.projection_size outputs), and a
-learnable logit_bias. Google's SigLIP checkpoints and the fixed-resolution SigLIP 2 ones saved as
-model_type "siglip" import; "siglip2" (NaFlex) is refused with the reason.
+learnable logit_bias. Google's SigLIP checkpoints and the fixed-resolution SigLIP 2 ones (model_type
+"siglip") import as they are. A "siglip2" (NaFlex) Siglip2Model has the same towers, with its patch
+embedding as a Linear on flattened (row, column, channel) patches, our conv's layout, and a square
+position grid that transformers resizes to each image's patch grid: it imports for use at the fixed
+resolution of that grid (num_patches = 256, patch 16: 256 px), where the resize is the identity and
+a square image gives transformers' features (NAFLEX_NOTE); it exports as SiglipModel.
 
 Anything our model cannot express (another tower model_type, vision_use_head false, one activation or
 layer_norm_eps per tower, num_channels != 3, ...) is an error that names the field. The weights' keys
@@ -249,22 +253,42 @@ SIGLIP_SHAPE = dict(
 # SigLIP's initial temperature and bias (the paper's log 10 and -10); the weights carry the trained values.
 SIGLIP_INIT = dict(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
 
-SIGLIP2_REFUSED = (
-    "{where}: model_type='siglip2' is transformers' Siglip2Model (NaFlex): its patch embedding is a "
-    "Linear on flattened patches of any aspect ratio, and its position embeddings are resized to each "
-    "image's patch grid at run time; mlx_clip's ViT has a fixed resolution (a conv patch embedding and "
-    "one position grid), so these weights do not map. Use a fixed-resolution SigLIP 2 checkpoint: "
-    "open_clip's / timm's (e.g. ViT-B-16-SigLIP2-256: python -m mlx_clip.convert --from open_clip) or "
-    "a Hugging Face directory saved with model_type 'siglip' (SiglipModel)"
+
+NAFLEX_NOTE = (
+    "siglip2 (NaFlex): imported for the fixed resolution of its position grid, {size} x {size} px; "
+    "transformers resizes the grid to each image's aspect ratio, mlx_clip resizes images to this square"
 )
 
 
+def _naflex_grid(vision: dict, where: str) -> int:
+    """Siglip2's (NaFlex) vision config has num_patches, a square position grid, and no image_size:
+    mlx_clip uses it at that grid's resolution (grid * patch_size px, square)."""
+    if "image_size" in vision:
+        raise ConfigError(f"{where}: vision_config.image_size: a siglip2 (NaFlex) config has num_patches")
+    n = _size(vision["num_patches"], "vision_config.num_patches", 4096**2, where)
+    grid = math.isqrt(n)
+    if grid * grid != n:
+        raise ConfigError(
+            f"{where}: vision_config.num_patches={n} is not a square grid: mlx_clip's ViT keeps one "
+            "square position grid"
+        )
+    return grid
+
+
 def _siglip_model_config(config: dict, where: str) -> ModelConfig:
-    """A transformers SiglipModel config.json -> ModelConfig; what our model cannot express is an
-    error that names the field."""
-    if config.get("model_type") == "siglip2":
-        raise ConfigError(SIGLIP2_REFUSED.format(where=where))
-    text, vision = _towers(config, (_TEXT_DEFAULTS, _VISION_DEFAULTS), _KINDS, where)
+    """A transformers SiglipModel (or Siglip2Model, NaFlex) config.json -> ModelConfig; what our
+    model cannot express is an error that names the field."""
+    naflex = config.get("model_type") == "siglip2"
+    kinds = tuple(k.replace("siglip", "siglip2") for k in _KINDS) if naflex else _KINDS
+    vision_defaults = _VISION_DEFAULTS
+    if naflex:  # Siglip2VisionConfig: num_patches instead of image_size
+        vision_defaults = {k: v for k, v in _VISION_DEFAULTS.items() if k != "image_size"}
+        vision_defaults["num_patches"] = 256
+    text, vision = _towers(config, (_TEXT_DEFAULTS, vision_defaults), kinds, where)
+    if naflex:
+        vision["image_size"] = _naflex_grid(vision, where) * _size(
+            vision["patch_size"], "vision_config.patch_size", SIZE_LIMITS["patch_size"], where
+        )
     if vision["vision_use_head"] is not True:
         raise ConfigError(
             f"{where}: vision_config.vision_use_head={vision['vision_use_head']!r}: without its "

@@ -9,6 +9,9 @@ q/k/v split and the conv layout come from layouts.py; this file holds what diffe
 * the text tower ends in `text_model.head` (a Linear with bias), and neither tower has a projection;
 * logit_scale and logit_bias are shape (1,) there, scalars here.
 
+Siglip2Model (NaFlex) has the same keys; its patch embedding is a Linear (W, p*p*C) on patches
+flattened in (row, column, channel) order, which is our (W, p, p, C) conv weight reshaped.
+
 Like layouts.py, this imports no framework: numpy, MLX and torch arrays pass through alike.
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .layouts import BIAS_KEY, WeightError, _from_hf, _shape, _to_hf
+from .layouts import BIAS_KEY, OHWI_TO_OIHW, WeightError, _from_hf, _permute, _shape, _to_hf
 
 _SIGLIP_TOP = {
     "visual.patch_embed.weight": "vision_model.embeddings.patch_embedding.weight",
@@ -60,10 +63,22 @@ def canonical_to_hf_siglip(state: Mapping[str, Any], cfg: Any) -> dict[str, Any]
     return out
 
 
-def hf_siglip_to_canonical(hf_state: Mapping[str, Any], cfg: Any, concat) -> dict[str, Any]:
-    """A transformers SiglipModel state dict -> canonical weights; every key must be used, and a
-    missing or unexpected one is named. `concat` joins along axis 0 (as layouts.hf_to_canonical)."""
+def hf_siglip_to_canonical(
+    hf_state: Mapping[str, Any], cfg: Any, concat, naflex: bool = False
+) -> dict[str, Any]:
+    """A transformers SiglipModel (naflex: Siglip2Model) state dict -> canonical weights; every key
+    must be used, and a missing or unexpected one is named. `concat` joins along axis 0 (as
+    layouts.hf_to_canonical)."""
     state = dict(hf_state)
+    patch = _SIGLIP_TOP["visual.patch_embed.weight"]
+    if naflex and patch in state:
+        w, p = state[patch], cfg.patch_size
+        if _shape(w) != (cfg.vision_width, p * p * 3):
+            raise WeightError(
+                f"Hugging Face checkpoint: key '{patch}' has shape {_shape(w)}, the Siglip2 config "
+                f"expects a Linear ({cfg.vision_width}, {p * p * 3})"
+            )
+        state[patch] = _permute(w.reshape(cfg.vision_width, p, p, 3), OHWI_TO_OIHW)  # as a conv's
     for key in _SCALARS:
         if key in state:
             if _shape(state[key]) not in ((), (1,)):

@@ -324,6 +324,9 @@ def test_published_shapes_map_to_the_named_configs():
     from mlx_clip.models.config import model_config
 
     assert hf_model_config(transformers.SiglipConfig().to_dict()) == model_config("siglip_b16_224")
+    assert hf_model_config({"model_type": "siglip"}) == model_config("siglip_b16_224")  # our defaults
+    clip = hf_model_config(transformers.CLIPConfig().to_dict())  # each class keeps its own defaults
+    assert hf_model_config({"model_type": "clip"}) == clip == model_config("vit_b32")
     so400m = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27)
     config = transformers.SiglipConfig(
         text_config=dict(so400m, projection_size=1152),

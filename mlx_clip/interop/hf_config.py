@@ -53,7 +53,7 @@ _VISION_DEFAULTS = dict(
     layer_norm_eps=1e-5,
 )
 # transformers' SiglipTextConfig / SiglipVisionConfig defaults (used when config.json omits a field).
-_TEXT_DEFAULTS = dict(
+_SIGLIP_TEXT_DEFAULTS = dict(
     vocab_size=32000,
     hidden_size=768,
     intermediate_size=3072,
@@ -64,7 +64,7 @@ _TEXT_DEFAULTS = dict(
     layer_norm_eps=1e-6,
     projection_size=None,  # None: hidden_size
 )
-_VISION_DEFAULTS = dict(
+_SIGLIP_VISION_DEFAULTS = dict(
     hidden_size=768,
     intermediate_size=3072,
     num_hidden_layers=12,
@@ -195,8 +195,8 @@ def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
         return _siglip_model_config(config, where)
     if config.get("model_type") != "clip":
         raise ConfigError(
-            f"{where}: model_type={config.get('model_type')!r}; mlx_clip reads 'clip' (a CLIPModel) "
-            "and 'siglip' (a SiglipModel)"
+            f"{where}: model_type={config.get('model_type')!r}; mlx_clip reads 'clip' (a CLIPModel), "
+            "'siglip' (a SiglipModel) and 'siglip2' (a Siglip2Model, at its grid's resolution)"
         )
     kinds = ("clip_text_model", "clip_vision_model")
     text, vision = _towers(config, (_TEXT_DEFAULTS, _VISION_DEFAULTS), kinds, where)
@@ -280,11 +280,11 @@ def _siglip_model_config(config: dict, where: str) -> ModelConfig:
     model cannot express is an error that names the field."""
     naflex = config.get("model_type") == "siglip2"
     kinds = tuple(k.replace("siglip", "siglip2") for k in _KINDS) if naflex else _KINDS
-    vision_defaults = _VISION_DEFAULTS
+    vision_defaults = _SIGLIP_VISION_DEFAULTS
     if naflex:  # Siglip2VisionConfig: num_patches instead of image_size
-        vision_defaults = {k: v for k, v in _VISION_DEFAULTS.items() if k != "image_size"}
+        vision_defaults = {k: v for k, v in _SIGLIP_VISION_DEFAULTS.items() if k != "image_size"}
         vision_defaults["num_patches"] = 256
-    text, vision = _towers(config, (_TEXT_DEFAULTS, vision_defaults), kinds, where)
+    text, vision = _towers(config, (_SIGLIP_TEXT_DEFAULTS, vision_defaults), kinds, where)
     if naflex:
         vision["image_size"] = _naflex_grid(vision, where) * _size(
             vision["patch_size"], "vision_config.patch_size", SIZE_LIMITS["patch_size"], where

@@ -7,9 +7,9 @@ PyTorch is the patch-embedding conv: MLX (out, kh, kw, in) vs torch (out, in, kh
 
 Functions here take and return plain dicts of arrays and work on numpy, MLX and
 torch tensors alike, so this module imports no framework. Mappings: torch_ref (conv
-layout only), Hugging Face transformers and open_clip (HF's SiglipModel: layouts_siglip.py, on the
-CLIPModel helpers here). Reading and writing files lives
-beside it (files.py, hf.py, open_clip.py); the CLI is `python -m mlx_clip.convert`.
+layout only), Hugging Face transformers (CLIPModel; SiglipModel in layouts_siglip.py, which reuses
+the block and q/k/v helpers here) and open_clip. Reading and writing files lives beside it
+(files.py, hf.py, open_clip.py); the CLI is `python -m mlx_clip.convert`.
 """
 
 from __future__ import annotations

@@ -148,7 +148,8 @@ HF_NO_LOGIT_BIAS = (
     "logit_bias: this model has SigLIP's learnable logit bias (model.init_logit_bias={init}, trained "
     "value {value}), and transformers' CLIPModel has no such parameter: without it the exported "
     "model's logits (logit_scale * cosine) and sigmoid probabilities would not be this model's. "
-    "Export with --to open_clip (open_clip's CLIP keeps logit_bias) or --to torch_ref instead."
+    "Export with --to open_clip (open_clip's CLIP keeps logit_bias) or --to torch_ref instead "
+    "(--to hf writes a SiglipModel, which has the bias, for SigLIP's towers only)."
 )
 
 

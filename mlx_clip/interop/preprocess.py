@@ -48,6 +48,13 @@ _HF_DEFAULTS = {
 }  # fmt: skip
 
 
+# SigLIP's preprocessing (SiglipImageProcessor's defaults, configs/models/siglip_*.yaml) as
+# ModelConfig fields: what a SigLIP import without a preprocessor_config.json gets.
+SIGLIP_PREPROCESSING = dict(
+    image_mean=[0.5] * 3, image_std=[0.5] * 3, resize_mode="squash", interpolation="bicubic"
+)
+
+
 def _three(value, key: str, where: str) -> list[float]:
     """A mean or std: one number or three (R, G, B)."""
     values = value if isinstance(value, (list, tuple)) else [value] * 3
@@ -165,12 +172,14 @@ def hf_preprocessor_config(
     }
 
 
-def with_hf_preprocessing(cfg: ModelConfig, directory: Path) -> tuple[ModelConfig, str]:
+def with_hf_preprocessing(
+    cfg: ModelConfig, directory: Path, default: str = "CLIP's"
+) -> tuple[ModelConfig, str]:
     """(cfg with the preprocessing of directory/preprocessor_config.json, a note saying what was
-    read); without that file, cfg is unchanged (CLIP's preprocessing)."""
+    read); without that file, cfg is unchanged (its preprocessing is `default`'s, named in the note)."""
     path = directory / HF_FILE
     if not path.is_file():
-        return cfg, f"preprocessing: no {HF_FILE}, CLIP's kept ({describe(cfg)})"
+        return cfg, f"preprocessing: no {HF_FILE}, {default} kept ({describe(cfg)})"
     try:
         pp = json.loads(path.read_text())
     except ValueError as e:

@@ -453,3 +453,13 @@ def test_open_clip_siglip2_exports_as_siglip_model(tmp_path):
     for a, b in zip(hf_features(hf.eval(), images, ids), theirs, strict=True):
         np.testing.assert_allclose(a, b, atol=ATOL)
     assert hf.logit_bias.item() == oc.logit_bias.item() and hf.logit_scale.item() == oc.logit_scale.item()
+
+
+def test_export_refuses_an_image_projection_bias(tmp_path):
+    """Neither CLIPModel nor SiglipModel has a bias on the image projection (open_clip's timm head,
+    MobileCLIP2-L/14): such a model is refused by name rather than exported without it."""
+    ckpt = save_mlx(mlx_model(dict(ODD, vision_proj_bias=True), seed=2), tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf")])
+    assert "vision_proj_bias=True (needs False)" in str(e.value.code)
+    assert not (tmp_path / "hf").exists()

@@ -30,7 +30,6 @@ import math
 
 from ..models.config import SIZE_LIMITS, ModelConfig
 from ..schema import ConfigError
-from .layouts import HF_ACTIVATIONS, hf_config_kwargs
 from .preprocess import SIGLIP_PREPROCESSING
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults (used when config.json omits a field).
@@ -225,6 +224,34 @@ def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
     return cfg
 
 
+# mlx_clip's activation -> its name in transformers' ACT2FN (config.json's hidden_act)
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+def _tower_json(cfg: ModelConfig, tower: str) -> dict:
+    """The config.json keys that CLIP's and SigLIP's `tower` ("text" or "vision") configs share."""
+    common = dict(
+        hidden_size=getattr(cfg, f"{tower}_width"),
+        intermediate_size=cfg.mlp_hidden(tower),
+        num_hidden_layers=getattr(cfg, f"{tower}_layers"),
+        num_attention_heads=getattr(cfg, f"{tower}_heads"),
+        hidden_act=HF_ACTIVATIONS[cfg.tower_activation(tower)],
+        layer_norm_eps=cfg.layer_norm_eps,
+    )
+    if tower == "text":
+        return dict(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context_length, **common)
+    return dict(num_channels=3, image_size=cfg.image_size, patch_size=cfg.patch_size, **common)
+
+
+def hf_config_kwargs(cfg: ModelConfig) -> dict[str, dict]:
+    """Keyword arguments for transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig."""
+    # eos_token_id=2 selects HF's legacy argmax pooling, which is CLIP's.
+    ids = dict(bos_token_id=cfg.vocab_size - 2, eos_token_id=2, pad_token_id=1)
+    text = dict(_tower_json(cfg, "text"), projection_dim=cfg.embed_dim, **ids)
+    vision = dict(_tower_json(cfg, "vision"), projection_dim=cfg.embed_dim)
+    return {"text_config": text, "vision_config": vision, "projection_dim": cfg.embed_dim}
+
+
 def hf_config_json(cfg: ModelConfig) -> dict:
     """ModelConfig -> a config.json that transformers.CLIPModel.from_pretrained reads."""
     kw = hf_config_kwargs(cfg)
@@ -331,33 +358,14 @@ def siglip_config_json(cfg: ModelConfig) -> dict:
     """A SigLIP-shaped ModelConfig -> a config.json that transformers.SiglipModel.from_pretrained reads."""
     text = dict(
         model_type=_KINDS[0],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.text_width,
-        intermediate_size=cfg.mlp_hidden("text"),
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        max_position_embeddings=cfg.context_length,
-        hidden_act=HF_ACTIVATIONS[cfg.tower_activation("text")],
-        layer_norm_eps=cfg.layer_norm_eps,
+        **_tower_json(cfg, "text"),
         projection_size=cfg.embed_dim,
         # the model reads no token id (it pools the last position): the tokenizer files hold them
         pad_token_id=None,
         bos_token_id=None,
         eos_token_id=None,
     )
-    vision = dict(
-        model_type=_KINDS[1],
-        hidden_size=cfg.vision_width,
-        intermediate_size=cfg.mlp_hidden("vision"),
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        num_channels=3,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        hidden_act=HF_ACTIVATIONS[cfg.tower_activation("vision")],
-        layer_norm_eps=cfg.layer_norm_eps,
-        vision_use_head=True,
-    )
+    vision = dict(model_type=_KINDS[1], **_tower_json(cfg, "vision"), vision_use_head=True)
     return {
         "architectures": ["SiglipModel"],
         "model_type": "siglip",

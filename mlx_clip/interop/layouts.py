@@ -231,42 +231,6 @@ def _from_hf(hf_state: Mapping[str, Any], cfg: Any, concat, top: Mapping[str, st
     return out
 
 
-# mlx_clip's activation -> its name in transformers' ACT2FN (config.json's hidden_act)
-HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-
-def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
-    """Keyword arguments for transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig."""
-    text = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.text_width,
-        intermediate_size=cfg.mlp_hidden("text"),
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        max_position_embeddings=cfg.context_length,
-        hidden_act=HF_ACTIVATIONS[cfg.tower_activation("text")],
-        layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.embed_dim,
-        # eos_token_id=2 selects HF's legacy argmax pooling, which is CLIP's.
-        bos_token_id=cfg.vocab_size - 2,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    vision = dict(
-        hidden_size=cfg.vision_width,
-        intermediate_size=cfg.mlp_hidden("vision"),
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        num_channels=3,
-        hidden_act=HF_ACTIVATIONS[cfg.tower_activation("vision")],
-        layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.embed_dim,
-    )
-    return {"text_config": text, "vision_config": vision, "projection_dim": cfg.embed_dim}
-
-
 # ---------------------------------------------------------------------------
 # canonical <-> open_clip CLIP (the OpenAI layout)
 #

@@ -183,6 +183,9 @@ def test_siglip2_naflex_at_its_grid(tmp_path, capsys):
     )
     hf = perturb_torch(hf, seed=8)
     hf.save_pretrained(tmp_path / "hf")
+    processor_cls = getattr(transformers, "Siglip2ImageProcessorPil", transformers.Siglip2ImageProcessor)
+    processor = processor_cls(patch_size=6, max_num_patches=25)  # Google's ship 16 px, 256 patches
+    processor.save_pretrained(tmp_path / "hf")
     for path in tok_dir.iterdir():
         shutil.copyfile(path, tmp_path / "hf" / path.name)
     convert.main(["--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mlx")])
@@ -191,6 +194,21 @@ def test_siglip2_naflex_at_its_grid(tmp_path, capsys):
     )
     m = load_mlx(tmp_path / "mlx")
     assert (m.config.image_size, m.config.patch_size, m.config.vision_pool) == (30, 6, "map")
+    # its processor: a square image resized to the 5 x 5 grid of 6 px patches, bilinear, mean/std 0.5
+    assert (m.config.resize_mode, m.config.interpolation, m.config.image_mean) == (
+        "squash",
+        "bilinear",
+        [0.5] * 3,
+    )
+    from PIL import Image
+
+    from mlx_clip.data.transforms import ImagePreprocess
+
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (47, 47, 3), dtype=np.uint8))
+    ours = ImagePreprocess.of(m.config).eval_transform(30)(im)
+    theirs = processor(images=im, return_tensors="np")["pixel_values"][0]  # (25, 6 * 6 * 3) patches
+    ours = ours.reshape(5, 6, 5, 6, 3).transpose(0, 2, 1, 3, 4).reshape(25, 108)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
     images, _ = inputs(m.config, seed=3)
     tok = load_tokenizer(tmp_path / "mlx")
     ids = tok(CAPTIONS, 16)

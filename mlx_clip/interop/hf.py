@@ -5,7 +5,8 @@ Import (`python -m mlx_clip.convert --from hf DIR --out OUT`): config.json (mode
 model.safetensors (or a sharded index, or pytorch_model.bin read with `torch.load(weights_only=True)`)
 -> canonical weights (layouts.py, layouts_siglip.py); the tokenizer: vocab.json + merges.txt (CLIP),
 or any tokenizer.json / spiece.model with its tokenizer_config.json settings (SigLIP: EOS appended,
-padded to 64).
+padded to 64); preprocessor_config.json -> the preprocessing (interop/preprocess.py; without it, the
+class's own: CLIP's or SigLIP's, named in the notes).
 
 Export (`python -m mlx_clip.export --to hf`): config.json, model.safetensors, preprocessor_config.json
 (the checkpoint's own preprocessing, for CLIPImageProcessor or SiglipImageProcessor, read back on

@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE = """Convert a Hugging Face or open_clip CLIP checkpoint into an mlx_clip checkpoint directory
+USAGE = """Convert a Hugging Face or open_clip CLIP / SigLIP checkpoint into an mlx_clip checkpoint directory
 (model.safetensors, config.yaml and the tokenizer files where the source has a tokenizer), which
 `--model.init_from DIR`, `python -m mlx_clip.eval --checkpoint DIR` and `mlx_clip.export` read.
 
-  hf         SRC is a transformers CLIPModel directory: config.json + model.safetensors (or
-             pytorch_model.bin, read with torch.load(weights_only=True)); vocab.json + merges.txt
+  hf         SRC is a transformers CLIPModel or SiglipModel directory: config.json +
+             model.safetensors (or pytorch_model.bin, read with torch.load(weights_only=True)); the
+             tokenizer: vocab.json + merges.txt, tokenizer.json or spiece.model
   open_clip  SRC is a directory with open_clip_config.json + open_clip_model.safetensors (or
              open_clip_pytorch_model.bin), or a state dict file (.safetensors/.bin/.pt) with --arch
 """

@@ -3,9 +3,10 @@
 Writes an mlx_clip checkpoint (a step_N directory, a checkpoints/ root or a run directory: its
 latest checkpoint) in another framework's format:
 
-  hf         config.json, model.safetensors, preprocessor_config.json and the tokenizer as
-             vocab.json + merges.txt: transformers.CLIPModel / AutoProcessor.from_pretrained(OUT).
-             Not for a SigLIP model (one with a logit_bias): CLIPModel has no bias parameter
+  hf         config.json, model.safetensors, preprocessor_config.json and the tokenizer files:
+             transformers.AutoModel / AutoTokenizer.from_pretrained(OUT), as CLIPModel for a
+             CLIP-shaped model, as SiglipModel (logit_bias kept) for a SigLIP-shaped one. Not for a
+             CLIP-shaped model with a logit_bias (CLIPModel has no bias parameter) or a mix of the two
   open_clip  open_clip_config.json + open_clip_model.safetensors: open_clip.create_model("local-dir:OUT")
              (see mlx_clip/interop/open_clip.py for the full recipe); carries a SigLIP logit_bias
   torch_ref  model.safetensors (the canonical file, copied), model.yaml, config.yaml and the tokenizer:

@@ -11,11 +11,11 @@ from mlx.utils import tree_flatten
 
 import mlx_clip
 from mlx_clip.config import load_config
+from mlx_clip.interop.hf_config import hf_config_kwargs
 from mlx_clip.interop.layouts import (
     WeightError,
     canonical_to_hf,
     canonical_to_open_clip,
-    hf_config_kwargs,
     hf_to_canonical,
     open_clip_to_canonical,
 )

@@ -328,7 +328,7 @@ def _wide_hf():
 @pytest.mark.parametrize(
     "config,message",
     [
-        ([1, 2], r"expected a JSON object \(a CLIPModel config\), got list"),
+        ([1, 2], r"expected a JSON object \(a CLIPModel or SiglipModel config\), got list"),
         ("clip", r"expected a JSON object .*got str"),
         (dict(model_type="clip", text_config=[1]), r"text_config must be a mapping, got list"),
         (

@@ -1,38 +1,46 @@
-"""Hugging Face transformers CLIP directories <-> mlx_clip checkpoints.
+"""Hugging Face transformers CLIPModel / SiglipModel directories <-> mlx_clip checkpoints.
 
-Import (`python -m mlx_clip.convert --from hf DIR --out OUT`): config.json (a `CLIPModel`
-config) -> ModelConfig; model.safetensors (or a sharded index, or pytorch_model.bin read with
-`torch.load(weights_only=True)`) -> canonical weights; vocab.json + merges.txt -> the tokenizer.
+Import (`python -m mlx_clip.convert --from hf DIR --out OUT`): config.json (model_type "clip",
+"siglip", or "siglip2" for use at its grid's fixed resolution) -> ModelConfig (hf_config.py);
+model.safetensors (or a sharded index, or pytorch_model.bin read with `torch.load(weights_only=True)`)
+-> canonical weights (layouts.py, layouts_siglip.py); the tokenizer: vocab.json + merges.txt (CLIP),
+or any tokenizer.json / spiece.model with its tokenizer_config.json settings (SigLIP: EOS appended,
+padded to 64); preprocessor_config.json -> the preprocessing (interop/preprocess.py; without it, the
+class's own: CLIP's or SigLIP's, named in the notes).
 
-Export (`python -m mlx_clip.export --to hf`): config.json, model.safetensors, the tokenizer as
-vocab.json + merges.txt + tokenizer_config.json + special_tokens_map.json, and
-preprocessor_config.json (the checkpoint's own preprocessing, read back on import: interop/preprocess.py),
+Export (`python -m mlx_clip.export --to hf`): config.json, model.safetensors, preprocessor_config.json
+(the checkpoint's own preprocessing, for CLIPImageProcessor or SiglipImageProcessor, read back on
+import: interop/preprocess.py) and the tokenizer, as transformers' CLIPModel for a CLIP-shaped model
+and as SiglipModel for a SigLIP-shaped one (hf_config.hf_class; a model neither class holds is
+refused, naming the options),
 so that
 
-    model = transformers.CLIPModel.from_pretrained(OUT)
-    processor = transformers.AutoProcessor.from_pretrained(OUT)   # or CLIPTokenizerFast
+    model = transformers.AutoModel.from_pretrained(OUT)             # CLIPModel or SiglipModel
+    tokenizer = transformers.AutoTokenizer.from_pretrained(OUT)
 
-give our features and our token ids. One difference by design: HF pads with EOT where mlx_clip pads
-with 0. Features are unchanged: CLIP pools at the first EOT and attention is causal. (Padding with
-the id-0 token "!" instead would make HF split a real "!" as that special token.)
+give our features and our token ids. A checkpoint's own tokenizer (tokenizer.json or SentencePiece) is
+written back as it came. A CLIP BPE is written as vocab.json + merges.txt, and there is one
+difference by design: HF pads with EOT where mlx_clip pads with 0. CLIP's features are unchanged (it
+pools at the first EOT and attention is causal); a SigLIP-shaped model pools the last position, so
+the export says to set `tokenizer.pad_token_id = 0` (PAD_ZERO_NOTE). (Naming the id-0 token "!" the
+pad token instead would make HF split a real "!" as that special token.)
 
-The exported config keeps `text_config.eos_token_id = 2`, which selects HF's argmax pooling:
-exactly mlx_clip's. A model with SigLIP's `logit_bias` (trained with loss.type siglip) is refused
-with an error that says so: CLIPModel has no bias parameter, so its logits would not be ours; export
-such a model to open_clip or torch_ref. Key names and layouts change in convert.py only.
+The exported CLIPModel config keeps `text_config.eos_token_id = 2`, which selects HF's argmax
+pooling: exactly mlx_clip's. A CLIP-shaped model with SigLIP's `logit_bias` is refused with an error
+that says so: CLIPModel has no bias parameter, so its logits would not be ours; export such a model
+to open_clip or torch_ref. SiglipModel keeps logit_bias. Key names and layouts change in layouts*.py only.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-import typing
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from ..models.config import SIZE_LIMITS, Activation, ModelConfig
+from ..models.config import ModelConfig
 from ..schema import ConfigError
 from ..text.hf_tokenizer import HFTokenizer
 from ..text.tokenizer import (
@@ -51,160 +59,17 @@ from .files import (
     staged_output,
     write_checkpoint,
 )
-from .layouts import WeightError, canonical_to_hf, hf_config_kwargs, hf_to_canonical
+from .hf_config import NAFLEX_NOTE, hf_class, hf_config_json, hf_model_config, siglip_config_json
+from .layouts import WeightError, canonical_to_hf, hf_to_canonical
+from .layouts_siglip import canonical_to_hf_siglip, hf_siglip_to_canonical
 from .preprocess import HF_FILE, hf_preprocessor_config, with_hf_preprocessing
 
-# transformers' CLIPTextConfig / CLIPVisionConfig defaults (used when config.json omits a field).
-_TEXT_DEFAULTS = dict(
-    vocab_size=49408,
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=8,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    eos_token_id=49407,
-)
-_VISION_DEFAULTS = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_channels=3,
-    image_size=224,
-    patch_size=32,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-# ---------------------------------------------------------------------------
-# config.json <-> ModelConfig
-
-
-# ModelConfig's sizes in config.json: field, section ("" is the top level), key.
-_HF_SIZES = (
-    ("embed_dim", "", "projection_dim"),
-    ("image_size", "vision_config", "image_size"),
-    ("patch_size", "vision_config", "patch_size"),
-    ("vision_width", "vision_config", "hidden_size"),
-    ("vision_layers", "vision_config", "num_hidden_layers"),
-    ("vision_heads", "vision_config", "num_attention_heads"),
-    ("context_length", "text_config", "max_position_embeddings"),
-    ("vocab_size", "text_config", "vocab_size"),
-    ("text_width", "text_config", "hidden_size"),
-    ("text_layers", "text_config", "num_hidden_layers"),
-    ("text_heads", "text_config", "num_attention_heads"),
-)
-
-
-def _section(config: dict, key: str, where: str) -> dict:
-    """A tower's section of config.json (or its older `_dict` spelling); {} when absent."""
-    value = config.get(key) or config.get(f"{key}_dict") or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _size(value, name: str, limit: int, where: str) -> int:
-    """A size from config.json: a positive integer up to `limit` (image and patch sizes may be a
-    square pair), checked before any arithmetic or allocation uses it."""
-    if name.endswith(("image_size", "patch_size")) and isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ConfigError(f"{where}: {name}={value}: only square images and patches are supported")
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-        raise ConfigError(f"{where}: {name} must be an integer in [1, {limit}], got {value!r}")
-    return value
-
-
-def _hf_sizes(config: dict, text: dict, vision: dict, where: str) -> dict:
-    """The ModelConfig sizes of a config.json, each checked under its own key."""
-    sections = {"": {"projection_dim": 512, **config}, "text_config": text, "vision_config": vision}
-    sizes = {
-        field: _size(sections[section][key], f"{section}.{key}".lstrip("."), SIZE_LIMITS[field], where)
-        for field, section, key in _HF_SIZES
-    }
-    for section in ("text_config", "vision_config"):  # divided by the width below, for the MLP ratio
-        limit = SIZE_LIMITS["vision_width"] * 64
-        _size(sections[section]["intermediate_size"], f"{section}.intermediate_size", limit, where)
-    return sizes
-
-
-def hf_model_config(config: dict, where: str = "config.json") -> ModelConfig:
-    """A transformers CLIPModel config (the parsed config.json) -> ModelConfig; a variant our model
-    cannot express, or a value out of range, is an error that names the field."""
-    if not isinstance(config, dict):
-        raise ConfigError(
-            f"{where}: expected a JSON object (a CLIPModel config), got {type(config).__name__}"
-        )
-    if config.get("model_type") != "clip":
-        raise ConfigError(f"{where}: model_type={config.get('model_type')!r}, expected 'clip' (a CLIPModel)")
-    text = {**_TEXT_DEFAULTS, **_section(config, "text_config", where)}
-    vision = {**_VISION_DEFAULTS, **_section(config, "vision_config", where)}
-    sizes = _hf_sizes(config, text, vision, where)
-    t, v = "text_config", "vision_config"
-    for tower, c in ((t, text), (v, vision)):
-        if c["hidden_act"] not in typing.get_args(Activation):
-            raise ConfigError(
-                f"{where}: {tower}.hidden_act={c['hidden_act']!r}; mlx_clip supports "
-                + " and ".join(map(repr, typing.get_args(Activation)))
-            )
-        eps = c["layer_norm_eps"]
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise ConfigError(f"{where}: {tower}.layer_norm_eps must be a number, got {eps!r}")
-    if text["hidden_act"] != vision["hidden_act"]:
-        raise ConfigError(
-            f"{where}: {t}.hidden_act={text['hidden_act']!r} differs from {v}.hidden_act="
-            f"{vision['hidden_act']!r}; mlx_clip uses one activation for both towers"
-        )
-    if text["layer_norm_eps"] != vision["layer_norm_eps"]:
-        raise ConfigError(f"{where}: {t}.layer_norm_eps differs from {v}.layer_norm_eps; mlx_clip uses one")
-    ratio = text["intermediate_size"] / text["hidden_size"]
-    for tower, c in ((t, text), (v, vision)):
-        if int(c["hidden_size"] * ratio) != c["intermediate_size"]:
-            raise ConfigError(
-                f"{where}: {tower}.intermediate_size={c['intermediate_size']} does not fit "
-                f"{tower}.hidden_size={c['hidden_size']} with the MLP ratio {ratio:g} of the other "
-                "tower; mlx_clip uses one mlp_ratio"
-            )
-    if vision["num_channels"] != 3:
-        raise ConfigError(f"{where}: {v}.num_channels={vision['num_channels']}; only RGB (3) is supported")
-    # Pooling: eos_token_id 2 is HF's legacy argmax (ours); otherwise HF pools at the first
-    # eos_token_id, which is the argmax only when EOT is the largest id.
-    eos = text["eos_token_id"]
-    if eos not in (2, text["vocab_size"] - 1):
-        raise ConfigError(
-            f"{where}: {t}.eos_token_id={eos}: mlx_clip pools text at argmax(token id), which equals HF's "
-            f"pooling only for eos_token_id 2 (legacy argmax) or {text['vocab_size'] - 1} (EOT = largest id)"
-        )
-    cfg = ModelConfig(
-        **sizes, mlp_ratio=ratio, activation=text["hidden_act"], layer_norm_eps=float(text["layer_norm_eps"])
-    )
-    cfg.validate(f"{where}: model")  # what needs the whole architecture: divisibility, the parameter count
-    return cfg
-
-
-def hf_config_json(cfg: ModelConfig) -> dict:
-    """ModelConfig -> a config.json that transformers.CLIPModel.from_pretrained reads."""
-    kw = hf_config_kwargs(cfg)
-    return {
-        "architectures": ["CLIPModel"],
-        "model_type": "clip",
-        "projection_dim": kw["projection_dim"],
-        "logit_scale_init_value": 2.6592,
-        "initializer_factor": 1.0,
-        "dtype": "float32",
-        "text_config": {"model_type": "clip_text_model", **kw["text_config"]},
-        "vision_config": {"model_type": "clip_vision_model", **kw["vision_config"]},
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -307,36 +172,72 @@ def _hf_weights(src: Path) -> tuple[dict[str, np.ndarray], Path]:
     raise FileNotFoundError(f"{src}: no Hugging Face weights ({', '.join(WEIGHT_FILES)})")
 
 
-def import_hf(src: str | Path, out: str | Path, force: bool = False) -> list[str]:
-    """A Hugging Face CLIP directory -> an mlx_clip checkpoint directory. Returns notes to print."""
-    src = Path(src)
+def _read_config(src: Path) -> dict:
     if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json (expected a Hugging Face CLIPModel directory)")
+        raise FileNotFoundError(
+            f"{src}: no config.json (expected a Hugging Face CLIPModel or SiglipModel directory)"
+        )
     try:
-        config = json.loads((src / "config.json").read_text())
+        return json.loads((src / "config.json").read_text())
     except ValueError as e:
         raise ConfigError(f"{src / 'config.json'}: invalid JSON ({e})") from None
+
+
+def import_hf(src: str | Path, out: str | Path, force: bool = False) -> list[str]:
+    """A Hugging Face CLIPModel or SiglipModel directory -> an mlx_clip checkpoint directory.
+    Returns notes to print."""
+    src = Path(src)
+    config = _read_config(src)
     cfg = hf_model_config(config, str(src / "config.json"))
-    cfg, preprocessing = with_hf_preprocessing(cfg, src)  # preprocessor_config.json, when there is one
+    model_type = config["model_type"]
+    # preprocessor_config.json when there is one; else the class's default (hf_config.py gives a
+    # SigLIP config SigLIP's preprocessing, a CLIP config CLIP's)
+    default = "CLIP's" if model_type == "clip" else "SigLIP's"
+    cfg, preprocessing = with_hf_preprocessing(cfg, src, default)
     hf_state, path = _hf_weights(src)
     try:
-        state = hf_to_canonical(hf_state, cfg, concat=np.concatenate)
+        if model_type == "clip":
+            state = hf_to_canonical(hf_state, cfg, concat=np.concatenate)
+        else:
+            state = hf_siglip_to_canonical(hf_state, cfg, np.concatenate, naflex=model_type == "siglip2")
     except WeightError as e:
         raise WeightError(f"{path}: {e}") from None
     tok = read_hf_tokenizer(src, cfg)
     write_checkpoint(out, cfg, state, tok, str(path), force)
-    tokenizer = "tokenizer: " + (f"{tok.vocab_size} tokens" if tok else "none in the source")
-    return [f"read {path}", tokenizer, preprocessing]
+    kind = f"{tok.kind}, {tok.vocab_size} tokens" if tok else "none in the source"
+    notes = [f"read {path} ({model_type})", f"tokenizer: {kind}", preprocessing]
+    return notes + ([NAFLEX_NOTE.format(size=cfg.image_size)] if model_type == "siglip2" else [])
+
+
+# A CLIP BPE tokenizer pads with id 0, and transformers' CLIPTokenizer with EOT: a model pooled at
+# the last position (SigLIP's) sees the padding, and naming "!" (id 0) the pad token would make HF
+# split every "!" as that token. Setting the id after loading pads with 0 and changes nothing else.
+PAD_ZERO_NOTE = (
+    "tokenizer: a CLIP BPE, which pads with 0 where transformers' CLIPTokenizer pads with EOT, and "
+    "this model pools the last position: after tok = AutoTokenizer.from_pretrained(OUT), set "
+    "tok.pad_token_id = 0 and call tok(texts, padding='max_length', max_length={n}) to get its ids"
+)
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
-    """An mlx_clip checkpoint -> a directory that transformers' CLIPModel / AutoProcessor load."""
+    """An mlx_clip checkpoint -> a directory that transformers' CLIPModel or SiglipModel (whichever
+    has this model's towers: hf_config.hf_class) and AutoTokenizer load."""
     ckpt, cfg, state, tok = read_checkpoint(checkpoint)
-    hf_state = contiguous(canonical_to_hf(state, cfg))
+    arch = hf_class(cfg)
+    if arch == "SiglipModel":
+        hf_state, config = canonical_to_hf_siglip(state, cfg), siglip_config_json(cfg)
+    else:
+        hf_state, config = canonical_to_hf(state, cfg), hf_config_json(cfg)
+    notes = [f"from {ckpt}", f"as transformers' {arch}"]
     with staged_output(out, force) as tmp:
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config_json(cfg), indent=2))
-        (tmp / HF_FILE).write_text(json.dumps(hf_preprocessor_config(cfg), indent=2))
+        save_file(contiguous(hf_state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        processor = arch.replace("Model", "ImageProcessor"), arch.replace("Model", "Processor")
+        preprocess = hf_preprocessor_config(cfg, *processor)  # the checkpoint's own preprocessing
+        (tmp / HF_FILE).write_text(json.dumps(preprocess, indent=2))
         if tok is not None:
             write_hf_tokenizer(tok, tmp, cfg.context_length)
-    return [f"from {ckpt}", "tokenizer: " + (f"{tok.kind}, {tok.vocab_size} tokens" if tok else "none")]
+    notes.append("tokenizer: " + (f"{tok.kind}, {tok.vocab_size} tokens" if tok else "none"))
+    if isinstance(tok, Tokenizer) and cfg.text_pool != "argmax":
+        notes.append(PAD_ZERO_NOTE.format(n=cfg.context_length))
+    return notes

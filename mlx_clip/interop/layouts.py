@@ -7,9 +7,10 @@ PyTorch is the patch-embedding conv: MLX (out, kh, kw, in) vs torch (out, in, kh
 
 Functions here take and return plain dicts of arrays and work on numpy, MLX and
 torch tensors alike, so this module imports no framework. Mappings: torch_ref (conv
-layout only), Hugging Face transformers and open_clip (layouts_timm.py: open_clip models with a
-timm ViT image tower, SigLIP and MobileCLIP2-L/14). Reading and writing files lives
-beside it (files.py, hf.py, open_clip.py); the CLI is `python -m mlx_clip.convert`.
+layout only), Hugging Face transformers (CLIPModel; SiglipModel in layouts_siglip.py, which reuses
+the block and q/k/v helpers here) and open_clip (layouts_timm.py: open_clip models with a timm ViT
+image tower, SigLIP and MobileCLIP2-L/14). Reading and writing files lives beside it
+(files.py, hf.py, open_clip.py); the CLI is `python -m mlx_clip.convert`.
 """
 
 from __future__ import annotations
@@ -127,9 +128,9 @@ _HF_TOWER = {"visual": "vision_model", "text": "text_model"}
 _HF_IGNORED_SUFFIXES = ("position_ids",)
 
 
-def _hf_key_map(num_layers: dict[str, int]) -> dict[str, str]:
-    """canonical key -> HF key, for every non-qkv tensor."""
-    mapping = dict(_HF_TOP)
+def _hf_key_map(num_layers: dict[str, int], top: Mapping[str, str] = _HF_TOP) -> dict[str, str]:
+    """canonical key -> HF key, for every non-qkv tensor (`top`: the tensors outside the blocks)."""
+    mapping = dict(top)
     for tower, hf_tower in _HF_TOWER.items():
         for i in range(num_layers[tower]):
             ours = f"{tower}.transformer.resblocks.{i}"
@@ -148,7 +149,8 @@ HF_NO_LOGIT_BIAS = (
     "logit_bias: this model has SigLIP's learnable logit bias (model.init_logit_bias={init}, trained "
     "value {value}), and transformers' CLIPModel has no such parameter: without it the exported "
     "model's logits (logit_scale * cosine) and sigmoid probabilities would not be this model's. "
-    "Export with --to open_clip (open_clip's CLIP keeps logit_bias) or --to torch_ref instead."
+    "Export with --to open_clip (open_clip's CLIP keeps logit_bias) or --to torch_ref instead "
+    "(--to hf writes a SiglipModel, which has the bias, for SigLIP's towers only)."
 )
 
 
@@ -161,17 +163,21 @@ def canonical_to_hf(state: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
         value = f"{float(state[BIAS_KEY]):g}" if BIAS_KEY in state else "unknown"
         init = getattr(cfg, "init_logit_bias", None)
         raise WeightError(HF_NO_LOGIT_BIAS.format(init=init, value=value))
-    mapping = _hf_key_map(_layers_of(cfg))
-    fused = {k for k in state if k.endswith((".attn.in_proj.weight", ".attn.in_proj.bias"))}
+    return _to_hf(state, cfg, _HF_TOP)
+
+
+def _to_hf(state: Mapping[str, Any], cfg: Any, top: Mapping[str, str]) -> dict[str, Any]:
+    """Canonical -> HF keys (CLIPModel's or SiglipModel's `top`): q/k/v split, conv to OIHW."""
+    mapping = _hf_key_map(_layers_of(cfg), top)
+    qkv = (".attn.in_proj.weight", ".attn.in_proj.bias")
+    fused = {k for k in state if k.endswith(qkv) and k not in mapping}
     extra = sorted(set(state) - set(mapping) - fused)
     if extra:  # nothing is dropped on the way out
         raise _key_error("canonical weights", "unexpected", extra)
     out: dict[str, Any] = {}
     for ours, theirs in mapping.items():
         out[theirs] = state[ours]
-    out["vision_model.embeddings.patch_embedding.weight"] = _permute(
-        state["visual.patch_embed.weight"], OHWI_TO_OIHW
-    )
+    out[mapping["visual.patch_embed.weight"]] = _permute(state["visual.patch_embed.weight"], OHWI_TO_OIHW)
     for tower, hf_tower in _HF_TOWER.items():
         for i in range(_layers_of(cfg)[tower]):
             w = state[f"{tower}.transformer.resblocks.{i}.attn.in_proj.weight"]
@@ -189,8 +195,13 @@ def hf_to_canonical(hf_state: Mapping[str, Any], cfg: Any, concat) -> dict[str, 
     `concat(list_of_arrays)` joins along axis 0 in the caller's framework
     (np.concatenate, mx.concatenate or torch.cat), so no framework is imported here.
     """
+    return _from_hf(hf_state, cfg, concat, _HF_TOP)
+
+
+def _from_hf(hf_state: Mapping[str, Any], cfg: Any, concat, top: Mapping[str, str]) -> dict[str, Any]:
+    """HF keys (CLIPModel's or SiglipModel's `top`) -> canonical: q/k/v fused, conv to OHWI."""
     hf_state = {k: v for k, v in hf_state.items() if not k.endswith(_HF_IGNORED_SUFFIXES)}
-    mapping = _hf_key_map(_layers_of(cfg))
+    mapping = _hf_key_map(_layers_of(cfg), top)
     used = set()
     out: dict[str, Any] = {}
     for ours, theirs in mapping.items():
@@ -218,38 +229,6 @@ def hf_to_canonical(hf_state: Mapping[str, Any], cfg: Any, concat) -> dict[str, 
             f"Hugging Face checkpoint: unexpected key '{extra[0]}' (not part of this architecture)"
         )
     return out
-
-
-def hf_config_kwargs(cfg: Any) -> dict[str, dict]:
-    """Keyword arguments for transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig."""
-    text = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.text_width,
-        intermediate_size=cfg.mlp_hidden("text"),
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        max_position_embeddings=cfg.context_length,
-        hidden_act=cfg.tower_activation("text"),
-        layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.embed_dim,
-        # eos_token_id=2 selects HF's legacy argmax pooling, which is CLIP's.
-        bos_token_id=cfg.vocab_size - 2,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    vision = dict(
-        hidden_size=cfg.vision_width,
-        intermediate_size=cfg.mlp_hidden("vision"),
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        num_channels=3,
-        hidden_act=cfg.tower_activation("vision"),
-        layer_norm_eps=cfg.layer_norm_eps,
-        projection_dim=cfg.embed_dim,
-    )
-    return {"text_config": text, "vision_config": vision, "projection_dim": cfg.embed_dim}
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,9 @@ CLIP, open_clip and mlx_clip round (one pixel apart for some non-square images).
 - resize_mode "shortest": size {"shortest_edge": S} + a centre crop of S x S (CLIP's processor);
   open_clip's resize_mode "shortest".
 - resize_mode "squash": size {"height": S, "width": S} and no crop (SigLIP's processor); open_clip's
-  resize_mode "squash". open_clip's "longest" (resize the longer side, pad) is refused.
+  resize_mode "squash". SigLIP 2's NaFlex processor (max_num_patches of patch_size px, no size) reads
+  as a squash to its square grid, the resolution a siglip2 model is imported at. open_clip's
+  "longest" (resize the longer side, pad) is refused.
 - interpolation: PIL's filter numbers 0 (nearest), 2 (bilinear), 3 (bicubic) in "resample";
   open_clip's names (open_clip has no "nearest").
 - do_normalize false is mean 0, std 1; do_rescale false (pixels already in [0, 1]) is refused.
@@ -45,7 +47,19 @@ _HF_DEFAULTS = {
         size={"height": 224, "width": 224}, do_center_crop=False, resample=3,
         image_mean=[0.5] * 3, image_std=[0.5] * 3,
     ),
+    # NaFlex: no size; an image is resized to fit max_num_patches patches of patch_size px
+    "Siglip2ImageProcessor": dict(
+        patch_size=16, max_num_patches=256, do_center_crop=False, resample=2,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    ),
 }  # fmt: skip
+
+
+# SigLIP's preprocessing (SiglipImageProcessor's defaults, configs/models/siglip_*.yaml) as
+# ModelConfig fields: what a SigLIP import without a preprocessor_config.json gets.
+SIGLIP_PREPROCESSING = dict(
+    image_mean=[0.5] * 3, image_std=[0.5] * 3, resize_mode="squash", interpolation="bicubic"
+)
 
 
 def _three(value, key: str, where: str) -> list[float]:
@@ -68,6 +82,18 @@ def _side(value, key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where}: {key}={value!r}: expected one square size (mlx_clip's input is S x S)")
     return value
+
+
+def _naflex_size(pp: dict, where: str) -> dict:
+    """Siglip2ImageProcessor (NaFlex) resizes a square image to the largest square grid of at most
+    max_num_patches patches: mlx_clip's squash to that size (a siglip2 model is imported at its
+    grid's fixed resolution; hf_config.NAFLEX_NOTE)."""
+    n, patch = pp["max_num_patches"], pp["patch_size"]
+    for key, value in (("max_num_patches", n), ("patch_size", patch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+    side = math.isqrt(n) * patch
+    return {"height": side, "width": side}
 
 
 def _check_size(size: int, image_size: int, key: str, where: str) -> None:
@@ -114,6 +140,8 @@ def hf_preprocess_fields(pp: dict, image_size: int, where: str = HF_FILE) -> dic
             f"{where}: image_processor_type={kind!r}; mlx_clip reads {' and '.join(_HF_DEFAULTS)}"
         )
     pp = {**_HF_DEFAULTS[base], **pp}
+    if base == "Siglip2ImageProcessor":
+        pp["size"] = _naflex_size(pp, where)
     if pp.get("do_resize", True) is not True:
         raise ConfigError(f"{where}: do_resize={pp['do_resize']!r}: mlx_clip always resizes to image_size")
     if pp.get("do_rescale", True) is not True:
@@ -165,12 +193,14 @@ def hf_preprocessor_config(
     }
 
 
-def with_hf_preprocessing(cfg: ModelConfig, directory: Path) -> tuple[ModelConfig, str]:
+def with_hf_preprocessing(
+    cfg: ModelConfig, directory: Path, default: str = "CLIP's"
+) -> tuple[ModelConfig, str]:
     """(cfg with the preprocessing of directory/preprocessor_config.json, a note saying what was
-    read); without that file, cfg is unchanged (CLIP's preprocessing)."""
+    read); without that file, cfg is unchanged (its preprocessing is `default`'s, named in the note)."""
     path = directory / HF_FILE
     if not path.is_file():
-        return cfg, f"preprocessing: no {HF_FILE}, CLIP's kept ({describe(cfg)})"
+        return cfg, f"preprocessing: no {HF_FILE}, {default} kept ({describe(cfg)})"
     try:
         pp = json.loads(path.read_text())
     except ValueError as e:

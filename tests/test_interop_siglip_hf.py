@@ -491,3 +491,33 @@ def test_export_refuses_an_image_projection_bias(tmp_path):
         export.main(["--checkpoint", str(ckpt), "--to", "hf", "--out", str(tmp_path / "hf")])
     assert "vision_proj_bias=True (needs False)" in str(e.value.code)
     assert not (tmp_path / "hf").exists()
+
+
+def test_finetune_a_converted_siglip_from_the_cli(hf_siglip, tmp_path):
+    """The fine-tune recipe: a converted SigLIP (its own SentencePiece tokenizer, preprocessing and
+    architecture, taken with model.arch checkpoint) trains from the CLI with loss.type siglip and
+    the image tower locked; the image tower stays bit-identical, the text tower and the bias move."""
+    from safetensors.numpy import load_file
+
+    from mlx_clip.train import main as train_main
+
+    _, _, converted = hf_siglip
+    run = tmp_path / "ft"
+    train_main(
+        ["--out", str(run), "--model.arch", "checkpoint", "--model.init_from", str(converted),
+         "--loss.type", "siglip", "--optim.lock_image", "true", "--steps", "3", "--data.batch_size", "8",
+         "--data.builtin_train_size", "64", "--data.builtin_val_size", "16", "--eval.every", "0",
+         "--train.save_every", "0", "--optim.warmup_steps", "0", "--train.progress", "false"]
+    )  # fmt: skip
+    before = load_file(str(converted / "model.safetensors"))
+    after = load_file(str(run / "checkpoints/step_3/model.safetensors"))
+    assert before.keys() == after.keys()
+    for key in before:
+        assert np.array_equal(before[key], after[key]) == key.startswith("visual."), key
+    summary = json.loads((run / "summary.json").read_text())
+    assert math.isfinite(summary["val_loss"])
+    m = load_mlx(run / "checkpoints/step_3")
+    assert (
+        m.config.resize_mode == "squash"
+        and load_tokenizer(run / "checkpoints/step_3").kind == "sentencepiece"
+    )

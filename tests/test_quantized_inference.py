@@ -166,3 +166,16 @@ def test_search_cache_is_kept_per_quantization(run_dir, images, tmp_path):
 def test_eval_quantize(run_dir, tmp_path):
     out = eval_main(["--checkpoint", str(run_dir), "--quantize", "8", "--out", str(tmp_path / "e.json")])
     assert out["quantization"] == "q8g64" and 0 <= out["zeroshot_top1"] <= 1
+
+
+def test_cpu_dequantize_path_equals_quantized_matmul(monkeypatch):
+    """kernels.quantized_matmul: dequantize + float matmul (fast kernels, the CPU default) and
+    MLX's quantized matmul (native) compute the same product."""
+    model = create_model(_small(vision_width=64, text_width=64, vision_pool="map"))
+    quantize_model(model, 4)
+    x = mx.random.normal((2, 32, 32, 3), key=mx.random.key(2))
+    out = {}
+    for choice in ("fast", "native"):
+        monkeypatch.setenv("MLX_CLIP_KERNELS", choice)
+        out[choice] = np.array(model.encode_image(x))
+    np.testing.assert_allclose(out["fast"], out["native"], atol=2e-5)

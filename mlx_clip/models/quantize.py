@@ -17,10 +17,20 @@ import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from .kernels import quantized_matmul
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)  # what mx.quantize's affine mode accepts
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """MLX's QuantizedLinear whose matmul takes the backend's fastest path (kernels.quantized_matmul)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = quantized_matmul(x, self)
+        return y + self.bias if "bias" in self else y
 
 
 def check_quantization(bits: int, group_size: int) -> None:
@@ -46,7 +56,11 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> nn.Modu
             f"group_size={group_size}: divides the input width of none of the model's {len(linears)} "
             f"linear layers (widths {widths}); choose a group size that divides them"
         )
-    nn.quantize(model, group_size, bits, class_predicate=lambda path, m: path in fits)
+
+    def swap(path: str, m: nn.Module) -> nn.Module:
+        return QuantizedLinear.from_linear(m, group_size, bits) if path in fits else m
+
+    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
     mx.eval(model.parameters())
     left = sorted(set(linears) - fits)
     if left:

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import Activation, ModelConfig, TextPool
-from .kernels import activation, checkpoint_block
+from .kernels import activation, checkpoint_block, quantized_matmul
 
 
 class Attention(nn.Module):
@@ -58,16 +58,7 @@ def _rows(linear: nn.Module, x: mx.array, start: int, stop: int) -> mx.array:
     """x @ W[start:stop].T + b[start:stop]: output rows start..stop of a Linear, or of a
     QuantizedLinear (models/quantize.py), whose packed weight, scales and offsets slice by row alike."""
     if isinstance(linear, nn.QuantizedLinear):
-        y = mx.quantized_matmul(
-            x,
-            linear.weight[start:stop],
-            linear.scales[start:stop],
-            linear.biases[start:stop],
-            transpose=True,
-            group_size=linear.group_size,
-            bits=linear.bits,
-            mode=linear.mode,
-        )
+        y = quantized_matmul(x, linear, start, stop)
     else:
         y = x @ linear.weight[start:stop].T
     return y + linear.bias[start:stop]

@@ -15,6 +15,8 @@ trained into --train-out unless a checkpoint is already there), each variant (fp
   MLX's active memory after loading and its peak during the timed calls.
 
 --arch NAME measures a random-init architecture instead (speed and memory only: no accuracy).
+MLX_CLIP_KERNELS=native times MLX's own quantized matmul instead of the CPU's dequantize + BLAS
+path (mlx_clip/models/kernels.py).
 The JSON goes to benchmarks/results/<host>-quantized-<UTC date and time>.json (or --out); a
 markdown table is printed.
 """
@@ -127,7 +129,10 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     bits = [None] + [int(b) for b in args.bits.split(",") if b]
+    from mlx_clip.models.kernels import use_fast_kernels
+
     doc = {**record_header(SCHEMA), "group_size": args.group_size, "batch": args.batch}
+    doc["fast_kernels"] = use_fast_kernels()  # the CPU's dequantize + BLAS path (MLX_CLIP_KERNELS)
     if args.arch:
         from mlx_clip.models.model import create_model
         from mlx_clip.models.quantize import quantize_model

@@ -179,3 +179,16 @@ def test_cpu_dequantize_path_equals_quantized_matmul(monkeypatch):
         monkeypatch.setenv("MLX_CLIP_KERNELS", choice)
         out[choice] = np.array(model.encode_image(x))
     np.testing.assert_allclose(out["fast"], out["native"], atol=2e-5)
+
+
+def test_benchmark_records_every_variant(run_dir, tmp_path):
+    from benchmarks.quantized import main as bench_main
+
+    doc = bench_main(
+        ["--checkpoint", str(run_dir), "--batch", "2", "--repeats", "1", "--out", str(tmp_path / "q.json")]
+    )
+    assert [r["variant"] for r in doc["rows"]] == ["fp32", "q8g64", "q4g64"]
+    assert json.loads((tmp_path / "q.json").read_text())["rows"] == doc["rows"]
+    fp32, q8, q4 = (r["parameter_bytes"] for r in doc["rows"])
+    assert fp32 > q8 > q4
+    assert all(set(r["accuracy"]) == {"zeroshot_top1", "i2t_R@1", "t2i_R@1"} for r in doc["rows"])

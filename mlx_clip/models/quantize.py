@@ -1,6 +1,6 @@
 """Weight-only quantization of a trained model's linear layers, for inference (embedding, search).
 
-    quantize_model(model, bits=8, group_size=64)   # in place; nn.Linear -> nn.QuantizedLinear
+    quantize_model(model, bits=8, group_size=64)   # in place; nn.Linear -> QuantizedLinear
     quantization(model)                            # "q8g64", or None for a float model
 
 MLX's affine quantization (mx.quantize) stores each row of a weight in groups of `group_size`
@@ -8,7 +8,8 @@ inputs: `bits`-bit integers with a float scale and offset per group, so a layer 
 only when the group size divides its input width. Those that it does not divide stay in float (one
 warning says how many). The embeddings (token, positional, class), the patch embedding (a custom
 matmul on a conv-layout weight), the LayerNorms and the logit scale and bias stay in float too:
-only the linears, which hold nearly all the weights of a ViT, are quantized.
+only the linears, which hold nearly all the weights of a ViT, are quantized. On MLX's CPU backend
+their matmul dequantizes the weight first (kernels.quantized_matmul), about as fast as float32 there.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def check_quantization(bits: int, group_size: int) -> None:
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> nn.Module:
-    """Replace, in place, every nn.Linear whose input width `group_size` divides by an
-    nn.QuantizedLinear of `bits` bits; the others stay in float, and a warning says how many.
+    """Replace, in place, every nn.Linear whose input width `group_size` divides by a
+    QuantizedLinear of `bits` bits; the others stay in float, and a warning says how many.
     A group size that divides no linear layer's input width is a ValueError."""
     check_quantization(bits, group_size)
     linears = {path: m for path, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -74,8 +75,8 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> nn.Modu
 
 
 def quantization(model: nn.Module) -> str | None:
-    """ "q{bits}g{group_size}" of a model with quantized linears (quantize_model), None for a float
-    one: what tells the two apart where their outputs are kept (the folder-search cache)."""
+    """The tag "q{bits}g{group_size}" of a model with quantized linears (quantize_model), None for
+    a float one: what tells the two apart where their outputs are kept (the folder-search cache)."""
     for _, m in model.named_modules():
         if isinstance(m, nn.QuantizedLinear):
             return f"q{m.bits}g{m.group_size}"

@@ -9,10 +9,11 @@ trained into --train-out unless a checkpoint is already there), each variant (fp
 
 - accuracy: the run's own evaluation (mlx_clip.training.evaluate.evaluate on the held-out split of
   the checkpoint's config: zero-shot top-1, retrieval R@1), and the change from fp32 in points;
-- speed: images per second of model.encode_image on a synthetic batch (benchmarks.common), the
-  median of --repeats timed calls after one warm-up, uncompiled as predict runs it;
-- memory: bytes of the model's parameters (quantized weights with their scales and offsets),
-  MLX's active memory after loading and its peak during the timed calls.
+- memory: bytes of the model's parameters (quantized weights with their scales and offsets); what
+  loading left in MLX's active memory ("resident"); and the peak of one encode_image call on a
+  synthetic batch (benchmarks.common): resident plus what the call allocated at most;
+- speed: images per second of model.encode_image on that batch, uncompiled as predict runs it: the
+  median of --repeats timed calls, the variants taking turns (a busy machine slows them alike).
 
 --arch NAME measures a random-init architecture instead (speed and memory only: no accuracy).
 MLX_CLIP_KERNELS=native times MLX's own quantized matmul instead of the CPU's dequantize + BLAS
@@ -51,28 +52,10 @@ def default_checkpoint(train_out: Path) -> Path:
     return train_out
 
 
-def embedding_speed(model, batch: int, repeats: int) -> dict:
-    import mlx.core as mx
-
-    images = mx.array(synthetic_batch(model.config, batch)[0])  # (B, S, S, 3)
-    mx.eval(model.encode_image(images))  # warm-up
-    mx.reset_peak_memory()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(model.encode_image(images))
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {
-        "img_per_s": batch / median,
-        "median_s": median,
-        "peak_bytes": mx.get_peak_memory(),
-        "times_s": times,
-    }
-
-
-def measure(load_variant, bits, data, args) -> dict:
-    """One variant: load it (quantize=bits, None for fp32), then accuracy, speed and memory."""
+def measure(load_variant, bits, data, images) -> tuple[dict, object]:
+    """One variant: load it (quantize=bits, None for fp32), then its memory and accuracy; returns
+    (row, model). The models of earlier variants stay loaded (for the interleaved timing), so the
+    memory is counted from MLX's active memory just before this one is loaded."""
     import mlx.core as mx
 
     from mlx_clip.models.quantize import parameter_bytes, quantization
@@ -80,17 +63,39 @@ def measure(load_variant, bits, data, args) -> dict:
 
     gc.collect()
     mx.clear_cache()
+    before = mx.get_active_memory()
     model = load_variant(bits)
-    out = {
+    resident = mx.get_active_memory() - before
+    mx.eval(model.encode_image(images))  # warm-up, then one call's peak above the resident arrays
+    before_call = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(model.encode_image(images))
+    row = {
         "variant": quantization(model) or "fp32",
         "parameter_bytes": parameter_bytes(model),
-        "active_bytes_after_load": mx.get_active_memory(),
+        "resident_bytes": resident,
+        "peak_bytes": resident + mx.get_peak_memory() - before_call,
     }
     if data is not None:
         metrics = evaluate(model, data)
-        out["accuracy"] = {k: metrics[k] for k in ACCURACY if k in metrics}
-    out["speed"] = embedding_speed(model, args.batch, args.repeats)
-    return out
+        row["accuracy"] = {k: metrics[k] for k in ACCURACY if k in metrics}
+    return row, model
+
+
+def time_interleaved(rows: list[dict], models: list, images, repeats: int) -> None:
+    """rows[i]["speed"]: images per second of models[i].encode_image, the median of `repeats` calls
+    taken in turn with the other variants', so that a busy machine slows them all alike."""
+    import mlx.core as mx
+
+    times = [[] for _ in models]
+    for _ in range(repeats):
+        for model, t in zip(models, times, strict=True):
+            start = time.perf_counter()
+            mx.eval(model.encode_image(images))
+            t.append(time.perf_counter() - start)
+    for row, t in zip(rows, times, strict=True):
+        median = statistics.median(t)
+        row["speed"] = {"img_per_s": images.shape[0] / median, "median_s": median, "times_s": t}
 
 
 def table(rows: list[dict]) -> str:
@@ -104,7 +109,7 @@ def table(rows: list[dict]) -> str:
         line = (
             f"| {r['variant']} | {r['parameter_bytes'] / 1e6:.2f} | "
             f"{r['parameter_bytes'] / base['parameter_bytes']:.2f}x | {s['img_per_s']:.0f} | "
-            f"{s['img_per_s'] / b['img_per_s']:.2f}x | {s['peak_bytes'] / 1e6:.1f} |"
+            f"{s['img_per_s'] / b['img_per_s']:.2f}x | {r['peak_bytes'] / 1e6:.1f} |"
         )
         for k in cols:
             v, v0 = r["accuracy"][k], base["accuracy"][k]
@@ -127,6 +132,8 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import mlx.core as mx
+
     args = parse_args(sys.argv[1:] if argv is None else argv)
     bits = [None] + [int(b) for b in args.bits.split(",") if b]
     from mlx_clip.models.kernels import use_fast_kernels
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {**record_header(SCHEMA), "group_size": args.group_size, "batch": args.batch}
     doc["fast_kernels"] = use_fast_kernels()  # the CPU's dequantize + BLAS path (MLX_CLIP_KERNELS)
     if args.arch:
+        from mlx_clip.models.config import model_config
         from mlx_clip.models.model import create_model
         from mlx_clip.models.quantize import quantize_model
 
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = create_model(args.arch, seed=0)
             return model if b is None else quantize_model(model, b, args.group_size)
 
-        data, doc["arch"] = None, args.arch
+        data, doc["arch"], mcfg = None, args.arch, model_config(args.arch)
     else:
         from mlx_clip.config import load_config
         from mlx_clip.data.run_data import build_run_data
@@ -149,13 +157,21 @@ def main(argv: list[str] | None = None) -> dict:
 
         ckpt = resolve_checkpoint(args.checkpoint or default_checkpoint(args.train_out))
         cfg = load_config(ckpt / "config.yaml", log=None)
-        data = build_run_data(cfg, cfg.model_config(), tokenizer_dir=ckpt, with_train=False)
+        mcfg = cfg.model_config()
+        data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
         doc["checkpoint"] = str(ckpt)
 
         def load_variant(b):
             return mlx_clip.load(ckpt, quantize=b, group_size=args.group_size)[0]
 
-    doc["rows"] = [measure(load_variant, b, data, args) for b in bits]
+    images = mx.array(synthetic_batch(mcfg, args.batch)[0])  # (B, S, S, 3)
+    rows, models = [], []
+    for b in bits:
+        row, model = measure(load_variant, b, data, images)
+        rows.append(row)
+        models.append(model)
+    time_interleaved(rows, models, images, args.repeats)
+    doc["rows"] = rows
     print(table(doc["rows"]))
     stamp = time.strftime("%Y-%m-%d-%H%M%S", time.gmtime())
     out = args.out or RESULTS_DIR / f"{socket.gethostname()}-quantized-{stamp}.json"

@@ -7,8 +7,9 @@ a labelled CSV/JSONL), retrieval (a Karpathy JSON or any caption source) and lin
 prints a table and writes eval.json (scalars and per-class details) and a confusion_NAME.png per
 zero-shot set beside it. --compare CKPT2 evaluates a second checkpoint on the same sets (read once)
 and adds its column and the difference B-A: a fine-tuned model next to its starting point shows
-gain and forgetting. Without sets, it evaluates on the held-out split of the checkpoint's own
-config (or on --data SRC) and prints the metrics as JSON.
+gain and forgetting. --quantize 4|8 [--group-size 64] evaluates the checkpoints with their linear
+layers quantized (models/quantize.py). Without sets, it evaluates on the held-out split of the
+checkpoint's own config (or on --data SRC) and prints the metrics as JSON.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="without sets: evaluation source; default: the run's val split")
     p.add_argument("--out", help="where to write the metrics JSON (default: CHECKPOINT/eval.json)")
     p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)")
+    p.add_argument("--quantize", type=int, metavar="BITS", help="quantize the linear layers to 4 or 8 bits")
+    p.add_argument("--group-size", type=int, default=64, help="inputs per quantization group (32, 64, 128)")
     return p
 
 
@@ -67,13 +70,16 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
     from .evaluation.suite import evaluate_sets, load_sets, parse_spec
     from .inference import load
     from .models.locate import resolve_checkpoint
+    from .models.quantize import quantization
 
     runs = []  # (checkpoint, model, tokenizer) of A, then B
     try:
         specs = [parse_spec(kind, t, args.templates) for kind, ts in texts.items() for t in ts]
         for path in [args.checkpoint] + ([args.compare] if args.compare else []):
             ckpt = resolve_checkpoint(path)
-            model, tokenizer, _ = load(ckpt, verify=not args.no_verify)
+            model, tokenizer, _ = load(
+                ckpt, verify=not args.no_verify, quantize=args.quantize, group_size=args.group_size
+            )
             runs.append((ckpt, model, tokenizer))
         loaded = load_sets(specs, runs[0][1].config.image_size)  # read once, for both checkpoints
         results = []
@@ -87,7 +93,8 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
                 image_size=model.config.image_size,
                 preprocess=ImagePreprocess.of(model.config),
             )
-            results.append({"checkpoint": str(ckpt), "metrics": scalars, "details": details})
+            quantized = {"quantization": quantization(model)} if args.quantize is not None else {}
+            results.append({"checkpoint": str(ckpt), **quantized, "metrics": scalars, "details": details})
     except (DataError, ValueError, FileNotFoundError, OSError) as e:  # ValueError: a bad spec or weights
         sys.exit(f"error: {e}")
 
@@ -118,6 +125,7 @@ def _own_val(args) -> dict:
     from .data.samples import DataError
     from .models.locate import resolve_checkpoint, verify_files
     from .models.model import create_model
+    from .models.quantize import quantization, quantize_model
     from .models.weights import load_weights
     from .schema import ConfigError
     from .training.evaluate import evaluate
@@ -138,8 +146,11 @@ def _own_val(args) -> dict:
     model = create_model(mcfg, seed=None)
     try:
         load_weights(model, ckpt / "model.safetensors")
+        if args.quantize is not None:
+            quantize_model(model, args.quantize, args.group_size)
         data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
-        metrics = {"checkpoint": str(ckpt), **evaluate(model, data)}
+        quantized = {"quantization": quantization(model)} if args.quantize is not None else {}
+        metrics = {"checkpoint": str(ckpt), **quantized, **evaluate(model, data)}
     except (DataError, ValueError, OSError) as e:  # bad data (a worker's error too), or weights
         sys.exit(f"error: {e}")
     out = Path(args.out) if args.out else ckpt / "eval.json"

@@ -13,7 +13,8 @@ independent of the other labels (`probability_kind` tells which).
 Index cache (`index_folder`): FOLDER/.mlx_clip_index/ (or CACHE/<folder name>-<path hash>/) holds,
 per model, `<sha16>.safetensors` (tensor "embeddings", (N, E) float32) and `<sha16>.json` (the
 manifest: one {path, size, mtime_ns, ino, ctime_ns} per row), where sha16 starts the sha256 of the
-checkpoint's model.safetensors, so another model never reuses them. Both files are written to a
+checkpoint's model.safetensors, so another model never reuses them (a model loaded with
+quantize= adds its quantization, `<sha16>-q8g64.*`). Both files are written to a
 temporary name and renamed; the manifest, renamed last, carries a random `generation` that must
 equal the one in the safetensors header, so a half-finished update reads as "no cache" and is rebuilt.
 A row is reused while size, mtime, inode and ctime are unchanged: a file replaced with the same size
@@ -47,6 +48,7 @@ from .evaluation.metrics import zero_shot_classifier
 from .models.config import ModelConfig
 from .models.locate import resolve_checkpoint, verify_files
 from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
+from .models.quantize import check_quantization, quantization, quantize_model
 from .models.weights import load_weights
 from .text.tokenizer import Tokenizer
 from .text.vocab import load_tokenizer
@@ -111,12 +113,17 @@ def _model_config_and_tokenizer_kind(ckpt: Path):
     return ModelConfig.from_dict(json.loads(meta["config"])), "auto"
 
 
-def load(path: str | Path, verify: bool = True) -> tuple[CLIP, Tokenizer, Preprocess]:
+def load(
+    path: str | Path, verify: bool = True, quantize: int | None = None, group_size: int = 64
+) -> tuple[CLIP, Tokenizer, Preprocess]:
     """A checkpoint (step_N/, checkpoints/ or run directory) -> (model, tokenizer, preprocess).
 
     The model is in eval mode with its weights loaded; the tokenizer pads to the model's context
     length; preprocess maps a PIL image or a path to float32 (S, S, 3). Where the checkpoint has
-    checksums (state.json), its files are checked first, unless verify=False."""
+    checksums (state.json), its files are checked first, unless verify=False. quantize=4 or 8
+    quantizes its linear layers after loading, in groups of `group_size` (models/quantize.py)."""
+    if quantize is not None:
+        check_quantization(quantize, group_size)
     ckpt = resolve_checkpoint(path)
     if verify:
         verify_files(ckpt, hint="; --no-verify (CLI) or verify=False skips this check")
@@ -124,6 +131,8 @@ def load(path: str | Path, verify: bool = True) -> tuple[CLIP, Tokenizer, Prepro
     model = create_model(mcfg, seed=None)
     load_weights(model, ckpt / "model.safetensors")
     model.eval()
+    if quantize is not None:
+        quantize_model(model, quantize, group_size)
     try:
         tokenizer = load_tokenizer(ckpt)
     except FileNotFoundError:
@@ -297,18 +306,21 @@ def scan_images(root: Path) -> dict[str, tuple[int, ...]]:
     return dict(sorted(found.items()))
 
 
-def cache_files(root: Path, model_sha256: str, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """(embeddings .safetensors, manifest .json) of one folder and one model."""
+def cache_files(
+    root: Path, model_sha256: str, cache_dir: str | Path | None = None, quantized: str | None = None
+) -> tuple[Path, Path]:
+    """(embeddings .safetensors, manifest .json) of one folder and one model (`quantized`: its
+    quantization, "q8g64", or None in float)."""
     if cache_dir is None:
         directory = root / INDEX_DIR
     else:  # a shared cache directory: one subdirectory per indexed folder
         tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
         directory = Path(cache_dir) / f"{root.resolve().name}-{tag}"
-    stem = model_sha256[:16]
+    stem = model_sha256[:16] + (f"-{quantized}" if quantized else "")
     return directory / f"{stem}.safetensors", directory / f"{stem}.json"
 
 
-def _read_cache(emb_path: Path, manifest_path: Path, model_sha256: str, dim: int):
+def _read_cache(emb_path: Path, manifest_path: Path, model_sha256: str, quantized: str | None, dim: int):
     """path -> ((size, mtime_ns, ino, ctime_ns), (E,) vector) from a consistent cache, else None."""
     if not manifest_path.is_file():
         return None
@@ -322,6 +334,7 @@ def _read_cache(emb_path: Path, manifest_path: Path, model_sha256: str, dim: int
             raise ValueError(f"index version {manifest.get('version')}, this mlx_clip writes {INDEX_VERSION}")
         ok = (
             manifest.get("model_sha256") == model_sha256
+            and manifest.get("quantization") == quantized
             and manifest.get("generation") == generation
             and emb.shape == (len(files), dim)
         )
@@ -356,16 +369,17 @@ def _write_cache(emb_path: Path, manifest_path: Path, manifest: dict, features: 
 def index_folder(
     model, preprocess, folder, model_sha256: str, cache_dir=None, batch_size: int = 32
 ) -> FolderIndex:
-    """Embeddings of every image below `folder`, reusing the cached ones whose size, mtime, inode and
-    ctime are unchanged (module doc); new or changed files are embedded, deleted ones dropped,
-    unreadable ones skipped with a SkippedImageWarning. The cache is rewritten only when something changed."""
+    """Embeddings of every image below `folder`, reusing the cached ones (per model file and
+    quantization) whose size, mtime, inode and ctime are unchanged (module doc); new or changed files
+    are embedded, deleted ones dropped, unreadable ones skipped with a SkippedImageWarning. The
+    cache is rewritten only when something changed."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    dim = model.config.embed_dim
-    emb_path, manifest_path = cache_files(root, model_sha256, cache_dir)
+    dim, quantized = model.config.embed_dim, quantization(model)
+    emb_path, manifest_path = cache_files(root, model_sha256, cache_dir, quantized)
     current = scan_images(root)
-    cached = _read_cache(emb_path, manifest_path, model_sha256, dim)
+    cached = _read_cache(emb_path, manifest_path, model_sha256, quantized, dim)
     known = cached or {}
     feats = {p: known[p][1] for p, st in current.items() if p in known and known[p][0] == st}
     todo = [p for p in current if p not in feats]
@@ -386,6 +400,7 @@ def index_folder(
         manifest = {
             "version": INDEX_VERSION,
             "model_sha256": model_sha256,
+            "quantization": quantized,
             "generation": uuid.uuid4().hex,
             "image_size": preprocess.image_size,
             "files": [{"path": p, **dict(zip(FILE_KEY, current[p], strict=True))} for p in paths],

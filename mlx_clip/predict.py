@@ -17,6 +17,9 @@ Zero-shot classification of images against text labels, or text search over a fo
              embeddings are cached in FOLDER/.mlx_clip_index/ (or --cache DIR), per model, and
              refreshed incrementally: only new or changed files are embedded.
 
+`--quantize 4|8` (with `--group-size`, default 64) quantizes the model's linear layers after
+loading: less memory, slightly different embeddings, cached apart from the float model's.
+
 `--json` prints the results as one JSON object instead of tables ("probability": "softmax" or
 "sigmoid" says which of the two the probabilities are). Unreadable images are an error in
 zero-shot mode and skipped with a warning in search mode.
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)")
+    p.add_argument("--quantize", type=int, metavar="BITS", help="quantize the linear layers to 4 or 8 bits")
+    p.add_argument("--group-size", type=int, default=64, help="inputs per quantization group (32, 64, 128)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.images and not args.labels:
         p.error("--images needs --labels")
@@ -178,14 +183,18 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.showwarning = _show_warning  # "warning: <path>: ..." lines, not Python locations
         try:
             ckpt = resolve_checkpoint(args.checkpoint)
-            model, tokenizer, preprocess = load(ckpt, verify=not args.no_verify)
+            model, tokenizer, preprocess = load(
+                ckpt, verify=not args.no_verify, quantize=args.quantize, group_size=args.group_size
+            )
             if args.images:
                 out = zero_shot(args, model, tokenizer, preprocess)
             else:
                 out = search(args, model, tokenizer, preprocess, ckpt)
         except (OSError, DataError, ConfigError, ValueError) as e:
             sys.exit(f"error: {e}")
-    out = {"checkpoint": str(ckpt), **out}
+    from .models.quantize import quantization
+
+    out = {"checkpoint": str(ckpt), "quantization": quantization(model), **out}
     if args.json:
         print(json.dumps(out, indent=1))
     elif args.images:

@@ -5,4 +5,5 @@ transformer.py   attention, MLP, residual blocks, the vision and text towers
 model.py         CLIP: the two towers, logit scale (and SigLIP's bias); features, never a loss
 kernels.py       the one switch for backend-specific kernels (arithmetic GELUs on MLX's CPU backend)
 weights.py       canonical safetensors: save, strict load, find a checkpoint directory
+quantize.py      weight-only quantization of the linear layers, for inference
 """

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import Activation, ModelConfig, TextPool
-from .kernels import activation, checkpoint_block
+from .kernels import activation, checkpoint_block, quantized_matmul
 
 
 class Attention(nn.Module):
@@ -47,12 +47,21 @@ class Attention(nn.Module):
         rows project the queries, the other 2D the keys and values (torch's MultiheadAttention)."""
         B, L, D = x.shape
         S, h = context.shape[1], self.heads
-        w, b = self.in_proj.weight, self.in_proj.bias
-        q = (x @ w[:D].T + b[:D]).reshape(B, L, h, D // h).transpose(0, 2, 1, 3)  # (B, h, L, hd)
-        kv = (context @ w[D:].T + b[D:]).reshape(B, S, 2, h, D // h)
+        q = _rows(self.in_proj, x, 0, D).reshape(B, L, h, D // h).transpose(0, 2, 1, 3)  # (B, h, L, hd)
+        kv = _rows(self.in_proj, context, D, 3 * D).reshape(B, S, 2, h, D // h)
         kv = kv.transpose(2, 0, 3, 1, 4)  # (2, B, h, S, hd)
         out = mx.fast.scaled_dot_product_attention(q, kv[0], kv[1], scale=(D // h) ** -0.5)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+
+
+def _rows(linear: nn.Module, x: mx.array, start: int, stop: int) -> mx.array:
+    """x @ W[start:stop].T + b[start:stop]: output rows start..stop of a Linear, or of a
+    QuantizedLinear (models/quantize.py), whose packed weight, scales and offsets slice by row alike."""
+    if isinstance(linear, nn.QuantizedLinear):
+        y = quantized_matmul(x, linear, start, stop)
+    else:
+        y = x @ linear.weight[start:stop].T
+    return y + linear.bias[start:stop]
 
 
 class MLP(nn.Module):

@@ -21,6 +21,7 @@ from ..models.config import ModelConfig
 from ..models.model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
 from . import streams
 from .distributed import World
+from .ema import ModelEMA
 from .loss import contrastive_loss
 from .optim import build_optimizer, lock_parameters
 from .temperature import Temperature
@@ -38,6 +39,7 @@ class Training:
     state: list
     temperature: Temperature
     locked: list[str]  # paths of the frozen parameters (optim.lock_*)
+    ema: ModelEMA | None = None  # train.ema_decay > 0: after each step, ema.update(...) (loop.py)
 
 
 def build_training(
@@ -62,12 +64,16 @@ def build_training(
     if not temperature.learnable:  # the schedule writes logit_scale before every step
         model.freeze(recurse=False, keys=["logit_scale"])
     lanes = streams.Lanes(n_streams)
-    optimizer = build_optimizer(cfg.optim, cfg.train.steps, place=lanes.run)
+    optimizer = build_optimizer(cfg.optim, cfg.train.steps, place=lanes.run, mcfg=model.config)
     optimizer.init(model.trainable_parameters())
     if prepare is not None:
         prepare(model, optimizer)
     step, state = make_step(model, optimizer, cfg, world, lanes)
-    return Training(model, optimizer, step, state, temperature, locked)
+    # The EMA starts at the weights prepare() left (initial, init_from or resumed ones).
+    ema = ModelEMA(model, cfg.train) if cfg.train.ema_decay else None
+    if ema is not None:
+        state = [*state, ema.state]
+    return Training(model, optimizer, step, state, temperature, locked, ema)
 
 
 def compute_dtype(cfg: Config):

@@ -111,18 +111,22 @@ def _model_config_and_tokenizer_kind(ckpt: Path):
     return ModelConfig.from_dict(json.loads(meta["config"])), "auto"
 
 
-def load(path: str | Path, verify: bool = True) -> tuple[CLIP, Tokenizer, Preprocess]:
+def load(path: str | Path, verify: bool = True, ema: bool = False) -> tuple[CLIP, Tokenizer, Preprocess]:
     """A checkpoint (step_N/, checkpoints/ or run directory) -> (model, tokenizer, preprocess).
 
-    The model is in eval mode with its weights loaded; the tokenizer pads to the model's context
+    The model is in eval mode with its weights loaded (ema=True: the EMA weights a run with
+    train.ema_decay saved as ema.safetensors); the tokenizer pads to the model's context
     length; preprocess maps a PIL image or a path to float32 (S, S, 3). Where the checkpoint has
     checksums (state.json), its files are checked first, unless verify=False."""
     ckpt = resolve_checkpoint(path)
     if verify:
         verify_files(ckpt, hint="; --no-verify (CLI) or verify=False skips this check")
+    weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing; the EMA is saved only by runs with train.ema_decay > 0")
     mcfg, tok_kind = _model_config_and_tokenizer_kind(ckpt)
     model = create_model(mcfg, seed=None)
-    load_weights(model, ckpt / "model.safetensors")
+    load_weights(model, weights)
     model.eval()
     try:
         tokenizer = load_tokenizer(ckpt)

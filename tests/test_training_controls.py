@@ -14,10 +14,12 @@ from safetensors.numpy import load_file
 
 import mlx_clip
 from mlx_clip.config import OptimConfig, TrainConfig, load_config
+from mlx_clip.data.run_data import build_run_data
 from mlx_clip.models.config import model_config
 from mlx_clip.schema import ConfigError
 from mlx_clip.train import main as train_main
 from mlx_clip.training.ema import ModelEMA, ema_decay_at
+from mlx_clip.training.evaluate import val_loss
 from mlx_clip.training.optim import build_optimizer, lock_parameters, mx_schedule
 from mlx_clip.training.optim_rules import lr_at
 
@@ -85,14 +87,12 @@ def test_eval_uses_the_ema_when_asked(ema_runs):
     """Same weights and EMA (bit-exact above): the EMA run's metrics are the EMA model's."""
     full, _, summary_ema, summary_raw = ema_runs
     assert summary_ema["val_loss"] != summary_raw["val_loss"]
-    model, _, _ = mlx_clip.load(full)  # the raw weights, with the EMA swapped in, give the EMA's loss
-    model.load_weights(str(full / "checkpoints" / "step_6" / "ema.safetensors"))
+    model, _, _ = mlx_clip.load(full, ema=True)  # ema.safetensors
     cfg = load_config(full / "config.yaml")
-    from mlx_clip.data.run_data import build_run_data
-    from mlx_clip.training.evaluate import val_loss
-
     data = build_run_data(cfg, cfg.model_config(), full / "checkpoints" / "step_6")
     assert val_loss(model, data, cfg) == pytest.approx(summary_ema["val_loss"], rel=1e-6)
+    raw, _, _ = mlx_clip.load(full)  # model.safetensors: the raw weights
+    assert val_loss(raw, data, cfg) == pytest.approx(summary_raw["val_loss"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------

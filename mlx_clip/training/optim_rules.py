@@ -134,9 +134,10 @@ def learning_rate(step, cfg: OptimConfig, total_steps: int, base_lr: float | Non
         after = cfg.lr
     elif cfg.schedule == "const-cooldown":
         start = total_steps - cfg.cooldown_steps
-        progress = minimum(1.0, (step - start) / max(1, cfg.cooldown_steps))  # < 0 before the cooldown
+        progress = minimum(1.0, (step - start) / max(1, cfg.cooldown_steps))
+        remaining = minimum(1.0, 1 - progress)  # in [0, 1]: before the cooldown too (no overflow)
         end = cfg.cooldown_end_lr
-        after = where(step < start, cfg.lr, end + (cfg.lr - end) * (1 - progress) ** cfg.cooldown_power)
+        after = where(step < start, cfg.lr, end + (cfg.lr - end) * remaining**cfg.cooldown_power)
     else:
         progress = minimum(1.0, (step - warmup) / max(1, total_steps - warmup))
         after = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + cos(math.pi * progress))

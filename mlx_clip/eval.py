@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="without sets: evaluation source; default: the run's val split")
     p.add_argument("--out", help="where to write the metrics JSON (default: CHECKPOINT/eval.json)")
     p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)")
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="the EMA weights (ema.safetensors; train.ema_decay) of every checkpoint",
+    )
     return p
 
 
@@ -73,7 +78,7 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
         specs = [parse_spec(kind, t, args.templates) for kind, ts in texts.items() for t in ts]
         for path in [args.checkpoint] + ([args.compare] if args.compare else []):
             ckpt = resolve_checkpoint(path)
-            model, tokenizer, _ = load(ckpt, verify=not args.no_verify)
+            model, tokenizer, _ = load(ckpt, verify=not args.no_verify, ema=args.ema)
             runs.append((ckpt, model, tokenizer))
         loaded = load_sets(specs, runs[0][1].config.image_size)  # read once, for both checkpoints
         results = []
@@ -91,7 +96,7 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
     except (DataError, ValueError, FileNotFoundError, OSError) as e:  # ValueError: a bad spec or weights
         sys.exit(f"error: {e}")
 
-    out = Path(args.out) if args.out else runs[0][0] / "eval.json"
+    out = Path(args.out) if args.out else runs[0][0] / _default_out(args)
     result = results[0]
     if len(results) == 2:
         a, b = results[0]["metrics"], results[1]["metrics"]
@@ -137,12 +142,12 @@ def _own_val(args) -> dict:
     mcfg = cfg.model_config()
     model = create_model(mcfg, seed=None)
     try:
-        load_weights(model, ckpt / "model.safetensors")
+        load_weights(model, ckpt / ("ema.safetensors" if args.ema else "model.safetensors"))
         data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
         metrics = {"checkpoint": str(ckpt), **evaluate(model, data)}
     except (DataError, ValueError, OSError) as e:  # bad data (a worker's error too), or weights
         sys.exit(f"error: {e}")
-    out = Path(args.out) if args.out else ckpt / "eval.json"
+    out = Path(args.out) if args.out else ckpt / _default_out(args)
     try:
         out.write_text(json.dumps(metrics, indent=1))
     except OSError as e:
@@ -150,6 +155,10 @@ def _own_val(args) -> dict:
         sys.exit(f"error: could not write {out} ({e}); the metrics are printed above")
     print(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _default_out(args) -> str:
+    return "eval_ema.json" if args.ema else "eval.json"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 import mlx_clip
 from mlx_clip.config import OptimConfig, TrainConfig, load_config
 from mlx_clip.data.run_data import build_run_data
+from mlx_clip.eval import main as eval_main
 from mlx_clip.models.config import model_config
 from mlx_clip.run_args import parse_args
 from mlx_clip.schema import ConfigError
@@ -94,6 +95,10 @@ def test_eval_uses_the_ema_when_asked(ema_runs):
     assert val_loss(model, data, cfg) == pytest.approx(summary_ema["val_loss"], rel=1e-6)
     raw, _, _ = mlx_clip.load(full)  # model.safetensors: the raw weights
     assert val_loss(raw, data, cfg) == pytest.approx(summary_raw["val_loss"], rel=1e-6)
+    again = eval_main(["--checkpoint", str(full), "--ema"])  # the eval CLI on ema.safetensors
+    assert again["zeroshot_top1"] == summary_ema["zeroshot_top1"]
+    assert again["i2t_mean_rank"] == pytest.approx(summary_ema["i2t_mean_rank"])
+    assert (full / "checkpoints" / "step_6" / "eval_ema.json").is_file()
 
 
 # ---------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def _own_val(args) -> dict:
     from .config import load_config
     from .data.run_data import build_run_data
     from .data.samples import DataError
-    from .models.locate import resolve_checkpoint, verify_files
+    from .models.locate import checkpoint_weights, resolve_checkpoint, verify_files
     from .models.model import create_model
     from .models.weights import load_weights
     from .schema import ConfigError
@@ -142,7 +142,7 @@ def _own_val(args) -> dict:
     mcfg = cfg.model_config()
     model = create_model(mcfg, seed=None)
     try:
-        load_weights(model, ckpt / ("ema.safetensors" if args.ema else "model.safetensors"))
+        load_weights(model, checkpoint_weights(ckpt, args.ema))
         data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
         metrics = {"checkpoint": str(ckpt), **evaluate(model, data)}
     except (DataError, ValueError, OSError) as e:  # bad data (a worker's error too), or weights

@@ -45,7 +45,7 @@ from .data.samples import DataError
 from .data.transforms import CLIP_PREPROCESS, ImagePreprocess
 from .evaluation.metrics import zero_shot_classifier
 from .models.config import ModelConfig
-from .models.locate import resolve_checkpoint, verify_files
+from .models.locate import checkpoint_weights, resolve_checkpoint, verify_files
 from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
 from .models.weights import load_weights
 from .text.tokenizer import Tokenizer
@@ -121,9 +121,7 @@ def load(path: str | Path, verify: bool = True, ema: bool = False) -> tuple[CLIP
     ckpt = resolve_checkpoint(path)
     if verify:
         verify_files(ckpt, hint="; --no-verify (CLI) or verify=False skips this check")
-    weights = ckpt / ("ema.safetensors" if ema else "model.safetensors")
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing; the EMA is saved only by runs with train.ema_decay > 0")
+    weights = checkpoint_weights(ckpt, ema)
     mcfg, tok_kind = _model_config_and_tokenizer_kind(ckpt)
     model = create_model(mcfg, seed=None)
     load_weights(model, weights)

@@ -16,6 +16,7 @@ import mlx_clip
 from mlx_clip.config import OptimConfig, TrainConfig, load_config
 from mlx_clip.data.run_data import build_run_data
 from mlx_clip.eval import main as eval_main
+from mlx_clip.export import main as export_main
 from mlx_clip.models.config import model_config
 from mlx_clip.run_args import parse_args
 from mlx_clip.schema import ConfigError
@@ -99,6 +100,18 @@ def test_eval_uses_the_ema_when_asked(ema_runs):
     assert again["zeroshot_top1"] == summary_ema["zeroshot_top1"]
     assert again["i2t_mean_rank"] == pytest.approx(summary_ema["i2t_mean_rank"])
     assert (full / "checkpoints" / "step_6" / "eval_ema.json").is_file()
+
+
+def test_export_takes_the_ema(ema_runs, tmp_path):
+    full = ema_runs[0]
+    export_main(["--checkpoint", str(full), "--to", "torch_ref", "--out", str(tmp_path / "tr"), "--ema"])
+    exported = load_file(str(tmp_path / "tr" / "model.safetensors"))
+    ema = load_file(str(full / "checkpoints" / "step_6" / "ema.safetensors"))
+    assert all(np.array_equal(exported[k], ema[k]) for k in ema)
+    with pytest.raises(SystemExit, match="only runs trained with train.ema_decay"):
+        export_main(
+            ["--checkpoint", str(tmp_path / "tr"), "--to", "hf", "--out", str(tmp_path / "hf"), "--ema"]
+        )
 
 
 # ---------------------------------------------------------------------------

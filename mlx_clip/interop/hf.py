@@ -329,9 +329,10 @@ def import_hf(src: str | Path, out: str | Path, force: bool = False) -> list[str
     return [f"read {path}", tokenizer, preprocessing]
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
-    """An mlx_clip checkpoint -> a directory that transformers' CLIPModel / AutoProcessor load."""
-    ckpt, cfg, state, tok = read_checkpoint(checkpoint)
+def export_hf(checkpoint: str | Path, out: str | Path, force: bool = False, ema: bool = False) -> list[str]:
+    """An mlx_clip checkpoint (`ema`: its EMA weights) -> a directory that transformers' CLIPModel /
+    AutoProcessor load."""
+    ckpt, cfg, state, tok = read_checkpoint(checkpoint, ema)
     hf_state = contiguous(canonical_to_hf(state, cfg))
     with staged_output(out, force) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -29,9 +29,10 @@ from .temperature import Temperature
 
 @dataclass
 class Training:
-    """What build_training returns. After each `loss, grad_norm = step(images, tokens)`, evaluate
-    `mx.eval(state, loss, grad_norm)`: the whole update happens in that one evaluation. A
-    non-finite loss or grad_norm means the update was rejected (make_update)."""
+    """What build_training returns. After each `loss, grad_norm = run_step(images, tokens, i)`
+    (the compiled `step`, and the EMA's update), evaluate `mx.eval(state, loss, grad_norm)`: the
+    whole update happens in that one evaluation. A non-finite loss or grad_norm means the update
+    was rejected (make_update)."""
 
     model: CLIP
     optimizer: optim.Optimizer
@@ -39,7 +40,15 @@ class Training:
     state: list
     temperature: Temperature
     locked: list[str]  # paths of the frozen parameters (optim.lock_*)
-    ema: ModelEMA | None = None  # train.ema_decay > 0: after each step, ema.update(...) (loop.py)
+    ema: ModelEMA | None = None  # train.ema_decay > 0
+
+    def run_step(self, images: mx.array, tokens: mx.array, step: int) -> tuple[mx.array, mx.array]:
+        """Training step `step` (0-based): `step`, then the EMA update queued on its lazy result
+        (still one evaluation of `state`). What the trainer and auto batch size run."""
+        loss, grad_norm = self.step(images, tokens)
+        if self.ema is not None:
+            self.ema.update(self.model, step, loss, grad_norm)
+        return loss, grad_norm
 
 
 def build_training(

@@ -267,9 +267,7 @@ def train_step(run: Run, batch: dict) -> tuple[mx.array, mx.array, float | None]
         model.logit_scale = mx.array(temperature.logit_scale_param(step), mx.float32)
     scale_used = model.logit_scale  # (arrays are immutable: the step assigns a new one)
     with run.world.guard(f"training step {step + 1}"), out_of_memory_hint(run.cfg):
-        loss, grad_norm = training.step(mx.array(batch["images"]), mx.array(batch["tokens"]))
-        if training.ema is not None:  # queued on the step's lazy result: still one evaluation
-            training.ema.update(model, step, loss, grad_norm)
+        loss, grad_norm = training.run_step(mx.array(batch["images"]), mx.array(batch["tokens"]), step)
         mx.eval(training.state, loss, grad_norm)  # (the guard bounds waits on the other ranks)
     if not run.world.is_main:
         return loss, grad_norm, None

@@ -40,6 +40,8 @@ LossType = Literal["clip", "siglip", "hard_negative", "multi_scale"]  # training
 HardNegativeStrategy = Literal["semi-hard", "hard", "weighted"]  # training/loss.py
 TemperatureSchedule = Literal["learnable", "constant", "warmup", "cosine", "exponential", "adaptive"]
 Precision = Literal["float32", "bfloat16"]
+OptimizerName = Literal["adamw", "lion"]  # training/optim.py
+LRSchedule = Literal["cosine", "const", "const-cooldown"]  # training/optim_rules.py
 
 
 @dataclass
@@ -213,6 +215,20 @@ class OptimConfig:
     # GradCache / open_clip accum-freq: the batch is run as accum_steps micro-batches whose features
     # form one contrastive batch; same gradients as the whole batch, activations of one micro-batch.
     accum_steps: int = 1
+    # adamw, or lion (sign updates: take lr 3-10x smaller and weight_decay 3-10x larger than
+    # AdamW's; beta1/beta2 are Lion's two betas, eps is unused)
+    optimizer: OptimizerName = "adamw"
+    # After warmup: cosine (to min_lr at the last step) | const | const-cooldown (const, then the
+    # last cooldown_steps decay to cooldown_end_lr as (1 - progress) ** cooldown_power; open_clip's)
+    schedule: LRSchedule = "cosine"
+    cooldown_steps: int = 0
+    cooldown_power: float = 1.0  # 1: linear
+    cooldown_end_lr: float = 0.0
+    # Layer-wise learning-rate decay per tower (BEiT/timm; null or 1: off): residual block i of L
+    # gets decay ** (L - i) times the tower's rate, the embeddings decay ** (L + 1), the final
+    # norm, pooling head and projection 1.
+    image_layer_decay: float | None = None
+    text_layer_decay: float | None = None
 
 
 @dataclass
@@ -239,6 +255,12 @@ class TrainConfig:
     # rank, a lost link) exits; it must exceed rank 0's longest evaluation + checkpoint.
     dist_timeout: float = 300.0
     dist_bucket_mb: float = 25.0  # gradients are averaged in all_sum buckets of about this size
+    # An exponential moving average of the trainable weights, updated after every accepted step
+    # (training/ema.py; 0: off). Saved as ema.safetensors beside model.safetensors.
+    ema_decay: float = 0.0
+    # The EMA's averaging window 1 / (1 - decay) grows linearly from 1 step to its full
+    # 1 / (1 - ema_decay) over the first ema_warmup steps (0: the full decay from step 1).
+    ema_warmup: int = 0
 
 
 @dataclass
@@ -254,6 +276,8 @@ class EvalConfig:
     # Named sets, each {name, kind: zeroshot|retrieval|linear_probe, path, test_path (linear_probe),
     # templates (zeroshot: openai|short|dataset|FILE)}; metrics are "NAME/top1", "NAME/i2t_R@1", ...
     sets: list[EvalSetSpec] = field(default_factory=list)
+    # Evaluate (and pick the best checkpoint by) the EMA weights (needs train.ema_decay > 0).
+    use_ema: bool = False
 
     def validate(self) -> None:
         if self.every < 0:
@@ -380,6 +404,7 @@ class Config:
             raise ConfigError(f"optim.weight_decay must be in [0, 10], got {o.weight_decay}")
         if t.steps < 1:
             raise ConfigError(f"train.steps must be at least 1, got {t.steps}")
+        self._validate_controls()
         if not 0 <= t.seed < 2**32:
             raise ConfigError(f"train.seed must be in [0, 2**32 - 1], got {t.seed}")
         if t.streams != "auto" and t.streams < 1:
@@ -398,6 +423,40 @@ class Config:
                 f"tokenizer.kind='openai' has 49408 tokens but model.vocab_size={mcfg.vocab_size}"
             )
         self.eval.validate()
+
+    def _validate_controls(self) -> None:
+        """Optimizer, schedule, layer decay and EMA settings."""
+        o, t = self.optim, self.train
+        if o.schedule == "const-cooldown":
+            room = t.steps - o.warmup_steps
+            if not 1 <= o.cooldown_steps <= room:
+                raise ConfigError(
+                    f"optim.cooldown_steps must be in [1, train.steps - optim.warmup_steps = {room}] "
+                    f"with optim.schedule const-cooldown, got {o.cooldown_steps}"
+                )
+            if not 0 < o.cooldown_power <= 100:
+                raise ConfigError(
+                    f"optim.cooldown_power must be in (0, 100] (1: linear), got {o.cooldown_power}"
+                )
+            if not 0 <= o.cooldown_end_lr <= o.lr:
+                raise ConfigError(
+                    f"optim.cooldown_end_lr must be in [0, optim.lr={o.lr}], got {o.cooldown_end_lr}"
+                )
+        elif o.cooldown_steps:
+            raise ConfigError(
+                f"optim.cooldown_steps={o.cooldown_steps} is used only by optim.schedule const-cooldown "
+                f"(now {o.schedule}); set the schedule or leave cooldown_steps at 0"
+            )
+        for name in ("image_layer_decay", "text_layer_decay"):
+            decay = getattr(o, name)
+            if decay is not None and not 0 < decay <= 1:
+                raise ConfigError(f"optim.{name} must be in (0, 1] (or null: off), got {decay}")
+        if not 0 <= t.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), got {t.ema_decay}")
+        if t.ema_warmup < 0:
+            raise ConfigError(f"train.ema_warmup must be >= 0 steps, got {t.ema_warmup}")
+        if self.eval.use_ema and not t.ema_decay:
+            raise ConfigError("eval.use_ema evaluates the EMA weights: set train.ema_decay (e.g. 0.999) too")
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = (), log=print) -> Config:

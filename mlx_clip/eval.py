@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)")
     p.add_argument("--quantize", type=int, metavar="BITS", help="quantize the linear layers to 4 or 8 bits")
     p.add_argument("--group-size", type=int, default=64, help="inputs per quantization group (32, 64, 128)")
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="the EMA weights (ema.safetensors; train.ema_decay) of every checkpoint",
+    )
     return p
 
 
@@ -78,7 +83,11 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
         for path in [args.checkpoint] + ([args.compare] if args.compare else []):
             ckpt = resolve_checkpoint(path)
             model, tokenizer, _ = load(
-                ckpt, verify=not args.no_verify, quantize=args.quantize, group_size=args.group_size
+                ckpt,
+                verify=not args.no_verify,
+                quantize=args.quantize,
+                group_size=args.group_size,
+                ema=args.ema,
             )
             runs.append((ckpt, model, tokenizer))
         loaded = load_sets(specs, runs[0][1].config.image_size)  # read once, for both checkpoints
@@ -98,7 +107,7 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
     except (DataError, ValueError, FileNotFoundError, OSError) as e:  # ValueError: a bad spec or weights
         sys.exit(f"error: {e}")
 
-    out = Path(args.out) if args.out else runs[0][0] / "eval.json"
+    out = Path(args.out) if args.out else runs[0][0] / _default_out(args)
     result = results[0]
     if len(results) == 2:
         a, b = results[0]["metrics"], results[1]["metrics"]
@@ -123,7 +132,7 @@ def _own_val(args) -> dict:
     from .config import load_config
     from .data.run_data import build_run_data
     from .data.samples import DataError
-    from .models.locate import resolve_checkpoint, verify_files
+    from .models.locate import checkpoint_weights, resolve_checkpoint, verify_files
     from .models.model import create_model
     from .models.quantize import quantization, quantize_model
     from .models.weights import load_weights
@@ -145,7 +154,7 @@ def _own_val(args) -> dict:
     mcfg = cfg.model_config()
     model = create_model(mcfg, seed=None)
     try:
-        load_weights(model, ckpt / "model.safetensors")
+        load_weights(model, checkpoint_weights(ckpt, args.ema))
         if args.quantize is not None:
             quantize_model(model, args.quantize, args.group_size)
         data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
@@ -153,7 +162,7 @@ def _own_val(args) -> dict:
         metrics = {"checkpoint": str(ckpt), **quantized, **evaluate(model, data)}
     except (DataError, ValueError, OSError) as e:  # bad data (a worker's error too), or weights
         sys.exit(f"error: {e}")
-    out = Path(args.out) if args.out else ckpt / "eval.json"
+    out = Path(args.out) if args.out else ckpt / _default_out(args)
     try:
         out.write_text(json.dumps(metrics, indent=1))
     except OSError as e:
@@ -161,6 +170,10 @@ def _own_val(args) -> dict:
         sys.exit(f"error: could not write {out} ({e}); the metrics are printed above")
     print(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _default_out(args) -> str:
+    return "eval_ema.json" if args.ema else "eval.json"
 
 
 if __name__ == "__main__":

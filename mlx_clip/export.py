@@ -12,6 +12,9 @@ latest checkpoint) in another framework's format:
   torch_ref  model.safetensors (the canonical file, copied), model.yaml, config.yaml and the tokenizer:
              torch_ref.load_weights(torch_ref.create_model("OUT/model.yaml"), "OUT/model.safetensors");
              model.yaml keeps init_logit_scale / init_logit_bias, so a SigLIP model has its logit_bias
+
+--ema exports the EMA weights a run with train.ema_decay saved (ema.safetensors) instead of the
+trained ones (model.safetensors).
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ from pathlib import Path
 import yaml
 
 
-def export_torch_ref(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
+def export_torch_ref(
+    checkpoint: str | Path, out: str | Path, force: bool = False, ema: bool = False
+) -> list[str]:
     """torch_ref reads canonical safetensors as they are: copy the file, write the architecture."""
     from .interop.files import read_checkpoint, staged_output  # noqa: PLC0415
+    from .models.locate import checkpoint_weights  # noqa: PLC0415
     from .schema import to_dict  # noqa: PLC0415
 
-    ckpt, cfg, _, tok = read_checkpoint(checkpoint)  # validates config and weights
+    ckpt, cfg, _, tok = read_checkpoint(checkpoint, ema)  # validates config and weights
     with staged_output(out, force) as tmp:
-        shutil.copyfile(ckpt / "model.safetensors", tmp / "model.safetensors")
+        shutil.copyfile(checkpoint_weights(ckpt, ema), tmp / "model.safetensors")
         (tmp / "model.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if (ckpt / "config.yaml").is_file():
             shutil.copyfile(ckpt / "config.yaml", tmp / "config.yaml")
@@ -55,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-verify", action="store_true", help="skip the checkpoint's checksums (state.json)"
     )
+    parser.add_argument(
+        "--ema", action="store_true", help="export the EMA weights (ema.safetensors; train.ema_decay)"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     # MLX loads only when the command runs (--help stays instant).
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             from .interop.open_clip import export_open_clip as run  # noqa: PLC0415
         else:
             run = export_torch_ref
-        notes = run(args.checkpoint, args.out, force=args.force)
+        notes = run(args.checkpoint, args.out, force=args.force, ema=args.ema)
     except (ValueError, OSError) as e:  # WeightError, ConfigError, missing / unreadable files
         sys.exit(f"error: {e}")
     for note in notes:

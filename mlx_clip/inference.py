@@ -46,7 +46,7 @@ from .data.samples import DataError
 from .data.transforms import CLIP_PREPROCESS, ImagePreprocess
 from .evaluation.metrics import zero_shot_classifier
 from .models.config import ModelConfig
-from .models.locate import resolve_checkpoint, verify_files
+from .models.locate import checkpoint_weights, resolve_checkpoint, verify_files
 from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
 from .models.quantize import check_quantization, quantization, quantize_model
 from .models.weights import load_weights
@@ -114,11 +114,16 @@ def _model_config_and_tokenizer_kind(ckpt: Path):
 
 
 def load(
-    path: str | Path, verify: bool = True, quantize: int | None = None, group_size: int = 64
+    path: str | Path,
+    verify: bool = True,
+    quantize: int | None = None,
+    group_size: int = 64,
+    ema: bool = False,
 ) -> tuple[CLIP, Tokenizer, Preprocess]:
     """A checkpoint (step_N/, checkpoints/ or run directory) -> (model, tokenizer, preprocess).
 
-    The model is in eval mode with its weights loaded; the tokenizer pads to the model's context
+    The model is in eval mode with its weights loaded (ema=True: the EMA weights a run with
+    train.ema_decay saved as ema.safetensors); the tokenizer pads to the model's context
     length; preprocess maps a PIL image or a path to float32 (S, S, 3). Where the checkpoint has
     checksums (state.json), its files are checked first, unless verify=False. quantize=4 or 8
     quantizes its linear layers after loading, in groups of `group_size` (models/quantize.py)."""
@@ -127,9 +132,10 @@ def load(
     ckpt = resolve_checkpoint(path)
     if verify:
         verify_files(ckpt, hint="; --no-verify (CLI) or verify=False skips this check")
+    weights = checkpoint_weights(ckpt, ema)
     mcfg, tok_kind = _model_config_and_tokenizer_kind(ckpt)
     model = create_model(mcfg, seed=None)
-    load_weights(model, ckpt / "model.safetensors")
+    load_weights(model, weights)
     model.eval()
     if quantize is not None:
         quantize_model(model, quantize, group_size)

@@ -118,12 +118,13 @@ def dist_run(tmp_path_factory):
     loss; 1 process: 10 steps."""
     root = tmp_path_factory.mktemp("dist")
     out = root / "two"
-    first = launch("-m", "mlx_clip.train", "--out", str(out), *SMALL, *TEN_STEPS, "--stop-after", "4")
+    ema = ["--train.ema_decay", "0.8"]  # the EMA is restored on rank 0 and broadcast on resume
+    first = launch("-m", "mlx_clip.train", "--out", str(out), *SMALL, *TEN_STEPS, *ema, "--stop-after", "4")
     ckpt4 = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
-    resumed = launch("-m", "mlx_clip.train", "--out", str(out), "--resume", *SMALL, *TEN_STEPS)
+    resumed = launch("-m", "mlx_clip.train", "--out", str(out), "--resume", *SMALL, *TEN_STEPS, *ema)
     local_args = ["--out", str(root / "local"), *SMALL, *TEN_STEPS, "--loss.local_loss", "true"]
     local = launch("-m", "mlx_clip.train", *local_args)
-    train_main(["--out", str(root / "one"), *SMALL, *TEN_STEPS])
+    train_main(["--out", str(root / "one"), *SMALL, *TEN_STEPS, *ema])
     return dict(
         out=out,
         one=root / "one",
@@ -155,11 +156,12 @@ def test_training_matches_single_process(dist_run, run):
     """10 steps on 2 ranks (global loss stopped and resumed at 4; local loss) == 10 steps in
     1 process with the same global batch: weights within 1e-5 (observed ~2e-6)."""
     check(dist_run["resumed" if run == "out" else "local_proc"])
-    a = load_file(str(dist_run[run] / "checkpoints" / "step_10" / "model.safetensors"))
-    b = load_file(str(dist_run["one"] / "checkpoints" / "step_10" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    assert worst < 1e-5, f"max |2 ranks - 1 process| weight difference {worst:.2e}"
+    for name in ("model.safetensors", "ema.safetensors") if run == "out" else ("model.safetensors",):
+        a = load_file(str(dist_run[run] / "checkpoints" / "step_10" / name))
+        b = load_file(str(dist_run["one"] / "checkpoints" / "step_10" / name))
+        assert a.keys() == b.keys()
+        worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+        assert worst < 1e-5, f"{name}: max |2 ranks - 1 process| weight difference {worst:.2e}"
 
 
 def test_resume_with_another_world_size_is_refused(dist_run):

@@ -24,7 +24,7 @@ from mlx_clip.evaluation.metrics import evaluate_run
 from mlx_clip.models.locate import resolve_init
 from mlx_clip.run_args import parse_args
 from mlx_clip.schema import ConfigError
-from mlx_clip.training.optim_rules import decays, is_locked, lr_at, tower_lr
+from mlx_clip.training.optim_rules import decays, is_locked, lr_at, param_lr
 from mlx_clip.training.temperature import Temperature
 
 from .accum import accum_backward
@@ -34,14 +34,15 @@ from .weights import load_weights, save_weights
 
 
 def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
-    """The MLX grouping: (tower learning rate) x (decay or not); locked parameters get no gradient."""
+    """The MLX grouping: (tower x layer-wise learning rate) x (decay or not); locked parameters get
+    no gradient."""
     groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if is_locked(name, cfg, model.config):
             p.requires_grad_(False)
             continue
         # torch keeps the conv as (out, in, kh, kw): 4-D either way, so the rule is the same
-        groups.setdefault((tower_lr(name, cfg), decays(name, p.ndim)), []).append(p)
+        groups.setdefault((param_lr(name, cfg, model.config), decays(name, p.ndim)), []).append(p)
     return [
         {"params": ps, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
         for (lr, decay), ps in groups.items()
@@ -53,7 +54,17 @@ def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return images, torch.from_numpy(batch["tokens"]).long().to(device)
 
 
+def check_mirrored(cfg) -> None:
+    """The MLX trainer's options this reference path does not mirror: refused, not ignored."""
+    if cfg.optim.optimizer != "adamw" or cfg.train.ema_decay or cfg.eval.use_ema:
+        raise ConfigError(
+            "torch_ref.train mirrors AdamW without an EMA: run it with optim.optimizer adamw and "
+            "train.ema_decay 0 (the schedules and layer-wise decay are mirrored)"
+        )
+
+
 def train(cfg, out: Path, device: str | None = None) -> dict:
+    check_mirrored(cfg)
     out.mkdir(parents=True, exist_ok=True)
     mcfg = cfg.model_config()
     t0 = time.perf_counter()
@@ -189,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else Path("runs") / ("torch-" + time.strftime("%Y%m%d-%H%M%S"))
     try:
         cfg = load_config(args.config, overrides)
+        check_mirrored(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     summary = train(cfg, out, device=device)

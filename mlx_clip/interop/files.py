@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 
 from ..config import Config, LossConfig, ModelSection, config_to_yaml, load_config
 from ..models.config import ModelConfig, available_models, model_config
-from ..models.locate import MANIFEST, file_checksums, resolve_checkpoint
+from ..models.locate import MANIFEST, checkpoint_weights, file_checksums, resolve_checkpoint
 from ..models.model import CLIP
 from ..models.weights import (
     FLOAT_DTYPES,
@@ -178,10 +178,11 @@ def write_checkpoint(
     return Path(out)
 
 
-def read_checkpoint(path: str | Path):
-    """A checkpoint / step / run directory -> (step dir, ModelConfig, {key: numpy}, Tokenizer | None)."""
+def read_checkpoint(path: str | Path, ema: bool = False):
+    """A checkpoint / step / run directory -> (step dir, ModelConfig, {key: numpy}, Tokenizer | None);
+    `ema`: the EMA weights (ema.safetensors) instead of model.safetensors."""
     ckpt = resolve_checkpoint(path)
-    weights = ckpt / "model.safetensors"
+    weights = checkpoint_weights(ckpt, ema)
     if (ckpt / "config.yaml").is_file():
         cfg = load_config(ckpt / "config.yaml", log=None).model_config()
     else:  # save_weights also records the architecture in the file's metadata

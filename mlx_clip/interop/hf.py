@@ -219,10 +219,10 @@ PAD_ZERO_NOTE = (
 )
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
-    """An mlx_clip checkpoint -> a directory that transformers' CLIPModel or SiglipModel (whichever
-    has this model's towers: hf_config.hf_class) and AutoTokenizer load."""
-    ckpt, cfg, state, tok = read_checkpoint(checkpoint)
+def export_hf(checkpoint: str | Path, out: str | Path, force: bool = False, ema: bool = False) -> list[str]:
+    """An mlx_clip checkpoint (`ema`: its EMA weights) -> a directory that transformers' CLIPModel or
+    SiglipModel (whichever has this model's towers: hf_config.hf_class) and AutoTokenizer load."""
+    ckpt, cfg, state, tok = read_checkpoint(checkpoint, ema)
     arch = hf_class(cfg)
     if arch == "SiglipModel":
         hf_state, config = canonical_to_hf_siglip(state, cfg), siglip_config_json(cfg)

@@ -327,9 +327,12 @@ def import_open_clip(
     return notes
 
 
-def export_open_clip(checkpoint: str | Path, out: str | Path, force: bool = False) -> list[str]:
-    """An mlx_clip checkpoint -> open_clip_config.json + open_clip_model.safetensors (+ tokenizer)."""
-    ckpt, cfg, state, tok = read_checkpoint(checkpoint)
+def export_open_clip(
+    checkpoint: str | Path, out: str | Path, force: bool = False, ema: bool = False
+) -> list[str]:
+    """An mlx_clip checkpoint (`ema`: its EMA weights) -> open_clip_config.json +
+    open_clip_model.safetensors (+ tokenizer)."""
+    ckpt, cfg, state, tok = read_checkpoint(checkpoint, ema)
     notes = [f"from {ckpt}"]
     if needs_timm(cfg):  # SigLIP-style towers: a timm image tower in a CustomTextCLIP
         model_cfg, head = open_clip_timm_cfg(cfg)

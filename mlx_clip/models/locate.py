@@ -85,6 +85,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+EMA_WEIGHTS = "ema.safetensors"  # a run with train.ema_decay: the EMA weights beside model.safetensors
+
+
+def checkpoint_weights(ckpt: Path, ema: bool = False) -> Path:
+    """A checkpoint directory's weights file: model.safetensors, or with `ema` the EMA's."""
+    if not ema:
+        return ckpt / "model.safetensors"
+    if not (ckpt / EMA_WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"{ckpt / EMA_WEIGHTS}: missing; only runs trained with train.ema_decay > 0 save an EMA"
+        )
+    return ckpt / EMA_WEIGHTS
+
+
 def safetensors_header(path: str | Path) -> dict:
     """A safetensors file's JSON header: {key: {"dtype", ...}, "__metadata__": {...}}."""
     try:

@@ -5,7 +5,8 @@ loop.py         train(): set-up, the step loop, finish
 evaluate.py     held-out metrics and val loss; the config's eval sets (eval.sets), read once, evaluated
 state.py        RunState: what a checkpoint's state.json records, to and from JSON
 loss.py         contrastive objectives (clip, siglip, hard_negative, multi_scale) and feature gathering
-optim.py        AdamW groups, learning-rate schedule, tower locking
+optim.py        AdamW / Lion groups, learning-rate schedules, tower locking (rules: optim_rules.py)
+ema.py          the EMA of the trainable weights (train.ema_decay)
 accum.py        gradient caching over micro-batches (optim.accum_steps)
 temperature.py  temperature schedules
 streams.py      CPU-only: batch shards and per-tensor work on several MLX streams

@@ -54,7 +54,7 @@ def step_peak_bytes(cfg: Config, batch: int, n_streams: int | None = None) -> in
     images = mx.array(rng.standard_normal((batch, mcfg.image_size, mcfg.image_size, 3), np.float32))
     tokens = rng.integers(1, mcfg.vocab_size - 1, (batch, mcfg.context_length)).astype(np.int32)
     tokens[:, -1] = mcfg.vocab_size - 1  # an end-of-text token (the largest id) in every row
-    loss, grad_norm = training.step(images, mx.array(tokens))
+    loss, grad_norm = training.run_step(images, mx.array(tokens), 0)  # with the EMA's, if any
     mx.eval(training.state, loss, grad_norm)
     peak = mx.get_peak_memory()
     del training, loss, grad_norm

@@ -21,6 +21,7 @@ from ..models.config import ModelConfig
 from ..models.model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
 from . import streams
 from .distributed import World
+from .ema import ModelEMA
 from .loss import contrastive_loss
 from .optim import build_optimizer, lock_parameters
 from .temperature import Temperature
@@ -28,9 +29,10 @@ from .temperature import Temperature
 
 @dataclass
 class Training:
-    """What build_training returns. After each `loss, grad_norm = step(images, tokens)`, evaluate
-    `mx.eval(state, loss, grad_norm)`: the whole update happens in that one evaluation. A
-    non-finite loss or grad_norm means the update was rejected (make_update)."""
+    """What build_training returns. After each `loss, grad_norm = run_step(images, tokens, i)`
+    (the compiled `step`, and the EMA's update), evaluate `mx.eval(state, loss, grad_norm)`: the
+    whole update happens in that one evaluation. A non-finite loss or grad_norm means the update
+    was rejected (make_update)."""
 
     model: CLIP
     optimizer: optim.Optimizer
@@ -38,6 +40,15 @@ class Training:
     state: list
     temperature: Temperature
     locked: list[str]  # paths of the frozen parameters (optim.lock_*)
+    ema: ModelEMA | None = None  # train.ema_decay > 0
+
+    def run_step(self, images: mx.array, tokens: mx.array, step: int) -> tuple[mx.array, mx.array]:
+        """Training step `step` (0-based): `step`, then the EMA update queued on its lazy result
+        (still one evaluation of `state`). What the trainer and auto batch size run."""
+        loss, grad_norm = self.step(images, tokens)
+        if self.ema is not None:
+            self.ema.update(self.model, step, loss, grad_norm)
+        return loss, grad_norm
 
 
 def build_training(
@@ -62,12 +73,16 @@ def build_training(
     if not temperature.learnable:  # the schedule writes logit_scale before every step
         model.freeze(recurse=False, keys=["logit_scale"])
     lanes = streams.Lanes(n_streams)
-    optimizer = build_optimizer(cfg.optim, cfg.train.steps, place=lanes.run)
+    optimizer = build_optimizer(cfg.optim, cfg.train.steps, place=lanes.run, mcfg=model.config)
     optimizer.init(model.trainable_parameters())
     if prepare is not None:
         prepare(model, optimizer)
     step, state = make_step(model, optimizer, cfg, world, lanes)
-    return Training(model, optimizer, step, state, temperature, locked)
+    # The EMA starts at the weights prepare() left (initial, init_from or resumed ones).
+    ema = ModelEMA(model, cfg.train) if cfg.train.ema_decay else None
+    if ema is not None:
+        state = [*state, ema.state]
+    return Training(model, optimizer, step, state, temperature, locked, ema)
 
 
 def compute_dtype(cfg: Config):

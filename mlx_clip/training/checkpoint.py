@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..interop.files import fsync_dir, fsync_tree
 from ..interop.layouts import WeightError, check_state
-from ..models.locate import file_checksums, verify_files
+from ..models.locate import EMA_WEIGHTS, file_checksums, verify_files
 from ..models.weights import FORMAT, load_weights, read_safetensors, save_weights, write_safetensors
 from .state import RunState
 
@@ -37,6 +37,7 @@ def save_checkpoint(
     tokenizer,
     config_yaml: str,
     state: RunState,
+    ema=None,
 ) -> Path:
     """Write step_N (N = state.step) atomically: a temporary directory, fsynced, then renamed into
     place. state.json holds the run state and a sha256 per file. Any failure to write (a full disk:
@@ -49,6 +50,9 @@ def save_checkpoint(
         ckpt_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{state.step}-", dir=ckpt_root))
         save_weights(model, tmp / "model.safetensors")
+        if ema is not None:  # the same complete weights file, with the EMA of the trainable tensors
+            with ema.swapped_in(model):
+                save_weights(model, tmp / EMA_WEIGHTS)
         opt_state = dict(tree_flatten(optimizer.state))
         mx.eval(opt_state)
         write_safetensors(tmp / "optimizer.safetensors", opt_state, metadata={"format": FORMAT})
@@ -169,6 +173,17 @@ def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer=None) -> RunSt
         optimizer.state = tree_unflatten(list(opt.items()))
         mx.eval(optimizer.state)
     return RunState.from_json(state)
+
+
+def load_ema(ckpt: str | Path, ema, log=print) -> None:
+    """Restore a ModelEMA from an intact checkpoint's ema.safetensors; a checkpoint saved without
+    one (train.ema_decay was 0) leaves the EMA at the restored weights, and says so."""
+    path = Path(ckpt) / EMA_WEIGHTS
+    if not path.is_file():
+        log(f"note: {ckpt} holds no EMA (ema.safetensors); the EMA starts from its weights")
+        return
+    ema.load(read_safetensors(path), str(path))
+    mx.eval(ema.state)
 
 
 def prune_checkpoints(

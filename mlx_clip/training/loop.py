@@ -142,6 +142,10 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
         mx.random.seed(cfg.train.seed * 1_000_003 + state.step)
 
     training = build_training(cfg, world, n_streams, cfg.model_config(), prepare)
+    if training.ema is not None:  # the resumed run's EMA (rank 0 reads it; every rank gets it)
+        world.on_main(lambda: resume_dir and ckpt_io.load_ema(resume_dir, training.ema), "restoring the EMA")
+        if world.size > 1:
+            training.ema.state.update(tree_flatten(world.broadcast_tree(training.ema.tree())))
     training.temperature.load_state_dict(state.temperature)
     report_locked(training)
     if world.is_main:  # restored: from here on the run is this config's
@@ -263,7 +267,7 @@ def train_step(run: Run, batch: dict) -> tuple[mx.array, mx.array, float | None]
         model.logit_scale = mx.array(temperature.logit_scale_param(step), mx.float32)
     scale_used = model.logit_scale  # (arrays are immutable: the step assigns a new one)
     with run.world.guard(f"training step {step + 1}"), out_of_memory_hint(run.cfg):
-        loss, grad_norm = training.step(mx.array(batch["images"]), mx.array(batch["tokens"]))
+        loss, grad_norm = training.run_step(mx.array(batch["images"]), mx.array(batch["tokens"]), step)
         mx.eval(training.state, loss, grad_norm)  # (the guard bounds waits on the other ranks)
     if not run.world.is_main:
         return loss, grad_norm, None
@@ -346,11 +350,13 @@ def run_eval(run: Run) -> dict:
     """The run's held-out metrics, then the eval sets' "NAME/metric" scalars, as one eval record
     (their per-set details: OUT/eval_sets.json)."""
     started = time.perf_counter()
-    metrics = evaluate(run.training.model, run.data, run.cfg)
-    if run.eval_sets:
-        scalars, details = evaluate_eval_sets(run.training.model, run.data, run.eval_sets, run.cfg)
-        metrics.update(scalars)
-        write_eval_sets(run.out, run.state.step, scalars, details, run.logger.message)
+    ema = run.training.ema if run.cfg.eval.use_ema else None
+    with ema.swapped_in(run.training.model) if ema else contextlib.nullcontext():  # eval.use_ema
+        metrics = evaluate(run.training.model, run.data, run.cfg)
+        if run.eval_sets:
+            scalars, details = evaluate_eval_sets(run.training.model, run.data, run.eval_sets, run.cfg)
+            metrics.update(scalars)
+            write_eval_sets(run.out, run.state.step, scalars, details, run.logger.message)
     run.logger.log({"event": "eval", "step": run.state.step, **metrics})
     temperature = run.training.temperature
     if temperature.observe(metrics.get("val_loss", math.nan)):
@@ -369,7 +375,13 @@ def save(run: Run, metrics: dict | None) -> Path:
     state.observe(metric, metrics, f"step_{state.step}", lower=metric is not None and lower_is_better(metric))
     state.temperature = training.temperature.state_dict()
     path = ckpt_io.save_checkpoint(
-        run.ckpt_root, training.model, training.optimizer, run.data.tokenizer, run.config_yaml, state
+        run.ckpt_root,
+        training.model,
+        training.optimizer,
+        run.data.tokenizer,
+        run.config_yaml,
+        state,
+        ema=training.ema,
     )
     keep = {state.best["checkpoint"]} if state.best["checkpoint"] else set()
     ckpt_io.prune_checkpoints(run.ckpt_root, run.cfg.train.keep_last, keep, run_id=state.run_id)

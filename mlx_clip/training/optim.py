@@ -1,4 +1,4 @@
-"""AdamW with CLIP's parameter groups and a warmup + cosine schedule, in MLX.
+"""AdamW (or Lion) with CLIP's parameter groups and a warmup + schedule, in MLX.
 
 The rules themselves (which tensors decay or are locked, each one's base rate, the learning-rate
 curve) are framework-free, in optim_rules.py, so torch_ref.train applies the very same ones.
@@ -10,15 +10,15 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from ..config import OptimConfig
-from .optim_rules import decays, is_locked, learning_rate, tower_lr
+from ..models.config import ModelConfig
+from .optim_rules import base_rates, decays, is_locked, learning_rate, param_lr
 
 
-class PlacedAdamW(optim.AdamW):
-    """AdamW whose per-tensor update runs through `place(update, gradient, parameter, state)`.
-
-    The training step passes streams.Lanes.run to spread the updates over its CPU streams; the
-    default calls the update as it is. Same values either way: only where the work runs changes.
-    """
+class Placed:
+    """Mixin: the optimizer's per-tensor update runs through `place(update, gradient, parameter,
+    state)`. The training step passes streams.Lanes.run to spread the updates over its CPU
+    streams; the default calls the update as it is. Same values either way: only where the work
+    runs changes."""
 
     def __init__(self, *args, place=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -28,13 +28,27 @@ class PlacedAdamW(optim.AdamW):
         return self.place(super().apply_single, gradient, parameter, state)
 
 
-def build_optimizer(cfg: OptimConfig, total_steps: int, place=None) -> optim.Optimizer:
-    """AdamW groups sharing one schedule: (per-tower learning rate) x (with / without weight decay).
-    `place` decides where each tensor's update runs (PlacedAdamW)."""
+class PlacedAdamW(Placed, optim.AdamW):
+    pass
 
-    def adamw(base_lr: float, weight_decay: float) -> optim.AdamW:
+
+class PlacedLion(Placed, optim.Lion):
+    pass
+
+
+def build_optimizer(
+    cfg: OptimConfig, total_steps: int, place=None, mcfg: ModelConfig | None = None
+) -> optim.Optimizer:
+    """optim.optimizer groups sharing one schedule: (per-tower and per-layer learning rate) x
+    (with / without weight decay). `place` decides where each tensor's update runs (Placed);
+    `mcfg` (the architecture) is needed only for layer-wise decay."""
+
+    def make(base_lr: float, weight_decay: float) -> optim.Optimizer:
+        schedule = mx_schedule(cfg, total_steps, base_lr)
+        if cfg.optimizer == "lion":
+            return PlacedLion(schedule, betas=[cfg.beta1, cfg.beta2], weight_decay=weight_decay, place=place)
         return PlacedAdamW(
-            learning_rate=mx_schedule(cfg, total_steps, base_lr),
+            learning_rate=schedule,
             betas=[cfg.beta1, cfg.beta2],
             eps=cfg.eps,
             weight_decay=weight_decay,
@@ -42,19 +56,26 @@ def build_optimizer(cfg: OptimConfig, total_steps: int, place=None) -> optim.Opt
             place=place,
         )
 
-    rates = sorted({cfg.lr, cfg.image_lr or cfg.lr, cfg.text_lr or cfg.lr})
-    groups = [(lr, wd) for lr in rates for wd in (cfg.weight_decay, 0.0)]
+    # A group is (rate, decayed or not), matched by that flag rather than by weight_decay > 0,
+    # which with optim.weight_decay 0 would send every matrix to the last group's rate.
+    groups = [(lr, decayed) for lr in base_rates(cfg, mcfg) for decayed in (True, False)]
     filters = [
-        (lambda path, w, lr=lr, wd=wd: tower_lr(path, cfg) == lr and (wd > 0) == decays(path, w.ndim))
-        for lr, wd in groups[:-1]
+        (lambda path, w, lr=lr, d=decayed: param_lr(path, cfg, mcfg) == lr and decays(path, w.ndim) == d)
+        for lr, decayed in groups[:-1]
     ]
-    return optim.MultiOptimizer([adamw(lr, wd) for lr, wd in groups], filters)
+    optimizers = [make(lr, cfg.weight_decay if decayed else 0.0) for lr, decayed in groups]
+    return optim.MultiOptimizer(optimizers, filters)
 
 
 def mx_schedule(cfg: OptimConfig, total_steps: int, base_lr: float | None = None):
     """The learning-rate curve as an MLX function of the optimizer's step counter (usable inside
     mx.compile)."""
-    return lambda step: learning_rate(step.astype(mx.float32), cfg, total_steps, base_lr, ops=MLX_OPS)
+
+    def schedule(step):
+        lr = learning_rate(step.astype(mx.float32), cfg, total_steps, base_lr, ops=MLX_OPS)
+        return lr if isinstance(lr, mx.array) else mx.array(lr, mx.float32)  # const without warmup
+
+    return schedule
 
 
 MLX_OPS = (mx.minimum, mx.cos, mx.where)

@@ -116,9 +116,8 @@ def _own_val(args) -> dict:
     from .config import load_config
     from .data.run_data import build_run_data
     from .data.samples import DataError
+    from .models.adapters import load_model
     from .models.locate import resolve_checkpoint, verify_files
-    from .models.model import create_model
-    from .models.weights import load_weights
     from .schema import ConfigError
     from .training.evaluate import evaluate
 
@@ -135,9 +134,8 @@ def _own_val(args) -> dict:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     mcfg = cfg.model_config()
-    model = create_model(mcfg, seed=None)
     try:
-        load_weights(model, ckpt / "model.safetensors")
+        model = load_model(mcfg, ckpt / "model.safetensors")  # a LoRA checkpoint: its base + adapters
         data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
         metrics = {"checkpoint": str(ckpt), **evaluate(model, data)}
     except (DataError, ValueError, OSError) as e:  # bad data (a worker's error too), or weights

@@ -44,10 +44,10 @@ from .data.decode import DEFAULT_MAX_ASPECT_RATIO, decode_image
 from .data.samples import DataError
 from .data.transforms import CLIP_PREPROCESS, ImagePreprocess
 from .evaluation.metrics import zero_shot_classifier
+from .models.adapters import load_model
 from .models.config import ModelConfig
 from .models.locate import resolve_checkpoint, verify_files
-from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
-from .models.weights import load_weights
+from .models.model import CLIP, LOGIT_SCALE_MAX
 from .text.tokenizer import Tokenizer
 from .text.vocab import load_tokenizer
 
@@ -121,8 +121,7 @@ def load(path: str | Path, verify: bool = True) -> tuple[CLIP, Tokenizer, Prepro
     if verify:
         verify_files(ckpt, hint="; --no-verify (CLI) or verify=False skips this check")
     mcfg, tok_kind = _model_config_and_tokenizer_kind(ckpt)
-    model = create_model(mcfg, seed=None)
-    load_weights(model, ckpt / "model.safetensors")
+    model = load_model(mcfg, ckpt / "model.safetensors")  # a LoRA checkpoint: its base + adapters
     model.eval()
     try:
         tokenizer = load_tokenizer(ckpt)

@@ -5,4 +5,7 @@ transformer.py   attention, MLP, residual blocks, the vision and text towers
 model.py         CLIP: the two towers, logit scale (and SigLIP's bias); features, never a loss
 kernels.py       the one switch for backend-specific kernels (arithmetic GELUs on MLX's CPU backend)
 weights.py       canonical safetensors: save, strict load, find a checkpoint directory
+lora_config.py   the finetune section (LoRA / QLoRA) and which linears get adapters, framework-free
+lora.py          LoRALinear (float or quantized base), apply, freeze, merge
+adapters.py      LoRA checkpoints: adapters only + the base's path and sha256; loading them back
 """

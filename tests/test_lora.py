@@ -37,10 +37,15 @@ def base(tmp_path_factory):
     return out / "checkpoints" / "step_1"
 
 
+def lora_args(base):
+    return [*FAST, "--steps", "4", "--model.init_from", str(base), *LORA, "--finetune.lora.dropout", "0.1"]
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, base):
+    """4 LoRA steps (every target, with dropout) from the base."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    train_main(["--out", str(out), *FAST, "--steps", "3", "--model.init_from", str(base), *LORA])
+    train_main(["--out", str(out), *lora_args(base)])
     return out
 
 
@@ -81,7 +86,7 @@ def test_training_moves_only_the_adapters(base, extra):
     model = training.model
     before = dict(tree_flatten(model.parameters()))
     images, tokens = batch(model.config, n=16)
-    for _ in range(3):
+    for _ in range(2):
         loss, norm = training.step(mx.array(images), mx.array(tokens))
         mx.eval(training.state, loss, norm)
     assert np.isfinite(loss.item())
@@ -96,7 +101,7 @@ def test_training_moves_only_the_adapters(base, extra):
 
 
 def test_checkpoint_holds_adapters_and_its_base_reference(lora_run, base):
-    step = lora_run / "checkpoints" / "step_3"
+    step = lora_run / "checkpoints" / "step_4"
     saved = load_file(str(step / "model.safetensors"))
     assert all(k.endswith(("lora_a", "lora_b")) or k == "logit_scale" for k in saved)
     assert any(np.abs(v).max() > 0 for k, v in saved.items() if k.endswith("lora_b"))  # trained
@@ -140,13 +145,12 @@ def test_qlora_trains_from_the_cli(tmp_path, base):
     assert "dequantized" in notes[-1]
 
 
-def test_resume_is_bit_exact_with_lora(tmp_path, base):
-    common = [*FAST, "--steps", "4", "--model.init_from", str(base), *LORA, "--finetune.lora.dropout", "0.1"]
-    train_main(["--out", str(tmp_path / "full"), *common])
-    train_main(["--out", str(tmp_path / "half"), *common, "--stop-after", "2"])
-    train_main(["--out", str(tmp_path / "half"), "--resume", *common])
+def test_resume_is_bit_exact_with_lora(tmp_path, base, lora_run):
+    """4 steps == 2, stop, --resume, 2 (dropout draws are keyed on the step)."""
+    train_main(["--out", str(tmp_path / "half"), *lora_args(base), "--stop-after", "2"])
+    train_main(["--out", str(tmp_path / "half"), "--resume", *lora_args(base)])
     for name in ("model", "optimizer"):
-        a = load_file(str(tmp_path / "full" / "checkpoints" / "step_4" / f"{name}.safetensors"))
+        a = load_file(str(lora_run / "checkpoints" / "step_4" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "half" / "checkpoints" / "step_4" / f"{name}.safetensors"))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
 

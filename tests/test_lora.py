@@ -105,10 +105,12 @@ def test_checkpoint_holds_adapters_and_its_base_reference(lora_run, base):
     saved = load_file(str(step / "model.safetensors"))
     assert all(k.endswith(("lora_a", "lora_b")) or k == "logit_scale" for k in saved)
     assert any(np.abs(v).max() > 0 for k, v in saved.items() if k.endswith("lora_b"))  # trained
-    from mlx_clip.models.locate import safetensors_header
+    from mlx_clip.models.locate import resolve_init, safetensors_header
 
     ref = json.loads(safetensors_header(step / "model.safetensors")["__metadata__"]["lora_base"])
     assert ref["path"] == str((base / "model.safetensors").resolve()) and len(ref["sha256"]) == 64
+    with pytest.raises(WeightError, match="is a LoRA checkpoint .* --merge"):
+        resolve_init(str(lora_run))  # not a base to start another run from, until merged
     model = mlx_clip.load(lora_run)[0]
     full = load_file(str(base / "model.safetensors"))
     params = dict(tree_flatten(model.parameters()))

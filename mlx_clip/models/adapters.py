@@ -26,17 +26,17 @@ from .weights import FORMAT, load_init_weights, load_weights, read_weights, save
 
 
 def build_lora_model(
-    model: nn.Module, finetune: FinetuneConfig, base: str | Path, sha256: str | None = None
+    model: nn.Module, finetune: FinetuneConfig, base: str | Path, sha256: str | None = None, seed: int = 0
 ) -> list[str]:
-    """Load the base weights file into `model`, quantize (QLoRA) and wrap the targeted linears, and
-    freeze what LoRA freezes, in place; returns the frozen paths. `sha256`: the hash the base must
-    have (a checkpoint's reference); None computes it (a new run)."""
+    """Load the base weights file into `model`, quantize (QLoRA) and wrap the targeted linears (A
+    drawn from `seed`), and freeze what LoRA freezes, in place; returns the frozen paths.
+    `sha256`: the hash the base must have (a checkpoint's reference); None computes it (a new run)."""
     base = Path(base).resolve()
     if sha256 is not None:
         check_base(base, sha256)
     digest = sha256 or file_sha256(base)
     load_init_weights(model, base)
-    apply_lora(model, finetune)
+    apply_lora(model, finetune, seed)
     model.lora = LoraBase(finetune, str(base), digest)
     return freeze_for_lora(model, finetune.lora)
 
@@ -116,6 +116,5 @@ def load_model(mcfg: ModelConfig, path: str | Path) -> nn.Module:
     ref = lora_reference(path)
     if ref is None:
         return load_weights(model, path)
-    mx.random.seed(0)  # lora_a's draws are overwritten by the checkpoint's
     build_lora_model(model, ref.finetune, ref.path, ref.sha256)
     return load_adapters(model, path)

@@ -8,14 +8,13 @@ quantized) beside lora_a and lora_b, so a base checkpoint loads into the LoRA mo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .lora_config import FinetuneConfig, LoraConfig, frozen_by_lora, lora_targets
+from .lora_config import FinetuneConfig, LoraConfig, frozen_by_lora, lora_a_init, lora_targets
 
 
 @dataclass(frozen=True)
@@ -31,23 +30,18 @@ class LoraBase:
 class LoRALinear(nn.Module):
     """y = base(x) + scale * dropout(x) @ lora_a.T @ lora_b.T, the base frozen by the caller."""
 
-    def __init__(self, linear: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, linear: nn.Module, lora_a: mx.array, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.bits = getattr(linear, "bits", None)  # None: a float base; 4 / 8: nn.QuantizedLinear
         self.group_size = getattr(linear, "group_size", None)
         for key in ("weight", "scales", "biases", "bias"):  # the base's own keys, unchanged
             if key in linear:
                 self[key] = linear[key]
-        out_dims, in_dims = self.weight.shape[0], self.input_dims()
-        bound = 1 / math.sqrt(in_dims)  # Kaiming-uniform with a = sqrt(5), as torch's Linear / PEFT
-        self.lora_a = mx.random.uniform(-bound, bound, (rank, in_dims))
-        self.lora_b = mx.zeros((out_dims, rank))
+        rank = lora_a.shape[0]
+        self.lora_a = lora_a  # (rank, in): lora_config.lora_a_init
+        self.lora_b = mx.zeros((self.weight.shape[0], rank))  # (out, rank): zero, so y = base(x) at first
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
-
-    def input_dims(self) -> int:
-        w = self.weight.shape[1]
-        return w if self.bits is None else w * 32 // self.bits  # uint32 words of `bits`-bit values
 
     def base(self, x: mx.array) -> mx.array:
         if self.bits is None:
@@ -94,6 +88,11 @@ def _module(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return parent, name
 
 
+def _get(model: nn.Module, path: str) -> nn.Module:
+    parent, name = _module(model, path)
+    return parent[name]
+
+
 def quantize_linears(model: nn.Module, paths: list[str], bits: int, group_size: int) -> None:
     """QLoRA: the nn.Linear at each path becomes an nn.QuantizedLinear (mx.quantize), in place."""
     for path in paths:
@@ -107,16 +106,19 @@ def quantize_linears(model: nn.Module, paths: list[str], bits: int, group_size: 
         parent[name] = nn.QuantizedLinear.from_linear(linear, group_size=group_size, bits=bits)
 
 
-def apply_lora(model: nn.Module, finetune: FinetuneConfig) -> list[str]:
+def apply_lora(model: nn.Module, finetune: FinetuneConfig, seed: int = 0) -> list[str]:
     """Wrap the targeted linears of `model` (quantized first for QLoRA) with LoRALinear, in place;
-    returns their paths. Freezing is freeze_for_lora's job."""
+    returns their paths. A starts as lora_a_init(seed, ...), as in torch_ref. Freezing is
+    freeze_for_lora's job."""
     lora = finetune.lora
     paths = lora_targets(model.config, lora)
+    in_dims = [_get(model, path).weight.shape[1] for path in paths]  # before quantizing packs them
     if finetune.bits is not None:
         quantize_linears(model, paths, finetune.bits, finetune.quantize_group_size)
-    for path in paths:
+    for i, path in enumerate(paths):
         parent, name = _module(model, path)
-        parent[name] = LoRALinear(parent[name], lora.rank, lora.alpha, lora.dropout)
+        lora_a = mx.array(lora_a_init(seed, i, lora.rank, in_dims[i]))
+        parent[name] = LoRALinear(parent[name], lora_a, lora.alpha, lora.dropout)
     mx.eval(model.parameters())
     return paths
 

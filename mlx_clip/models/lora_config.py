@@ -4,7 +4,8 @@ mlx_clip.models.lora (MLX) and torch_ref.lora (PyTorch) both wrap exactly the mo
 `lora_targets` lists, so an adapter has the same key in both frameworks:
 
     <linear>.weight, <linear>.bias   the base, unchanged (a base checkpoint loads as before)
-    <linear>.lora_a  (rank, in)      A: Kaiming-uniform, as PEFT and mlx-lm
+    <linear>.lora_a  (rank, in)      A: Kaiming-uniform, as PEFT and mlx-lm (lora_a_init: the same
+                                     numbers in both frameworks for a seed)
     <linear>.lora_b  (out, rank)     B: zeros, so step 0 is the base model exactly
 
     y = base(x) + (alpha / rank) * dropout(x) @ lora_a.T @ lora_b.T
@@ -16,9 +17,12 @@ says. logit_scale / logit_bias train only with `train_logit_scale`.
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
+
+import numpy as np
 
 from ..schema import ConfigError
 from .config import ModelConfig
@@ -156,3 +160,12 @@ def frozen_by_lora(path: str, lora: LoraConfig) -> bool:
         if path.startswith(_TOWERS[tower][0] + "."):
             return not (lora.train_norms and is_norm(path))
     return False
+
+
+def lora_a_init(seed: int, index: int, rank: int, in_dims: int) -> np.ndarray:
+    """The initial A of the index-th adapter (lora_targets order): U(-1/sqrt(in), 1/sqrt(in)),
+    i.e. Kaiming-uniform with a = sqrt(5) as torch's Linear and PEFT, drawn with numpy so that
+    mlx_clip and torch_ref start from the very same adapters."""
+    bound = 1 / math.sqrt(in_dims)
+    rng = np.random.default_rng([seed, index])
+    return rng.uniform(-bound, bound, (rank, in_dims)).astype(np.float32)

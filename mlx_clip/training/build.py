@@ -64,7 +64,7 @@ def build_training(
     locked = lock_parameters(model, cfg.optim)
     if cfg.finetune.lora.enabled:  # the base loads here, before quantizing and wrapping (adapters.py)
         base, _ = resolve_init(cfg.model.init_from)
-        locked = sorted(set(locked) | set(build_lora_model(model, cfg.finetune, base)))
+        locked = sorted(set(locked) | set(build_lora_model(model, cfg.finetune, base, seed=cfg.train.seed)))
     temperature = Temperature(cfg.loss.temperature, cfg.train.steps)
     if not temperature.learnable:  # the schedule writes logit_scale before every step
         model.freeze(recurse=False, keys=["logit_scale"])

@@ -194,9 +194,13 @@ def load_data(
 
 
 def report_locked(training: Training) -> None:
-    if training.locked:
+    model = training.model
+    if model.lora is not None:  # (a quantized base packs its weights: count what trains)
+        n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        print(f"LoRA on {model.lora.path}: {n / 1e6:.3f}M trainable parameters", flush=True)
+    elif training.locked:
         locked = set(training.locked)
-        n = sum(v.size for k, v in tree_flatten(training.model.parameters()) if k in locked)
+        n = sum(v.size for k, v in tree_flatten(model.parameters()) if k in locked)
         print(f"locked {len(locked)} tensors ({n / 1e6:.2f}M parameters)", flush=True)
 
 

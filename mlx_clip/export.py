@@ -99,8 +99,9 @@ def export(checkpoint: str, to: str, out: str, force: bool = False, merge: bool 
     if not merge:
         return run(checkpoint, out, force=force)
     with tempfile.TemporaryDirectory() as tmp:
-        notes = merge_checkpoint(checkpoint, Path(tmp) / "merged")
-        return notes + run(Path(tmp) / "merged", out, force=force)
+        merged = Path(tmp) / "merged"
+        notes = merge_checkpoint(checkpoint, merged)
+        return notes + [n for n in run(merged, out, force=force) if str(merged) not in n]  # not the temp dir
 
 
 def main(argv: list[str] | None = None) -> None:

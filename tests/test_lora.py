@@ -265,3 +265,24 @@ def test_lora_training_tracks_torch_ref(tmp_path, base):
     assert len(curves[0]) == len(curves[1]) == 6 and curves[0][-1] < curves[0][0]
     for step, (a, b) in enumerate(zip(*curves, strict=True), 1):
         assert abs(a - b) <= 1e-3 * abs(b), (step, a, b)
+
+
+def test_targets_layers_and_what_stays_trainable():
+    from mlx_clip.models.lora_config import frozen_by_lora, lora_targets
+
+    mcfg = ModelConfig.from_dict(ODD_ARCH)  # 3 vision blocks, 2 text blocks, text_projection
+    lora = LoraConfig(enabled=True, towers=["text"], targets=["mlp", "proj"], layers=1, train_norms=True)
+    assert lora_targets(mcfg, lora) == [
+        "text.transformer.resblocks.1.mlp.c_fc",
+        "text.transformer.resblocks.1.mlp.c_proj",
+        "text.text_projection",
+    ]
+    assert frozen_by_lora("text.transformer.resblocks.0.attn.in_proj.weight", lora)
+    assert not frozen_by_lora("text.transformer.resblocks.1.mlp.c_fc.lora_b", lora)
+    assert not frozen_by_lora("text.ln_final.weight", lora)  # train_norms
+    assert not frozen_by_lora(
+        "visual.transformer.resblocks.0.attn.in_proj.weight", lora
+    )  # optim.lock_* decides
+    assert frozen_by_lora("logit_scale", lora) and not frozen_by_lora(
+        "logit_scale", dataclasses.replace(lora, train_logit_scale=True)
+    )

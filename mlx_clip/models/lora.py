@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .kernels import quantized_linear
 from .lora_config import FinetuneConfig, LoraConfig, frozen_by_lora, lora_a_init, lora_targets
 
 
@@ -46,16 +47,8 @@ class LoRALinear(nn.Module):
     def base(self, x: mx.array) -> mx.array:
         if self.bits is None:
             y = x @ self.weight.T
-        else:
-            y = mx.quantized_matmul(
-                x,
-                self.weight,
-                self.scales,
-                self.biases,
-                transpose=True,
-                group_size=self.group_size,
-                bits=self.bits,
-            )
+        else:  # (kernels.py: dequantize + matmul on the CPU backend, quantized_matmul elsewhere)
+            y = quantized_linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
         return y + self.bias if "bias" in self else y
 
     def __call__(self, x: mx.array) -> mx.array:

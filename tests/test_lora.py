@@ -286,3 +286,20 @@ def test_targets_layers_and_what_stays_trainable():
     assert frozen_by_lora("logit_scale", lora) and not frozen_by_lora(
         "logit_scale", dataclasses.replace(lora, train_logit_scale=True)
     )
+
+
+@pytest.mark.parametrize("kernels", ["native", "fast"])
+def test_qlora_merge_gives_the_same_features(base, kernels, monkeypatch):
+    """The quantized base through mx.quantized_matmul (native) or dequantize + matmul (the CPU
+    kernel), adapters nonzero; merging dequantizes and gives the same features within 1e-5."""
+    monkeypatch.setenv("MLX_CLIP_KERNELS", kernels)
+    model = mlx_clip.create_model(mlx_clip.load(base)[0].config, seed=None)
+    ft = FinetuneConfig(LoraConfig(enabled=True, targets=["attn_qkv", "mlp", "proj"]), 8, 32)
+    build_lora_model(model, ft, base / "model.safetensors")
+    model.update(_lora_b_random(model, np.random.default_rng(1)))
+    model.eval()
+    images, tokens = batch(model.config)
+    adapted = features(model, images, tokens)
+    assert "dequantized" in merge_lora(model)[-1]
+    for a, b in zip(adapted, features(model, images, tokens), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -6,6 +6,7 @@ The model takes two things from here:
   (its tanh approximation, as torch GELU(approximate="tanh") and HF "gelu_pytorch_tanh": SigLIP's)
   or "quick_gelu" (OpenAI CLIP's x * sigmoid(1.702 x)).
 - `checkpoint_block(block, x, causal)`: a transformer block with gradient checkpointing.
+- `quantized_matmul(x, layer)`: x @ W.T for a quantized linear layer (models/quantize.py).
 
 The switch, `use_fast_kernels()`, picks between MLX's native `mx.erf` / `mx.sigmoid` and
 versions built from multiply/add/divide only. On MLX's CPU backend the native transcendentals
@@ -268,14 +269,20 @@ def checkpoint_block(block: nn.Module, x: mx.array, causal: bool) -> mx.array:
     return on_this_stream(run, backward)(x, *values)
 
 
-def quantized_linear(x: mx.array, weight, scales, biases, group_size: int, bits: int) -> mx.array:
-    """x @ W.T for a weight stored by mx.quantize (QLoRA's frozen base, models/lora.py).
+def quantized_matmul(
+    x: mx.array, layer: nn.QuantizedLinear, start: int = 0, stop: int | None = None
+) -> mx.array:
+    """x @ W[start:stop].T for a QuantizedLinear's packed weight (rows slice alike in the weight,
+    scales and offsets), without its bias.
 
-    MLX's CPU backend has no fast quantized matmul (measured 1.48 s against 0.046 s for
-    dequantize + BLAS at (800, 768) x (768, 3072), 4-bit), so with the switch on the weight is
-    dequantized for each call; the float copy lives until the backward pass has used it (one
-    block's at a time with train.grad_checkpointing). GPUs keep mx.quantized_matmul, which never
-    materialises it."""
+    MLX's CPU quantized matmul is a plain loop, some 40x slower than the BLAS matmul here
+    (benchmarks/RESULTS.md#quantized-inference), so the fast kernels dequantize the weight and
+    multiply in float32: the quantized weights stay what is kept in memory, and each layer's float
+    copy is a temporary of its own matmul."""
+    rows = slice(start, stop)
+    q = dict(group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    w, scales, biases = layer.weight[rows], layer.scales[rows], layer.get("biases")
+    biases = None if biases is None else biases[rows]
     if use_fast_kernels():
-        return x @ mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits).astype(x.dtype).T
-    return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        return x @ mx.dequantize(w, scales, biases, **q).T
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, **q)

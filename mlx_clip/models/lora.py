@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .kernels import quantized_linear
+from .kernels import quantized_matmul
 from .lora_config import FinetuneConfig, LoraConfig, frozen_by_lora, lora_a_init, lora_targets
 
 
@@ -35,6 +35,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.bits = getattr(linear, "bits", None)  # None: a float base; 4 / 8: nn.QuantizedLinear
         self.group_size = getattr(linear, "group_size", None)
+        self.mode = getattr(linear, "mode", "affine")  # what kernels.quantized_matmul reads of a layer
         for key in ("weight", "scales", "biases", "bias"):  # the base's own keys, unchanged
             if key in linear:
                 self[key] = linear[key]
@@ -47,8 +48,8 @@ class LoRALinear(nn.Module):
     def base(self, x: mx.array) -> mx.array:
         if self.bits is None:
             y = x @ self.weight.T
-        else:  # (kernels.py: dequantize + matmul on the CPU backend, quantized_matmul elsewhere)
-            y = quantized_linear(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+        else:  # (kernels.py: dequantize + BLAS on MLX's CPU backend, mx.quantized_matmul elsewhere)
+            y = quantized_matmul(x, self)
         return y + self.bias if "bias" in self else y
 
     def __call__(self, x: mx.array) -> mx.array:

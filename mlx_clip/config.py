@@ -20,6 +20,7 @@ import yaml
 from .evaluation.spec import EvalSetSpec, best_metric_problem
 from .models.config import ModelConfig, model_config
 from .models.locate import checkpoint_model_config
+from .models.lora_config import FinetuneConfig
 from .schema import ConfigError, from_dict, load_yaml, merge, move_deprecated, set_dotted, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -314,6 +315,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # LoRA / QLoRA (models/lora_config.py)
 
     def model_config(self) -> ModelConfig:
         """The architecture (ModelConfig's defaults for "custom"), then the SigLIP paper's init where
@@ -423,6 +425,7 @@ class Config:
                 f"tokenizer.kind='openai' has 49408 tokens but model.vocab_size={mcfg.vocab_size}"
             )
         self.eval.validate()
+        self.finetune.validate(mcfg, o, self.model.init_from)
 
     def _validate_controls(self) -> None:
         """Optimizer, schedule, layer decay and EMA settings."""
@@ -503,6 +506,7 @@ __all__ = [
     "ModelSection",
     "DataConfig",
     "EvalConfig",
+    "FinetuneConfig",
     "LossConfig",
     "OptimConfig",
     "TemperatureConfig",

@@ -132,10 +132,9 @@ def _own_val(args) -> dict:
     from .config import load_config
     from .data.run_data import build_run_data
     from .data.samples import DataError
+    from .models.adapters import load_model
     from .models.locate import checkpoint_weights, resolve_checkpoint, verify_files
-    from .models.model import create_model
     from .models.quantize import quantization, quantize_model
-    from .models.weights import load_weights
     from .schema import ConfigError
     from .training.evaluate import evaluate
 
@@ -152,9 +151,8 @@ def _own_val(args) -> dict:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     mcfg = cfg.model_config()
-    model = create_model(mcfg, seed=None)
     try:
-        load_weights(model, checkpoint_weights(ckpt, args.ema))
+        model = load_model(mcfg, checkpoint_weights(ckpt, args.ema))  # LoRA: its base + adapters
         if args.quantize is not None:
             quantize_model(model, args.quantize, args.group_size)
         data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)

@@ -45,11 +45,11 @@ from .data.decode import DEFAULT_MAX_ASPECT_RATIO, decode_image
 from .data.samples import DataError
 from .data.transforms import CLIP_PREPROCESS, ImagePreprocess
 from .evaluation.metrics import zero_shot_classifier
+from .models.adapters import load_model
 from .models.config import ModelConfig
 from .models.locate import checkpoint_weights, resolve_checkpoint, verify_files
-from .models.model import CLIP, LOGIT_SCALE_MAX, create_model
+from .models.model import CLIP, LOGIT_SCALE_MAX
 from .models.quantize import check_quantization, quantization, quantize_model
-from .models.weights import load_weights
 from .text.tokenizer import Tokenizer
 from .text.vocab import load_tokenizer
 
@@ -134,8 +134,7 @@ def load(
         verify_files(ckpt, hint="; --no-verify (CLI) or verify=False skips this check")
     weights = checkpoint_weights(ckpt, ema)
     mcfg, tok_kind = _model_config_and_tokenizer_kind(ckpt)
-    model = create_model(mcfg, seed=None)
-    load_weights(model, weights)
+    model = load_model(mcfg, weights)  # a LoRA checkpoint: its base + adapters
     model.eval()
     if quantize is not None:
         quantize_model(model, quantize, group_size)

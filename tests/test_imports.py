@@ -40,6 +40,7 @@ FRAMEWORK_FREE = (
     "mlx_clip/run_args.py",
     "mlx_clip/models/init_table.py",
     "mlx_clip/models/locate.py",
+    "mlx_clip/models/lora_config.py",
     "mlx_clip/training/optim_rules.py",
     "mlx_clip/training/state.py",
     "mlx_clip/training/temperature.py",

@@ -28,6 +28,7 @@ from mlx_clip.training.optim_rules import decays, is_locked, lr_at, param_lr
 from mlx_clip.training.temperature import Temperature
 
 from .accum import accum_backward
+from .lora import apply_lora
 from .loss import contrastive_loss
 from .model import LOGIT_SCALE_MAX, create_model
 from .weights import load_weights, save_weights
@@ -38,7 +39,7 @@ def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
     no gradient."""
     groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
-        if is_locked(name, cfg, model.config):
+        if not p.requires_grad or is_locked(name, cfg, model.config):  # (LoRA froze it already)
             p.requires_grad_(False)
             continue
         # torch keeps the conv as (out, in, kh, kw): 4-D either way, so the rule is the same
@@ -75,6 +76,11 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
     dev = next(model.parameters()).device
     if init_weights:
         load_weights(model, init_weights)
+    if cfg.finetune.lora.enabled:  # adapters on the loaded base, which they freeze (torch_ref/lora.py)
+        if cfg.finetune.bits is not None:
+            raise ValueError("torch_ref trains LoRA on a float base only: set finetune.quantize_base none")
+        apply_lora(model, cfg.finetune.lora, seed=cfg.train.seed)
+        model.to(dev)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     temperature = Temperature(cfg.loss.temperature, cfg.train.steps)
     if not temperature.learnable:  # the schedule writes logit_scale before every step

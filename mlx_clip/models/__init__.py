@@ -6,4 +6,7 @@ model.py         CLIP: the two towers, logit scale (and SigLIP's bias); features
 kernels.py       the one switch for backend-specific kernels (arithmetic GELUs on MLX's CPU backend)
 weights.py       canonical safetensors: save, strict load, find a checkpoint directory
 quantize.py      weight-only quantization of the linear layers, for inference
+lora_config.py   the finetune section (LoRA / QLoRA) and which linears get adapters, framework-free
+lora.py          LoRALinear (float or quantized base), apply, freeze, merge
+adapters.py      LoRA checkpoints: adapters only + the base's path and sha256; loading them back
 """

@@ -150,5 +150,11 @@ def resolve_init(init_from: str | None) -> tuple[Path | None, Path | None]:
         verify_files(folder, hint=skip)
     if not weights.is_file():
         raise FileNotFoundError(f"model.init_from: no weights at {weights}")
+    if "lora_base" in (safetensors_header(weights).get("__metadata__") or {}):  # models/adapters.py
+        raise WeightError(
+            f"model.init_from {weights} is a LoRA checkpoint (adapters only): merge it into its base "
+            "first (python -m mlx_clip.export --merge --to mlx_clip --checkpoint RUN --out DIR) "
+            "and start from DIR"
+        )
     tokenizer = folder if (folder / "tokenizer_config.json").is_file() else None
     return weights, tokenizer

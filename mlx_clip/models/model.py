@@ -24,6 +24,7 @@ class CLIP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.lora = None  # a LoRA model's settings and base (models/lora.py LoraBase), not a parameter
         self.visual = VisionTransformer(cfg)
         self.text = TextTransformer(cfg)
         self.logit_scale = mx.array(logit_scale_init(cfg))
@@ -64,7 +65,10 @@ def encode_pair(model: CLIP, images: mx.array, tokens: mx.array, dtype=None) -> 
     if dtype is None or dtype == mx.float32:
         return model.encode_image(images), model.encode_text(tokens)
     master = model.parameters()
-    model.update(tree_map(lambda p: p.astype(dtype) if p.ndim else p, master))  # scalars stay fp32
+    # scalars stay fp32; a quantized (QLoRA) base's packed integer weights stay as they are
+    model.update(
+        tree_map(lambda p: p.astype(dtype) if p.ndim and mx.issubdtype(p.dtype, mx.floating) else p, master)
+    )
     try:
         x = model.encode_image(images.astype(dtype), normalize=False)
         t = model.encode_text(tokens, normalize=False)

@@ -17,7 +17,9 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from ..config import Config
+from ..models.adapters import build_lora_model
 from ..models.config import ModelConfig
+from ..models.locate import resolve_init
 from ..models.model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
 from . import streams
 from .distributed import World
@@ -62,6 +64,8 @@ def build_training(
     parameters and temperature, AdamW over the trainable rest, and the compiled step.
 
     `n_streams` is train.streams resolved to a number (streams.resolve), once per run.
+    With finetune.lora the base (model.init_from) is loaded here and wrapped with adapters; only
+    what LoRA leaves trainable gets gradients and optimizer state.
     `prepare(model, optimizer)` runs before the step is compiled, with the optimizer state
     populated: the trainer loads initial weights or a checkpoint there (the compiled step captures
     the optimizer's state containers, so they must not be replaced afterwards).
@@ -69,6 +73,9 @@ def build_training(
     model = create_model(mcfg or cfg.model_config(), seed=cfg.train.seed)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
     locked = lock_parameters(model, cfg.optim)
+    if cfg.finetune.lora.enabled:  # the base loads here, before quantizing and wrapping (adapters.py)
+        base, _ = resolve_init(cfg.model.init_from)
+        locked = sorted(set(locked) | set(build_lora_model(model, cfg.finetune, base, seed=cfg.train.seed)))
     temperature = Temperature(cfg.loss.temperature, cfg.train.steps)
     if not temperature.learnable:  # the schedule writes logit_scale before every step
         model.freeze(recurse=False, keys=["logit_scale"])

@@ -15,8 +15,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..interop.files import fsync_dir, fsync_tree
 from ..interop.layouts import WeightError, check_state
+from ..models.adapters import load_into, save_model_file
 from ..models.locate import EMA_WEIGHTS, file_checksums, verify_files
-from ..models.weights import FORMAT, load_weights, read_safetensors, save_weights, write_safetensors
+from ..models.weights import FORMAT, read_safetensors, write_safetensors
 from .state import RunState
 
 # ---------------------------------------------------------------------------
@@ -49,10 +50,10 @@ def save_checkpoint(
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{state.step}-", dir=ckpt_root))
-        save_weights(model, tmp / "model.safetensors")
-        if ema is not None:  # the same complete weights file, with the EMA of the trainable tensors
+        save_model_file(model, tmp / "model.safetensors")  # a LoRA run: adapters + base reference
+        if ema is not None:  # the same kind of weights file, with the EMA of the trainable tensors
             with ema.swapped_in(model):
-                save_weights(model, tmp / EMA_WEIGHTS)
+                save_model_file(model, tmp / EMA_WEIGHTS)
         opt_state = dict(tree_flatten(optimizer.state))
         mx.eval(opt_state)
         write_safetensors(tmp / "optimizer.safetensors", opt_state, metadata={"format": FORMAT})
@@ -164,7 +165,7 @@ def load_checkpoint(ckpt: str | Path, model: nn.Module, optimizer=None) -> RunSt
     """Restore model (and optimizer) from an intact step_N directory; returns its run state."""
     ckpt = Path(ckpt)
     state = verify_checkpoint(ckpt)
-    load_weights(model, ckpt / "model.safetensors")
+    load_into(model, ckpt / "model.safetensors")
     if optimizer is not None:
         opt = read_safetensors(ckpt / "optimizer.safetensors")
         optimizer.init(model.trainable_parameters())

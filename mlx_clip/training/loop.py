@@ -130,11 +130,13 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
         restored = world.on_main(lambda: restore(resume_dir, model, optimizer, world), "restoring")
         if restored is not None:
             continue_position(state, restored, len(data.train))
-        elif init_weights is not None:
+        elif init_weights is not None and model.lora is None:  # (a LoRA base loads in build_training)
             load_init_weights(model, init_weights)
             print(f"initialised from {init_weights}", flush=True)
         if world.size > 1:  # every rank starts from rank 0's weights and optimizer state
-            model.update(world.broadcast_tree(model.parameters()))
+            # (a LoRA base is read from the same file by every rank: only what trains is sent)
+            sent = model.parameters() if model.lora is None else model.trainable_parameters()
+            model.update(world.broadcast_tree(sent))
             optimizer.state = world.broadcast_tree(optimizer.state)
         # Batches are a pure function of (seed, epoch, index) (data/pipeline.py) and the compiled
         # step draws no random numbers, so resuming is exact; anything random later is keyed on
@@ -196,9 +198,13 @@ def load_data(
 
 
 def report_locked(training: Training) -> None:
-    if training.locked:
+    model = training.model
+    if model.lora is not None:  # (a quantized base packs its weights: count what trains)
+        n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        print(f"LoRA on {model.lora.path}: {n / 1e6:.3f}M trainable parameters", flush=True)
+    elif training.locked:
         locked = set(training.locked)
-        n = sum(v.size for k, v in tree_flatten(training.model.parameters()) if k in locked)
+        n = sum(v.size for k, v in tree_flatten(model.parameters()) if k in locked)
         print(f"locked {len(locked)} tensors ({n / 1e6:.2f}M parameters)", flush=True)
 
 
@@ -266,6 +272,9 @@ def train_step(run: Run, batch: dict) -> tuple[mx.array, mx.array, float | None]
     if not temperature.learnable:
         model.logit_scale = mx.array(temperature.logit_scale_param(step), mx.float32)
     scale_used = model.logit_scale  # (arrays are immutable: the step assigns a new one)
+    lora = run.cfg.finetune.lora
+    if lora.enabled and lora.dropout > 0:  # LoRA dropout keyed on (seed, step): resume stays exact
+        mx.random.seed(run.cfg.train.seed * 1_000_003 + step)
     with run.world.guard(f"training step {step + 1}"), out_of_memory_hint(run.cfg):
         loss, grad_norm = training.run_step(mx.array(batch["images"]), mx.array(batch["tokens"]), step)
         mx.eval(training.state, loss, grad_norm)  # (the guard bounds waits on the other ranks)
@@ -351,12 +360,16 @@ def run_eval(run: Run) -> dict:
     (their per-set details: OUT/eval_sets.json)."""
     started = time.perf_counter()
     ema = run.training.ema if run.cfg.eval.use_ema else None
-    with ema.swapped_in(run.training.model) if ema else contextlib.nullcontext():  # eval.use_ema
-        metrics = evaluate(run.training.model, run.data, run.cfg)
-        if run.eval_sets:
-            scalars, details = evaluate_eval_sets(run.training.model, run.data, run.eval_sets, run.cfg)
-            metrics.update(scalars)
-            write_eval_sets(run.out, run.state.step, scalars, details, run.logger.message)
+    run.training.model.eval()  # LoRA dropout off while evaluating
+    try:
+        with ema.swapped_in(run.training.model) if ema else contextlib.nullcontext():  # eval.use_ema
+            metrics = evaluate(run.training.model, run.data, run.cfg)
+            if run.eval_sets:
+                scalars, details = evaluate_eval_sets(run.training.model, run.data, run.eval_sets, run.cfg)
+                metrics.update(scalars)
+                write_eval_sets(run.out, run.state.step, scalars, details, run.logger.message)
+    finally:
+        run.training.model.train()
     run.logger.log({"event": "eval", "step": run.state.step, **metrics})
     temperature = run.training.temperature
     if temperature.observe(metrics.get("val_loss", math.nan)):

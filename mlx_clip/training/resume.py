@@ -29,7 +29,7 @@ from .state import RunState
 # Keys under these prefixes change the sample stream, the batch, the model or the objective.
 # Everything else is free to change on --resume: optim.*, most of train.*, and all of eval.*
 # (eval.every, eval.best, adding or removing an eval set), which only watch the training.
-EXACT_PREFIXES = ("data.", "model.", "loss.")
+EXACT_PREFIXES = ("data.", "model.", "loss.", "finetune.")
 EXACT_KEYS = {"train.seed"}  # seeds the epoch order and the per-sample draws
 # ...except these, which change neither what is trained on nor how (the tokenizer and init
 # weights of a resumed run come from its checkpoint).

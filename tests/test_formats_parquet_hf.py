@@ -2,7 +2,6 @@
 every layout is built here, offline, with pyarrow, datasets and PIL (data/parquet.py, hf_disk.py,
 columnar.py, tar_shards.py)."""
 
-import gc
 import io
 import json
 import os
@@ -17,6 +16,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from mlx_clip.data import checks, columnar  # noqa: E402
 from mlx_clip.data.decode import open_image  # noqa: E402
+from mlx_clip.data.pipeline import Loader  # noqa: E402
 from mlx_clip.data.readers import detect_format, read_samples  # noqa: E402
 from mlx_clip.data.samples import DataError, RowRef  # noqa: E402
 
@@ -104,8 +104,9 @@ def test_parquet_image_column_variants_and_caption_lists(tmp_path, layout):
 
 
 def test_parquet_reads_one_row_group_at_a_time(tmp_path, monkeypatch):
-    """A file of 6 row groups of ~6 MB of image bytes: indexing reads no image bytes, and reading
-    every image (in order, then at random) never holds more than one row group."""
+    """A file of 6 row groups of ~6 MB of image bytes and a cache budget under one row group:
+    indexing reads no image bytes, and reading every image (in order, then at random) reads at most
+    a row group per image, each once in order, and holds about one row group."""
     rng = np.random.default_rng(0)
     rows, size = 6, 1_000_000  # per row group: 6 rows of 1 MB
     blobs = [rng.bytes(size) for _ in range(rows * 6)]
@@ -117,6 +118,19 @@ def test_parquet_reads_one_row_group_at_a_time(tmp_path, monkeypatch):
     )
     group_bytes = rows * size
     assert src.stat().st_size > 5 * group_bytes  # the file is far over the budget below
+
+    monkeypatch.setattr(columnar, "CACHE_BYTES", group_bytes // 2)  # the budget: under one row group
+    samples = read_samples(src)
+    budget = 1.5 * group_bytes
+    orders = [range(len(samples)), rng.permutation(len(samples))]
+
+    # The Arrow memory held while every image is read at random: about one row group.
+    columnar.clear_cache()
+    base, peak = pa.total_allocated_bytes(), 0
+    for i in orders[1]:
+        assert columnar.read_cell(samples[i].image) == blobs[i]
+        peak = max(peak, pa.total_allocated_bytes() - base)
+    assert group_bytes <= peak < budget, peak
 
     read = []
 
@@ -142,25 +156,33 @@ def test_parquet_reads_one_row_group_at_a_time(tmp_path, monkeypatch):
             return n
 
     monkeypatch.setattr(columnar, "parquet_file", lambda path: pq.ParquetFile(Counting(path)))
-    samples = read_samples(src)
-    assert len(samples) == len(blobs) and sum(read) < size  # captions only
-    budget = 1.5 * group_bytes
-    orders = [range(len(samples)), rng.permutation(len(samples))]
+    assert len(read_samples(src)) == len(blobs) and sum(read) < size  # indexing: captions only
     for order in orders:  # the bytes read: at most one row group per image, one per group in order
         read.clear()
         columnar.clear_cache()
-        gc.collect()
-        base, peak = pa.total_allocated_bytes(), 0  # Arrow memory: about one row group
         for i in order:
             before = sum(read)
             assert columnar.read_cell(samples[i].image) == blobs[i]
             assert sum(read) - before < budget
-            peak = max(peak, pa.total_allocated_bytes() - base)
+            assert len(columnar._cache) == 1  # the most recent row group
         if order is orders[0]:
             assert sum(read) < 1.1 * src.stat().st_size
-        assert peak < 2.5 * group_bytes, peak  # a row group, and the one it replaces while read
-        held = columnar._local.group[1]  # this thread's cache: the image column of one row group
-        assert held.nbytes <= group_bytes + 1000 and len(held) == rows
+    columnar.clear_cache()
+
+
+def test_loader_workers_read_each_row_group_once(tmp_path, monkeypatch):
+    """mlx-data's worker threads share the row groups read (a per-thread cache would forget them)."""
+    src = write_parquet(
+        tmp_path / "d.parquet",
+        {"image": [png(i) for i in range(N)], "caption": [caption(i) for i in range(N)]},
+    )
+    samples = read_samples(src)
+    calls, read_group = [], columnar._read_group
+    monkeypatch.setattr(columnar, "_read_group", lambda ref: calls.append(ref.group) or read_group(ref))
+    columnar.clear_cache()
+    batches = list(Loader(samples, 8, 32, train=False, num_workers=2).epoch(0))
+    assert sorted(calls) == [0, 1, 2]  # 40 rows in groups of 16
+    np.testing.assert_array_equal(batches[4]["index"], np.arange(32, 40))
     columnar.clear_cache()
 
 

@@ -3,12 +3,12 @@ choice the Parquet and `datasets` readers share.
 
 A sample of a Parquet or `datasets` source holds a RowRef (file, row group, row, column): the
 index keeps no image bytes. `read_cell` reads the image column of the ref's row group (Parquet) or
-memory-maps the Arrow file (`datasets`), keeps that one column chunk per thread, so consecutive rows
-of one group are read once, and returns the row's encoded bytes. Each loader worker thread (and each
-pre-flight scan thread) holds at most one row group's image column: memory is bounded by
-threads x row group, whatever the file size, in any access order. Random order reads a row group
-per sample when the cache misses, so small row groups (100-1000 images, as `datasets` writes image
-Parquet) suit shuffled training best.
+memory-maps the Arrow file (`datasets`) and returns the row's encoded bytes. Row groups read are kept
+in a small LRU shared by the decoding threads (CACHE_BYTES, the latest one always), so the rows of
+one group are read once when they come together: memory is bounded by about CACHE_BYTES plus one
+row group per thread reading, whatever the file size, in any access order. A shuffled epoch over
+more data than the cache reads a row group per sample, so small row groups (100 images, as
+`datasets` writes image Parquet) suit shuffled training best.
 
 An image cell is raw bytes, Hugging Face's `{"bytes", "path"}` struct (bytes first, else the file
 at path) or a string path; paths are relative to the Parquet or Arrow file that names them.
@@ -19,10 +19,20 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 
 from .samples import DataError, RowRef, read_bytes
 
-_local = threading.local()  # .group: ((path, group, column), column values or the read error)
+# Row groups read, shared by the threads that decode (mlx-data's workers get a fresh Python thread
+# state per call, so a threading.local would forget between samples): an LRU of at most CACHE_BYTES
+# of image columns (and MAX_GROUPS entries), the most recent one always kept.
+CACHE_BYTES = 128 << 20
+MAX_GROUPS = 64
+_cache: OrderedDict[tuple, tuple] = (
+    OrderedDict()
+)  # (path, group, column, mtime, size) -> (column or error, bytes)
+_loading: dict[tuple, threading.Lock] = {}  # row groups being read, so each is read once
+_lock = threading.Lock()
 
 # When the configured key is the default and absent: names other tools give these columns.
 CAPTION_NAMES = ("caption", "captions", "text", "txt", "sentences")
@@ -43,8 +53,9 @@ def import_pyarrow():
 
 def parquet_file(path: str):
     """pyarrow's ParquetFile for `path` (one place, so a test can count the bytes read). No
-    pre-buffering: its read-ahead buffers are released by an I/O thread some time after the read,
-    which let a worker hold two or three row groups at once (measured in the streaming test)."""
+    pre-buffering (and no decoding threads, in _read_group): both release their buffers in pyarrow's
+    threads some time after the read, which let one reader hold two to six row groups at once
+    (measured in tests/test_formats_parquet_hf.py); the loader's workers are the parallelism."""
     return import_pyarrow().parquet.ParquetFile(path, pre_buffer=False)
 
 
@@ -55,27 +66,54 @@ def _read_group(ref: RowRef):
         with pa.memory_map(ref.path) as source:
             return pa.ipc.open_stream(source).read_all().column(ref.column)
     with parquet_file(ref.path) as pf:  # closed now: a ParquetFile left to the GC holds its buffers
-        return pf.read_row_group(ref.group, columns=[ref.column]).column(0)
+        return pf.read_row_group(ref.group, columns=[ref.column], use_threads=False).column(0)
 
 
 def _group(ref: RowRef):
-    key = (ref.path, ref.group, ref.column)
-    cached = getattr(_local, "group", None)
-    if cached is None or cached[0] != key:
-        _local.group = cached = None  # drop the previous row group before reading the next
-        try:
-            cached = key, _read_group(ref)
-        except Exception as e:  # kept, so a broken row group is not read again for each of its rows
-            cached = key, e
-        _local.group = cached
-    if isinstance(cached[1], Exception):
-        e = cached[1]
+    """The image column of ref's row group, from the cache or read now (once, whichever threads ask)."""
+    try:
+        st = os.stat(ref.path)  # a file rewritten in place is read again, not served from the cache
+    except OSError as e:
+        raise DataError(f"{ref}: cannot read: {e.strerror or e}", "unreadable", str(ref)) from None
+    key = (ref.path, ref.group, ref.column, st.st_mtime_ns, st.st_size)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+        loading = _loading.setdefault(key, threading.Lock()) if hit is None else None
+    if loading is not None:
+        with loading:  # a second thread asking for the same row group waits for the first one's read
+            with _lock:
+                hit = _cache.get(key)
+            if hit is None:
+                try:
+                    hit = _read_group(ref), 0
+                except Exception as e:  # kept, so a broken row group is not read again for each row
+                    hit = e, 0
+                _put(key, hit[0])
+            with _lock:
+                _loading.pop(key, None)
+    value = hit[0]
+    if isinstance(value, Exception):
         raise DataError(
-            f"{ref.path}: row group {ref.group}, column '{ref.column}': cannot read: {type(e).__name__}: {e}",
+            f"{ref.path}: row group {ref.group}, column '{ref.column}': cannot read: "
+            f"{type(value).__name__}: {value}",
             "corrupt_row_group",
             str(ref),
         )
-    return cached[1]
+    return value
+
+
+def _put(key: tuple, value) -> None:
+    """Cache `value`; drop the least recently used row groups beyond CACHE_BYTES (the newest stays).
+    Memory-mapped Arrow columns count as 0 bytes: the OS pages them in and out."""
+    size = 0 if isinstance(value, Exception) or key[0].endswith(".arrow") else value.nbytes
+    with _lock:
+        _cache[key] = value, size
+        total = sum(s for _, s in _cache.values())
+        while len(_cache) > 1 and (total > CACHE_BYTES or len(_cache) > MAX_GROUPS):
+            _, (_, dropped) = _cache.popitem(last=False)
+            total -= dropped
 
 
 def read_cell(ref: RowRef) -> bytes:
@@ -91,8 +129,9 @@ def read_cell(ref: RowRef) -> bytes:
 
 
 def clear_cache() -> None:
-    """Drop this thread's row group (tests, and a reader that is done with a file)."""
-    _local.group = None
+    """Drop every cached row group (tests, and a program that is done with its Parquet data)."""
+    with _lock:
+        _cache.clear()
 
 
 # ---------------------------------------------------------------------------

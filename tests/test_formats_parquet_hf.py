@@ -57,7 +57,8 @@ def same_pixels(image, i):
 
 def test_img2dataset_parquet_output_trains_from_the_cli(tmp_path, capsys):
     """img2dataset's parquet output format: image bytes in "jpg", "caption", metadata columns, and
-    a _stats.json beside each file; the folder is the source."""
+    a _stats.json beside each file; the folder is the source. A null image is skipped (1 of 40, under
+    the 5% rule) and logged in skipped.jsonl."""
     root = tmp_path / "i2d"
     for part in range(2):
         rows = range(part * N // 2, (part + 1) * N // 2)
@@ -66,7 +67,7 @@ def test_img2dataset_parquet_output_trains_from_the_cli(tmp_path, capsys):
             "url": [f"http://x/{i}.jpg" for i in rows],
             "caption": [caption(i) for i in rows],
             "status": ["success"] * len(rows),
-            "jpg": [png(i) for i in rows],
+            "jpg": [None if i == 5 else png(i) for i in rows],  # a null image: skipped and logged
         }
         write_parquet(root / f"{part:05d}.parquet", cols, row_group_size=8)
         (root / f"{part:05d}_stats.json").write_text(json.dumps({"count": len(rows)}))
@@ -76,7 +77,12 @@ def test_img2dataset_parquet_output_trains_from_the_cli(tmp_path, capsys):
     assert samples[9].image == RowRef(str(root / "00000.parquet"), 1, 1, "jpg")
     same_pixels(samples[9].image, 9)
     assert "image column 'jpg' (no column 'image')" in capsys.readouterr().out
-    trains(tmp_path, "run", root)
+    with pytest.warns(checks.BadDataWarning, match=r"skipped 1 of 40 items \(2\.5%\).*1 null_image"):
+        out = trains(tmp_path, "run", root)
+    skips = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["item"], s["reason"]) for s in skips] == [
+        (f"{root / '00000.parquet'}:row group 0:row 5", "null_image")
+    ]
 
 
 @pytest.mark.parametrize("layout", ["bytes", "struct", "struct_path", "path"])

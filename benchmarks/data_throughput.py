@@ -2,9 +2,12 @@
 
     python -m benchmarks.data_throughput [--arch vit_b32] [--batch 32] [--images 512] [--workers 0,2]
                                          [--results RESULTS.json] [--sections jpeg,tar,default-run]
+                                         [--row-group 100] [--parquet-cache-mb MB]
 
-- jpeg / tar: --images JPEGs of --image-size pixels (default 500x375, smooth shapes, quality 90)
-  are written into a temporary folder (with captions.txt) and into 4 WebDataset shards, read with
+- jpeg / tar / parquet / hf: --images JPEGs of --image-size pixels (default 500x375, smooth shapes,
+  quality 90) are written into a temporary folder (with captions.txt), into 4 WebDataset shards,
+  into 2 Parquet files (image bytes inline, --row-group rows per row group; 100 is what `datasets`
+  writes for image data) and into a `datasets` save_to_disk folder (an Image feature; hf:DIR), read with
   mlx_clip.data.readers.read_samples and batched by mlx_clip.data.pipeline.Loader exactly as a run does (PIL
   decode, random resized crop to the model size with the run's default augmentation, normalise),
   with each --workers count, timed over the whole epoch (start-up included). Tokenisation is left
@@ -45,6 +48,7 @@ from .common import contention, cpu_snapshot, record_header
 from .train_throughput import default_out, run_backend
 
 SCHEMA = "mlx_clip.data_throughput/1"
+FILE_SOURCES = ("jpeg", "tar", "parquet", "hf")
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 
 
@@ -72,8 +76,11 @@ def make_jpeg(rng: np.random.Generator, width: int, height: int) -> tuple[bytes,
     return buf.getvalue(), f"a photo of a {colour} thing with some shapes"
 
 
-def write_sources(root: Path, n: int, width: int, height: int, shards: int = 4) -> dict[str, str]:
-    """n JPEGs as a folder with captions.txt and as WebDataset shards; returns {kind: source path}."""
+def write_sources(
+    root: Path, n: int, width: int, height: int, shards: int = 4, kinds=("jpeg", "tar"), row_group: int = 100
+) -> dict[str, str]:
+    """n JPEGs as a folder with captions.txt and as WebDataset shards (and, as `kinds` asks, as
+    Parquet files and a `datasets` folder); returns {kind: source path}."""
     rng = np.random.default_rng(0)
     folder = root / "jpeg"
     folder.mkdir(parents=True)
@@ -91,7 +98,35 @@ def write_sources(root: Path, n: int, width: int, height: int, shards: int = 4) 
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tf.addfile(info, io.BytesIO(payload))
-    return {"jpeg": str(folder), "tar": str(root / f"shard-{{000..{shards - 1:03d}}}.tar")}
+    sources = {"jpeg": str(folder), "tar": str(root / f"shard-{{000..{shards - 1:03d}}}.tar")}
+    if "parquet" in kinds:
+        sources["parquet"] = write_parquet(root / "parquet", items, row_group)
+    if "hf" in kinds:
+        sources["hf"] = write_hf(root / "hf", items)
+    return sources
+
+
+def write_parquet(folder: Path, items: list[tuple[bytes, str]], row_group: int, files: int = 2) -> str:
+    """items as `files` Parquet files with the image bytes inline ("image", "caption")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    for f in range(files):
+        part = items[f::files]
+        table = pa.table({"image": [d for d, _ in part], "caption": [c for _, c in part]})
+        pq.write_table(table, folder / f"part-{f}.parquet", row_group_size=row_group)
+    return str(folder)
+
+
+def write_hf(folder: Path, items: list[tuple[bytes, str]]) -> str:
+    """items as a `datasets` save_to_disk folder with an Image feature; the source is hf:DIR."""
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": [{"bytes": d, "path": None} for d, _ in items], "caption": [c for _, c in items]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+    return f"hf:{folder}"
 
 
 # ---------------------------------------------------------------------------
@@ -216,7 +251,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", default="500x375", help="WIDTHxHEIGHT of the JPEGs (default 500x375)")
     p.add_argument("--workers", default=f"0,{Config().data.num_workers}", help="loader worker counts")
     p.add_argument("--results", type=Path, default=None, help="train_throughput JSON with an mlx-cpu row")
-    p.add_argument("--sections", default="jpeg,tar,default-run")
+    p.add_argument("--sections", default="jpeg,tar,default-run", help="jpeg, tar, parquet, hf, default-run")
+    p.add_argument("--row-group", type=int, default=100, help="Parquet rows per row group (default 100)")
+    p.add_argument(
+        "--parquet-cache-mb",
+        type=float,
+        default=None,
+        help="row-group cache of data/columnar.py (default: its CACHE_BYTES); 0 keeps only the latest "
+        "group, so a shuffled epoch reads a row group per image, as on data far larger than the cache",
+    )
     p.add_argument("--default-run-steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
@@ -225,9 +268,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"jpeg", "tar", "default-run"}
+    unknown = set(sections) - {*FILE_SOURCES, "default-run"}
     if unknown:
-        raise SystemExit(f"error: unknown section(s) {sorted(unknown)} (jpeg, tar, default-run)")
+        raise SystemExit(
+            f"error: unknown section(s) {sorted(unknown)} ({', '.join(FILE_SOURCES)}, default-run)"
+        )
     cfg = model_config(args.arch)
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     d = Config().data
@@ -241,7 +286,11 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "pipeline": [],
     }
-    file_sections = [s for s in sections if s in ("jpeg", "tar")]
+    file_sections = [s for s in sections if s in FILE_SOURCES]
+    if args.parquet_cache_mb is not None:
+        from mlx_clip.data import columnar
+
+        columnar.CACHE_BYTES = int(args.parquet_cache_mb * 2**20)
     if file_sections:
         if args.results:
             step = step_rate_from(args.results, args.arch, args.batch)
@@ -250,7 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
         doc["training_step"] = {"arch": args.arch, "batch": args.batch, **step}
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            sources = write_sources(Path(tmp), args.images, width, height)
+            sources = write_sources(
+                Path(tmp), args.images, width, height, kinds=file_sections, row_group=args.row_group
+            )
             print(
                 f"wrote {args.images} {width}x{height} JPEGs in {time.perf_counter() - t0:.1f} s", flush=True
             )

@@ -32,7 +32,8 @@ MAX_LR = 10.0
 # Allowed values, each listed once: the coercer (schema.py) refuses anything else, naming the key, and
 # the module that acts on a value takes its tuple from here with typing.get_args.
 Auto = Literal["auto"]
-SourceFormat = Literal["csv", "tsv", "json", "jsonl", "folder", "tar"]  # a reader each: data/readers.py
+# A reader each: data/readers.py (parquet: data/parquet.py, hf = `datasets` on disk: data/hf_disk.py)
+SourceFormat = Literal["csv", "tsv", "json", "jsonl", "folder", "tar", "parquet", "hf"]
 DataFormat = Literal["auto", SourceFormat]  # auto: detected from the path
 ImageCheck = Literal["header", "full", "off"]  # data/checks.py
 BuiltinSplit = Literal["single", "pair", "mixed"]  # data/synthetic.py

@@ -202,9 +202,10 @@ def test_synthetic_batch_pools_at_eot():
     np.testing.assert_array_equal(tokens, synthetic_batch(cfg, 6)[1])  # seeded
 
 
-def test_data_pipeline_rate_from_jpeg_and_tar(tmp_path):
-    sources = write_sources(tmp_path, 12, 64, 48)
-    for kind in ("jpeg", "tar"):
+def test_data_pipeline_rate_from_jpeg_tar_parquet_and_hf(tmp_path):
+    kinds = ("jpeg", "tar", "parquet", "hf")
+    sources = write_sources(tmp_path, 12, 64, 48, kinds=kinds, row_group=4)
+    for kind in kinds:
         samples = read_samples(sources[kind])
         assert len(samples) == 12
         r = loader_rate(Loader(samples, 4, 32, train=True, num_workers=0))

@@ -3,6 +3,8 @@
 samples.py     what readers produce: samples, skip records, errors naming the file; caption checks
 readers.py     own-data formats (csv/tsv, json/jsonl, folders) -> samples
 tar_shards.py  WebDataset tar shards, indexed in place (never extracted)
+parquet.py     Parquet files, indexed by (file, row group, row); hf_disk.py: `datasets` folders (hf:DIR)
+columnar.py    their image cells, read one row group at a time at decode time; the column choice
 checks.py      bad-data checks before training (bad images and captions skipped and logged)
 decode.py      the one bounded way an image becomes pixels: header limits, then only the crop decoded
 transforms.py  a model's preprocessing (ImagePreprocess.of(model config); CLIP's by default) and

@@ -1,4 +1,5 @@
-"""Opening and decoding images within bounds: the one place a file, tar member or upload becomes pixels.
+"""Opening and decoding images within bounds: the one place a file, tar member, Parquet / Arrow cell
+or upload becomes pixels.
 
     x = decode_image(path_or_tarref_or_bytes, EvalTransform(224))   # float32 (224, 224, 3)
     x = decode_image(item, TrainTransform(224), rng, max_pixels=..., max_aspect=...)
@@ -21,12 +22,12 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .samples import DataError, TarRef, read_bytes
+from .samples import DataError, RowRef, TarRef, read_bytes
 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own warning threshold, about 9459 x 9459
 DEFAULT_MAX_ASPECT_RATIO = 50.0  # wide panoramas and long screenshots pass; 1 x 1000 strips do not
 
-ImageSource = str | os.PathLike | TarRef | bytes
+ImageSource = str | os.PathLike | TarRef | RowRef | bytes
 
 
 def describe(e: BaseException) -> str:
@@ -64,6 +65,13 @@ def _source(image: ImageSource):
         if image.size == 0:
             raise _fail(image, "empty file (0 bytes)", "empty_file")
         return io.BytesIO(read_bytes(image))
+    if isinstance(image, RowRef):  # a Parquet / Arrow cell: its row group is read (data/columnar.py)
+        from .columnar import read_cell
+
+        data = read_cell(image)
+        if not data:
+            raise _fail(image, "empty image cell (0 bytes)", "empty_file")
+        return io.BytesIO(data)
     try:
         if os.path.getsize(image) == 0:
             raise _fail(image, "empty file (0 bytes)", "empty_file")

@@ -11,7 +11,9 @@ Supported sources (auto-detected from the path, see `read_samples`):
   line; a key's second `.txt` member adds its lines) given as a path, a glob
   (`shards/*.tar`) or a brace pattern (`shards-{000..009}.tar`, `{a,b}.tar`). Shards are
   indexed, not extracted: a sample holds a `TarRef` (shard, byte offset, size) that is
-  read when the loader decodes it.
+  read when the loader decodes it. A folder holding .tar files (img2dataset's output) reads them;
+- Parquet files (`data.parquet`, `parts/*.parquet`, a folder of them): data/parquet.py;
+- `hf:DIR[:split]`, a Hugging Face `datasets` save_to_disk folder: data/hf_disk.py.
 
 Every text file is read as UTF-8 (samples.open_text / decode_text): a byte-order mark is
 skipped in every format alike, a UTF-16 or UTF-32 file is refused with a message naming it, and
@@ -34,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import SourceFormat
+from .hf_disk import read_hf
+from .parquet import read_parquet
 from .samples import IMAGE_EXTENSIONS, Collector, DataError, Sample, Skip, decode_text, lines, open_text
 from .tar_shards import read_tar, shard_paths
 
@@ -217,18 +221,33 @@ def _read_folder(root: Path, out: Collector) -> None:
 # Entry points
 
 
+def _folder_format(path: str) -> str:
+    """A folder: a `datasets` save_to_disk directory, tar shards (img2dataset's webdataset output),
+    Parquet files (its parquet output, hub downloads) or images."""
+    names = os.listdir(path)
+    if "dataset_dict.json" in names or {"state.json", "dataset_info.json"} <= set(names):
+        return "hf"
+    for ext in ("tar", "parquet"):  # the tars first: img2dataset writes a .parquet index beside each
+        if any(n.endswith(f".{ext}") for n in names):
+            return ext
+    return "folder"
+
+
 def detect_format(source: str | os.PathLike) -> str:
     s = str(source)
+    if s.startswith("hf:"):
+        return "hf"
     if os.path.isdir(s):
-        return "folder"
+        return _folder_format(s)
     if s.endswith(".tar"):  # a shard, a glob or a brace pattern
         return "tar"
     ext = os.path.splitext(s)[1].lower().lstrip(".")
-    if ext in ("csv", "tsv", "json", "jsonl"):
+    if ext in ("csv", "tsv", "json", "jsonl", "parquet"):
         return ext
     raise DataError(
-        f"{s}: unknown data source format (expected .csv, .tsv, .json, .jsonl, "
-        "a folder of images, or .tar shards as a path, glob or {a,b} / {000..009} pattern)"
+        f"{s}: unknown data source format (expected .csv, .tsv, .json, .jsonl, .parquet, hf:DIR (a "
+        "`datasets` save_to_disk folder), a folder of images, or .tar shards as a path, glob or "
+        "{a,b} / {000..009} pattern)"
     )
 
 
@@ -238,6 +257,12 @@ def read_into(out: Collector, source: str | os.PathLike, fmt: str, image_key: st
     if fmt == "tar":
         for shard in shard_paths(str(source)):
             read_tar(shard, out)
+        return
+    if fmt == "parquet":
+        read_parquet(str(source), out, image_key, caption_key)
+        return
+    if fmt == "hf":
+        read_hf(str(source), out, image_key, caption_key)
         return
     path = Path(source)
     if fmt == "folder":
@@ -268,7 +293,7 @@ def read_samples(
 ) -> list[Sample]:
     """Read an image-caption source into `list[Sample]` (one Sample per distinct image).
 
-    `fmt` is one of "auto", "csv", "tsv", "json", "jsonl", "folder", "tar";
+    `fmt` is "auto" or one of FORMATS ("csv", "tsv", "json", "jsonl", "folder", "tar", "parquet", "hf");
     `check_files` verifies that every referenced image file exists (not tar members).
     `on_error="skip"` appends a Skip to `skipped` (required) for each bad entry and goes
     on; the result is then empty only when every entry was bad (the caller reports that).

@@ -19,6 +19,7 @@ from ..schema import ConfigError
 from ..text.tokenizer import MIN_VOCAB_SIZE
 from ..text.vocab import AnyTokenizer, load_saved, load_tokenizer, openai_tokenizer, train_tokenizer
 from . import synthetic
+from .hf_disk import arrow_files
 from .pipeline import ArraySource, Loader
 from .readers import detect_format, read_samples, split_samples
 from .synthetic_captions import TEMPLATES
@@ -247,7 +248,14 @@ def _source_files(spec: str, fmt: str) -> dict[str, int]:
     """The files a source is read from, with their sizes in bytes (-1: gone). A folder's files are
     its images, which the sample list already names."""
     fmt = detect_format(spec) if fmt == "auto" else fmt
-    paths = [] if fmt == "folder" else shard_paths(spec) if fmt == "tar" else [spec]
+    if fmt == "folder":
+        paths = []
+    elif fmt in ("tar", "parquet"):
+        paths = shard_paths(spec, "." + fmt)
+    elif fmt == "hf":
+        paths = arrow_files(spec)
+    else:
+        paths = [spec]
     sizes = {}
     for path in paths:
         try:

@@ -44,6 +44,8 @@ REASONS = {
     "bad_member_name": "a tar member named like an image or caption with a dot in its field (photo.v2.png)",
     "duplicate_key": "a second image (and its caption) under a WebDataset key already used in the shard",
     "extreme_aspect": "the longer side is over max_aspect_ratio times the shorter",
+    "null_image": "a Parquet or Arrow row whose image cell is null (no bytes and no path)",
+    "corrupt_row_group": "a Parquet row group (or Arrow file) that cannot be read or decompressed",
 }
 
 
@@ -72,9 +74,24 @@ class TarRef:
         return f"{self.path}:{self.name}"
 
 
+@dataclass(frozen=True)
+class RowRef:
+    """One image cell of a Parquet file (row `row` of row group `group`) or of a `datasets` Arrow
+    file (group 0, `row` counted from the file's start), in column `column`; read at decode time
+    one row group at a time (data/columnar.py)."""
+
+    path: str
+    group: int
+    row: int
+    column: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:row group {self.group}:row {self.row}"
+
+
 @dataclass
 class Sample:
-    image: str | TarRef
+    image: str | TarRef | RowRef
     captions: list[str] = field(default_factory=list)
 
 

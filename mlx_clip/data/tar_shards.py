@@ -11,6 +11,8 @@ Keys follow WebDataset: a member's key is its path up to the first dot of its ba
 is its field, so `photo.v2.png` is key `photo`, field `v2.png`. Only jpg/jpeg/png/webp and txt
 fields are read; a member named like an image or caption with a dotted field (`photo.v2.png`,
 `photo.en.txt`) is skipped as bad_member_name (other fields, .json or .cls, are ignored quietly).
+img2dataset's shards: an image with no .txt takes the "caption" of its .json member; a folder given
+as the source reads its *.tar files, not the _stats.json and .parquet index files beside them.
 A key that holds two images in one shard is a duplicate_key: the first image and caption are
 kept, the later ones are skipped and logged, never attached to the first.
 
@@ -21,6 +23,7 @@ classification shards: the class index as text), read as a one-line caption by t
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import tarfile
@@ -58,22 +61,29 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for opt in options for x in expand_braces(head + opt + tail)]
 
 
-def shard_paths(source: str) -> list[str]:
-    """Brace-expand, then glob; every pattern must match, every path must exist."""
+def shard_paths(source: str, suffix: str = ".tar") -> list[str]:
+    """Brace-expand, then glob; every pattern must match, every path must exist. A folder stands for
+    its top-level `*suffix` files (img2dataset's output: the shards beside their _stats.json and
+    .parquet index files, which are not read)."""
     paths: list[str] = []
     for pattern in expand_braces(source):
-        if glob.has_magic(pattern):
+        if os.path.isdir(pattern):
+            found = sorted(glob.glob(os.path.join(glob.escape(pattern), "*" + suffix)))
+            if not found:
+                raise DataError(f"{pattern}: no {suffix} files in this folder")
+            paths.extend(found)
+        elif glob.has_magic(pattern):
             found = sorted(glob.glob(pattern))
             if not found:
                 raise DataError(f"{pattern}: no files match")
             paths.extend(found)
         elif not os.path.isfile(pattern):
-            raise DataError(f"{pattern}: no such shard")
+            raise DataError(f"{pattern}: no such {'shard' if suffix == '.tar' else 'file'}")
         else:
             paths.append(pattern)
     for p in paths:
-        if not p.endswith(".tar"):
-            raise DataError(f"{p}: not a .tar shard")
+        if not p.endswith(suffix):
+            raise DataError(f"{p}: not a {suffix} {'shard' if suffix == '.tar' else 'file'}")
     return [os.path.abspath(p) for p in dict.fromkeys(paths)]  # de-duplicated, order kept
 
 
@@ -88,11 +98,12 @@ def _key_field(name: str) -> tuple[str, str] | None:
 
 
 def _index(
-    tf: tarfile.TarFile, path: str, out: Collector, images: dict, texts: dict, text_field: str
+    tf: tarfile.TarFile, path: str, out: Collector, images: dict, texts: dict, text_field: str, jsons: dict
 ) -> None:
     """Fill `images` (members by key) and `texts` ((.txt member, bytes) by key; .cls or another
-    `text_field`), in shard order, as far as the shard reads; members named like an image or caption
-    whose field is not one (photo.v2.png) are reported as bad_member_name."""
+    `text_field`), in shard order, as far as the shard reads, and `jsons` (.json member, bytes) for
+    .txt shards; members named like an image or caption whose field is not one (photo.v2.png) are
+    reported as bad_member_name."""
     for m in tf:
         split = _key_field(m.name) if m.isfile() else None
         if split is None:
@@ -102,6 +113,8 @@ def _index(
             images.setdefault(key, []).append(m)
         elif field == text_field:
             texts.setdefault(key, []).append((m, tf.extractfile(m).read()))
+        elif field == "json" and text_field == "txt":
+            jsons[key] = m, tf.extractfile(m).read()
         elif field.rpartition(".")[2] in (*TAR_IMAGE_EXTENSIONS, text_field):
             inner, _, ext = field.rpartition(".")  # "v2.png" -> "v2", "png"
             msg = (
@@ -137,6 +150,24 @@ def _drop_duplicates(path: str, images: dict, texts: dict, out: Collector) -> No
             texts[key] = captions[:1]
 
 
+def _json_captions(path: str, images: dict, texts: dict, jsons: dict, out: Collector) -> None:
+    """An image with no .txt takes its .json member's "caption" (img2dataset writes both; a .txt wins)."""
+    for key in images.keys() - texts.keys():
+        if key not in jsons:
+            continue
+        m, data = jsons[key]
+        try:
+            caption = json.loads(decode_text(data, f"{path}:{m.name}")).get("caption")
+        except (ValueError, AttributeError) as e:  # invalid JSON, not an object, UTF-16 (DataError)
+            out.fail(
+                DataError(f"{path}:{m.name}: cannot read its caption: {e}", "bad_row", f"{path}:{m.name}")
+            )
+            continue
+        if isinstance(caption, str):
+            one_line = " ".join(caption.splitlines())  # one caption, as it was written
+            texts[key] = [(m, one_line.encode("utf-8", "surrogateescape"))]
+
+
 def read_tar(path: str, out: Collector, text_field: str = "txt") -> None:
     """Index one shard: group members by WebDataset key (path up to the basename's first dot).
 
@@ -145,11 +176,14 @@ def read_tar(path: str, out: Collector, text_field: str = "txt") -> None:
     """
     images: dict[str, list[tarfile.TarInfo]] = {}
     texts: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}  # a key's .txt members, in shard order
+    jsons: dict[str, tuple[tarfile.TarInfo, bytes]] = {}  # img2dataset's metadata, with its "caption"
     problem, size = None, 0
     try:
         size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as tf:  # plain tar only: offsets must be raw bytes
-            _index(tf, path, out, images, texts, text_field)  # filled as far as it gets, if the shard is cut
+            _index(
+                tf, path, out, images, texts, text_field, jsons
+            )  # filled as far as it gets, if the shard is cut
             # tarfile ends quietly at EOF or at a garbled header; only the zero-block
             # end-of-archive marker says that nothing was lost.
             tf.fileobj.seek(tf.offset)
@@ -163,6 +197,7 @@ def read_tar(path: str, out: Collector, text_field: str = "txt") -> None:
     if problem:
         kept = "; the complete members before the cut are kept" if out.skipped is not None and images else ""
         out.fail(DataError(f"{path}: cannot read tar shard: {problem[1]}{kept}", problem[0], path))
+    _json_captions(path, images, texts, jsons, out)
     _drop_duplicates(path, images, texts, out)
     images = {key: members[0] for key, members in images.items()}
     for key, m in list(images.items()):

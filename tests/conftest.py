@@ -166,3 +166,23 @@ def save_step(root, step, model, opt):
     from mlx_clip.training.state import RunState
 
     return save_checkpoint(root, model, opt, FakeTokenizer(), "model: odd\n", RunState(step=step))
+
+
+# A small trained run shared by the predict and quantized-inference tests (widths 64, MLP 256: group
+# sizes 32 and 64 divide every linear layer, 128 only the MLP's c_proj). Tests only read it.
+TINY_RUN = [
+    "--steps", "3", "--model.image_size", "32", "--model.patch_size", "8", "--model.vision_width", "64",
+    "--model.vision_heads", "2", "--model.vision_layers", "2", "--model.text_width", "64",
+    "--model.text_layers", "2", "--model.context_length", "16", "--model.vocab_size", "600",
+    "--model.embed_dim", "32", "--data.builtin_train_size", "256", "--data.builtin_val_size", "48",
+    "--data.batch_size", "16", "--train.progress", "false", "--eval.every", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    from mlx_clip.train import main as train_main
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    train_main(["--out", str(out), *TINY_RUN])
+    return out

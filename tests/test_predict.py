@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY_RUN
 from mlx.utils import tree_flatten
 from PIL import Image
 
@@ -26,22 +27,11 @@ from mlx_clip.models.weights import save_weights
 from mlx_clip.predict import main as predict_main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--steps", "3", "--model.image_size", "32", "--model.patch_size", "8", "--model.vision_width", "64",
-    "--model.vision_heads", "2", "--model.vision_layers", "2", "--model.text_width", "64",
-    "--model.text_layers", "2", "--model.context_length", "16", "--model.vocab_size", "600",
-    "--model.embed_dim", "32", "--data.builtin_train_size", "256", "--data.builtin_val_size", "48",
-    "--data.batch_size", "16", "--train.progress", "false", "--eval.every", "0",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from mlx_clip.train import main as train_main
-
-    out = tmp_path_factory.mktemp("predict") / "run"
-    train_main(["--out", str(out), *TINY])
-    return out
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +45,7 @@ def siglip_run(tmp_path_factory):
     from mlx_clip.train import main as train_main
 
     out = tmp_path_factory.mktemp("predict_siglip") / "run"
-    train_main(["--out", str(out), *TINY, "--loss.type", "siglip"])
+    train_main(["--out", str(out), *TINY_RUN, "--loss.type", "siglip"])
     return out
 
 

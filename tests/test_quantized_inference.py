@@ -22,14 +22,6 @@ from mlx_clip.models.quantize import parameter_bytes, quantization, quantize_mod
 from mlx_clip.predict import main as predict_main
 
 REPO = Path(__file__).resolve().parents[1]
-# Widths 64 (MLP 256): group sizes 32 and 64 divide every linear layer, 128 only the MLP's c_proj.
-TINY = [
-    "--steps", "3", "--model.image_size", "32", "--model.patch_size", "8", "--model.vision_width", "64",
-    "--model.vision_heads", "2", "--model.vision_layers", "2", "--model.text_width", "64",
-    "--model.text_layers", "2", "--model.context_length", "16", "--model.vocab_size", "600",
-    "--model.embed_dim", "32", "--data.builtin_train_size", "256", "--data.builtin_val_size", "48",
-    "--data.batch_size", "16", "--train.progress", "false", "--eval.every", "0",
-]  # fmt: skip
 
 
 def _small(**kw) -> ModelConfig:
@@ -40,12 +32,8 @@ def _small(**kw) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from mlx_clip.train import main as train_main
-
-    out = tmp_path_factory.mktemp("quant") / "run"
-    train_main(["--out", str(out), *TINY])
-    return out
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,9 @@ Variants (config overrides on the run defaults, each measured in its own fresh p
 - accum2, accum4: optim.accum_steps 2 / 4, gradient caching (mlx_clip/training/accum.py);
 - grad_checkpointing: train.grad_checkpointing true (each transformer block recomputed in backward);
 - bf16: train.precision bfloat16 (bf16 compute, fp32 master weights and optimizer state);
+- lit, lora, qlora, lora-ckpt, qlora-ckpt (not in the default list): fine-tuning with the image
+  tower locked; LoRA rank 8 on both towers (attention qkv/out and MLP, base from a saved random
+  init); the same with a 4-bit base (QLoRA); either with train.grad_checkpointing;
 - accum2-fused, accum4-fused (not in the default list): gradient caching with all three phases in
   ONE compiled step, in the naive order and with mx.depends forcing micro-batch order
   (`-fused-ordered`): what accum.py's separate compile boundaries are measured against.
@@ -48,6 +51,11 @@ from .common import REPO_ROOT, RESULTS_DIR, machine_info, peak_rss_bytes, record
 from .step_workers import log
 
 SCHEMA = "mlx_clip.memory/1"
+LORA = [
+    ("finetune.lora.enabled", "true"),
+    ("finetune.lora.rank", "8"),
+    ("finetune.lora.targets", "[attn_qkv, attn_out, mlp]"),
+]
 VARIANTS = {
     "plain": [],
     "accum2": [("optim.accum_steps", "2")],
@@ -58,6 +66,13 @@ VARIANTS = {
     "accum4-fused": [("optim.accum_steps", "4")],
     "accum2-fused-ordered": [("optim.accum_steps", "2")],
     "accum4-fused-ordered": [("optim.accum_steps", "4")],
+    # Fine-tuning (issue 16): LiT, LoRA rank 8 on both towers, QLoRA with a 4-bit base. LoRA needs a
+    # base file: the worker saves the random-init model's weights first (model.init_from).
+    "lit": [("optim.lock_image", "true")],
+    "lora": LORA,
+    "qlora": [*LORA, ("finetune.quantize_base", "4")],
+    "lora-ckpt": [*LORA, ("train.grad_checkpointing", "true")],
+    "qlora-ckpt": [*LORA, ("finetune.quantize_base", "4"), ("train.grad_checkpointing", "true")],
 }
 DEFAULT_VARIANTS = ("plain", "accum2", "accum4", "grad_checkpointing", "bf16")
 
@@ -106,6 +121,19 @@ def fused_accum_step(model, optimizer, cfg, ordered: bool):
     return step, state
 
 
+def _base_weights(spec: dict) -> str:
+    """A LoRA variant's base: the architecture at random init, saved to a temporary weights file
+    (build_training loads it before the peak is reset, so loading does not count)."""
+    import mlx_clip
+    from mlx_clip.models.weights import save_weights
+
+    path = Path(tempfile.mkdtemp()) / "base.safetensors"
+    base = mlx_clip.create_model(spec["arch"], seed=spec["seed"])
+    save_weights(base, path)
+    del base
+    return str(path)
+
+
 def _measure(spec: dict) -> dict:
     import mlx.core as mx  # after mlx_clip (imported above): OpenBLAS is bound first
     from mlx.utils import tree_flatten
@@ -119,6 +147,8 @@ def _measure(spec: dict) -> dict:
     variant = spec["variant"]
     overrides = [("model.arch", spec["arch"]), ("data.batch_size", str(spec["batch"])), *VARIANTS[variant]]
     overrides += [("train.seed", str(spec["seed"])), ("train.steps", str(spec["warmup"] + spec["steps"]))]
+    if any(key == "finetune.lora.enabled" for key, _ in VARIANTS[variant]):
+        overrides.append(("model.init_from", _base_weights(spec)))
     cfg = load_config(None, overrides)
     mcfg = cfg.model_config()
     # The run's own step, on train.streams' streams (the process-wide settings stay MLX's defaults,

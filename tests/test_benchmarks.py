@@ -210,3 +210,15 @@ def test_data_pipeline_rate_from_jpeg_tar_parquet_and_hf(tmp_path):
         assert len(samples) == 12
         r = loader_rate(Loader(samples, 4, 32, train=True, num_workers=0))
         assert r["images"] == 12 and r["images_per_s"] > 0 and 0 < r["first_batch_s"] <= r["seconds"]
+
+
+def test_memory_fine_tuning_variants_run_and_train_less():
+    """benchmarks.memory's lit / lora / qlora variants (issue 16) build and step on tiny: each holds
+    fewer trainable tensors in the optimizer than the full step, so its resident memory is lower."""
+    from benchmarks import memory
+
+    spec = dict(arch="tiny", batch=4, seed=0, warmup=0, steps=1)
+    full, *others = (memory.run_worker({**spec, "variant": v}) for v in ("plain", "lit", "lora", "qlora"))
+    for r in (full, *others):
+        assert "error" not in r and r["loss_finite"], r
+    assert all(r["resident_bytes"] < full["resident_bytes"] for r in others)

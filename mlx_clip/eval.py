@@ -132,9 +132,9 @@ def _own_val(args) -> dict:
     from .config import load_config
     from .data.run_data import build_run_data
     from .data.samples import DataError
-    from .models.adapters import load_model
-    from .models.locate import checkpoint_weights, resolve_checkpoint, verify_files
-    from .models.quantize import quantization, quantize_model
+    from .inference import load
+    from .models.locate import resolve_checkpoint, verify_files
+    from .models.quantize import quantization
     from .schema import ConfigError
     from .training.evaluate import evaluate
 
@@ -152,9 +152,10 @@ def _own_val(args) -> dict:
         sys.exit(f"config error: {e}")
     mcfg = cfg.model_config()
     try:
-        model = load_model(mcfg, checkpoint_weights(ckpt, args.ema))  # LoRA: its base + adapters
-        if args.quantize is not None:
-            quantize_model(model, args.quantize, args.group_size)
+        # mlx_clip.load: a LoRA checkpoint's base + adapters, the EMA weights, the quantization
+        model, _, _ = load(
+            ckpt, verify=False, quantize=args.quantize, group_size=args.group_size, ema=args.ema
+        )
         data = build_run_data(cfg, mcfg, tokenizer_dir=ckpt, with_train=False)
         quantized = {"quantization": quantization(model)} if args.quantize is not None else {}
         metrics = {"checkpoint": str(ckpt), **quantized, **evaluate(model, data)}

@@ -32,7 +32,7 @@ LoraTower = Literal["image", "text"]
 # output projection (visual.proj, text.text_projection or text.head)
 LoraTarget = Literal["attn_qkv", "attn_out", "mlp", "proj"]
 QuantizeBits = Literal["none", 4, 8]
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (32, 64, 128)  # what mx.quantize's affine mode accepts; models/quantize.py uses it too
 
 _BLOCK_LINEARS = {
     "attn_qkv": ("attn.in_proj",),

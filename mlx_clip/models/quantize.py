@@ -22,9 +22,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .kernels import quantized_matmul
+from .lora_config import GROUP_SIZES  # what mx.quantize accepts, kept where MLX is not imported
 
 BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128)  # what mx.quantize's affine mode accepts
 
 
 class QuantizedLinear(nn.QuantizedLinear):

@@ -32,8 +32,10 @@ MAX_LR = 10.0
 # Allowed values, each listed once: the coercer (schema.py) refuses anything else, naming the key, and
 # the module that acts on a value takes its tuple from here with typing.get_args.
 Auto = Literal["auto"]
-# A reader each: data/readers.py (parquet: data/parquet.py, hf = `datasets` on disk: data/hf_disk.py)
-SourceFormat = Literal["csv", "tsv", "json", "jsonl", "folder", "tar", "parquet", "hf"]
+# A reader each: data/readers.py (parquet: data/parquet.py, hf = `datasets` on disk: data/hf_disk.py;
+# the named datasets, NAME:ROOT[:split] as their publishers ship them: data/named.py)
+NamedDataset = Literal["coco", "flickr30k", "cc3m"]
+SourceFormat = Literal["csv", "tsv", "json", "jsonl", "folder", "tar", "parquet", "hf", NamedDataset]
 DataFormat = Literal["auto", SourceFormat]  # auto: detected from the path
 ImageCheck = Literal["header", "full", "off"]  # data/checks.py
 BuiltinSplit = Literal["single", "pair", "mixed"]  # data/synthetic.py
@@ -78,7 +80,9 @@ class DataConfig:
     """Where images and captions come from and how they are batched."""
 
     # "builtin" (generated shapes) or a path: .csv/.tsv, .json/.jsonl, a folder, or .tar shards
-    # (glob or brace list). The format is detected from the path unless `format` is set.
+    # (glob or brace list), or a named dataset (coco:ROOT, flickr30k:ROOT, cc3m:ROOT, with an optional
+    # :split; its own val split when val is not set). The format is detected from the path unless
+    # `format` is set.
     train: str = "builtin"
     val: str | None = None
     val_ratio: float = 0.05  # held out of `train` when no `val` is given

@@ -4,6 +4,7 @@ samples.py     what readers produce: samples, skip records, errors naming the fi
 readers.py     own-data formats (csv/tsv, json/jsonl, folders) -> samples
 tar_shards.py  WebDataset tar shards, indexed in place (never extracted)
 parquet.py     Parquet files, indexed by (file, row group, row); hf_disk.py: `datasets` folders (hf:DIR)
+named.py       named datasets as their publishers ship them: coco:ROOT, flickr30k:ROOT, cc3m:ROOT ([:split])
 columnar.py    their image cells, read one row group at a time at decode time; the column choice
 checks.py      bad-data checks before training (bad images and captions skipped and logged)
 decode.py      the one bounded way an image becomes pixels: header limits, then only the crop decoded

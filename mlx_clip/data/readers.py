@@ -13,7 +13,9 @@ Supported sources (auto-detected from the path, see `read_samples`):
   indexed, not extracted: a sample holds a `TarRef` (shard, byte offset, size) that is
   read when the loader decodes it. A folder holding .tar files (img2dataset's output) reads them;
 - Parquet files (`data.parquet`, `parts/*.parquet`, a folder of them): data/parquet.py;
-- `hf:DIR[:split]`, a Hugging Face `datasets` save_to_disk folder: data/hf_disk.py.
+- `hf:DIR[:split]`, a Hugging Face `datasets` save_to_disk folder: data/hf_disk.py;
+- `coco:ROOT`, `flickr30k:ROOT`, `cc3m:ROOT` (`[:split]`), named datasets as their publishers ship
+  them: data/named.py.
 
 Every text file is read as UTF-8 (samples.open_text / decode_text): a byte-order mark is
 skipped in every format alike, a UTF-16 or UTF-32 file is refused with a message naming it, and
@@ -37,6 +39,7 @@ import numpy as np
 
 from ..config import SourceFormat
 from .hf_disk import read_hf
+from .named import NAMES, is_named, read_named
 from .parquet import read_parquet
 from .samples import IMAGE_EXTENSIONS, Collector, DataError, Sample, Skip, decode_text, lines, open_text
 from .tar_shards import read_tar, shard_paths
@@ -237,6 +240,8 @@ def detect_format(source: str | os.PathLike) -> str:
     s = str(source)
     if s.startswith("hf:"):
         return "hf"
+    if is_named(s):
+        return s.partition(":")[0]
     if os.path.isdir(s):
         return _folder_format(s)
     if s.endswith(".tar"):  # a shard, a glob or a brace pattern
@@ -246,8 +251,8 @@ def detect_format(source: str | os.PathLike) -> str:
         return ext
     raise DataError(
         f"{s}: unknown data source format (expected .csv, .tsv, .json, .jsonl, .parquet, hf:DIR (a "
-        "`datasets` save_to_disk folder), a folder of images, or .tar shards as a path, glob or "
-        "{a,b} / {000..009} pattern)"
+        "`datasets` save_to_disk folder), coco:ROOT, flickr30k:ROOT, cc3m:ROOT, a folder of images, "
+        "or .tar shards as a path, glob or {a,b} / {000..009} pattern)"
     )
 
 
@@ -263,6 +268,9 @@ def read_into(out: Collector, source: str | os.PathLike, fmt: str, image_key: st
         return
     if fmt == "hf":
         read_hf(str(source), out, image_key, caption_key)
+        return
+    if fmt in NAMES:
+        read_named(str(source), fmt, out, image_key, caption_key)
         return
     path = Path(source)
     if fmt == "folder":
@@ -293,7 +301,8 @@ def read_samples(
 ) -> list[Sample]:
     """Read an image-caption source into `list[Sample]` (one Sample per distinct image).
 
-    `fmt` is "auto" or one of FORMATS ("csv", "tsv", "json", "jsonl", "folder", "tar", "parquet", "hf");
+    `fmt` is "auto" or one of FORMATS ("csv", "tsv", "json", "jsonl", "folder", "tar", "parquet", "hf",
+    and the named datasets "coco", "flickr30k", "cc3m");
     `check_files` verifies that every referenced image file exists (not tar members).
     `on_error="skip"` appends a Skip to `skipped` (required) for each bad entry and goes
     on; the result is then empty only when every entry was bad (the caller reports that).

@@ -18,7 +18,7 @@ from ..models.config import ModelConfig
 from ..schema import ConfigError
 from ..text.tokenizer import MIN_VOCAB_SIZE
 from ..text.vocab import AnyTokenizer, load_saved, load_tokenizer, openai_tokenizer, train_tokenizer
-from . import synthetic
+from . import named, synthetic
 from .hf_disk import arrow_files
 from .pipeline import ArraySource, Loader
 from .readers import detect_format, read_samples, split_samples
@@ -117,6 +117,15 @@ def _checked(source: str, d, kw: dict, skip_log) -> list:
     return report.samples
 
 
+def val_source(d) -> str | None:
+    """Where the val set is read from: data.val, else the val split a named train source ships
+    (`coco:ROOT` -> `coco:ROOT:val`, data/named.py); None: a data.val_ratio share of train (or none)."""
+    if d.val:
+        named.check_val(d.val, d.format)
+        return d.val
+    return None if d.train == "builtin" else named.default_val(d.train, d.format)
+
+
 def _builtin_sources(d, mcfg: ModelConfig, with_train: bool):
     """The built-in dataset: (description, train source or None, val source, val labels or None)."""
     S = mcfg.image_size
@@ -150,6 +159,7 @@ def build_run_data(
     d = cfg.data
     S = mcfg.image_size
     kw = dict(image_key=d.image_key, caption_key=d.caption_key, fmt=d.format)
+    val_spec = val_source(d)
     classnames, templates, labels, augment = [], [], None, False
     if d.train == "builtin":
         source, train_src, val_src, labels = _builtin_sources(d, mcfg, with_train)
@@ -160,12 +170,14 @@ def build_run_data(
         source, train_src, val_src = d.train, None, []
         if with_train:
             train_src = _checked(d.train, d, kw, skip_log)
-            if not d.val and d.val_ratio > 0:
+            if not val_spec and d.val_ratio > 0:
                 train_src, val_src = split_samples(train_src, d.val_ratio, cfg.train.seed)
         if d.augment:
             augment = dict(scale=tuple(d.crop_scale), color_jitter=d.color_jitter, hflip=d.hflip)
-    if d.val:
-        val_src = _checked(d.val, d, kw, skip_log)
+    if val_spec:
+        if not d.val:
+            print(f"data: val from {val_spec}, the dataset's own val split (data.val_ratio is not used)")
+        val_src = _checked(val_spec, d, kw, skip_log)
     train_caps = (
         train_src.captions if isinstance(train_src, ArraySource) else [s.captions for s in train_src or []]
     )
@@ -229,11 +241,12 @@ def fingerprints(cfg: Config, data: RunData) -> dict:
     files and their sizes, the sample count and a hash of the ordered sample list. The built-in
     dataset is a pure function of its parameters: those stand in for files and hash."""
     d, found = cfg.data, {}
+    val_spec = val_source(d)
     loaders = {"train": data.train, "val": data.evals["val"].loader if "val" in data.evals else None}
     for name, loader in loaders.items():
         if loader is None:
             continue
-        spec = d.val if name == "val" and d.val else d.train
+        spec = val_spec if name == "val" and val_spec else d.train
         if spec == "builtin":
             size = d.builtin_train_size if name == "train" else d.builtin_val_size
             found[name] = {"source": data.source, "size": size, "seed": BUILTIN_SEED}
@@ -254,6 +267,8 @@ def _source_files(spec: str, fmt: str) -> dict[str, int]:
         paths = shard_paths(spec, "." + fmt)
     elif fmt == "hf":
         paths = arrow_files(spec)
+    elif fmt in named.NAMES:  # the annotation file, or the shards
+        paths = named.source_files(spec, fmt)
     else:
         paths = [spec]
     sizes = {}

@@ -11,7 +11,8 @@ Sources (`read_retrieval` tells them apart from the path):
   defaults to the JSON's folder) and its captions are the `raw` sentences, all of them, in order;
   only images whose `split` equals `split` are read. A missing field is a DataError naming the
   file, the image's index and the field.
-- anything training reads (CSV/TSV, JSON/JSONL, a folder, tar shards: data/readers.py), and a
+- anything training reads (CSV/TSV, JSON/JSONL, a folder, tar shards, a named dataset's split such
+  as `coco:ROOT:val`: data/readers.py), and a
   CLIP_benchmark retrieval folder (`<split>/*.tar` of image + `.txt`); captions are merged per
   image as in training.
 
@@ -20,14 +21,14 @@ Bad images and captions are skipped and counted as in training (datasets.DataChe
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..data.samples import Collector, DataError, Sample, Skip, TarRef, clean_captions, decode_text
+from ..data.named import json_field, karpathy_entry, load_json
+from ..data.samples import Collector, DataError, Sample, Skip, TarRef, clean_captions
 from ..data.tar_shards import read_tar
 from .datasets import DataChecks, wds_shards
 
@@ -62,23 +63,9 @@ def _captioned(name: str, samples: list[Sample], skipped: list[Skip], data_check
     return CaptionedImages(name, images, captions, report.skipped)
 
 
-def _field(entry, key: str, where: str, kind: type):
-    if not isinstance(entry, dict) or key not in entry:
-        raise DataError(f"{where}: no '{key}' field")
-    if not isinstance(entry[key], kind):
-        raise DataError(f"{where}: '{key}' must be a {kind.__name__}, got {entry[key]!r:.80}")
-    return entry[key]
-
-
 def _karpathy_image(entry, root: Path, where: str, skipped: list[Skip]) -> Sample | None:
     """One `images[i]` entry -> its Sample (None when every caption is bad, which is skipped)."""
-    filename = _field(entry, "filename", where, str)
-    folder = _field(entry, "filepath", where, str) if "filepath" in entry else ""
-    image = os.path.normpath(os.path.join(root, folder, filename))
-    sentences = _field(entry, "sentences", where, list)
-    if not sentences:
-        raise DataError(f"{where}: 'sentences' is empty; a retrieval image needs a caption")
-    raw = [_field(s, "raw", f"{where}: sentences[{j}]", str) for j, s in enumerate(sentences)]
+    image, raw = karpathy_entry(entry, str(root), where)
     good, bad = clean_captions(raw, where, None, image)
     skipped.extend(Skip(e.item or image, e.reason, str(e)) for e in bad)
     return Sample(image, good) if good else None
@@ -94,20 +81,14 @@ def read_karpathy(
 ) -> CaptionedImages:
     """A Karpathy-split JSON's `split` images (see the module doc) -> a CaptionedImages."""
     path = Path(path)
-    try:
-        data = json.loads(decode_text(path.read_bytes(), str(path)))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    images = _field(data, "images", str(path), list)
+    images = json_field(load_json(path, "Karpathy split file"), "images", str(path), list)
     root = Path(image_root) if image_root is not None else path.parent
     if not root.is_dir():
         raise DataError(f"{root}: no such folder (the image root of {path})")
     samples, skipped, splits = [], [], {}
     for i, entry in enumerate(images):
         where = f"{path}: images[{i}]"
-        entry_split = _field(entry, "split", where, str)
+        entry_split = json_field(entry, "split", where, str)
         splits[entry_split] = splits.get(entry_split, 0) + 1
         if entry_split == split:
             sample = _karpathy_image(entry, root.resolve(), where, skipped)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data.named import is_named
 from ..data.samples import DataError
 from ..data.transforms import CLIP_PREPROCESS, ImagePreprocess
 from .classification import zero_shot_metrics
@@ -82,7 +83,10 @@ def parse_spec(kind: str, text: str, templates: str = "openai") -> EvalSetSpec:
 
 
 def _check_path(spec: EvalSetSpec, path: str) -> None:
-    """A plain path that does not exist fails here, naming the set (patterns are left to the readers)."""
+    """A plain path that does not exist fails here, naming the set (patterns and named datasets,
+    coco:ROOT:val, are left to the readers)."""
+    if is_named(path):
+        return
     if not any(c in path for c in "*?[{") and not os.path.exists(path):
         raise DataError(f"{spec.kind} set '{spec.name}': {path}: no such file or folder")
     if any(c in path for c in "*?[") and not glob.glob(path):

@@ -240,6 +240,8 @@ def run_steps(run: Run, stop_after: int | None) -> int:
     bad_streak = skipped = 0
     try:
         while state.step < stop_at:
+            if world.is_main and state.batch_in_epoch == 0:
+                log_mixture(run)
             for batch in run.data.train.epoch(state.epoch, start_batch=state.batch_in_epoch):
                 loss, grad_norm, tau = train_step(run, batch)
                 state.advance(len(run.data.train))
@@ -299,6 +301,18 @@ def report_bad_step(run: Run, bad_streak: int) -> None:
         )
 
 
+def log_mixture(run: Run) -> None:
+    """A mixture, as an epoch starts: how many of its draws each source gives (metrics.jsonl and
+    the console), once per epoch."""
+    counts = run.data.train.source_counts(run.state.epoch)
+    if counts is None:
+        return
+    drawn = {s.name: int(c) for s, c in zip(run.data.sources, counts, strict=True)}
+    run.logger.log({"event": "mixture", "step": run.state.step, "epoch": run.state.epoch, "drawn": drawn})
+    shown = ", ".join(f"{name} {c}" for name, c in drawn.items())
+    run.logger.message(f"epoch {run.state.epoch}: draws per source: {shown}")
+
+
 def log_progress(run: Run, meter: Throughput, stop_at: int, loss, grad_norm, tau: float) -> None:
     step, cfg = run.state.step, run.cfg
     img_s, eta = meter.read(step, stop_at)
@@ -315,7 +329,7 @@ def log_progress(run: Run, meter: Throughput, stop_at: int, loss, grad_norm, tau
         "temperature": tau,
     }
     run.logger.log(record)
-    run.logger.progress_line(step, record["loss"], lr, img_s, eta, memory_mb())
+    run.logger.progress_line(step, run.state.epoch, record["loss"], lr, img_s, eta, memory_mb())
 
 
 def evaluate_and_save_on_schedule(run: Run, stop_at: int) -> None:

@@ -203,18 +203,19 @@ class Loader:
         empty = next((i for i, c in enumerate(self.captions) if not c), None)
         if empty is not None:
             raise DataError(f"Loader: sample {empty} has no captions")
-        if train and self.num_samples < batch_size * world_size:
-            raise DataError(
-                f"Loader: {self.num_samples} samples are fewer than one global batch "
-                f"({batch_size} x {world_size} ranks); lower batch_size"
-            )
-
         self.sampler = sampler if train else "random"  # evaluation keeps the dataset order
         self.mixture = mixture if train else None
         if self.mixture is not None and (sum(mixture.sizes) != self.num_samples or sampler != "random"):
             raise ValueError(
                 f"Loader: a mixture of {sum(mixture.sizes)} samples over a source of {self.num_samples}, "
                 f"sampler {sampler!r}: the sizes must add up to the source and the sampler be 'random'"
+            )
+        # samples drawn per training epoch (a mixture: those of its sources of weight > 0)
+        self.epoch_size = self.num_samples if self.mixture is None else self.mixture.draws
+        if train and self.epoch_size < batch_size * world_size:
+            raise DataError(
+                f"Loader: {self.epoch_size} samples are fewer than one global batch "
+                f"({batch_size} x {world_size} ranks); lower batch_size"
             )
         self._keys: KeyWords | None = None  # hard_negative: found on first use, once
 
@@ -275,7 +276,7 @@ class Loader:
         """Batches per epoch for this rank."""
         n, g = self.num_samples, self.batch_size * self.world_size
         if self.train:
-            return n // g
+            return self.epoch_size // g
         rest = n % g  # the last, partial global batch reaches ranks < rest only
         return n // g + (1 if rest and self.rank < rest else 0)
 
@@ -307,7 +308,7 @@ class Loader:
         n, b, g, r = self.num_samples, self.batch_size, self.batch_size * self.world_size, self.rank
         if self.train:
             order = self.epoch_order(epoch)
-            return [order[k * g + r * b : k * g + (r + 1) * b] for k in range(n // g)]
+            return [order[k * g + r * b : k * g + (r + 1) * b] for k in range(len(order) // g)]
         order, out = np.arange(n, dtype=np.int64), []
         for k in range(0, n, g):
             glob_batch = order[k : k + g]

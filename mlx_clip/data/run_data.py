@@ -51,12 +51,14 @@ class SourceInfo:
     samples: int  # training samples (after the check and the held-out split)
     skipped: int | None  # bad items the check left out (None: not checked)
     share: float  # expected share of an epoch's draws: weight / sum of the weights
+    draws: float  # expected draws per epoch over its size: passes over it (< 1: part of it)
 
     def describe(self) -> str:
         skipped = "" if self.skipped is None else f", {self.skipped} skipped"
         line = (
             f"{self.name} {self.source.path}: {self.samples} samples{skipped}, weight "
-            f"{self.source.weight:g}, expected share {self.share:.1%}"
+            f"{self.source.weight:g}, expected share {self.share:.1%} "
+            f"({self.draws:.2g} passes over it per epoch)"
         )
         if self.source.weight == 0:
             line += " (warning: weight 0, never drawn)"
@@ -75,15 +77,13 @@ class RunData:
     sources: list[SourceInfo] = field(default_factory=list)  # a mixture's, one per data.train entry
 
     def describe(self) -> str:
-        """One line, and one more per source of a mixture."""
         sizes = ", ".join(f"{k} {e.loader.num_samples}" for k, e in self.evals.items())
         train = (
             f"train {self.train.num_samples} images ({len(self.train)} batches/epoch), " if self.train else ""
         )
-        line = (
+        return (
             f"{self.source}: {train}held out: {sizes or 'none'}; tokenizer {self.tokenizer.vocab_size} tokens"
         )
-        return "\n".join([line, *(f"  {s.describe()}" for s in self.sources)])
 
     def val_pairs(self):
         """(images, tokens) numpy batches of the val set (256 pairs, each image with its first
@@ -188,12 +188,15 @@ def _mixture_sources(cfg: Config, skip_log) -> tuple[list, list, list[SourceInfo
         held = []
         if not d.val and d.val_ratio > 0:
             samples, held = split_samples(samples, d.val_ratio, cfg.train.seed)
-        infos.append(SourceInfo(name, src, len(train), len(samples), skipped, src.weight / total))
+        infos.append(SourceInfo(name, src, len(train), len(samples), skipped, src.weight / total, 0.0))
         train.extend(samples)
         val.extend(held)
     empty = [s.name for s in infos if not s.samples]
     if empty:
         raise ConfigError(f"{', '.join(empty)}: no training samples left; remove the source or add data")
+    draws = sum(s.samples for s in infos if s.source.weight > 0)  # an epoch (sampler.mixture_order)
+    for s in infos:
+        s.draws = draws * s.share / s.samples
     return train, val, infos
 
 

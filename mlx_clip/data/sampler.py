@@ -7,10 +7,10 @@ g = batch_size * world_size consecutive indices and gives each rank a contiguous
 sharding, dropping the last partial batch and `start_batch` resume work the same way for any order.
 
 A mixture's epoch (`mixture_order`): the sources' samples are concatenated (source 0 first), and
-an epoch is as many draws as they hold together. Each draw picks its source with probability
-weight / sum(weights); within a source the draws walk a permutation of it drawn from
-(seed, epoch, source), and a source drawn more often than it has samples (upsampled) starts a
-fresh permutation each time it runs out. So a source's expected share of an epoch is its weight's
+an epoch is as many draws as the sources of weight > 0 hold together. Each draw picks its source
+with probability weight / sum(weights); within a source the draws walk a permutation of it drawn
+from (seed, epoch, source), and a source drawn more often than it has samples (upsampled) starts
+a fresh permutation each time it runs out. So a source's expected share of an epoch is its weight's
 share, a source's samples repeat within an epoch only once all of them were drawn, and a
 down-weighted source shows a different random part of itself every epoch.
 
@@ -137,6 +137,11 @@ class Mixture:
         return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
 
     @property
+    def draws(self) -> int:
+        """Draws per epoch: the samples of the sources that are drawn at all (weight > 0)."""
+        return sum(n for n, w in zip(self.sizes, self.weights, strict=True) if w > 0)
+
+    @property
     def shares(self) -> np.ndarray:
         """Each source's probability per draw."""
         w = np.asarray(self.weights, np.float64)
@@ -152,9 +157,9 @@ class Mixture:
 
 
 def mixture_order(mix: Mixture, seed: int, epoch: int) -> np.ndarray:
-    """A mixture's epoch (module doc): sum(sizes) sample indices, each draw's source picked by
+    """A mixture's epoch (module doc): `mix.draws` sample indices, each draw's source picked by
     weight, each source walked along fresh permutations of itself."""
-    n, offsets = sum(mix.sizes), mix.offsets
+    n, offsets = mix.draws, mix.offsets
     source = np.random.default_rng([MIX, seed, epoch]).choice(len(mix.sizes), size=n, p=mix.shares)
     order = np.empty(n, np.int64)
     for s, size in enumerate(mix.sizes):

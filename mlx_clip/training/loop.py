@@ -106,6 +106,8 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
     data, resume_dir, init_weights = load_data(cfg, out, world, resume, skip_log, config_yaml, resume_changed)
     world.check_same({"config": config_hash(config_yaml), "training samples": str(data.train.num_samples)})
     print(f"data: {data.describe()} ({time.perf_counter() - started:.1f}s)", flush=True)
+    for source in data.sources:  # a mixture: samples, skipped, weight and expected share of each
+        print(f"  {source.describe()}", flush=True)
     eval_sets = []  # rank 0 evaluates alone; a bad set stops every rank here, before step 1
     world.on_main(lambda: eval_sets.extend(load_eval_sets(cfg, skip_log)), "reading the eval sets")
     if world.size > 1:

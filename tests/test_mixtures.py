@@ -227,3 +227,21 @@ def test_resume_refuses_a_changed_source_or_weight(mixture_runs, tmp_path):
     reweighted = [*common, "--data.train", mixture_arg((csv, 2), (folder, 3))]
     with pytest.raises(SystemExit, match=r"cannot resume .* changed data\.train"):
         train_main(["--out", str(half), "--resume", *SMALL, *reweighted, "--steps", "8"])
+
+
+def test_a_bad_image_at_decode_time_is_replaced_from_its_own_source(tmp_path):
+    """validate off: the junk image reaches the loader, which substitutes a sample of the same
+    source and logs the skip with its source."""
+    junk = make_csv(tmp_path / "a", 15, {"junk.png": b"junk"})
+    shard = tar_source(tmp_path / "t.tar", 16)
+    cfg = small_config(
+        mixture_arg((junk, 3), (shard, 1)), ("data.validate", "'off'"), ("data.val_ratio", "0")
+    )
+    with SkipLog(tmp_path / "skips.jsonl") as log:
+        data = build_run_data(cfg, cfg.model_config(), skip_log=log)
+        with pytest.warns(BadDataWarning, match="junk.png"):
+            batches = collect(data.train, 0)
+    lines = [json.loads(x) for x in (tmp_path / "skips.jsonl").read_text().splitlines()]
+    assert lines and all(x["source"] == "data.train[0]" and x["stage"] == "decode" for x in lines)
+    assert all(x["index"] == 15 and 0 <= x["substitute"] < 15 for x in lines)  # the csv's own samples
+    assert 15 not in np.concatenate([b["index"] for b in batches]).tolist()

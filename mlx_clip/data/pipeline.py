@@ -234,6 +234,7 @@ class Loader:
             on_skip=on_skip,
             max_image_pixels=max_image_pixels,
             max_aspect_ratio=max_aspect_ratio,
+            offsets=None if self.mixture is None else self.mixture.offsets,
         )
         # In-memory images at model size with no augmentation only need normalising: see _batch_fn.
         self._whole_batches = (

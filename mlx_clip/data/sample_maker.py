@@ -6,7 +6,8 @@ Bad images at decode time (`on_error`): "raise" (the default) raises a DataError
 the file. "skip" replaces the sample, so an image that slipped past the pre-flight scan
 (checks.py) never stops an epoch: the substitute is drawn from
 `default_rng([SUBST, seed, epoch, index])`, which then also draws its caption and
-augmentation, so batches stay a pure function of (seed, epoch) and of the files. The
+augmentation, so batches stay a pure function of (seed, epoch) and of the files (in a mixture of
+sources, the substitute comes from the failed sample's own source, keeping the weights). The
 batch's "index" and caption are the substitute's, so images and captions stay paired.
 Each failed decode is counted (`num_skipped`) and passed to `on_skip` as a Skip, once per
 (epoch, sample, failed index) for the loader's lifetime (under a lock; the order of calls
@@ -65,8 +66,11 @@ class SampleMaker:
         on_skip: Callable[[Skip], None] | None,
         max_image_pixels: int | None,
         max_aspect_ratio: float | None,
+        offsets: np.ndarray | None = None,
     ):
+        """`offsets`: a mixture's source boundaries in `captions` (sampler.Mixture.offsets)."""
         self.captions, self._images, self._array = captions, images, array
+        self._offsets = np.array([0, len(captions)]) if offsets is None else offsets
         self.train, self.seed, self.tokenize = train, seed, tokenize
         self._eval, self._augment = preprocess.eval_transform(image_size), augment
         self._normalize = preprocess.normalize
@@ -111,8 +115,10 @@ class SampleMaker:
             failed = [(i, e)]
         # draws index, caption, augmentation (a mixture: per draw, like sample_rng)
         sub = np.random.default_rng([SUBST, self.seed, epoch, i, *([] if draw is None else [draw])])
+        s = int(np.searchsorted(self._offsets, i, side="right")) - 1  # its source (one: 0)
+        lo, hi = int(self._offsets[s]), int(self._offsets[s + 1])
         for _ in range(MAX_SUBSTITUTES):
-            j = int(sub.integers(len(self.captions)))
+            j = lo + int(sub.integers(hi - lo))
             choice = int(sub.integers(len(self.captions[j]))) if self.train else 0
             try:
                 x = self._decode(j, sub)

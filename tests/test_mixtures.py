@@ -212,7 +212,7 @@ def test_draws_per_source_are_logged_once_per_epoch(mixture_runs):
         assert [r["epoch"] for r in mixes] == [0, 1]  # the resumed run starts mid-epoch 0
         assert all(sum(r["drawn"].values()) == 80 for r in mixes)  # 5 batches of 16
         assert set(mixes[0]["drawn"]) == {"data.train[0]", "data.train[1]"}
-        assert all("epoch" in r for r in records if r["event"] == "train")
+        assert all("epoch" in r for r in records if r["event"] in ("train", "eval"))
     fingerprint = json.loads((full / "checkpoints" / "step_6" / "state.json").read_text())["data"]
     assert fingerprint["data.train[1]"]["weight"] == 3.0 and fingerprint["data.train[0]"]["samples"] == 61
 

@@ -292,7 +292,8 @@ def train_step(run: Run, batch: dict) -> tuple[mx.array, mx.array, float | None]
 def report_bad_step(run: Run, bad_streak: int) -> None:
     step = run.state.step
     if run.world.is_main:
-        run.logger.log({"event": "skip", "step": step, "reason": "non-finite loss, gradient or weights"})
+        reason = "non-finite loss, gradient or weights"
+        run.logger.log({"event": "skip", "step": step, "epoch": run.state.epoch, "reason": reason})
         run.logger.message(f"step {step}: non-finite loss, gradient or updated weights, update skipped")
     if bad_streak >= run.cfg.train.max_bad_steps:
         raise NonFiniteError(
@@ -386,7 +387,7 @@ def run_eval(run: Run) -> dict:
                 write_eval_sets(run.out, run.state.step, scalars, details, run.logger.message)
     finally:
         run.training.model.train()
-    run.logger.log({"event": "eval", "step": run.state.step, **metrics})
+    run.logger.log({"event": "eval", "step": run.state.step, "epoch": run.state.epoch, **metrics})
     temperature = run.training.temperature
     if temperature.observe(metrics.get("val_loss", math.nan)):
         run.logger.message(f"val loss plateaued: temperature lowered to {temperature.tau:.4g}")

@@ -76,14 +76,27 @@ ModelSection.__module__ = __name__  # make_dataclass (3.11) cannot be told; pick
 
 
 @dataclass
+class TrainSource:
+    """One source of a mixture (`data.train` as a list): a path, its weight, and optionally its own
+    format and keys (None: the data section's)."""
+
+    path: str
+    weight: float = 1.0  # the share of an epoch's draws is weight / sum of the weights
+    format: DataFormat | None = None
+    image_key: str | None = None
+    caption_key: str | None = None
+
+
+@dataclass
 class DataConfig:
     """Where images and captions come from and how they are batched."""
 
     # "builtin" (generated shapes) or a path: .csv/.tsv, .json/.jsonl, a folder, or .tar shards
     # (glob or brace list), or a named dataset (coco:ROOT, flickr30k:ROOT, cc3m:ROOT, with an optional
     # :split; its own val split when val is not set). The format is detected from the path unless
-    # `format` is set.
-    train: str = "builtin"
+    # `format` is set. Or a weighted mixture: a list of {path, weight[, format, image_key, caption_key]}
+    # (data/sampler.py: mixture_order says what an epoch is then).
+    train: str | list[TrainSource] = "builtin"
     val: str | None = None
     val_ratio: float = 0.05  # held out of `train` when no `val` is given
     format: DataFormat = "auto"
@@ -115,6 +128,52 @@ class DataConfig:
     builtin_paraphrases: int = 0
     # "random" or "hard_negative": batches group samples whose captions share nouns (harder negatives).
     sampler: Sampler = "random"
+
+    @property
+    def is_mixture(self) -> bool:
+        return isinstance(self.train, list)
+
+    def sources(self) -> list[TrainSource]:
+        """The training sources, each with its format and keys filled in from this section."""
+        listed = self.train if self.is_mixture else [TrainSource(self.train)]
+        return [
+            TrainSource(
+                s.path,
+                s.weight,
+                s.format or self.format,
+                s.image_key or self.image_key,
+                s.caption_key or self.caption_key,
+            )
+            for s in listed
+        ]
+
+    def validate_sources(self) -> None:
+        """A mixture's entries: paths given, weights >= 0 with a positive sum, no built-in set."""
+        if not self.is_mixture:
+            return
+        if not self.train:
+            raise ConfigError(
+                "data.train is an empty list: give a path, or a list of {path: SRC, weight: W} entries"
+            )
+        for i, s in enumerate(self.train):
+            if not s.path:
+                raise ConfigError(f"data.train[{i}].path is empty; got {s.path!r}: name a data source")
+            if s.path == "builtin":
+                raise ConfigError(
+                    f"data.train[{i}].path 'builtin': the built-in dataset cannot be part of a mixture "
+                    "(it is generated in memory); give own-data sources, or data.train: builtin alone"
+                )
+            if s.weight < 0:
+                raise ConfigError(f"data.train[{i}].weight must be >= 0, got {s.weight} ({s.path})")
+        if self.sampler == "hard_negative":
+            raise ConfigError(
+                "data.sampler hard_negative does not combine with a data.train mixture: its batches "
+                "group the samples of the whole set by caption words, which would ignore the weights; "
+                "use data.sampler random, or one source"
+            )
+        if not sum(s.weight for s in self.train) > 0:
+            weights = ", ".join(f"data.train[{i}].weight={s.weight:g}" for i, s in enumerate(self.train))
+            raise ConfigError(f"data.train: every weight is 0 ({weights}); at least one must be > 0")
 
 
 @dataclass
@@ -361,6 +420,7 @@ class Config:
                 f"data.batch_size={d.batch_size}: a contrastive loss needs at least 2 pairs per batch "
                 "(the other pairs are the negatives)"
             )
+        d.validate_sources()
         if not 0 <= d.val_ratio < 1:
             raise ConfigError(f"data.val_ratio must be in [0, 1), got {d.val_ratio}")
         if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
@@ -517,6 +577,7 @@ __all__ = [
     "TemperatureConfig",
     "TokenizerConfig",
     "TrainConfig",
+    "TrainSource",
     "config_to_yaml",
     "load_config",
 ]

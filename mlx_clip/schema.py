@@ -60,6 +60,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        shaped = None  # the error of the member whose shape the value has (a list, a mapping)
         for arg in args:
             if arg is type(None):
                 continue
@@ -67,8 +68,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except _NotFinite:
                 raise
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                if _same_shape(value, arg):
+                    shaped = e
+        if shaped is not None:  # e.g. str | list[Source] given a list: say what is wrong inside it
+            raise shaped
         if any(typing.get_origin(a) is typing.Literal for a in args):  # e.g. int | Literal["auto"]
             allowed = [word for a in args for word in _allowed(a)]
             raise ConfigError(f"{key} must be {_either(allowed)}, got {value!r}")
@@ -125,6 +129,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _same_shape(value: Any, tp: Any) -> bool:
+    """Whether `value` is the container `tp` asks for: a list for list[...], a mapping for a dataclass."""
+    if typing.get_origin(tp) in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return dataclasses.is_dataclass(tp) and isinstance(value, dict)
+
+
 def unknown_key_error(key: str, valid: list[str], prefix: str = "") -> ConfigError:
     full = f"{prefix}.{key}" if prefix else key
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -146,7 +157,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     missing = [name for name in required if name not in kwargs]
     if missing:
         where = f"{prefix}: " if prefix else ""
-        raise ConfigError(f"{where}missing key {one_of(tuple(missing))} (required: {', '.join(required)})")
+        raise ConfigError(
+            f"{where}missing key {one_of(tuple(missing))} (required: {', '.join(required)}); got {data!r}"
+        )
     return cls(**kwargs)
 
 

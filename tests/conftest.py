@@ -86,6 +86,22 @@ def save_image(path, seed=0, w=40, h=30, mode="RGB"):
     return path
 
 
+def make_csv(tmp_path, n_good, bad):
+    """n_good good 8x8 images and the given bad files (name -> bytes; None: missing) under
+    tmp_path, listed in one CSV, tmp_path/d.csv (returned)."""
+    names = []
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for i in range(n_good):
+        names.append(f"g{i}.png")
+        (tmp_path / names[-1]).write_bytes(encoded(i, w=8, h=8))
+    for name, data in bad.items():
+        names.append(name)
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+    (tmp_path / "d.csv").write_text("image,caption\n" + "".join(f"{n},cap {n}\n" for n in names))
+    return tmp_path / "d.csv"
+
+
 def write_members(path, members):
     """members: (name, bytes) in shard order -> a plain tar at `path` (returned)."""
     with tarfile.open(path, "w") as tf:

@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import assert_same_batches, collect, encoded, pixels, write_members
+from conftest import assert_same_batches, collect, encoded, make_csv, pixels, write_members
 from PIL import Image
 
 from mlx_clip.data.checks import BadDataWarning, Report, SkipLog, check_image, prepare, scan
@@ -332,20 +332,6 @@ def test_missing_data_paths_are_named(tmp_path):
 
 # ---------------------------------------------------------------------------
 # The report: threshold, nothing left, skipped.jsonl, the counted warning
-
-
-def make_csv(tmp_path, n_good, bad):
-    """n_good good images and the given bad files (name -> bytes), in one CSV."""
-    names = []
-    for i in range(n_good):
-        names.append(f"g{i}.png")
-        write(tmp_path / names[-1], encoded(i, w=8, h=8))
-    for name, data in bad.items():
-        names.append(name)
-        if data is not None:
-            write(tmp_path / name, data)
-    (tmp_path / "d.csv").write_text("image,caption\n" + "".join(f"{n},cap {n}\n" for n in names))
-    return tmp_path / "d.csv"
 
 
 def test_too_much_bad_data_stops_before_training(tmp_path):

@@ -10,7 +10,7 @@ checks.py      bad-data checks before training (bad images and captions skipped 
 decode.py      the one bounded way an image becomes pixels: header limits, then only the crop decoded
 transforms.py  a model's preprocessing (ImagePreprocess.of(model config); CLIP's by default) and
                train-time augmentation
-sampler.py     batch orders: random, hard-negative
+sampler.py     batch orders: random, hard-negative, a weighted mixture of sources
 pipeline.py    the mlx-data loader: batches as a pure function of (seed, epoch, index)
 sample_maker.py  one sample of it: caption of the epoch, decoded image, substitute for a bad one
 workers.py     its boundary with mlx-data's threads: callback errors raised by the consumer, streams closed

@@ -21,9 +21,12 @@ so the worker threads run in parallel.
 Determinism: batch k of epoch e holds the same content for any thread count or
 prefetch timing, because everything random is a pure function of (seed, epoch[, index]):
 - the epoch order is `default_rng([PERM, seed, epoch]).permutation(n)`, or with
-  `sampler="hard_negative"` sampler.hard_negative_order(keys, seed, epoch, global batch);
+  `sampler="hard_negative"` sampler.hard_negative_order(keys, seed, epoch, global batch), or
+  for a weighted mixture of sources sampler.mixture_order(mixture, seed, epoch);
 - each sample draws its caption, then its augmentation, from
-  `default_rng([SAMPLE, seed, epoch, index])`;
+  `default_rng([SAMPLE, seed, epoch, index])`; in a mixture, where a sample can come up twice
+  in one epoch, from `default_rng([SAMPLE, seed, epoch, index, draw])`, `draw` being its
+  position in the epoch order, so each time brings other draws;
 - `ordered_prefetch` returns batches in buffer order, and chunks are consumed in order.
 
 Bad images at decode time (`on_error`, the substitute rule) and the caption drawn per
@@ -59,7 +62,15 @@ import numpy as np
 from .decode import open_image
 from .readers import ON_ERROR, read_samples, split_samples
 from .sample_maker import SampleMaker, sample_rng
-from .sampler import SAMPLERS, KeyWords, epoch_permutation, hard_negative_order, key_words
+from .sampler import (
+    SAMPLERS,
+    KeyWords,
+    Mixture,
+    epoch_permutation,
+    hard_negative_order,
+    key_words,
+    mixture_order,
+)
 from .samples import DataError, Sample, Skip, TarRef
 from .transforms import CLIP_PREPROCESS, ImagePreprocess, TrainTransform
 from .workers import Prefetch, failed, placeholder, worker_error
@@ -141,6 +152,8 @@ class Loader:
     `max_aspect_ratio` thinner ones (None: any); either way only each sample's crop is decoded.
     `sampler` (training only): "random" shuffles; "hard_negative" groups samples whose captions
     share a content word into the same global batch (mlx_clip/data/sampler.py).
+    `mixture` (training only, with the random sampler): `source` is several sources laid end to
+    end, and an epoch draws from them by weight (sampler.mixture_order).
     """
 
     def __init__(
@@ -164,6 +177,7 @@ class Loader:
         max_aspect_ratio: float | None = None,
         sampler: str = "random",
         preprocess: ImagePreprocess = CLIP_PREPROCESS,
+        mixture: Mixture | None = None,
     ):
         _check_arguments(
             batch_size=batch_size, image_size=image_size, seed=seed, rank=rank, world_size=world_size,
@@ -189,13 +203,20 @@ class Loader:
         empty = next((i for i, c in enumerate(self.captions) if not c), None)
         if empty is not None:
             raise DataError(f"Loader: sample {empty} has no captions")
-        if train and self.num_samples < batch_size * world_size:
+        self.sampler = sampler if train else "random"  # evaluation keeps the dataset order
+        self.mixture = mixture if train else None
+        if self.mixture is not None and (sum(mixture.sizes) != self.num_samples or sampler != "random"):
+            raise ValueError(
+                f"Loader: a mixture of {sum(mixture.sizes)} samples over a source of {self.num_samples}, "
+                f"sampler {sampler!r}: the sizes must add up to the source and the sampler be 'random'"
+            )
+        # samples drawn per training epoch (a mixture: those of its sources of weight > 0)
+        self.epoch_size = self.num_samples if self.mixture is None else self.mixture.draws
+        if train and self.epoch_size < batch_size * world_size:
             raise DataError(
-                f"Loader: {self.num_samples} samples are fewer than one global batch "
+                f"Loader: {self.epoch_size} samples are fewer than one global batch "
                 f"({batch_size} x {world_size} ranks); lower batch_size"
             )
-
-        self.sampler = sampler if train else "random"  # evaluation keeps the dataset order
         self._keys: KeyWords | None = None  # hard_negative: found on first use, once
 
         augment = self._make_augment(augment)
@@ -213,6 +234,7 @@ class Loader:
             on_skip=on_skip,
             max_image_pixels=max_image_pixels,
             max_aspect_ratio=max_aspect_ratio,
+            offsets=None if self.mixture is None else self.mixture.offsets,
         )
         # In-memory images at model size with no augmentation only need normalising: see _batch_fn.
         self._whole_batches = (
@@ -238,13 +260,13 @@ class Loader:
         """Failed decodes replaced by a substitute (on_error="skip")."""
         return self._make.num_skipped
 
-    def digest(self) -> str:
-        """sha256 of the ordered samples (image reference or pixels, and captions): a resumed run
-        compares it to find out whether the data changed (data/run_data.py)."""
+    def digest(self, start: int = 0, stop: int | None = None) -> str:
+        """sha256 of the ordered samples [start, stop) (image reference or pixels, and captions): a
+        resumed run compares it to find out whether the data changed (data/run_data.py)."""
         h = hashlib.sha256()
         if self._array is not None:
-            h.update(np.ascontiguousarray(self._array.images).data)
-        for i in range(self.num_samples):
+            h.update(np.ascontiguousarray(self._array.images[start:stop]).data)
+        for i in range(*slice(start, stop).indices(self.num_samples)):
             image = "" if self._array is not None else str(self._images[i])
             h.update(json.dumps([image, self.captions[i]]).encode() + b"\n")
         return h.hexdigest()
@@ -255,7 +277,7 @@ class Loader:
         """Batches per epoch for this rank."""
         n, g = self.num_samples, self.batch_size * self.world_size
         if self.train:
-            return n // g
+            return self.epoch_size // g
         rest = n % g  # the last, partial global batch reaches ranks < rest only
         return n // g + (1 if rest and self.rank < rest else 0)
 
@@ -271,14 +293,23 @@ class Loader:
         n, g = self.num_samples, self.batch_size * self.world_size
         if self.sampler == "hard_negative":
             return hard_negative_order(self.key_words, self.seed, epoch, g)
+        if self.mixture is not None:
+            return mixture_order(self.mixture, self.seed, epoch)
         return epoch_permutation(self.seed, epoch, n)
+
+    def source_counts(self, epoch: int) -> np.ndarray | None:
+        """A mixture: the draws of each source in the batches `epoch` trains on (all ranks)."""
+        if self.mixture is None:
+            return None
+        used = len(self) * self.batch_size * self.world_size  # the last partial batch is dropped
+        return self.mixture.counts(self.epoch_order(epoch)[:used])
 
     def rank_batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's dataset indices for every batch of `epoch`: int64 arrays of length <= B."""
         n, b, g, r = self.num_samples, self.batch_size, self.batch_size * self.world_size, self.rank
         if self.train:
             order = self.epoch_order(epoch)
-            return [order[k * g + r * b : k * g + (r + 1) * b] for k in range(n // g)]
+            return [order[k * g + r * b : k * g + (r + 1) * b] for k in range(len(order) // g)]
         order, out = np.arange(n, dtype=np.int64), []
         for k in range(0, n, g):
             glob_batch = order[k : k + g]
@@ -293,12 +324,21 @@ class Loader:
 
     # -- the callbacks mlx-data runs: they never raise into its threads (data/workers.py) --
 
+    def _draws(self, epoch_batches: int) -> list[np.ndarray] | None:
+        """A mixture: each of this rank's batches' positions in the epoch order, which key the
+        per-sample draws (a sample can come up twice in an epoch); None otherwise."""
+        if self.mixture is None:
+            return None
+        b, g = self.batch_size, self.batch_size * self.world_size
+        return [np.arange(k * g + self.rank * b, k * g + (self.rank + 1) * b) for k in range(epoch_batches)]
+
     def _sample_fn(self, epoch: int, stop: threading.Event) -> Callable[[dict], dict]:
         def fn(s: dict) -> dict:
             i = int(s["index"])
+            draw = int(s["draw"]) if "draw" in s else None
             if not stop.is_set():  # set: the stream is closing, nobody will read this
                 try:
-                    return self._make.sample(epoch, i)
+                    return self._make.sample(epoch, i, draw)
                 except Exception as e:  # kept for the consuming thread, which raises it (_finish)
                     self._failures[epoch, i] = e
             out = {"index": placeholder(i), "image": np.zeros((0, 0, 3), np.float32), "caption": np.int64(0)}
@@ -333,13 +373,18 @@ class Loader:
                 return i, alone
         return int(idx[0]), e
 
-    def _buffer(self, epoch: int, batches: list[np.ndarray], stop: threading.Event):
-        """A lazy mlx-data Buffer whose item j is batch j of `batches`; its callbacks skip the
-        work once `stop` is set."""
+    def _buffer(self, epoch: int, batches: list[np.ndarray], stop: threading.Event, draws=None):
+        """A lazy mlx-data Buffer whose item j is batch j of `batches` (with `draws`, a mixture's
+        positions of its samples); its callbacks skip the work once `stop` is set."""
         if self._whole_batches:
             records = [{"batch": j} for j in range(len(batches))]
             return dx.buffer_from_vector(records).sample_transform(self._batch_fn(epoch, batches, stop))
-        buf = dx.buffer_from_vector([{"index": int(i)} for b in batches for i in b])
+        if draws is None:
+            records = [{"index": int(i)} for b in batches for i in b]
+        else:
+            pairs = zip(np.concatenate(batches).tolist(), np.concatenate(draws).tolist(), strict=True)
+            records = [{"index": i, "draw": p} for i, p in pairs]
+        buf = dx.buffer_from_vector(records)
         return buf.sample_transform(self._sample_fn(epoch, stop)).batch([len(b) for b in batches])
 
     # -- iteration ---------------------------------------------------------------
@@ -351,20 +396,25 @@ class Loader:
         if not isinstance(start_batch, (int, np.integer)) or not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be an int in [0, {len(self)}], got {start_batch!r}")
         epoch, start_batch = int(epoch), int(start_batch)
-        return self._iterate(epoch, self.rank_batches(epoch)[start_batch:])
+        batches = self.rank_batches(epoch)
+        draws = self._draws(len(batches))
+        return self._iterate(epoch, batches[start_batch:], draws and draws[start_batch:])
 
-    def _iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[dict]:
+    def _iterate(self, epoch: int, batches: list[np.ndarray], draws=None) -> Iterator[dict]:
         c = self.chunk_batches
         chunks = [batches[i : i + c] for i in range(0, len(batches), c)]
+        chunk_draws = (
+            [None] * len(chunks) if draws is None else [draws[i : i + c] for i in range(0, len(draws), c)]
+        )
         if self.num_workers == 0:  # synchronous: the reference the threaded path must match
-            for chunk in chunks:
-                buf = self._buffer(epoch, chunk, threading.Event())
+            for chunk, d in zip(chunks, chunk_draws, strict=True):
+                buf = self._buffer(epoch, chunk, threading.Event(), d)
                 for j in range(len(chunk)):
                     yield self._finish(buf[j], epoch)
             return
         if not chunks:
             return
-        cur, nxt = None, self._stream(epoch, chunks[0])
+        cur, nxt = None, self._stream(epoch, chunks[0], chunk_draws[0])
         try:
             for ci, chunk in enumerate(chunks):
                 if cur is not None:
@@ -372,17 +422,18 @@ class Loader:
                 cur, nxt = nxt, None
                 for j in range(len(chunk)):
                     if nxt is None and ci + 1 < len(chunks) and j >= len(chunk) - self.prefetch:
-                        nxt = self._stream(epoch, chunks[ci + 1])  # start filling before this chunk ends
+                        nxt = self._stream(epoch, chunks[ci + 1], chunk_draws[ci + 1])  # fill ahead
                     yield self._finish(cur.next(), epoch)
         finally:  # ended, left early or failed: no stream outlives the epoch (data/workers.py)
             for stream in (cur, nxt):
                 if stream is not None:
                     stream.close()
 
-    def _stream(self, epoch: int, chunk: list[np.ndarray]) -> Prefetch:
+    def _stream(self, epoch: int, chunk: list[np.ndarray], draws=None) -> Prefetch:
         ahead = max(self.prefetch, self.num_workers)  # every worker needs a batch slot
         stop = threading.Event()
-        return Prefetch(self._buffer(epoch, chunk, stop).ordered_prefetch(ahead, self.num_workers), stop)
+        buffer = self._buffer(epoch, chunk, stop, draws)
+        return Prefetch(buffer.ordered_prefetch(ahead, self.num_workers), stop)
 
     def _finish(self, b: dict, epoch: int) -> dict:
         index = b["index"].astype(np.int64, copy=False)

@@ -5,6 +5,7 @@ Framework-free (numpy + mlx-data), so torch_ref.train builds the very same batch
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, TrainSource
 from ..models.config import ModelConfig
 from ..schema import ConfigError
 from ..text.tokenizer import MIN_VOCAB_SIZE
@@ -22,6 +23,7 @@ from . import named, synthetic
 from .hf_disk import arrow_files
 from .pipeline import ArraySource, Loader
 from .readers import detect_format, read_samples, split_samples
+from .sampler import Mixture
 from .synthetic_captions import TEMPLATES
 from .synthetic_scene import CLASSNAMES
 from .tar_shards import shard_paths
@@ -40,6 +42,30 @@ class EvalSet:
 
 
 @dataclass
+class SourceInfo:
+    """One training source of a mixture, as read: its part of the run's sample list."""
+
+    name: str  # "data.train[i]"
+    source: TrainSource
+    start: int  # where its samples start in the training sample list
+    samples: int  # training samples (after the check and the held-out split)
+    skipped: int | None  # bad items the check left out (None: not checked)
+    share: float  # expected share of an epoch's draws: weight / sum of the weights
+    draws: float  # expected draws per epoch over its size: passes over it (< 1: part of it)
+
+    def describe(self) -> str:
+        skipped = "" if self.skipped is None else f", {self.skipped} skipped"
+        line = (
+            f"{self.name} {self.source.path}: {self.samples} samples{skipped}, weight "
+            f"{self.source.weight:g}, expected share {self.share:.1%} "
+            f"({self.draws:.2g} passes over it per epoch)"
+        )
+        if self.source.weight == 0:
+            line += " (warning: weight 0, never drawn)"
+        return line
+
+
+@dataclass
 class RunData:
     train: Loader | None  # None when built for evaluation only
     tokenizer: AnyTokenizer
@@ -48,6 +74,7 @@ class RunData:
     classnames: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
     source: str = ""
+    sources: list[SourceInfo] = field(default_factory=list)  # a mixture's, one per data.train entry
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {e.loader.num_samples}" for k, e in self.evals.items())
@@ -97,24 +124,80 @@ def build_tokenizer(
     return tok
 
 
-def _checked(source: str, d, kw: dict, skip_log) -> list:
+def _checked(source: str, d, kw: dict, skip_log, name: str | None = None) -> list:
     """Samples of an own-data source; with a skip log, bad items are scanned for, logged and
-    dropped (checks.prepare), and too large a bad share stops the run here, before training."""
-    if skip_log is None:
-        return read_samples(source, **kw)
+    dropped (checks.prepare), and too large a bad share stops the run here, before training.
+    `name`: a mixture's "data.train[i]", which the error and every logged skip then carry."""
+    return (
+        _check(source, d, kw, skip_log, name).samples if skip_log is not None else read_samples(source, **kw)
+    )
+
+
+def _check(source: str, d, kw: dict, skip_log, name: str | None = None):
+    """checks.prepare on one source with the data section's limits: its Report."""
     from . import checks
 
-    report = checks.prepare(
+    return checks.prepare(
         source,
-        log=skip_log,
+        log=skip_log if name is None else _SourceSkips(skip_log, [name]),
         mode=d.validate,
         max_bad_fraction=d.max_bad_fraction,
         max_image_pixels=d.max_image_pixels,
         max_aspect_ratio=d.max_aspect_ratio or None,
         max_caption_chars=d.max_caption_chars,
+        source=source if name is None else f"{name} {source}",
         **kw,
     )
-    return report.samples
+
+
+class _SourceSkips:
+    """A skip log's view that writes which mixture source each skip belongs to: `names[s]` for
+    source s, found from the skip's sample index through `mixture` (one name: every skip)."""
+
+    def __init__(self, log, names: list[str], mixture: Mixture | None = None):
+        self.log, self.names, self.mixture = log, names, mixture
+        self.path = log.path
+
+    def add(self, skip) -> None:
+        s = 0 if self.mixture is None else int(self.mixture.source_of(np.array([skip.index]))[0])
+        self.log.add(dataclasses.replace(skip, source=self.names[s]))
+
+    __call__ = add
+
+    def extend(self, skips) -> None:
+        for skip in skips:
+            self.add(skip)
+
+
+def _mixture_sources(cfg: Config, skip_log) -> tuple[list, list, list[SourceInfo]]:
+    """data.train as a list: each source read and checked on its own (its own bad share), its
+    held-out part split off when no data.val is given; (train samples end to end, held-out
+    samples, the sources)."""
+    d, train, val, infos = cfg.data, [], [], []
+    total = sum(s.weight for s in d.sources())
+    for i, src in enumerate(d.sources()):
+        name, kw = (
+            f"data.train[{i}]",
+            dict(image_key=src.image_key, caption_key=src.caption_key, fmt=src.format),
+        )
+        if skip_log is None:
+            samples, skipped = read_samples(src.path, **kw), None
+        else:
+            report = _check(src.path, d, kw, skip_log, name)
+            samples, skipped = report.samples, len(report.bad_items())
+        held = []
+        if not d.val and d.val_ratio > 0:
+            samples, held = split_samples(samples, d.val_ratio, cfg.train.seed)
+        infos.append(SourceInfo(name, src, len(train), len(samples), skipped, src.weight / total, 0.0))
+        train.extend(samples)
+        val.extend(held)
+    empty = [s.name for s in infos if not s.samples]
+    if empty:
+        raise ConfigError(f"{', '.join(empty)}: no training samples left; remove the source or add data")
+    draws = sum(s.samples for s in infos if s.source.weight > 0)  # an epoch (sampler.mixture_order)
+    for s in infos:
+        s.draws = draws * s.share / s.samples
+    return train, val, infos
 
 
 def val_source(d) -> str | None:
@@ -123,7 +206,9 @@ def val_source(d) -> str | None:
     if d.val:
         named.check_val(d.val, d.format)
         return d.val
-    return None if d.train == "builtin" else named.default_val(d.train, d.format)
+    if d.train == "builtin" or d.is_mixture:  # a mixture holds val_ratio out of each source
+        return None
+    return named.default_val(d.train, d.format)
 
 
 def _builtin_sources(d, mcfg: ModelConfig, with_train: bool):
@@ -161,7 +246,15 @@ def build_run_data(
     kw = dict(image_key=d.image_key, caption_key=d.caption_key, fmt=d.format)
     val_spec = val_source(d)
     classnames, templates, labels, augment = [], [], None, False
-    if d.train == "builtin":
+    sources, mixture = [], None
+    if d.is_mixture:
+        source, train_src, val_src = f"a mixture of {len(d.train)} sources", None, []
+        if with_train:
+            train_src, val_src, sources = _mixture_sources(cfg, skip_log)
+            mixture = Mixture(tuple(s.samples for s in sources), tuple(s.source.weight for s in sources))
+        if d.augment:
+            augment = dict(scale=tuple(d.crop_scale), color_jitter=d.color_jitter, hflip=d.hflip)
+    elif d.train == "builtin":
         source, train_src, val_src, labels = _builtin_sources(d, mcfg, with_train)
         if labels is not None:
             classnames, templates = list(CLASSNAMES), list(TEMPLATES)
@@ -199,6 +292,8 @@ def build_run_data(
     if d.train != "builtin":
         common.update(files)
     train = None
+    if mixture is not None and skip_log is not None:  # decode-time skips name their source too
+        common["on_skip"] = _SourceSkips(skip_log, [s.name for s in sources], mixture)
     if with_train:
         # data.batch_size is the GLOBAL batch: the Loader gives each rank a contiguous
         # batch_size / world_size slice of it, so the batches are the same for any world size.
@@ -216,6 +311,7 @@ def build_run_data(
             augment=augment,
             sampler=d.sampler,
             tokenize=tokenize,
+            mixture=mixture,
             **common,
         )
     evals = {}
@@ -233,21 +329,32 @@ def build_run_data(
             **val_files,
         )
         evals["val"] = EvalSet(val_loader, val_caps, labels)
-    return RunData(train, tokenizer, tokenize, evals, classnames, templates, source)
+    return RunData(train, tokenizer, tokenize, evals, classnames, templates, source, sources)
 
 
 def fingerprints(cfg: Config, data: RunData) -> dict:
     """What a resumed run checks its data against, per source ("train", "val"): the source, its
     files and their sizes, the sample count and a hash of the ordered sample list. The built-in
-    dataset is a pure function of its parameters: those stand in for files and hash."""
+    dataset is a pure function of its parameters: those stand in for files and hash. A mixture's
+    "train" is the whole sample list, and each source has its own "data.train[i]", with its weight."""
     d, found = cfg.data, {}
     val_spec = val_source(d)
     loaders = {"train": data.train, "val": data.evals["val"].loader if "val" in data.evals else None}
+    for s in data.sources if data.train is not None else []:
+        found[s.name] = {
+            "source": s.source.path,
+            "files": _source_files(s.source.path, s.source.format),
+            "sample_hash": data.train.digest(s.start, s.start + s.samples)[:16],
+            "samples": s.samples,
+            "weight": s.source.weight,
+        }
     for name, loader in loaders.items():
         if loader is None:
             continue
         spec = val_spec if name == "val" and val_spec else d.train
-        if spec == "builtin":
+        if isinstance(spec, list):  # a mixture: each source is fingerprinted above
+            found[name] = {"source": data.source, "sample_hash": loader.digest()[:16]}
+        elif spec == "builtin":
             size = d.builtin_train_size if name == "train" else d.builtin_val_size
             found[name] = {"source": data.source, "size": size, "seed": BUILTIN_SEED}
         else:

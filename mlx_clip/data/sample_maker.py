@@ -6,7 +6,8 @@ Bad images at decode time (`on_error`): "raise" (the default) raises a DataError
 the file. "skip" replaces the sample, so an image that slipped past the pre-flight scan
 (checks.py) never stops an epoch: the substitute is drawn from
 `default_rng([SUBST, seed, epoch, index])`, which then also draws its caption and
-augmentation, so batches stay a pure function of (seed, epoch) and of the files. The
+augmentation, so batches stay a pure function of (seed, epoch) and of the files (in a mixture of
+sources, the substitute comes from the failed sample's own source, keeping the weights). The
 batch's "index" and caption are the substitute's, so images and captions stay paired.
 Each failed decode is counted (`num_skipped`) and passed to `on_skip` as a Skip, once per
 (epoch, sample, failed index) for the loader's lifetime (under a lock; the order of calls
@@ -34,8 +35,10 @@ SAMPLE, SUBST = 2, 3
 MAX_SUBSTITUTES = 16
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([SAMPLE, seed, epoch, index])
+def sample_rng(seed: int, epoch: int, index: int, draw: int | None = None) -> np.random.Generator:
+    """Sample `index`'s stream in `epoch`; a mixture also keys it on the `draw` (its position in the
+    epoch order), since a sample can come up more than once in an epoch there."""
+    return np.random.default_rng([SAMPLE, seed, epoch, index, *([] if draw is None else [draw])])
 
 
 class SampleMaker:
@@ -63,8 +66,11 @@ class SampleMaker:
         on_skip: Callable[[Skip], None] | None,
         max_image_pixels: int | None,
         max_aspect_ratio: float | None,
+        offsets: np.ndarray | None = None,
     ):
+        """`offsets`: a mixture's source boundaries in `captions` (sampler.Mixture.offsets)."""
         self.captions, self._images, self._array = captions, images, array
+        self._offsets = np.array([0, len(captions)]) if offsets is None else offsets
         self.train, self.seed, self.tokenize = train, seed, tokenize
         self._eval, self._augment = preprocess.eval_transform(image_size), augment
         self._normalize = preprocess.normalize
@@ -78,11 +84,13 @@ class SampleMaker:
         """The image of sample i, for messages."""
         return "in-memory image" if self._array is not None else str(self._images[i])
 
-    def _caption_rng(self, epoch: int, i: int) -> tuple[np.random.Generator | None, int]:
+    def _caption_rng(
+        self, epoch: int, i: int, draw: int | None = None
+    ) -> tuple[np.random.Generator | None, int]:
         """(the sample's generator, its caption for this epoch); eval: (None, first caption)."""
         if not self.train:
             return None, 0
-        rng = sample_rng(self.seed, epoch, i)
+        rng = sample_rng(self.seed, epoch, i, draw)
         return rng, int(rng.integers(len(self.captions[i])))  # drawn first: independent of augmentation
 
     def _transform(self, image, rng: np.random.Generator | None) -> np.ndarray:
@@ -98,16 +106,19 @@ class SampleMaker:
             max_aspect=self.max_aspect_ratio,
         )
 
-    def _decode_or_substitute(self, epoch: int, i: int) -> tuple[int, np.ndarray, int]:
+    def _decode_or_substitute(self, epoch: int, i: int, draw: int | None) -> tuple[int, np.ndarray, int]:
         """(index used, image, caption choice): sample i, or a substitute if i cannot be decoded."""
-        rng, choice = self._caption_rng(epoch, i)
+        rng, choice = self._caption_rng(epoch, i, draw)
         try:
             return i, self._decode(i, rng), choice
         except Exception as e:  # DataError from decoding, or a transform failing on odd pixels
             failed = [(i, e)]
-        sub = np.random.default_rng([SUBST, self.seed, epoch, i])  # draws index, caption, augmentation
+        # draws index, caption, augmentation (a mixture: per draw, like sample_rng)
+        sub = np.random.default_rng([SUBST, self.seed, epoch, i, *([] if draw is None else [draw])])
+        s = int(np.searchsorted(self._offsets, i, side="right")) - 1  # its source (one: 0)
+        lo, hi = int(self._offsets[s]), int(self._offsets[s + 1])
         for _ in range(MAX_SUBSTITUTES):
-            j = int(sub.integers(len(self.captions)))
+            j = lo + int(sub.integers(hi - lo))
             choice = int(sub.integers(len(self.captions[j]))) if self.train else 0
             try:
                 x = self._decode(j, sub)
@@ -144,16 +155,17 @@ class SampleMaker:
             if self.on_skip is not None:
                 self.on_skip(skip)
 
-    def sample(self, epoch: int, i: int) -> dict:
-        """Sample i of `epoch` as an mlx-data record: index, image (S, S, 3), caption choice[, tokens]."""
+    def sample(self, epoch: int, i: int, draw: int | None = None) -> dict:
+        """Sample i of `epoch` as an mlx-data record: index, image (S, S, 3), caption choice[, tokens].
+        `draw`: a mixture's position of the sample in the epoch order (sample_rng)."""
         if self._array is not None:
-            rng, choice = self._caption_rng(epoch, i)
+            rng, choice = self._caption_rng(epoch, i, draw)
             x = self._transform(self._array[i], rng)
         elif self.on_error == "raise":
-            rng, choice = self._caption_rng(epoch, i)
+            rng, choice = self._caption_rng(epoch, i, draw)
             x = self._decode(i, rng)
         else:
-            i, x, choice = self._decode_or_substitute(epoch, i)
+            i, x, choice = self._decode_or_substitute(epoch, i, draw)
         out = {"index": np.asarray(i, np.int64), "image": x, "caption": np.int64(choice)}
         if self.tokenize is not None:
             caption = self.captions[i][choice]

@@ -1,9 +1,18 @@
-"""Epoch orders for training: a plain shuffle, or hard-negative batches of related captions.
+"""Epoch orders for training: a plain shuffle, hard-negative batches of related captions, or a
+weighted mixture of sources.
 
-Both are pure functions of (seed, epoch) that return a permutation of the n samples; the Loader
-cuts it into global batches of g = batch_size * world_size consecutive indices and gives each
-rank a contiguous slice, so sharding, dropping the last partial batch and `start_batch` resume
-work the same way for either order.
+Each is a pure function of (seed, epoch) that returns n sample indices (a permutation of the n
+samples, except a mixture's, which may repeat some); the Loader cuts it into global batches of
+g = batch_size * world_size consecutive indices and gives each rank a contiguous slice, so
+sharding, dropping the last partial batch and `start_batch` resume work the same way for any order.
+
+A mixture's epoch (`mixture_order`): the sources' samples are concatenated (source 0 first), and
+an epoch is as many draws as the sources of weight > 0 hold together. Each draw picks its source
+with probability weight / sum(weights); within a source the draws walk a permutation of it drawn
+from (seed, epoch, source), and a source drawn more often than it has samples (upsampled) starts
+a fresh permutation each time it runs out. So a source's expected share of an epoch is its weight's
+share, a source's samples repeat within an epoch only once all of them were drawn, and a
+down-weighted source shows a different random part of itself every epoch.
 
 Hard negatives (`hard_negative_order`): each sample has key words, the content words that all
 of its captions share (lowercase words, minus STOPWORDS and minus words in more than half of the
@@ -25,8 +34,8 @@ import numpy as np
 from ..config import Sampler
 
 SAMPLERS = typing.get_args(Sampler)
-# First words of the seed sequences of the two orders (data.py's per-sample streams use 2 and 3).
-PERM, HARD = 1, 4
+# First words of the seed sequences of the orders (sample_maker.py's per-sample streams use 2 and 3).
+PERM, HARD, MIX = 1, 4, 5
 # Function words and caption boilerplate ("a photo of ..."): never a key.
 STOPWORDS = frozenset(
     """a an the of in on at to and or with by for from as is are was were be been being has have
@@ -109,6 +118,58 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([PERM, seed, epoch]).permutation(n)
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """Weighted sources laid end to end in one sample list: source s holds sizes[s] samples."""
+
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.sizes) != len(self.weights) or not self.sizes:
+            raise ValueError(f"Mixture: {len(self.sizes)} sizes but {len(self.weights)} weights")
+        if min(self.sizes) < 1 or min(self.weights) < 0 or not sum(self.weights) > 0:
+            raise ValueError(f"Mixture: sizes must be >= 1 and weights >= 0 with a positive sum: {self}")
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Where each source starts in the sample list, and the end: int64 (sources + 1,)."""
+        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+    @property
+    def draws(self) -> int:
+        """Draws per epoch: the samples of the sources that are drawn at all (weight > 0)."""
+        return sum(n for n, w in zip(self.sizes, self.weights, strict=True) if w > 0)
+
+    @property
+    def shares(self) -> np.ndarray:
+        """Each source's probability per draw."""
+        w = np.asarray(self.weights, np.float64)
+        return w / w.sum()
+
+    def source_of(self, index: np.ndarray) -> np.ndarray:
+        """The source of each sample index."""
+        return np.searchsorted(self.offsets, index, side="right") - 1
+
+    def counts(self, index: np.ndarray) -> np.ndarray:
+        """How many of `index` (an order, or part of one) come from each source: int64 (sources,)."""
+        return np.bincount(self.source_of(index), minlength=len(self.sizes))
+
+
+def mixture_order(mix: Mixture, seed: int, epoch: int) -> np.ndarray:
+    """A mixture's epoch (module doc): `mix.draws` sample indices, each draw's source picked by
+    weight, each source walked along fresh permutations of itself."""
+    n, offsets = mix.draws, mix.offsets
+    source = np.random.default_rng([MIX, seed, epoch]).choice(len(mix.sizes), size=n, p=mix.shares)
+    order = np.empty(n, np.int64)
+    for s, size in enumerate(mix.sizes):
+        at = np.flatnonzero(source == s)  # the draws of source s, in epoch order
+        walks = -(-len(at) // size)  # permutations needed (ceil)
+        perms = [np.random.default_rng([MIX, seed, epoch, s, w]).permutation(size) for w in range(walks)]
+        order[at] = offsets[s] + (np.concatenate(perms)[: len(at)] if perms else [])
+    return order
+
+
 def hard_negative_order(keys: KeyWords, seed: int, epoch: int, group: int) -> np.ndarray:
     """A permutation of the samples in which each run of `group` (the global batch) mostly
     shares a key word; the n % group samples at the end are the ones training drops."""
@@ -143,8 +204,10 @@ __all__ = [
     "SAMPLERS",
     "STOPWORDS",
     "KeyWords",
+    "Mixture",
     "epoch_permutation",
     "hard_negative_order",
     "key_words",
+    "mixture_order",
     "shared_word_rate",
 ]

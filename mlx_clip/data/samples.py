@@ -99,7 +99,8 @@ class Sample:
 class Skip:
     """One item left out: what (`item`: an image path, `shard:member` or `file:line`), why
     (`reason`, a REASONS code) and the full message (`detail`). `stage` is "read", "scan"
-    or "decode"; decode-time skips also say where (`epoch`, `index`) and what replaced it."""
+    or "decode"; decode-time skips also say where (`epoch`, `index`) and what replaced it. In a
+    mixture of training sources, `source` names the one it belongs to ("data.train[i]")."""
 
     item: str
     reason: str
@@ -108,6 +109,7 @@ class Skip:
     epoch: int | None = None
     index: int | None = None
     substitute: int | None = None
+    source: str | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -56,7 +56,9 @@ class Logger:
                         k if "/" in k else f"{record['event']}/{k}", v, record["step"]
                     )
 
-    def progress_line(self, step: int, loss: float, lr: float, img_s: float, eta_s: float, mem_mb: float):
+    def progress_line(
+        self, step: int, epoch: int, loss: float, lr: float, img_s: float, eta_s: float, mem_mb: float
+    ):
         if not self.progress:
             return
         width = 24
@@ -64,7 +66,7 @@ class Logger:
         bar = "#" * done + "-" * (width - done)
         eta = time.strftime("%M:%S", time.gmtime(eta_s)) if eta_s < 3600 else f"{eta_s / 3600:.1f}h"
         line = (
-            f"[{bar}] step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+            f"[{bar}] step {step}/{self.total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
             f"{img_s:.0f} img/s ETA {eta} mem {mem_mb:.0f} MB"
         )
         print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)

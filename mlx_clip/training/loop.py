@@ -106,6 +106,8 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
     data, resume_dir, init_weights = load_data(cfg, out, world, resume, skip_log, config_yaml, resume_changed)
     world.check_same({"config": config_hash(config_yaml), "training samples": str(data.train.num_samples)})
     print(f"data: {data.describe()} ({time.perf_counter() - started:.1f}s)", flush=True)
+    for source in data.sources:  # a mixture: samples, skipped, weight and expected share of each
+        print(f"  {source.describe()}", flush=True)
     eval_sets = []  # rank 0 evaluates alone; a bad set stops every rank here, before step 1
     world.on_main(lambda: eval_sets.extend(load_eval_sets(cfg, skip_log)), "reading the eval sets")
     if world.size > 1:
@@ -240,6 +242,8 @@ def run_steps(run: Run, stop_after: int | None) -> int:
     bad_streak = skipped = 0
     try:
         while state.step < stop_at:
+            if world.is_main and state.batch_in_epoch == 0:
+                log_mixture(run)
             for batch in run.data.train.epoch(state.epoch, start_batch=state.batch_in_epoch):
                 loss, grad_norm, tau = train_step(run, batch)
                 state.advance(len(run.data.train))
@@ -288,7 +292,8 @@ def train_step(run: Run, batch: dict) -> tuple[mx.array, mx.array, float | None]
 def report_bad_step(run: Run, bad_streak: int) -> None:
     step = run.state.step
     if run.world.is_main:
-        run.logger.log({"event": "skip", "step": step, "reason": "non-finite loss, gradient or weights"})
+        reason = "non-finite loss, gradient or weights"
+        run.logger.log({"event": "skip", "step": step, "epoch": run.state.epoch, "reason": reason})
         run.logger.message(f"step {step}: non-finite loss, gradient or updated weights, update skipped")
     if bad_streak >= run.cfg.train.max_bad_steps:
         raise NonFiniteError(
@@ -297,6 +302,18 @@ def report_bad_step(run: Run, bad_streak: int) -> None:
             "is kept. Lower optim.lr (or raise optim.warmup_steps), keep the temperature "
             "clamped (logit scale <= 100), and train in float32."
         )
+
+
+def log_mixture(run: Run) -> None:
+    """A mixture, as an epoch starts: how many of its draws each source gives (metrics.jsonl and
+    the console), once per epoch."""
+    counts = run.data.train.source_counts(run.state.epoch)
+    if counts is None:
+        return
+    drawn = {s.name: int(c) for s, c in zip(run.data.sources, counts, strict=True)}
+    run.logger.log({"event": "mixture", "step": run.state.step, "epoch": run.state.epoch, "drawn": drawn})
+    shown = ", ".join(f"{name} {c}" for name, c in drawn.items())
+    run.logger.message(f"epoch {run.state.epoch}: draws per source: {shown}")
 
 
 def log_progress(run: Run, meter: Throughput, stop_at: int, loss, grad_norm, tau: float) -> None:
@@ -315,7 +332,7 @@ def log_progress(run: Run, meter: Throughput, stop_at: int, loss, grad_norm, tau
         "temperature": tau,
     }
     run.logger.log(record)
-    run.logger.progress_line(step, record["loss"], lr, img_s, eta, memory_mb())
+    run.logger.progress_line(step, run.state.epoch, record["loss"], lr, img_s, eta, memory_mb())
 
 
 def evaluate_and_save_on_schedule(run: Run, stop_at: int) -> None:
@@ -370,7 +387,7 @@ def run_eval(run: Run) -> dict:
                 write_eval_sets(run.out, run.state.step, scalars, details, run.logger.message)
     finally:
         run.training.model.train()
-    run.logger.log({"event": "eval", "step": run.state.step, **metrics})
+    run.logger.log({"event": "eval", "step": run.state.step, "epoch": run.state.epoch, **metrics})
     temperature = run.training.temperature
     if temperature.observe(metrics.get("val_loss", math.nan)):
         run.logger.message(f"val loss plateaued: temperature lowered to {temperature.tau:.4g}")

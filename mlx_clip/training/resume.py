@@ -5,7 +5,8 @@ Resume is exact (bit-identical to an uninterrupted run) only if the sample strea
 model and the objective are the ones the checkpoint was trained with. So before anything in OUT is
 written, `check_config` lists every config key that changed (dotted names, old -> new), before
 the data is read, and `check_data` compares the data fingerprints saved in state.json
-(data/run_data.py: files and sizes, sample count, a hash of the ordered sample list). Changes that
+(data/run_data.py: files and sizes, sample count, a hash of the ordered sample list; a mixture's
+per source, with its weight). Changes that
 break exactness are refused unless the user passes --resume-changed, whose meaning is: continue
 from the same sample position (epoch, sample index) with the new settings (RunState.seek turns
 that position into a batch of the new size).

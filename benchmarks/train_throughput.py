@@ -238,12 +238,9 @@ def plot(doc: dict, path: Path) -> None:
     s = doc["settings"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 0.5 * len(ok) + 1.8))
     ax1.barh(names, [r["images_per_s"] for r in ok], color="tab:blue")
-    ax1.set(
-        xlabel="images / s",
-        title=f"{s['arch']}, batch {s['batch']}, {_short(s.get('precision', 'float32'))} training step",
-    )
-    ax2.barh(names, [100 * r.get("mfu_device", r["mfu"]) for r in ok], color="tab:orange")
     dtype = _short(s.get("precision", "float32"))
+    ax1.set(xlabel="images / s", title=f"{s['arch']}, batch {s['batch']}, {dtype} training step")
+    ax2.barh(names, [100 * r.get("mfu_device", r["mfu"]) for r in ok], color="tab:orange")
     ax2.set(
         xlabel=f"MFU (% of the best {dtype} GEMM peak measured on the device)",
         title="model FLOPs utilisation",

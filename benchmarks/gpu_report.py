@@ -125,13 +125,14 @@ def cell_rows(cell: dict, outcome: dict, backends: list[str], checks: dict) -> l
                 mfu_device=r.get("mfu_device"),
                 peak_memory_bytes=r["peak_memory_bytes"],
                 device_name=r["device_name"],
+                tf32=r.get("tf32"),
             )
         elif r is not None:
             row["error"] = r["error"]
         elif b in checks and not checks[b]["ok"]:
             row["error"] = "not available: " + checks[b]["detail"]
         else:
-            row["error"] = outcome.get("error", "not in the cell's results")
+            row["error"] = outcome.get("error", "not run in this cell (not among its --backends)")
         rows.append(row)
     ok = {row["backend"]: row for row in rows if "error" not in row}
     for row in rows:  # MLX over each reference, on the MLX row
@@ -173,7 +174,8 @@ def markdown(doc: dict) -> str:
         "",
         "img/s and step ms: median of the timed steps; MFU: model FLOPs / step time / the best GEMM peak "
         "in the row's dtype measured on the device in its cell (benchmarks/train_throughput.py); "
-        "MLX / X: MLX's img/s over X's in the same cell.",
+        "MLX / X: MLX's img/s over X's in the same cell. fp32 is full fp32 (no TF32) in every backend; "
+        "bf16 is mixed precision (bf16 compute, fp32 weights and AdamW state).",
         "",
     ]
     return "\n".join(intro + lines) + "\n"

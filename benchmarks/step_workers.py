@@ -127,6 +127,8 @@ def _mlx_worker(spec: dict, cfg) -> dict:
         "peak_memory_source": "mx.get_peak_memory" if peak > 0 else "peak RSS (VmHWM / getrusage)",
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if backend == "mlx-gpu":  # MLX_ENABLE_TF32 (default on): fp32 matmuls as TF32
+        result["tf32"] = os.environ.get("MLX_ENABLE_TF32", "1") != "0"
 
     if default_threads:  # the device's GEMM peak: OpenBLAS on all its threads again
         _blas.set_threads(default_threads)
@@ -219,6 +221,7 @@ def _torch_worker(spec: dict, cfg) -> dict:
         result.update(
             peak_memory_bytes=torch.cuda.max_memory_allocated(),
             peak_memory_source="torch.cuda.max_memory_allocated",
+            tf32=torch.backends.cuda.matmul.allow_tf32,
         )
     else:
         result.update(peak_memory_bytes=peak_rss_bytes(), peak_memory_source="peak RSS (VmHWM / getrusage)")

@@ -15,6 +15,11 @@ synthetic batch (benchmarks.common.synthetic_batch), and time a FULL training st
 - torch: forward, clip loss, backward, clip_grad_norm_(1.0), AdamW.step, LR schedule step,
   logit-scale clamp, device synchronize (eager mode, as torch_ref.train runs).
 
+fp32 means full fp32 matmuls on a GPU too: torch's default (torch.backends.cuda.matmul.allow_tf32
+False), and for MLX, whose MLX_ENABLE_TF32 (TF32 fp32 matmuls where the hardware has them) is on by
+default in recent versions, the worker gets MLX_ENABLE_TF32=0 unless the caller set it; the GPU
+rows record which (`tf32`).
+
 --dtype bf16 is mixed precision: MLX runs the run's own train.precision bfloat16 (bf16 towers on
 bf16 copies of the fp32 weights, fp32 AdamW state; mlx_clip.models.model.encode_pair); torch runs
 forward and loss under torch.autocast(bfloat16) with fp32 weights and AdamW, as open_clip trains.
@@ -124,6 +129,8 @@ def run_backend(spec: dict, timeout: float | None) -> dict:
     env = dict(os.environ)
     if not backend.startswith("mlx-"):
         env["MLX_CLIP_BLAS"] = "none"  # keep OpenBLAS out of torch's process
+    else:  # fp32 matmuls in full fp32 on GPUs, not MLX's default TF32: as torch's default (no TF32)
+        env.setdefault("MLX_ENABLE_TF32", "0")
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))

@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --out) [ $# -ge 2 ] || { usage; exit 2; }; OUT_DIR="$2"; shift ;;
         --python) [ $# -ge 2 ] || { usage; exit 2; }; PY="$2"; shift ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "benchmarks/gpu.sh: unknown argument '$1'" >&2; usage; exit 2 ;;
     esac
     shift

@@ -1,12 +1,14 @@
 """One backend's training-step measurement, run inside its own worker process.
 
 `python -m benchmarks.train_throughput` starts one process per backend; each calls `run_worker`,
-which times the full fp32 training step (see train_throughput's docstring for what a step is),
-then measures the fp32 (and bf16) GEMM peak with the same framework on the same device.
+which times the full training step in spec["precision"] (float32, or bfloat16 mixed precision;
+see train_throughput's docstring for what a step is), then measures the fp32 (and bf16) GEMM peak
+with the same framework on the same device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -75,6 +77,12 @@ def _blas_info() -> dict:
     return {"library": _blas.status.get("loaded"), "reason": _blas.status.get("reason"), "threads": threads}
 
 
+def _bf16_peak_wanted(spec: dict) -> bool:
+    """On a CPU the bf16 GEMM peak is measured where it multiplies bf16 natively, or where it is the
+    MFU's yardstick (a bf16 step): then it is what it is, however slow."""
+    return spec.get("precision", "float32") == "bfloat16" or cpu_has_native_bf16()
+
+
 def _mlx_worker(spec: dict, cfg) -> dict:
     import mlx.core as mx  # after mlx_clip (imported above): OpenBLAS is bound first
     from mlx.utils import tree_flatten
@@ -90,6 +98,8 @@ def _mlx_worker(spec: dict, cfg) -> dict:
     run = Config()  # the run defaults: AdamW 0.9/0.98/1e-6, wd 0.2, grad clip 1.0, no label smoothing
     run.train.deterministic = False  # (1 OpenBLAS thread for bit-reproducibility is a run's choice)
     run.train.seed, run.train.steps = spec["seed"], spec["warmup"] + spec["steps"]
+    # bfloat16: the run's own mixed precision (bf16 towers, fp32 master weights and AdamW state)
+    run.train.precision = spec.get("precision", "float32")
     n_streams = streams.resolve(spec.get("mlx_streams", "auto"), device)
     default_threads = _blas_info()["threads"]
     streams.setup_process(n_streams, run.train.grad_checkpointing, run.train.deterministic)
@@ -117,12 +127,14 @@ def _mlx_worker(spec: dict, cfg) -> dict:
         "peak_memory_source": "mx.get_peak_memory" if peak > 0 else "peak RSS (VmHWM / getrusage)",
         "peak_rss_bytes": peak_rss_bytes(),
     }
+    if backend == "mlx-gpu":  # MLX_ENABLE_TF32 (default on): fp32 matmuls as TF32
+        result["tf32"] = os.environ.get("MLX_ENABLE_TF32", "1") != "0"
 
     if default_threads:  # the device's GEMM peak: OpenBLAS on all its threads again
         _blas.set_threads(default_threads)
     n, peaks, before = spec["gemm_size"], {}, cpu_snapshot()
     for name, dtype in (("float32", mx.float32), ("bfloat16", mx.bfloat16)):
-        if name == "bfloat16" and backend == "mlx-cpu" and not cpu_has_native_bf16():
+        if name == "bfloat16" and backend == "mlx-cpu" and not _bf16_peak_wanted(spec):
             peaks[name] = None
             continue
         a, b = (mx.random.normal((n, n)).astype(dtype) for _ in range(2))
@@ -178,8 +190,15 @@ def _torch_worker(spec: dict, cfg) -> dict:
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    # bfloat16: autocast around forward and loss, as open_clip's trainer does (fp32 weights, AdamW)
+    if spec.get("precision", "float32") == "bfloat16":
+        autocast = lambda: torch.autocast(device_type=dev, dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
+
     def step():
-        loss = loss_fn(*model(images, tokens))
+        with autocast():
+            loss = loss_fn(*model(images, tokens))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
@@ -202,13 +221,14 @@ def _torch_worker(spec: dict, cfg) -> dict:
         result.update(
             peak_memory_bytes=torch.cuda.max_memory_allocated(),
             peak_memory_source="torch.cuda.max_memory_allocated",
+            tf32=torch.backends.cuda.matmul.allow_tf32,
         )
     else:
         result.update(peak_memory_bytes=peak_rss_bytes(), peak_memory_source="peak RSS (VmHWM / getrusage)")
 
     n, peaks, before = spec["gemm_size"], {}, cpu_snapshot()
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        if name == "bfloat16" and dev == "cpu" and not cpu_has_native_bf16():
+        if name == "bfloat16" and dev == "cpu" and not _bf16_peak_wanted(spec):
             peaks[name] = None
             continue
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -232,7 +252,7 @@ def run_worker(spec: dict) -> dict:
         times = res["step_times_s"]
         median = statistics.median(times)
         model_flops = clip_flops_per_pair(cfg, spec["batch"])["train"] * spec["batch"]
-        fp32 = res["gemm_peak_flops"]["float32"]
+        peak = res["gemm_peak_flops"][spec.get("precision", "float32")]  # the step's own dtype
         out.update(res)
         out.update(
             median_step_s=median,
@@ -241,7 +261,7 @@ def run_worker(spec: dict) -> dict:
             images_per_s=spec["batch"] / median,
             model_flops_per_step=model_flops,
             achieved_flops=model_flops / median,
-            mfu=model_flops / median / fp32,
+            mfu=model_flops / median / peak,
             loss_finite=all(math.isfinite(x) for x in res["losses"]),
             wall_s=time.perf_counter() - t0,
         )

@@ -1,18 +1,29 @@
 """Training-step throughput of one architecture on every backend at hand.
 
     python -m benchmarks.train_throughput [--arch vit_b32] [--batch 32] [--backends mlx-cpu,torch_ref-cpu]
-                                          [--steps 10] [--warmup 3] [--rounds 1] [--plot] [--out FILE]
+                                          [--dtype fp32|bf16] [--steps 10] [--warmup 3] [--rounds 1]
+                                          [--plot] [--out FILE]
 
 Backends: mlx-cpu, mlx-gpu (Metal or CUDA), torch_ref-{cpu,mps,cuda}, open_clip-{cpu,mps,cuda}
 (open_clip's own CLIP built from our ModelConfig via mlx_clip.interop.open_clip.open_clip_cfg, with
 its ClipLoss). Default: every one available here. All get the same architecture, batch and
-synthetic batch (benchmarks.common.synthetic_batch), and time a FULL fp32 training step:
+synthetic batch (benchmarks.common.synthetic_batch), and time a FULL training step, fp32 by default:
 
 - MLX: the step of mlx_clip.training.build.build_training (one compiled forward + backward + grad clip +
   AdamW update),
   then one mx.eval of the model/optimizer state and the loss;
 - torch: forward, clip loss, backward, clip_grad_norm_(1.0), AdamW.step, LR schedule step,
   logit-scale clamp, device synchronize (eager mode, as torch_ref.train runs).
+
+fp32 means full fp32 matmuls on a GPU too: torch's default (torch.backends.cuda.matmul.allow_tf32
+False), and for MLX, whose MLX_ENABLE_TF32 (TF32 fp32 matmuls where the hardware has them) is on by
+default in recent versions, the worker gets MLX_ENABLE_TF32=0 unless the caller set it; the GPU
+rows record which (`tf32`).
+
+--dtype bf16 is mixed precision: MLX runs the run's own train.precision bfloat16 (bf16 towers on
+bf16 copies of the fp32 weights, fp32 AdamW state; mlx_clip.models.model.encode_pair); torch runs
+forward and loss under torch.autocast(bfloat16) with fp32 weights and AdamW, as open_clip trains.
+MFU is then taken against the bf16 GEMM peak, and settings.precision says "bfloat16".
 
 AdamW everywhere: lr 1e-3 with the run schedule, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on
 matrices only (mlx_clip.training.optim.decays). The batch is made once, before timing, and reused.
@@ -22,11 +33,12 @@ peak RSS, no thread pool or BLAS shared with another framework (the torch worker
 MLX_CLIP_BLAS=none so OpenBLAS is not loaded next to torch's BLAS). Per backend it reports the
 median step time over --steps timed steps after --warmup steps, images/s, peak memory (MLX's or
 CUDA's allocator peak, else the process peak RSS; the source is named), and MFU = model FLOPs per
-step (benchmarks.flops, train = 3 x forward) / median step time / the fp32 GEMM peak measured by
-the same worker, framework and device right after the timed steps (best of --gemm-reps n x n
-matmuls, n = --gemm-size). A bf16 GEMM peak is measured too where the device multiplies bf16
-natively (GPUs; CPUs with AVX512-BF16 / AMX). "MFU (best GEMM)" divides by the highest fp32 GEMM
-peak any backend measured on the same device in the run.
+step (benchmarks.flops, train = 3 x forward) / median step time / the GEMM peak in the step's dtype
+(fp32; bf16 for --dtype bf16) measured by the same worker, framework and device right after the
+timed steps (best of --gemm-reps n x n matmuls, n = --gemm-size). A bf16 GEMM peak is measured
+too where the device multiplies bf16 natively (GPUs; CPUs with AVX512-BF16 / AMX) or the step is
+bf16. "MFU (best GEMM)" divides by the highest such GEMM peak any backend measured on the same
+device in the run.
 "others' CPU" is the share of the machine's CPU time that other processes used while the timed
 steps ran (/proc/stat minus the worker's own getrusage): on a shared machine it says how far to
 trust a row. --rounds N runs the backends round-robin N times and keeps, per backend, the round
@@ -72,6 +84,8 @@ BACKENDS = (
     "open_clip-cuda",
 )
 SCHEMA = "mlx_clip.train_throughput/1"
+# --dtype spelling -> the run config's train.precision value (mlx_clip.config.Precision)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 # ---------------------------------------------------------------------------
@@ -115,6 +129,8 @@ def run_backend(spec: dict, timeout: float | None) -> dict:
     env = dict(os.environ)
     if not backend.startswith("mlx-"):
         env["MLX_CLIP_BLAS"] = "none"  # keep OpenBLAS out of torch's process
+    else:  # fp32 matmuls in full fp32 on GPUs, not MLX's default TF32: as torch's default (no TF32)
+        env.setdefault("MLX_ENABLE_TF32", "0")
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
@@ -151,17 +167,22 @@ def run_rounds(spec: dict, backends: list[str], rounds: int, timeout: float | No
     return results
 
 
-def add_device_mfu(results: list[dict]) -> None:
-    """mfu_device: achieved FLOP/s over the best fp32 GEMM peak any framework reached on the device.
+def add_device_mfu(results: list[dict], precision: str = "float32") -> None:
+    """mfu_device: achieved FLOP/s over the best GEMM peak (in the step's precision) any framework
+    reached on the device.
 
     `mfu` divides by the worker's own framework's GEMM peak (how well it uses its own BLAS);
     this one compares backends against one yardstick: what the hardware showed it can do.
     """
     ok = [r for r in results if "error" not in r]
     for r in ok:
-        same = [x["gemm_peak_flops"]["float32"] for x in ok if x["device_name"] == r["device_name"]]
+        same = [x["gemm_peak_flops"][precision] for x in ok if x["device_name"] == r["device_name"]]
         r["device_gemm_peak_flops"] = max(same)
         r["mfu_device"] = r["achieved_flops"] / max(same)
+
+
+def _short(precision: str) -> str:
+    return {v: k for k, v in DTYPES.items()}[precision]
 
 
 def _mb(n: float | None) -> str:
@@ -174,6 +195,7 @@ def _gflops(x: float | None) -> str:
 
 def markdown_table(doc: dict) -> str:
     results = doc["results"]
+    dtype = _short(doc["settings"].get("precision", "float32"))
     rate = {r["backend"]: r["images_per_s"] for r in results if "error" not in r}
     refs = [b for b in ("torch_ref-cpu", "open_clip-cpu") if b in rate]
     head = ["backend", "device", "step ms (median, min-max)", "img/s", *[f"x {b}" for b in refs]]
@@ -181,8 +203,8 @@ def markdown_table(doc: dict) -> str:
         "others' CPU",
         "peak memory (counter)",
         "peak RSS",
-        "MFU fp32 (own GEMM)",
-        "MFU fp32 (best GEMM)",
+        f"MFU {dtype} (own GEMM)",
+        f"MFU {dtype} (best GEMM)",
         "model GFLOP/s",
         "GEMM fp32 GFLOP/s",
         "GEMM bf16 GFLOP/s",
@@ -223,10 +245,12 @@ def plot(doc: dict, path: Path) -> None:
     s = doc["settings"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 0.5 * len(ok) + 1.8))
     ax1.barh(names, [r["images_per_s"] for r in ok], color="tab:blue")
-    ax1.set(xlabel="images / s", title=f"{s['arch']}, batch {s['batch']}, fp32 training step")
+    dtype = _short(s.get("precision", "float32"))
+    ax1.set(xlabel="images / s", title=f"{s['arch']}, batch {s['batch']}, {dtype} training step")
     ax2.barh(names, [100 * r.get("mfu_device", r["mfu"]) for r in ok], color="tab:orange")
     ax2.set(
-        xlabel="MFU (% of the best fp32 GEMM peak measured on the device)", title="model FLOPs utilisation"
+        xlabel=f"MFU (% of the best {dtype} GEMM peak measured on the device)",
+        title="model FLOPs utilisation",
     )
     ax2.set_yticklabels([])
     for ax in (ax1, ax2):
@@ -254,6 +278,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", default="vit_b32", help="architecture name or model YAML (default vit_b32)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--backends", default=None, help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="fp32 (default) or bf16: mixed precision, fp32 weights and optimizer state",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--gemm-size", type=int, default=2048)
@@ -317,13 +347,13 @@ def main(argv: list[str] | None = None) -> dict:
         gemm_reps=args.gemm_reps,
         seed=args.seed,
         mlx_streams=args.mlx_streams if args.mlx_streams == "auto" else int(args.mlx_streams),
+        precision=DTYPES[args.dtype],
     )
     doc = {
         **record_header(SCHEMA),
         "settings": {
             **spec,
             "rounds": args.rounds,
-            "precision": "float32",
             "backends": backends,
             "model": to_dict(cfg),
         },
@@ -336,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "results": run_rounds(spec, backends, args.rounds, args.timeout),
     }
-    add_device_mfu(doc["results"])
+    add_device_mfu(doc["results"], spec["precision"])
     out = args.out or default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

@@ -265,3 +265,30 @@ def _path_hint(path: str) -> str:
 
 def lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# Sample ids: what stored per-sample data (teacher embeddings, mlx_clip.embed) is keyed by
+
+
+def source_root(source: str) -> str:
+    """The folder a source's image references are made relative to: the source itself when it is
+    a folder (an image folder, a `datasets` folder), else the folder of its file, glob or brace list."""
+    path = source[3:] if source.startswith("hf:") else source
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+
+def sample_id(image: str | TarRef | RowRef, root: str) -> str:
+    """A sample's stable id: its image reference with paths relative to `root` (source_root),
+    so the same source read from another place or on another day gives the same ids:
+    "photos/cat.jpg", "shard-0001.tar:000042.jpg" (tar member), "part-0.parquet:3:17" (row
+    group 3, row 17). The built-in dataset's samples are keyed by their index instead (str(i))."""
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, root).replace(os.sep, "/")
+
+    if isinstance(image, TarRef):
+        return f"{rel(image.path)}:{image.name}"
+    if isinstance(image, RowRef):
+        return f"{rel(image.path)}:{image.group}:{image.row}"
+    return rel(str(image))

@@ -26,13 +26,15 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from .samples import DataError
+
 VERSION = 1
 INDEX = "index.json"
 SHARD_SAMPLES = 4096
 DTYPES = ("float16", "float32")
 
 
-class StoreError(ValueError):
+class StoreError(DataError):
     """A store that is missing, incomplete or does not match the data it is used with."""
 
 

@@ -217,6 +217,29 @@ class TemperatureConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher's stored embeddings (`python -m mlx_clip.embed`; training/distill.py):
+    the loss adds weight * the cross-entropy of the student's batch softmax against the teacher's."""
+
+    embeddings: str | None = None  # the embed output directory (index.json + shards); None: off
+    weight: float = 1.0
+    temperature: float | None = None  # teacher logits = cosine / temperature; None: the teacher's own
+
+    @property
+    def enabled(self) -> bool:
+        return self.embeddings is not None
+
+    def validate(self) -> None:
+        if not 0 <= self.weight <= 1000:
+            raise ConfigError(f"loss.distill.weight must be in [0, 1000], got {self.weight}")
+        t = self.temperature
+        if t is not None and not 0 < t <= 100:
+            raise ConfigError(
+                f"loss.distill.temperature must be in (0, 100] (or null: the teacher's own), got {t}"
+            )
+
+
+@dataclass
 class LossConfig:
     # clip (symmetric InfoNCE) | siglip (pairwise sigmoid) | hard_negative | multi_scale
     type: LossType = "clip"
@@ -233,6 +256,7 @@ class LossConfig:
     scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     scale_weights: list[float] | None = None  # None: equal
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> None:
         if not 0 <= self.label_smoothing < 1:
@@ -256,6 +280,7 @@ class LossConfig:
                 f"with a positive sum, got {w}"
             )
         self.temperature.validate()
+        self.distill.validate()
 
 
 @dataclass
@@ -460,6 +485,10 @@ class Config:
                 raise ConfigError(f"optim.lock_{tower}_unlocked_layers must be in [0, {layers}], got {n}")
         if o.accum_steps < 1:
             raise ConfigError(f"optim.accum_steps must be at least 1, got {o.accum_steps}")
+        if self.loss.distill.enabled and o.accum_steps > 1:
+            raise ConfigError(
+                "loss.distill does not support optim.accum_steps > 1 yet; set optim.accum_steps 1"
+            )
         if isinstance(d.batch_size, int) and d.batch_size % o.accum_steps:
             raise ConfigError(
                 f"data.batch_size={d.batch_size} is not divisible by optim.accum_steps={o.accum_steps}: "
@@ -570,6 +599,7 @@ __all__ = [
     "Config",
     "ModelSection",
     "DataConfig",
+    "DistillConfig",
     "EvalConfig",
     "FinetuneConfig",
     "LossConfig",

@@ -47,6 +47,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
     args, rest = parser.parse_known_args(argv)
     if args.resume_changed and not args.resume:
         parser.error("--resume-changed only applies to --resume (add --resume)")
+    overrides = dotted_overrides(parser, rest)
+    if args.steps is not None:
+        overrides.append(("train.steps", str(args.steps)))
+    return args, overrides
+
+
+def dotted_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> list[tuple[str, str]]:
+    """`--section.key VALUE` / `--section.key=VALUE` arguments -> [(dotted key, value)]."""
     overrides = []
     i = 0
     while i < len(rest):
@@ -62,6 +70,4 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
             key, value = arg[2:], rest[i + 1]
             i += 2
         overrides.append((key, value))
-    if args.steps is not None:
-        overrides.append(("train.steps", str(args.steps)))
-    return args, overrides
+    return overrides

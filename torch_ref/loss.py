@@ -103,6 +103,22 @@ def multi_scale_loss(
     )
 
 
+def soft_cross_entropy(teacher_logits, student_logits) -> torch.Tensor:
+    p = torch.softmax(teacher_logits.detach(), dim=-1)
+    return -(p * F.log_softmax(student_logits, dim=-1)).sum(dim=-1).mean()
+
+
+def distill_loss(
+    image_features, text_features, logit_scale, teacher_image, teacher_text, teacher_scale: float
+) -> torch.Tensor:
+    student_per_image, student_per_text = clip_logits(image_features, text_features, logit_scale)
+    teacher_per_image, teacher_per_text = clip_logits(teacher_image, teacher_text, teacher_scale)
+    return (
+        soft_cross_entropy(teacher_per_image, student_per_image)
+        + soft_cross_entropy(teacher_per_text, student_per_text)
+    ) / 2
+
+
 def contrastive_loss(
     cfg: LossConfig, image_features, text_features, logit_scale, logit_bias=None, group=None
 ) -> torch.Tensor:

@@ -17,4 +17,5 @@ workers.py     its boundary with mlx-data's threads: callback errors raised by t
 synthetic.py   the built-in dataset (`python -m mlx_clip.data.synthetic` writes it to disk), built from
   synthetic_scene.py (shapes, colours, placement, rendering) and synthetic_captions.py (captions, prompts)
 run_data.py    what a run reads: train and held-out sets plus the tokenizer
+embedding_store.py  stored per-sample embeddings (a teacher's, for loss.distill), keyed by sample id
 """

@@ -128,12 +128,13 @@ def _check_arguments(
 
 
 class Loader:
-    """Batches `{"images", "captions", "index"[, "tokens"]}` for one rank, epoch by epoch.
+    """Batches `{"images", "captions", "index", "caption_index"[, "tokens"]}` for one rank, epoch by epoch.
 
     - images: float32 (B, S, S, 3), preprocessed as `preprocess` says (the model's settings:
       ImagePreprocess.of(model_config); CLIP's by default)
     - captions: list[str] of length B (one caption per image, drawn per epoch when training)
     - index: int64 (B,), positions in `source`
+    - caption_index: int64 (B,), which of its sample's captions each caption is
     - tokens: int32 (B, L), only when `tokenize` (list[str] -> int array) is given; it runs
       in the worker threads, so it must be thread-safe. Whatever it (or decoding, a transform,
       `on_skip`) raises is raised by the iterator, at that batch, as a WorkerError naming the
@@ -254,6 +255,11 @@ class Loader:
         except TypeError:
             valid = "scale, ratio, color_jitter, hflip"
             raise ValueError(f"Loader: unknown augment key in {sorted(kwargs)} (valid: {valid})") from None
+
+    @property
+    def image_refs(self) -> list | None:
+        """Each sample's image reference (None for in-memory images): what sample ids are made of."""
+        return self._images
 
     @property
     def num_skipped(self) -> int:
@@ -442,6 +448,7 @@ class Loader:
             raise worker_error(self._failures.pop((epoch, bad), None), bad, self._make.describe(bad))
         captions = [self.captions[i][c] for i, c in zip(index.tolist(), b["caption"].tolist(), strict=True)]
         out = {"images": b["image"], "captions": captions, "index": index}
+        out["caption_index"] = b["caption"].astype(np.int64, copy=False)  # which of its captions each drew
         if "tokens" in b:
             out["tokens"] = b["tokens"].astype(np.int32, copy=False)
         return out

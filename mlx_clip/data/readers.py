@@ -38,8 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import SourceFormat
+from .hf_disk import parse_source as hf_parse
 from .hf_disk import read_hf
 from .named import NAMES, is_named, read_named
+from .named import parse as named_parse
 from .parquet import read_parquet
 from .samples import IMAGE_EXTENSIONS, Collector, DataError, Sample, Skip, decode_text, lines, open_text
 from .tar_shards import read_tar, shard_paths
@@ -288,6 +290,18 @@ def read_into(out: Collector, source: str | os.PathLike, fmt: str, image_key: st
         _read_jsonl(path, image_key, caption_key, out)
 
 
+def source_root(source: str, fmt: str = "auto") -> str:
+    """The folder a source's image references are made relative to for sample ids
+    (samples.sample_id): a named dataset's ROOT, a `datasets` folder, an image folder, else the
+    folder of the source's file, glob or brace list."""
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    if fmt in NAMES:
+        return str(named_parse(source, fmt).root)
+    if fmt == "hf":
+        return hf_parse(source)[0]
+    return source if os.path.isdir(source) else os.path.dirname(source) or "."
+
+
 def read_samples(
     source: str | os.PathLike,
     image_key: str = "image",
@@ -338,4 +352,4 @@ def split_samples(samples: list, val_ratio: float, seed: int = 0) -> tuple[list,
     return train, val
 
 
-__all__ = ["FORMATS", "detect_format", "read_into", "read_samples", "split_samples"]
+__all__ = ["FORMATS", "detect_format", "read_into", "read_samples", "source_root", "split_samples"]

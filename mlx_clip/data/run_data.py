@@ -211,7 +211,7 @@ def val_source(d) -> str | None:
     return named.default_val(d.train, d.format)
 
 
-def _builtin_sources(d, mcfg: ModelConfig, with_train: bool):
+def builtin_sources(d, mcfg: ModelConfig, with_train: bool):
     """The built-in dataset: (description, train source or None, val source, val labels or None)."""
     S = mcfg.image_size
     grid = d.builtin_grid
@@ -255,7 +255,7 @@ def build_run_data(
         if d.augment:
             augment = dict(scale=tuple(d.crop_scale), color_jitter=d.color_jitter, hflip=d.hflip)
     elif d.train == "builtin":
-        source, train_src, val_src, labels = _builtin_sources(d, mcfg, with_train)
+        source, train_src, val_src, labels = builtin_sources(d, mcfg, with_train)
         if labels is not None:
             classnames, templates = list(CLASSNAMES), list(TEMPLATES)
         # No augmentation: colour and position are what the captions describe.

@@ -267,3 +267,23 @@ def _path_hint(path: str) -> str:
 
 def lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------
+# Sample ids: what stored per-sample data (teacher embeddings, mlx_clip.embed) is keyed by
+
+
+def sample_id(image: str | TarRef | RowRef, root: str) -> str:
+    """A sample's stable id: its image reference with paths relative to `root` (readers.source_root),
+    so the same source read from another place or on another day gives the same ids:
+    "photos/cat.jpg", "shard-0001.tar:000042.jpg" (tar member), "part-0.parquet:3:17" (row
+    group 3, row 17). The built-in dataset's samples are keyed by their index instead (str(i))."""
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, root).replace(os.sep, "/")
+
+    if isinstance(image, TarRef):
+        return f"{rel(image.path)}:{image.name}"
+    if isinstance(image, RowRef):
+        return f"{rel(image.path)}:{image.group}:{image.row}"
+    return rel(str(image))

@@ -4,7 +4,8 @@ build.py        build_training: model + optimizer + compiled step + run state, t
 loop.py         train(): set-up, the step loop, finish
 evaluate.py     held-out metrics and val loss; the config's eval sets (eval.sets), read once, evaluated
 state.py        RunState: what a checkpoint's state.json records, to and from JSON
-loss.py         contrastive objectives (clip, siglip, hard_negative, multi_scale) and feature gathering
+loss.py         contrastive objectives (clip, siglip, hard_negative, multi_scale), distillation, gathering
+distill.py      loss.distill: a teacher's stored embeddings aligned to the train loader, rows per batch
 optim.py        AdamW / Lion groups, learning-rate schedules, tower locking (rules: optim_rules.py)
 ema.py          the EMA of the trainable weights (train.ema_decay)
 accum.py        gradient caching over micro-batches (optim.accum_steps)

@@ -24,7 +24,7 @@ from ..models.model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
 from . import streams
 from .distributed import World
 from .ema import ModelEMA
-from .loss import contrastive_loss
+from .loss import contrastive_loss, distill_loss
 from .optim import build_optimizer, lock_parameters
 from .temperature import Temperature
 
@@ -38,19 +38,22 @@ class Training:
 
     model: CLIP
     optimizer: optim.Optimizer
-    step: Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
+    step: Callable[..., tuple]
     state: list
     temperature: Temperature
     locked: list[str]  # paths of the frozen parameters (optim.lock_*)
     ema: ModelEMA | None = None  # train.ema_decay > 0
 
-    def run_step(self, images: mx.array, tokens: mx.array, step: int) -> tuple[mx.array, mx.array]:
+    def run_step(self, images: mx.array, tokens: mx.array, step: int, teacher: tuple = ()) -> tuple:
         """Training step `step` (0-based): `step`, then the EMA update queued on its lazy result
-        (still one evaluation of `state`). What the trainer and auto batch size run."""
-        loss, grad_norm = self.step(images, tokens)
+        (still one evaluation of `state`). What the trainer and auto batch size run.
+        Returns (loss, grad_norm); built with a teacher scale (distillation), pass
+        teacher=(teacher image rows, teacher text rows) of the batch and get (loss, grad_norm,
+        distill term)."""
+        out = self.step(images, tokens, *teacher)
         if self.ema is not None:
-            self.ema.update(self.model, step, loss, grad_norm)
-        return loss, grad_norm
+            self.ema.update(self.model, step, out[0], out[1])
+        return out
 
 
 def build_training(
@@ -59,6 +62,7 @@ def build_training(
     n_streams: int = 1,
     mcfg: ModelConfig | None = None,
     prepare: Callable[[CLIP, optim.Optimizer], None] | None = None,
+    teacher_scale: float | None = None,
 ) -> Training:
     """The model (seed train.seed; architecture `mcfg`, default cfg.model_config()), its locked
     parameters and temperature, AdamW over the trainable rest, and the compiled step.
@@ -69,6 +73,8 @@ def build_training(
     `prepare(model, optimizer)` runs before the step is compiled, with the optimizer state
     populated: the trainer loads initial weights or a checkpoint there (the compiled step captures
     the optimizer's state containers, so they must not be replaced afterwards).
+    `teacher_scale` (loss.distill, the teacher's logit scale; training/distill.py): the step also
+    takes the batch's teacher rows and adds loss.distill.weight x the distillation term.
     """
     model = create_model(mcfg or cfg.model_config(), seed=cfg.train.seed)
     model.set_grad_checkpointing(cfg.train.grad_checkpointing)
@@ -84,7 +90,7 @@ def build_training(
     optimizer.init(model.trainable_parameters())
     if prepare is not None:
         prepare(model, optimizer)
-    step, state = make_step(model, optimizer, cfg, world, lanes)
+    step, state = make_step(model, optimizer, cfg, world, lanes, teacher_scale)
     # The EMA starts at the weights prepare() left (initial, init_from or resumed ones).
     ema = ModelEMA(model, cfg.train) if cfg.train.ema_decay else None
     if ema is not None:
@@ -134,6 +140,27 @@ def make_grad_fn(model: CLIP, cfg: Config, world: World | None = None, lanes: st
 
     def loss_and_grads(images, tokens):
         return mean_over_ranks(*grad_fn(model, images, tokens))
+
+    return loss_and_grads
+
+
+def make_distill_grad_fn(model: CLIP, cfg: Config, teacher_scale: float, lanes: streams.Lanes | None = None):
+    """(images, tokens, teacher_image, teacher_text) -> (loss, gradients, distill term): the loss
+    is the contrastive loss + loss.distill.weight x distill_loss (one process only)."""
+    encode, features_loss = make_loss_parts(cfg, None, lanes)
+    weight = cfg.loss.distill.weight
+
+    def loss_fn(m, images, tokens, teacher_image, teacher_text):
+        image_features, text_features = encode(m, images, tokens)
+        scale = mx.exp(mx.minimum(m.logit_scale, LOGIT_SCALE_MAX))
+        term = distill_loss(image_features, text_features, scale, teacher_image, teacher_text, teacher_scale)
+        return features_loss(m, image_features, text_features) + weight * term, term
+
+    grad_fn = nn.value_and_grad(model, loss_fn)
+
+    def loss_and_grads(images, tokens, teacher_image, teacher_text):
+        (loss, term), grads = grad_fn(model, images, tokens, teacher_image, teacher_text)
+        return loss, grads, term
 
     return loss_and_grads
 
@@ -191,9 +218,12 @@ def make_step(
     cfg: Config,
     world: World | None = None,
     lanes: streams.Lanes | None = None,
+    teacher_scale: float | None = None,
 ):
     """One training step over the model, optimizer and random state: step(images, tokens) ->
-    (loss, grad_norm), and the state arrays to evaluate after it.
+    (loss, grad_norm), and the state arrays to evaluate after it. With `teacher_scale`
+    (distillation, one process): step(images, tokens, teacher_image, teacher_text) ->
+    (loss, grad_norm, distill term).
 
     Data parallel: the gradients are averaged over the ranks before clipping. With
     optim.accum_steps > 1 the step caches features micro-batch by micro-batch (accum.py).
@@ -206,8 +236,19 @@ def make_step(
         return make_accum_step(
             model, optimizer, cfg.optim.accum_steps, encode, features_loss, make_rank_mean(world), update
         )
-    loss_and_grads = make_grad_fn(model, cfg, world, lanes)
     state = [model.state, optimizer.state, mx.random.state]
+    if teacher_scale is not None:
+        if world is not None and world.size > 1:
+            raise ValueError("loss.distill runs on one process only (data parallel is not supported)")
+        distill_grads = make_distill_grad_fn(model, cfg, teacher_scale, lanes)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def distill_step(images, tokens, teacher_image, teacher_text):
+            loss, grads, term = distill_grads(images, tokens, teacher_image, teacher_text)
+            return (*update(loss, grads), term)
+
+        return distill_step, state
+    loss_and_grads = make_grad_fn(model, cfg, world, lanes)
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(images, tokens):

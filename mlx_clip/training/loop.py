@@ -38,6 +38,7 @@ from . import checkpoint as ckpt_io
 from . import run_dir, streams
 from .autobatch import find_batch_size
 from .build import Training, build_training
+from .distill import Teacher, load_teacher
 from .distributed import World, init_world, pack_dir, unpack_dir
 from .evaluate import evaluate, evaluate_eval_sets, load_eval_sets, pick_best_metric
 from .logging import Logger, Throughput, memory_mb, write_curves, write_eval_sets, write_summary
@@ -69,6 +70,7 @@ class Run:
     skip_log: checks.SkipLog | None  # own data only
     started: float
     eval_sets: list  # eval.sets read once (evaluation/suite.LoadedSet); rank 0 only
+    teacher: Teacher | None = None  # loss.distill: the teacher's rows per training sample
 
     @property
     def ckpt_root(self) -> Path:
@@ -145,7 +147,11 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
         # (seed, step).
         mx.random.seed(cfg.train.seed * 1_000_003 + state.step)
 
-    training = build_training(cfg, world, n_streams, cfg.model_config(), prepare)
+    teacher = load_teacher(cfg, data.train, world.size)
+    if teacher is not None:
+        print(f"distilling from {teacher.source}, teacher logit scale {teacher.scale:.4g}", flush=True)
+    scale = teacher.scale if teacher is not None else None
+    training = build_training(cfg, world, n_streams, cfg.model_config(), prepare, teacher_scale=scale)
     if training.ema is not None:  # the resumed run's EMA (rank 0 reads it; every rank gets it)
         world.on_main(lambda: resume_dir and ckpt_io.load_ema(resume_dir, training.ema), "restoring the EMA")
         if world.size > 1:
@@ -159,7 +165,9 @@ def setup(cfg: Config, out: Path, world: World, resume: bool, n_streams: int, re
     logger = (
         Logger(out, cfg.train.steps, cfg.train.progress, cfg.train.tensorboard) if world.is_main else None
     )
-    return Run(cfg, out, world, data, training, state, config_yaml, logger, skip_log, started, eval_sets)
+    return Run(
+        cfg, out, world, data, training, state, config_yaml, logger, skip_log, started, eval_sets, teacher
+    )
 
 
 def open_skip_log(cfg: Config, out: Path, world: World, resume: bool) -> checks.SkipLog | None:
@@ -245,7 +253,7 @@ def run_steps(run: Run, stop_after: int | None) -> int:
             if world.is_main and state.batch_in_epoch == 0:
                 log_mixture(run)
             for batch in run.data.train.epoch(state.epoch, start_batch=state.batch_in_epoch):
-                loss, grad_norm, tau = train_step(run, batch)
+                loss, grad_norm, tau, distill = train_step(run, batch)
                 state.advance(len(run.data.train))
                 meter.add(len(batch["tokens"]) * world.size)  # the global batch
                 if math.isfinite(loss.item()) and math.isfinite(grad_norm.item()):
@@ -254,7 +262,7 @@ def run_steps(run: Run, stop_after: int | None) -> int:
                     bad_streak, skipped = bad_streak + 1, skipped + 1
                     report_bad_step(run, bad_streak)
                 if world.is_main and (state.step % cfg.train.log_every == 0 or state.step == stop_at):
-                    log_progress(run, meter, stop_at, loss, grad_norm, tau)
+                    log_progress(run, meter, stop_at, loss, grad_norm, tau, distill)
                 evaluate_and_save_on_schedule(run, stop_at)
                 if interrupted:
                     stop_at = state.step
@@ -269,8 +277,9 @@ def run_steps(run: Run, stop_after: int | None) -> int:
     return skipped
 
 
-def train_step(run: Run, batch: dict) -> tuple[mx.array, mx.array, float | None]:
-    """One optimizer step on `batch`: (loss, grad_norm, the temperature it used (rank 0))."""
+def train_step(run: Run, batch: dict) -> tuple:
+    """One optimizer step on `batch`: (loss, grad_norm, the temperature it used (rank 0), the
+    distillation term (loss.distill) or None)."""
     training, step = run.training, run.state.step
     model, temperature = training.model, training.temperature
     if not temperature.learnable:
@@ -280,13 +289,16 @@ def train_step(run: Run, batch: dict) -> tuple[mx.array, mx.array, float | None]
     if lora.enabled and lora.dropout > 0:  # LoRA dropout keyed on (seed, step): resume stays exact
         mx.random.seed(run.cfg.train.seed * 1_000_003 + step)
     with run.world.guard(f"training step {step + 1}"), out_of_memory_hint(run.cfg):
-        loss, grad_norm = training.run_step(mx.array(batch["images"]), mx.array(batch["tokens"]), step)
-        mx.eval(training.state, loss, grad_norm)  # (the guard bounds waits on the other ranks)
+        teacher = run.teacher.batch_rows(batch) if run.teacher is not None else ()
+        images, tokens = mx.array(batch["images"]), mx.array(batch["tokens"])
+        loss, grad_norm, *distill = training.run_step(images, tokens, step, teacher)
+        mx.eval(training.state, loss, grad_norm, *distill)  # (the guard bounds waits on the other ranks)
+    distill = distill[0] if distill else None
     if not run.world.is_main:
-        return loss, grad_norm, None
+        return loss, grad_norm, None, distill
     tau = math.exp(-min(scale_used.item(), LOGIT_SCALE_MAX))
     run.logger.log({"event": "temperature", "step": step + 1, "temperature": tau})
-    return loss, grad_norm, tau
+    return loss, grad_norm, tau, distill
 
 
 def report_bad_step(run: Run, bad_streak: int) -> None:
@@ -316,7 +328,9 @@ def log_mixture(run: Run) -> None:
     run.logger.message(f"epoch {run.state.epoch}: draws per source: {shown}")
 
 
-def log_progress(run: Run, meter: Throughput, stop_at: int, loss, grad_norm, tau: float) -> None:
+def log_progress(
+    run: Run, meter: Throughput, stop_at: int, loss, grad_norm, tau: float, distill=None
+) -> None:
     step, cfg = run.state.step, run.cfg
     img_s, eta = meter.read(step, stop_at)
     lr = lr_at(step - 1, cfg.optim, cfg.train.steps)
@@ -331,6 +345,8 @@ def log_progress(run: Run, meter: Throughput, stop_at: int, loss, grad_norm, tau
         "logit_scale": math.exp(run.training.model.logit_scale.item()),
         "temperature": tau,
     }
+    if distill is not None:  # loss.distill: the unweighted distillation term (loss includes it)
+        record["distill_loss"] = distill.item()
     run.logger.log(record)
     run.logger.progress_line(step, run.state.epoch, record["loss"], lr, img_s, eta, memory_mb())
 

@@ -195,6 +195,35 @@ def multi_scale_loss(
     )
 
 
+def soft_cross_entropy(teacher_logits: mx.array, student_logits: mx.array) -> mx.array:
+    """-sum_j softmax(teacher)_ij log_softmax(student)_ij, averaged over the rows i. The teacher is
+    a constant: no gradient flows into it. Equals KL(teacher || student) + the teacher's entropy,
+    so it has the KL's gradients."""
+    p = mx.stop_gradient(mx.softmax(teacher_logits, axis=-1))
+    log_q = student_logits - mx.logsumexp(student_logits, axis=-1, keepdims=True)
+    return -(p * log_q).sum(axis=-1).mean()
+
+
+def distill_loss(
+    image_features: mx.array,
+    text_features: mx.array,
+    logit_scale: mx.array,
+    teacher_image: mx.array,
+    teacher_text: mx.array,
+    teacher_scale: float,
+) -> mx.array:
+    """Distillation from a teacher's L2-normalised features of the same pairs ((B, D), any D):
+    the student's image->text and text->image softmaxes (its own logit scale) against the
+    teacher's (teacher_scale = 1 / the distillation temperature), the mean of the two directions'
+    soft cross-entropies (open_clip's DistillClipLoss form)."""
+    student_per_image, student_per_text = clip_logits(image_features, text_features, logit_scale)
+    teacher_per_image, teacher_per_text = clip_logits(teacher_image, teacher_text, teacher_scale)
+    return (
+        soft_cross_entropy(teacher_per_image, student_per_image)
+        + soft_cross_entropy(teacher_per_text, student_per_text)
+    ) / 2
+
+
 def batch_loss(
     cfg: LossConfig,
     image_features: mx.array,

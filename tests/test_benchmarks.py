@@ -126,7 +126,13 @@ def test_one_step_per_backend_runs_and_is_finite(bench):
         assert r["loss_finite"] and all(math.isfinite(x) for x in r["losses"])
         assert r["images_per_s"] == pytest.approx(4 / r["median_step_s"])
         assert r["gemm_peak_flops"]["float32"] > 0
-        assert 0 < r["mfu"] < 2 and r["peak_memory_bytes"] > 0
+        # MFU = model FLOPs / step time / the GEMM peak the worker measured right after: the same
+        # number, not a bound, and on a busy machine (other processes during the GEMMs) it can pass 1;
+        # a factor error in the FLOP count (3x forward, the batch) would put it far outside (0, 10).
+        assert r["mfu"] == pytest.approx(
+            r["model_flops_per_step"] / r["median_step_s"] / r["gemm_peak_flops"]["float32"]
+        )
+        assert 0 < r["mfu"] < 10 and r["peak_memory_bytes"] > 0
         assert 0 < r["mfu_device"] <= r["mfu"]  # the best GEMM peak on the device is at least the own one
         assert r["model_flops_per_step"] == 4 * clip_flops_per_pair(model_config("tiny"), 4)["train"]
     # the same model everywhere: identical parameter counts

@@ -263,3 +263,11 @@ def test_embed_then_distill_from_the_clis(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"embedded from 'built-in shapes"):
         bigger = [*SMALL, "--data.builtin_train_size", "320"]  # (the last value of a key wins)
         train_main(["--out", str(tmp_path / "other"), "--steps", "1", *bigger, *quiet, *distill])
+
+
+def test_torch_ref_trainer_refuses_distillation_by_name():
+    from torch_ref.train import check_mirrored
+
+    with pytest.raises(ConfigError, match=r"torch_ref.train does not mirror loss.distill"):
+        check_mirrored(load_config(None, [("loss.distill.embeddings", "emb")]))
+    check_mirrored(load_config(None, []))  # the default run is mirrored

@@ -62,6 +62,11 @@ def check_mirrored(cfg) -> None:
             "torch_ref.train mirrors AdamW without an EMA: run it with optim.optimizer adamw and "
             "train.ema_decay 0 (the schedules and layer-wise decay are mirrored)"
         )
+    if cfg.loss.distill.enabled:
+        raise ConfigError(
+            "torch_ref.train does not mirror loss.distill (only its loss is mirrored, in torch_ref/loss.py): "
+            "train with python -m mlx_clip.train, or drop loss.distill.embeddings"
+        )
 
 
 def train(cfg, out: Path, device: str | None = None) -> dict:

@@ -21,7 +21,7 @@ from .evaluation.spec import EvalSetSpec, best_metric_problem
 from .models.config import ModelConfig, model_config
 from .models.locate import checkpoint_model_config
 from .models.lora_config import FinetuneConfig
-from .schema import ConfigError, from_dict, load_yaml, merge, move_deprecated, set_dotted, to_dict
+from .schema import ConfigError, from_dict, load_yaml, merge, move_deprecated, parse_yaml, set_dotted, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -568,7 +568,7 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
     cli: dict = {}
     for dotted, raw in overrides:
         try:
-            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+            value = parse_yaml(raw) if isinstance(raw, str) else raw
         except yaml.YAMLError:
             value = raw
         set_dotted(cli, dotted, value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import fields
@@ -171,12 +172,31 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only true / false (any case) are bools. PyYAML follows YAML 1.1, where
+    on / off / yes / no are too, which turned `data.validate: off` into False and refused it."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str):
+    """A YAML document or scalar as every config is read (YAML 1.2 booleans, see _Loader)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:
@@ -235,6 +255,7 @@ __all__ = [
     "merge",
     "move_deprecated",
     "one_of",
+    "parse_yaml",
     "set_dotted",
     "to_dict",
     "unknown_key_error",

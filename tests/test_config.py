@@ -4,6 +4,7 @@ import pytest
 import yaml
 from conftest import ODD_ARCH
 
+from mlx_clip.config import load_config
 from mlx_clip.models.config import ModelConfig, model_config
 from mlx_clip.schema import ConfigError
 
@@ -210,3 +211,14 @@ def test_siglip_sets_its_init_unless_the_model_section_does():
     m = load_config(None, [("loss.type", "siglip"), ("model.init_logit_bias", "-5")]).model_config()
     assert m.init_logit_bias == -5.0
     assert load_config(None, []).model_config().init_logit_bias is None
+
+
+def test_off_on_yes_no_stay_strings_in_files_and_overrides(tmp_path):
+    # YAML 1.2 booleans: `validate: off` is the string the Literal allows, not False (PyYAML's 1.1)
+    (tmp_path / "c.yaml").write_text("data:\n  validate: off\n  augment: true\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.data.validate == "off" and cfg.data.augment is True
+    assert load_config(None, [("data.validate", "off")]).data.validate == "off"
+    assert load_config(None, [("data.augment", "False")]).data.augment is False
+    with pytest.raises(ConfigError, match=r"data.augment"):
+        load_config(None, [("data.augment", "yes")])  # a bool is written true / false

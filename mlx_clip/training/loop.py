@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-import yaml
 from mlx.utils import tree_flatten
 
 from ..config import Config, config_to_yaml
@@ -34,6 +33,7 @@ from ..evaluation.spec import lower_is_better
 from ..models.locate import resolve_init
 from ..models.model import LOGIT_SCALE_MAX
 from ..models.weights import load_init_weights
+from ..schema import parse_yaml
 from . import checkpoint as ckpt_io
 from . import run_dir, streams
 from .autobatch import find_batch_size
@@ -225,7 +225,7 @@ def resolve_auto_batch(cfg: Config, world: World, ckpt_root: Path, resume: bool,
     def find() -> int:
         previous = ckpt_io.find_resumable(ckpt_root) if resume else None
         if previous is not None:
-            size = yaml.safe_load((previous / "config.yaml").read_text())["data"]["batch_size"]
+            size = parse_yaml((previous / "config.yaml").read_text())["data"]["batch_size"]
             print(f"batch_size auto: {size}, as in {previous}", flush=True)
             return int(size)
         cap = cfg.data.builtin_train_size if cfg.data.train == "builtin" else None

@@ -17,12 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from ..config import Config, config_to_yaml, load_config
 from ..models.config import ModelConfig
 from ..models.locate import saved_config
-from ..schema import ConfigError
+from ..schema import ConfigError, parse_yaml
 from . import checkpoint as ckpt_io
 from .distributed import World
 from .state import RunState
@@ -54,7 +52,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def config_changes(old_yaml: str, new_yaml: str) -> dict[str, tuple]:
     """Dotted key -> (old value, new value) for every key that differs (missing: None)."""
-    old, new = flatten(yaml.safe_load(old_yaml) or {}), flatten(yaml.safe_load(new_yaml) or {})
+    old, new = flatten(parse_yaml(old_yaml) or {}), flatten(parse_yaml(new_yaml) or {})
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
@@ -170,7 +168,7 @@ def restore(resume_dir: Path | None, model, optimizer, world: World) -> dict | N
             f"--model.init_from {resume_dir}"
         )
     if not saved.batch_size:  # an older checkpoint counted its position in batches only
-        saved.batch_size = int(yaml.safe_load((resume_dir / "config.yaml").read_text())["data"]["batch_size"])
+        saved.batch_size = int(parse_yaml((resume_dir / "config.yaml").read_text())["data"]["batch_size"])
         saved.samples_in_epoch = saved.batch_in_epoch * saved.batch_size
     print(f"resumed from {resume_dir} at step {saved.step}", flush=True)
     return saved.to_json()

@@ -62,6 +62,11 @@ def check_mirrored(cfg) -> None:
             "torch_ref.train mirrors AdamW without an EMA: run it with optim.optimizer adamw and "
             "train.ema_decay 0 (the schedules and layer-wise decay are mirrored)"
         )
+    if cfg.data.resolution_schedule is not None:
+        raise ConfigError(
+            f"torch_ref.train trains at the model's image size only: data.resolution_schedule "
+            f"{cfg.data.resolution_schedule} is not mirrored; set it to null (mlx_clip.train has it)"
+        )
 
 
 def train(cfg, out: Path, device: str | None = None) -> dict:

@@ -17,6 +17,7 @@ from typing import Literal
 
 import yaml
 
+from .data.resolution import schedule_problem
 from .evaluation.spec import EvalSetSpec, best_metric_problem
 from .models.config import ModelConfig, model_config
 from .models.locate import checkpoint_model_config
@@ -128,6 +129,11 @@ class DataConfig:
     builtin_paraphrases: int = 0
     # "random" or "hard_negative": batches group samples whose captions share nouns (harder negatives).
     sampler: Sampler = "random"
+    # Progressive resizing (FLIP / CLIPA): train at a lower image size first. A list of [fraction,
+    # size] pairs, each size starting at that fraction of train.steps, the first at 0.0, e.g.
+    # [[0.0, 112], [0.5, 224]]; sizes are multiples of the patch size. Evaluation and checkpoints
+    # stay at the model's size (data/resolution.py). null: the model's size throughout.
+    resolution_schedule: list[list[int | float]] | None = None
 
     @property
     def is_mixture(self) -> bool:
@@ -464,6 +470,9 @@ class Config:
             )
         if d.num_workers < 1 or d.prefetch < 1:
             raise ConfigError("data.num_workers and data.prefetch must be at least 1")
+        problem = schedule_problem(d.resolution_schedule, t.steps, mcfg.patch_size)
+        if problem:
+            raise ConfigError(problem)
         if d.builtin_paraphrases != 0 and not 2 <= d.builtin_paraphrases <= 10:
             raise ConfigError(
                 f"data.builtin_paraphrases must be 0 (the five default captions per image) or 2-10 "

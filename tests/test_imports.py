@@ -29,6 +29,7 @@ PROGRAM = (
 FRAMEWORK_FREE = (
     "mlx_clip/schema.py",
     "mlx_clip/config.py",
+    "mlx_clip/data/resolution.py",
     "mlx_clip/models/config.py",
     "mlx_clip/text/tokenizer.py",
     "mlx_clip/text/vocab.py",

@@ -67,6 +67,11 @@ def check_mirrored(cfg) -> None:
             "torch_ref.train does not mirror loss.distill (only its loss is mirrored, in torch_ref/loss.py): "
             "train with python -m mlx_clip.train, or drop loss.distill.embeddings"
         )
+    if cfg.data.resolution_schedule is not None:
+        raise ConfigError(
+            f"torch_ref.train trains at the model's image size only: data.resolution_schedule "
+            f"{cfg.data.resolution_schedule} is not mirrored; set it to null (mlx_clip.train has it)"
+        )
 
 
 def train(cfg, out: Path, device: str | None = None) -> dict:

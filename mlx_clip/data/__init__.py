@@ -12,6 +12,7 @@ transforms.py  a model's preprocessing (ImagePreprocess.of(model config); CLIP's
                train-time augmentation
 sampler.py     batch orders: random, hard-negative, a weighted mixture of sources
 pipeline.py    the mlx-data loader: batches as a pure function of (seed, epoch, index)
+resolution.py  data.resolution_schedule: the image size of each training step (progressive resizing)
 sample_maker.py  one sample of it: caption of the epoch, decoded image, substitute for a bad one
 workers.py     its boundary with mlx-data's threads: callback errors raised by the consumer, streams closed
 synthetic.py   the built-in dataset (`python -m mlx_clip.data.synthetic` writes it to disk), built from

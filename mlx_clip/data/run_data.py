@@ -23,6 +23,7 @@ from . import named, synthetic
 from .hf_disk import arrow_files
 from .pipeline import ArraySource, Loader
 from .readers import detect_format, read_samples, split_samples
+from .resolution import ResolutionSchedule
 from .sampler import Mixture
 from .synthetic_captions import TEMPLATES
 from .synthetic_scene import CLASSNAMES
@@ -75,6 +76,21 @@ class RunData:
     templates: list[str] = field(default_factory=list)
     source: str = ""
     sources: list[SourceInfo] = field(default_factory=list)  # a mixture's, one per data.train entry
+    # data.resolution_schedule: the image size of each step, and a train Loader per size (the
+    # native one is `train`), built on first use by `make_train(size)`; the same samples, order
+    # and draws, so batch k of epoch e differs between them only in its pixels
+    resolution: ResolutionSchedule | None = None
+    make_train: Callable[[int], Loader] | None = None
+    train_by_size: dict[int, Loader] = field(default_factory=dict)
+
+    def train_at(self, step: int) -> Loader:
+        """The train Loader for 0-based step `step`: `train`, or the one at the schedule's size."""
+        size = self.resolution.size_at(step) if self.resolution is not None else self.train.image_size
+        if size == self.train.image_size:
+            return self.train
+        if size not in self.train_by_size:
+            self.train_by_size[size] = self.make_train(size)
+        return self.train_by_size[size]
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {e.loader.num_samples}" for k, e in self.evals.items())
@@ -291,7 +307,7 @@ def build_run_data(
         files["max_aspect_ratio"] = d.max_aspect_ratio or None
     if d.train != "builtin":
         common.update(files)
-    train = None
+    train, make_train, resolution = None, None, None
     if mixture is not None and skip_log is not None:  # decode-time skips name their source too
         common["on_skip"] = _SourceSkips(skip_log, [s.name for s in sources], mixture)
     if with_train:
@@ -302,18 +318,23 @@ def build_run_data(
                 f"data.batch_size={d.batch_size} is the global batch and must be divisible by the "
                 f"number of ranks ({world_size})"
             )
-        train = Loader(
-            train_src,
-            d.batch_size // world_size,
-            S,
-            train=True,
-            seed=cfg.train.seed,
-            augment=augment,
-            sampler=d.sampler,
-            tokenize=tokenize,
-            mixture=mixture,
-            **common,
-        )
+
+        def make_train(size: int) -> Loader:
+            return Loader(
+                train_src,
+                d.batch_size // world_size,
+                size,
+                train=True,
+                seed=cfg.train.seed,
+                augment=augment,
+                sampler=d.sampler,
+                tokenize=tokenize,
+                mixture=mixture,
+                **common,
+            )
+
+        train = make_train(S)
+        resolution = ResolutionSchedule.of(d.resolution_schedule, cfg.train.steps, S)
     evals = {}
     if len(val_caps):
         # Every rank encodes the whole held-out set, so evaluation needs no gathering.
@@ -329,7 +350,9 @@ def build_run_data(
             **val_files,
         )
         evals["val"] = EvalSet(val_loader, val_caps, labels)
-    return RunData(train, tokenizer, tokenize, evals, classnames, templates, source, sources)
+    return RunData(
+        train, tokenizer, tokenize, evals, classnames, templates, source, sources, resolution, make_train
+    )
 
 
 def fingerprints(cfg: Config, data: RunData) -> dict:

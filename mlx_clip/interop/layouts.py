@@ -361,6 +361,23 @@ def _cubic_weights(in_size: int, out_size: int, a: float = -0.75):
     return idx, w
 
 
+def resample_matrix(grid: int, new_grid: tuple[int, int]):
+    """(nh*nw, g*g) float64 matrix M with M @ rows = the g x g position grid (rows in row-major
+    order) resampled bicubically to nh x nw: the separable row and column weights as one Kronecker
+    product. The one definition of that resampling: resize_positional_embedding applies it to a
+    checkpoint on the host (fine-tuning at another size), the vision tower to its own grid on the
+    fly (models/transformer.py: training or inference at another image size)."""
+    import numpy as np
+
+    def axis(n: int):  # (n, g): each output row's four weights, summed where edge clamping repeats
+        idx, w = _cubic_weights(grid, n)
+        out = np.zeros((n, grid))
+        np.add.at(out, (np.arange(n)[:, None], idx), w)
+        return out
+
+    return np.kron(axis(new_grid[0]), axis(new_grid[1]))
+
+
 def resize_positional_embedding(pe, new_grid: int, class_token: bool = True):
     """(1 + g*g, W) position embedding (class token first; g*g rows without one) -> (1 + n*n, W)
     by bicubic resampling of the g x g grid, as open_clip and timm do when a model is fine-tuned
@@ -375,8 +392,5 @@ def resize_positional_embedding(pe, new_grid: int, class_token: bool = True):
         raise WeightError(f"visual.positional_embedding has {grid.shape[0]} grid rows, not a square")
     if g == new_grid:
         return pe
-    grid = grid.reshape(g, g, -1).astype(np.float64)
-    idx, w = _cubic_weights(g, new_grid)
-    grid = (w[:, :, None, None] * grid[idx]).sum(1)  # rows: (n, g, W)
-    grid = (w[None, :, :, None] * grid[:, idx]).sum(2)  # columns: (n, n, W)
-    return np.concatenate([cls, grid.reshape(new_grid * new_grid, -1).astype(np.float32)])
+    resized = resample_matrix(g, (new_grid, new_grid)) @ grid.astype(np.float64)  # (n*n, W)
+    return np.concatenate([cls, resized.astype(np.float32)])

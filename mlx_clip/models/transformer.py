@@ -15,9 +15,12 @@ ModelConfig's options add or remove (CLIP's defaults have all of the first colum
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..interop.layouts import resample_matrix
 from .config import Activation, ModelConfig, TextPool
 from .kernels import activation, checkpoint_block, quantized_matmul
 
@@ -151,6 +154,13 @@ class AttentionPool(nn.Module):
         return y[:, 0]  # (B, W)
 
 
+@lru_cache(maxsize=16)
+def _resample_matrix(grid: int, new_grid: tuple[int, int]) -> mx.array:
+    """interop.layouts.resample_matrix in float32, built once per grid on the host (a constant of
+    the compiled step)."""
+    return mx.array(resample_matrix(grid, new_grid), dtype=mx.float32)
+
+
 def _pool_text(x: mx.array, tokens: mx.array, pool: TextPool) -> mx.array:
     """(B, L, W) -> (B, W) at the end-of-text token (argmax: it has the largest id in CLIP
     vocabularies), the last position or the first."""
@@ -178,6 +188,7 @@ class VisionTransformer(nn.Module):
         if self.pool == "cls":
             self.class_embedding = scale * mx.random.normal((width,))
         positions = cfg.num_patches + (self.pool == "cls")
+        self.grid = cfg.image_size // cfg.patch_size  # the native grid: the embedding's, always saved
         self.positional_embedding = scale * mx.random.normal((positions, width))
         if cfg.vision_pre_norm:
             self.ln_pre = nn.LayerNorm(width, eps=eps)
@@ -190,12 +201,25 @@ class VisionTransformer(nn.Module):
         if cfg.vision_proj:
             self.proj = nn.Linear(width, cfg.embed_dim, bias=cfg.vision_proj_bias)
 
+    def positions(self, grid: tuple[int, int]) -> mx.array:
+        """The position embedding for a (gh, gw) patch grid: the parameter itself at the native
+        grid; at another one (data.resolution_schedule, or inference at another image size) its
+        grid rows resampled bicubically, as fine-tuning at a new size does (interop/layouts.py),
+        by a constant matrix, so the gradient flows into the native-grid parameter."""
+        pe = self.positional_embedding  # (lead + g*g, W); lead 1: the class token's row
+        if grid == (self.grid, self.grid):
+            return pe
+        lead = int(self.pool == "cls")
+        m = _resample_matrix(self.grid, grid).astype(pe.dtype)  # (gh*gw, g*g)
+        return mx.concatenate([pe[:lead], m @ pe[lead:]])  # (lead + gh*gw, W)
+
     def __call__(self, images: mx.array) -> mx.array:
         x = self.patch_embed(images)  # (B, N, W)
         if self.pool == "cls":
             cls = mx.broadcast_to(self.class_embedding, (x.shape[0], 1, x.shape[-1]))
             x = mx.concatenate([cls.astype(x.dtype), x], axis=1)  # (B, N+1, W)
-        x = x + self.positional_embedding
+        p = self.patch_embed.patch_size
+        x = x + self.positions((images.shape[1] // p, images.shape[2] // p))
         x = self.transformer(self.ln_pre(x) if "ln_pre" in self else x)
         # class token: LayerNorm of token 0; map: LayerNorm of every token, then the pooling head
         x = self.ln_post(x[:, 0]) if self.pool == "cls" else self.attn_pool(self.ln_post(x))  # (B, W)

@@ -252,7 +252,8 @@ def run_steps(run: Run, stop_after: int | None) -> int:
         while state.step < stop_at:
             if world.is_main and state.batch_in_epoch == 0:
                 log_mixture(run)
-            for batch in run.data.train.epoch(state.epoch, start_batch=state.batch_in_epoch):
+            loader = train_loader(run)
+            for batch in loader.epoch(state.epoch, start_batch=state.batch_in_epoch):
                 loss, grad_norm, tau, distill = train_step(run, batch)
                 state.advance(len(run.data.train))
                 meter.add(len(batch["tokens"]) * world.size)  # the global batch
@@ -269,12 +270,26 @@ def run_steps(run: Run, stop_after: int | None) -> int:
                     run.logger.message(
                         f"interrupted at step {state.step}: saving a checkpoint (continue with --resume)"
                     )
-                if state.step >= stop_at:
-                    break
+                if state.step >= stop_at or run.data.train_at(state.step) is not loader:
+                    break  # done, or data.resolution_schedule switches size: the same position, resized
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     return skipped
+
+
+def train_loader(run: Run):
+    """The train Loader of the next step (data.resolution_schedule: at its size); a new size is
+    logged. Each size traces its own compiled step on first use (mx.compile keeps one trace per
+    input shape), so switching back and forth compiles nothing twice."""
+    step, schedule = run.state.step, run.data.resolution
+    loader = run.data.train_at(step)
+    starts = [start for start, _ in schedule.phases] if run.cfg.data.resolution_schedule else []
+    if run.world.is_main and step in starts:
+        size = loader.image_size
+        run.logger.log({"event": "resolution", "step": step, "image_size": size})
+        run.logger.message(f"step {step + 1}: training at {size} px (data.resolution_schedule)")
+    return loader
 
 
 def train_step(run: Run, batch: dict) -> tuple:

@@ -26,6 +26,7 @@ from .distributed import World
 from .ema import ModelEMA
 from .loss import contrastive_loss
 from .optim import build_optimizer, lock_parameters
+from .patch_dropout import PatchDropout, patch_dropout
 from .temperature import Temperature
 
 
@@ -43,11 +44,17 @@ class Training:
     temperature: Temperature
     locked: list[str]  # paths of the frozen parameters (optim.lock_*)
     ema: ModelEMA | None = None  # train.ema_decay > 0
+    patch_dropout: PatchDropout | None = None  # model.patch_dropout > 0
 
     def run_step(self, images: mx.array, tokens: mx.array, step: int) -> tuple[mx.array, mx.array]:
         """Training step `step` (0-based): `step`, then the EMA update queued on its lazy result
-        (still one evaluation of `state`). What the trainer and auto batch size run."""
-        loss, grad_norm = self.step(images, tokens)
+        (still one evaluation of `state`). What the trainer and auto batch size run. With patch
+        dropout, the kept patches are step `step`'s draw (training/patch_dropout.py)."""
+        if self.patch_dropout is None:
+            loss, grad_norm = self.step(images, tokens)
+        else:
+            keep = self.patch_dropout.keep(step, *images.shape[:3])  # (B, H, W, 3) images
+            loss, grad_norm = self.step(images, tokens, mx.array(keep))
         if self.ema is not None:
             self.ema.update(self.model, step, loss, grad_norm)
         return loss, grad_norm
@@ -89,7 +96,9 @@ def build_training(
     ema = ModelEMA(model, cfg.train) if cfg.train.ema_decay else None
     if ema is not None:
         state = [*state, ema.state]
-    return Training(model, optimizer, step, state, temperature, locked, ema)
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    dropout = patch_dropout(model.config, cfg.train.seed, rank, size)
+    return Training(model, optimizer, step, state, temperature, locked, ema, dropout)
 
 
 def compute_dtype(cfg: Config):
@@ -100,8 +109,9 @@ def compute_dtype(cfg: Config):
 def make_loss_parts(cfg: Config, world: World | None = None, lanes: streams.Lanes | None = None):
     """The two halves of a training loss, kept apart so gradient caching (accum.py) can cut between them.
 
-    encode(model, images, tokens) -> (image_features, text_features): float32, L2-normalised, in
-        the configured precision; shard by shard over `lanes` (streams.py).
+    encode(model, images, tokens, keep=None) -> (image_features, text_features): float32,
+        L2-normalised, in the configured precision; shard by shard over `lanes` (streams.py), each
+        shard with its rows of patch dropout's `keep` (B, K), when given.
     features_loss(model, image_features, text_features) -> this rank's loss, from the model's logit
         scale (clamped at 100) and bias; data parallel, the features are gathered over the ranks
         inside (with gradients) and the mean over ranks of the value is the global-batch loss.
@@ -110,8 +120,9 @@ def make_loss_parts(cfg: Config, world: World | None = None, lanes: streams.Lane
     group = world.group if world is not None and world.size > 1 else None
     lanes = lanes or streams.Lanes(1)
 
-    def encode(model, images, tokens):
-        return lanes.shard(lambda i, t: encode_pair(model, i, t, dtype), images, tokens)
+    def encode(model, images, tokens, keep=None):
+        batch = (images, tokens) if keep is None else (images, tokens, keep)
+        return lanes.shard(lambda i, t, k=None: encode_pair(model, i, t, dtype, keep=k), *batch)
 
     def features_loss(model, image_features, text_features):
         scale = mx.exp(mx.minimum(model.logit_scale, LOGIT_SCALE_MAX))
@@ -122,18 +133,19 @@ def make_loss_parts(cfg: Config, world: World | None = None, lanes: streams.Lane
 
 
 def make_grad_fn(model: CLIP, cfg: Config, world: World | None = None, lanes: streams.Lanes | None = None):
-    """(images, tokens) -> (loss, gradients) of the trainable parameters.
+    """(images, tokens, keep=None) -> (loss, gradients) of the trainable parameters; `keep`:
+    patch dropout's kept patches (B, K).
 
     Data parallel (world.size > 1): the loss sees the global batch through gathered features and
     the returned loss and gradients are the means over the ranks, i.e. the single-process ones
     for the concatenated batch (docs/distributed.md).
     """
     encode, features_loss = make_loss_parts(cfg, world, lanes)
-    grad_fn = nn.value_and_grad(model, lambda m, images, tokens: features_loss(m, *encode(m, images, tokens)))
+    grad_fn = nn.value_and_grad(model, lambda m, *batch: features_loss(m, *encode(m, *batch)))
     mean_over_ranks = make_rank_mean(world)
 
-    def loss_and_grads(images, tokens):
-        return mean_over_ranks(*grad_fn(model, images, tokens))
+    def loss_and_grads(images, tokens, keep=None):
+        return mean_over_ranks(*grad_fn(model, images, tokens, keep))
 
     return loss_and_grads
 
@@ -192,8 +204,9 @@ def make_step(
     world: World | None = None,
     lanes: streams.Lanes | None = None,
 ):
-    """One training step over the model, optimizer and random state: step(images, tokens) ->
-    (loss, grad_norm), and the state arrays to evaluate after it.
+    """One training step over the model, optimizer and random state: step(images, tokens[,
+    keep]) -> (loss, grad_norm), and the state arrays to evaluate after it (keep: patch dropout's
+    kept patches, (B, K)).
 
     Data parallel: the gradients are averaged over the ranks before clipping. With
     optim.accum_steps > 1 the step caches features micro-batch by micro-batch (accum.py).
@@ -210,8 +223,8 @@ def make_step(
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(images, tokens):
-        return update(*loss_and_grads(images, tokens))
+    def step(images, tokens, keep=None):
+        return update(*loss_and_grads(images, tokens, keep))
 
     return step, state
 

@@ -37,7 +37,9 @@ class CLIP(nn.Module):
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
 
-    def encode_image(self, images: mx.array, normalize: bool = True, keep: mx.array | None = None) -> mx.array:
+    def encode_image(
+        self, images: mx.array, normalize: bool = True, keep: mx.array | None = None
+    ) -> mx.array:
         """images: (B, H, W, 3) float, already normalized with the CLIP mean/std. keep: patch
         dropout's (B, K) int indices of the patches each image keeps (training steps only)."""
         x = self.visual(images, keep)

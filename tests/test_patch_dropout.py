@@ -14,6 +14,8 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
 import mlx_clip
+from benchmarks import train_throughput as tt
+from benchmarks.flops import clip_flops_per_pair
 from mlx_clip.config import load_config
 from mlx_clip.interop.layouts import torch_to_canonical
 from mlx_clip.models.config import ModelConfig
@@ -194,3 +196,30 @@ def train_losses(out):
 def test_bad_values_are_refused_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"model\.patch_dropout"):
         small_cfg("--model.patch_dropout", value)
+
+
+def test_flops_count_the_kept_tokens():
+    full, half = (clip_flops_per_pair(replace(BASE, patch_dropout=p))["image"] for p in (0.0, 0.5))
+    assert half["patch_embed"] == full["patch_embed"]  # every patch is embedded, then dropped
+    assert half["qkv"] * 26 == full["qkv"] * 13  # 12 kept patches + the class token, of 25 + 1
+
+
+def test_benchmark_times_the_dropping_step(tmp_path):
+    backends = "mlx-cpu"  # (each torch worker takes ~10 s to start)
+    argv = ["--arch", "tiny", "--batch", "4", "--warmup", "0", "--steps", "2", "--backends", backends]
+    doc = tt.main(
+        [
+            *argv,
+            "--patch-dropout",
+            "0.5",
+            "--gemm-size",
+            "64",
+            "--gemm-reps",
+            "1",
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
+    assert doc["settings"]["patch_dropout"] == 0.5 and doc["settings"]["model"]["patch_dropout"] == 0.5
+    for r in doc["results"]:
+        assert "error" not in r and r["loss_finite"], r

@@ -223,3 +223,18 @@ def test_benchmark_times_the_dropping_step(tmp_path):
     assert doc["settings"]["patch_dropout"] == 0.5 and doc["settings"]["model"]["patch_dropout"] == 0.5
     for r in doc["results"]:
         assert "error" not in r and r["loss_finite"], r
+
+
+def test_two_ranks_draw_the_rows_of_one_process(tmp_path):
+    """4 steps on 2 ranks == 4 steps in one process with the same global batch (weights within
+    1e-5, as tests/test_distributed.py): each rank drops the patches of its rows of the one draw."""
+    import test_distributed as dist
+
+    args = [*dist.SMALL, "--steps", "4", "--eval.every", "0", "--model.patch_dropout", "0.5"]
+    dist.check(dist.launch("-m", "mlx_clip.train", "--out", str(tmp_path / "two"), *args))
+    train_main(["--out", str(tmp_path / "one"), *args])
+    a, b = (
+        load_file(str(tmp_path / r / "checkpoints" / "step_4" / "model.safetensors")) for r in ("two", "one")
+    )
+    assert a.keys() == b.keys()
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5

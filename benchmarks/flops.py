@@ -10,6 +10,9 @@ Convention (the usual one for MFU, as in the PaLM / nanoGPT MFU estimates):
   `torch.utils.flop_counter` counts.
 - The patch embedding (a stride-p conv) is the matmul (N, p*p*3) @ (p*p*3, W).
 - Only the pooled token goes through the output projections (vision `proj`, `text_projection`).
+- With model.patch_dropout, the count is a training step's: every patch is embedded, then only
+  the kept ones (mlx_clip/training/patch_dropout.py num_kept) go through the image transformer and
+  the attention pool.
 - The contrastive logits (B, E) @ (E, B) are counted only when `batch_size` is given: 2 * B * E
   FLOPs per pair, under 0.01% of a ViT-B/32 pair at batch 32.
 - train = 3 * forward: the backward pass of every matmul is two matmuls of the same size (the
@@ -22,6 +25,7 @@ Convention (the usual one for MFU, as in the PaLM / nanoGPT MFU estimates):
 from __future__ import annotations
 
 from mlx_clip.models.config import ModelConfig
+from mlx_clip.training.patch_dropout import num_kept
 
 
 def _tower(tokens: int, width: int, layers: int, mlp_hidden: int) -> dict[str, int]:
@@ -53,13 +57,14 @@ def clip_flops_per_pair(cfg: ModelConfig, batch_size: int | None = None) -> dict
     p, E = cfg.patch_size, cfg.embed_dim
     Wv, Wt = cfg.vision_width, cfg.text_width
     N = cfg.num_patches
-    tokens = N + (cfg.vision_pool == "cls")  # N patches (+ the class token)
+    kept = num_kept(N, cfg.patch_dropout) if cfg.patch_dropout else N  # patch dropout: training's
+    tokens = kept + (cfg.vision_pool == "cls")  # the patches (+ the class token)
     image = {
         "patch_embed": 2 * N * (p * p * 3) * Wv,
         **_tower(tokens, Wv, cfg.vision_layers, cfg.mlp_hidden("vision")),
     }
     if cfg.vision_pool == "map":
-        image["attn_pool"] = _attention_pool(N, Wv, cfg.mlp_hidden("vision"))
+        image["attn_pool"] = _attention_pool(kept, Wv, cfg.mlp_hidden("vision"))
     image["proj"] = 2 * Wv * E if cfg.vision_proj else 0  # the pooled token only
     image["total"] = sum(image.values())
     text = {

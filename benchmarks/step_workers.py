@@ -9,15 +9,18 @@ with the same framework on the same device.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 
 # Importing mlx_clip (any submodule) loads OpenBLAS for MLX on Linux, before anything imports mlx.core.
 from mlx_clip.models.config import model_config
+from mlx_clip.training.patch_dropout import patch_dropout
 
 from .common import contention, cpu_has_native_bf16, cpu_snapshot, peak_rss_bytes, synthetic_batch
 from .flops import clip_flops_per_pair
@@ -104,13 +107,14 @@ def _mlx_worker(spec: dict, cfg) -> dict:
     default_threads = _blas_info()["threads"]
     streams.setup_process(n_streams, run.train.grad_checkpointing, run.train.deterministic)
     training = build_training(run, n_streams=n_streams, mcfg=cfg)  # exactly the step a run trains
-    step_fn, state, model = training.step, training.state, training.model
+    state, model = training.state, training.model
     images_np, tokens_np = synthetic_batch(cfg, spec["batch"], spec["seed"])
     images, tokens = mx.array(images_np), mx.array(tokens_np)
     mx.eval(images, tokens)
+    count = itertools.count()
 
-    def step():
-        loss, grad_norm = step_fn(images, tokens)
+    def step():  # (with model.patch_dropout, run_step draws the step's kept patches, as in a run)
+        loss, grad_norm = training.run_step(images, tokens, next(count))
         mx.eval(state, loss, grad_norm)  # the whole update, as the training loop does it
         return loss
 
@@ -164,7 +168,9 @@ def _torch_worker(spec: dict, cfg) -> dict:
 
         from mlx_clip.interop.open_clip import open_clip_cfg
 
-        model = open_clip.model.CLIP(**open_clip_cfg(cfg)).to(device)
+        oc = open_clip_cfg(cfg)
+        oc["vision_cfg"]["patch_dropout"] = cfg.patch_dropout  # open_clip's own PatchDropout draws
+        model = open_clip.model.CLIP(**oc).to(device)
         loss_fn = open_clip.loss.ClipLoss()
     model.train()
     o = Config().optim
@@ -196,9 +202,15 @@ def _torch_worker(spec: dict, cfg) -> dict:
     else:
         autocast = contextlib.nullcontext
 
+    dropout, count = patch_dropout(cfg, spec["seed"]), itertools.count()  # torch_ref: our draw
+
     def step():
+        inputs = (images, tokens)
+        if dropout is not None and framework == "torch_ref":
+            keep = dropout.keep(next(count), len(images), *images.shape[2:])  # (B, 3, H, W) images
+            inputs = (images, tokens, torch.from_numpy(keep).to(device))
         with autocast():
-            loss = loss_fn(*model(images, tokens))
+            loss = loss_fn(*model(*inputs))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
@@ -245,7 +257,7 @@ def run_worker(spec: dict) -> dict:
     # Other work on the machine skews every number: record the load average as the worker starts.
     out["load_avg_at_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     try:
-        cfg = model_config(spec["arch"])
+        cfg = replace(model_config(spec["arch"]), patch_dropout=spec.get("patch_dropout", 0.0))
         t0 = time.perf_counter()
         worker = _mlx_worker if backend.startswith("mlx-") else _torch_worker
         res = worker(spec, cfg)

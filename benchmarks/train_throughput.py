@@ -1,7 +1,8 @@
 """Training-step throughput of one architecture on every backend at hand.
 
     python -m benchmarks.train_throughput [--arch vit_b32] [--batch 32] [--backends mlx-cpu,torch_ref-cpu]
-                                          [--dtype fp32|bf16] [--steps 10] [--warmup 3] [--rounds 1]
+                                          [--dtype fp32|bf16] [--patch-dropout 0.0] [--steps 10]
+                                          [--warmup 3] [--rounds 1]
                                           [--plot] [--out FILE]
 
 Backends: mlx-cpu, mlx-gpu (Metal or CUDA), torch_ref-{cpu,mps,cuda}, open_clip-{cpu,mps,cuda}
@@ -24,6 +25,11 @@ rows record which (`tf32`).
 bf16 copies of the fp32 weights, fp32 AdamW state; mlx_clip.models.model.encode_pair); torch runs
 forward and loss under torch.autocast(bfloat16) with fp32 weights and AdamW, as open_clip trains.
 MFU is then taken against the bf16 GEMM peak, and settings.precision says "bfloat16".
+
+--patch-dropout P trains with model.patch_dropout P (FLIP): each step keeps int(N * (1 - P)) of the
+N patches of every image. MLX and torch_ref draw the kept patches per step as a run does
+(mlx_clip/training/patch_dropout.py), inside the timed step; open_clip runs its own PatchDropout.
+The FLOPs (benchmarks/flops.py), and so the MFU, count the kept tokens only.
 
 AdamW everywhere: lr 1e-3 with the run schedule, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on
 matrices only (mlx_clip.training.optim.decays). The batch is made once, before timing, and reused.
@@ -58,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # Importing mlx_clip (any submodule) loads OpenBLAS for MLX on Linux, before anything imports mlx.core.
@@ -284,6 +291,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fp32",
         help="fp32 (default) or bf16: mixed precision, fp32 weights and optimizer state",
     )
+    p.add_argument(
+        "--patch-dropout",
+        type=float,
+        default=0.0,
+        help="model.patch_dropout of the step: the share of image patches dropped (default 0)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--gemm-size", type=int, default=2048)
@@ -309,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch < 2 or args.steps < 1 or args.warmup < 0:
         p.error("--batch must be >= 2, --steps >= 1 and --warmup >= 0")
+    if not 0 <= args.patch_dropout < 1:
+        p.error(f"--patch-dropout must be in [0, 1), got {args.patch_dropout}")
     return args
 
 
@@ -319,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         Path(spec["result_path"]).write_text(json.dumps(run_worker(spec)))
         return {}
 
-    cfg = model_config(args.arch)  # fails fast, before any worker starts
+    cfg = replace(model_config(args.arch), patch_dropout=args.patch_dropout)  # fails fast, before any worker
     here = available_backends()
     if args.backends:
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -348,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         mlx_streams=args.mlx_streams if args.mlx_streams == "auto" else int(args.mlx_streams),
         precision=DTYPES[args.dtype],
+        patch_dropout=args.patch_dropout,
     )
     doc = {
         **record_header(SCHEMA),

@@ -259,6 +259,12 @@ def test_embed_then_distill_from_the_clis(tmp_path, capsys):
     records = [json.loads(x) for x in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     terms = [r["distill_loss"] for r in records if r.get("event") == "train"]
     assert len(terms) == 2 and all(np.isfinite(terms))
+    # with patch dropout too: the kept patches enter the distillation step as they do the plain one
+    dropped = ["--model.patch_dropout", "0.5", "--train.log_every", "1"]
+    train_main(["--out", str(tmp_path / "dropped"), "--steps", "2", *SMALL, *quiet, *distill, *dropped])
+    records = [json.loads(x) for x in (tmp_path / "dropped" / "metrics.jsonl").read_text().splitlines()]
+    terms = [r["distill_loss"] for r in records if r.get("event") == "train"]
+    assert len(terms) == 2 and all(np.isfinite(terms))
     # another built-in dataset than the one embedded: refused, naming both
     with pytest.raises(SystemExit, match=r"embedded from 'built-in shapes"):
         bigger = [*SMALL, "--data.builtin_train_size", "320"]  # (the last value of a key wins)

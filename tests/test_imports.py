@@ -45,6 +45,7 @@ FRAMEWORK_FREE = (
     "mlx_clip/training/optim_rules.py",
     "mlx_clip/training/state.py",
     "mlx_clip/training/temperature.py",
+    "mlx_clip/training/patch_dropout.py",
 )
 FRAMEWORKS = ("mlx", "torch")
 NOT_FOR_TORCH_REF = ("mlx_clip.training.loop", "mlx_clip.training.build", "mlx_clip.train")

@@ -5,19 +5,23 @@ from __future__ import annotations
 import torch
 
 
-def accum_backward(model, images: torch.Tensor, tokens: torch.Tensor, steps: int, loss_fn) -> torch.Tensor:
-    """Accumulate into every parameter's .grad what `loss_fn(*model(images, tokens)).backward()`
+def accum_backward(
+    model, images: torch.Tensor, tokens: torch.Tensor, steps: int, loss_fn, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Accumulate into every parameter's .grad what `loss_fn(*model(images, tokens, keep)).backward()`
     would, running the towers on `steps` micro-batches at a time; returns the (detached) loss.
+    `keep`: patch dropout's kept patches (B, K), split with the batch.
 
     loss_fn(image_features, text_features, logit_scale) -> scalar, e.g. torch_ref.clip_loss (it
     may use other parameters, such as a logit bias, directly). The batch must split evenly.
     """
     if images.shape[0] % steps:
         raise ValueError(f"batch {images.shape[0]} is not divisible by accum steps {steps}")
-    parts = list(zip(images.chunk(steps), tokens.chunk(steps), strict=True))
+    keeps = [None] * steps if keep is None else keep.chunk(steps)
+    parts = list(zip(images.chunk(steps), tokens.chunk(steps), keeps, strict=True))
     # 1. features of every micro-batch, no graph kept
     with torch.no_grad():
-        outputs = [model(i, t) for i, t in parts]  # (image_features, text_features, logit_scale)
+        outputs = [model(i, t, k) for i, t, k in parts]  # (image_features, text_features, logit_scale)
     image_features = torch.cat([o[0] for o in outputs]).requires_grad_()
     text_features = torch.cat([o[1] for o in outputs]).requires_grad_()
     # 2. the whole batch's loss on leaf features: their .grad are the cotangents. The logit scale
@@ -30,8 +34,8 @@ def accum_backward(model, images: torch.Tensor, tokens: torch.Tensor, steps: int
     b = images.shape[0] // steps
     d_image, d_text = image_features.grad.split(b), text_features.grad.split(b)
     # 3. per micro-batch: forward with graph, back-propagate its slice of the cotangents
-    for k, (i, t) in enumerate(parts):
-        image_k, text_k, scale_k = model(i, t)
+    for k, (i, t, kept) in enumerate(parts):
+        image_k, text_k, scale_k = model(i, t, kept)
         outputs, cotangents = [image_k, text_k], [d_image[k], d_text[k]]
         if k == 0 and scale_k.requires_grad:  # the scale's gradient, once (unless frozen)
             outputs.append(scale_k)

@@ -27,17 +27,20 @@ class CLIP(nn.Module):
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """images: (B, 3, H, W) float, already normalized with the CLIP mean/std."""
-        x = self.visual(images)
+    def encode_image(
+        self, images: torch.Tensor, normalize: bool = True, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """images: (B, 3, H, W) float, already normalized with the CLIP mean/std; keep: patch
+        dropout's (B, K) indices of the kept patches."""
+        x = self.visual(images, keep)
         return F.normalize(x, dim=-1, eps=0) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         x = self.text(tokens)
         return F.normalize(x, dim=-1, eps=0) if normalize else x
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        image_features = self.encode_image(images)
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None):
+        image_features = self.encode_image(images, keep=keep)
         text_features = self.encode_text(tokens)
         return image_features, text_features, self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
 

@@ -25,6 +25,7 @@ from mlx_clip.models.locate import resolve_init
 from mlx_clip.run_args import parse_args
 from mlx_clip.schema import ConfigError
 from mlx_clip.training.optim_rules import decays, is_locked, lr_at, param_lr
+from mlx_clip.training.patch_dropout import patch_dropout
 from mlx_clip.training.temperature import Temperature
 
 from .accum import accum_backward
@@ -101,9 +102,17 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
         bias = getattr(model, "logit_bias", None)
         return contrastive_loss(cfg.loss, image_features.float(), text_features.float(), logit_scale, bias)
 
-    def forward(images, tokens):
+    def forward(images, tokens, keep):
         with autocast:
-            return model(images, tokens)
+            return model(images, tokens, keep)
+
+    dropout = patch_dropout(mcfg, cfg.train.seed)  # the MLX trainer's draw (one process)
+
+    def kept_patches(images, step):  # None without patch dropout
+        if dropout is None:
+            return None
+        B, _, H, W = images.shape
+        return torch.from_numpy(dropout.keep(step, B, H, W)).to(images.device)
 
     print(f"torch_ref on {dev}; data: {data.describe()}", flush=True)
 
@@ -149,11 +158,12 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
                     model.logit_scale.fill_(temperature.logit_scale_param(step))
             tau = math.exp(-min(model.logit_scale.item(), LOGIT_SCALE_MAX))  # the one this step uses
             opt.zero_grad(set_to_none=True)
+            keep = kept_patches(images, step)
             if o.accum_steps > 1:
                 with autocast:  # (casts the towers' forward ops; loss_fn works in float32)
-                    loss = accum_backward(model, images, tokens, o.accum_steps, loss_fn)
+                    loss = accum_backward(model, images, tokens, o.accum_steps, loss_fn, keep)
             else:
-                loss = loss_fn(*forward(images, tokens))
+                loss = loss_fn(*forward(images, tokens, keep))
                 loss.backward()
             log.write(json.dumps({"event": "temperature", "step": step + 1, "temperature": tau}) + "\n")
             if o.grad_clip > 0:

@@ -136,6 +136,12 @@ def _pool_text(x: torch.Tensor, tokens: torch.Tensor, pool: TextPool) -> torch.T
     return x[torch.arange(x.shape[0], device=x.device), eot]  # (B, W)
 
 
+def _keep_patches(x: torch.Tensor, keep: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    if has_cls:
+        return torch.cat([x[:, :1], _keep_patches(x[:, 1:], keep, False)], dim=1)
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], keep.long()]  # (B, K, W)
+
+
 def _tower(cfg: ModelConfig, tower: str) -> Transformer:
     width, layers, heads = (getattr(cfg, f"{tower}_{k}") for k in ("width", "layers", "heads"))
     act = cfg.tower_activation(tower)
@@ -162,12 +168,14 @@ class VisionTransformer(nn.Module):
             )
         self.proj = nn.Linear(width, cfg.embed_dim, bias=cfg.vision_proj_bias) if cfg.vision_proj else None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(images)  # (B, N, W)
         if self.pool == "cls":
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1)  # (B, N+1, W)
         x = x + self.positional_embedding
+        if keep is not None:  # patch dropout: after the positions, before ln_pre
+            x = _keep_patches(x, keep, self.pool == "cls")  # (B, K (+1), W)
         x = self.transformer(self.ln_pre(x) if self.ln_pre is not None else x)
         x = self.ln_post(x[:, 0]) if self.pool == "cls" else self.attn_pool(self.ln_post(x))  # (B, W)
         return self.proj(x) if self.proj is not None else x

@@ -69,6 +69,9 @@ class ModelConfig:
     vision_mlp_dim: int | None = None  # the MLP's hidden width; None: vision_width * mlp_ratio
     vision_proj: bool = True  # False: no projection, the tower's width is embed_dim
     vision_proj_bias: bool = False  # a bias on the image projection (timm's head, MobileCLIP2-L/14)
+    # FLIP's patch dropout: training steps keep a random (1 - p) of each image's patches (the class
+    # token always), evaluation all of them; no weight depends on it (training/patch_dropout.py)
+    patch_dropout: float = 0.0
     # text tower
     context_length: int = 77
     vocab_size: int = 49408
@@ -158,6 +161,11 @@ class ModelConfig:
         if self.vision_proj_bias and not self.vision_proj:
             raise ConfigError(
                 f"{where}.vision_proj_bias needs {where}.vision_proj (a projection to put it on)"
+            )
+        if not 0 <= self.patch_dropout < 1:
+            raise ConfigError(
+                f"{where}.patch_dropout must be in [0, 1) (the share of image patches a training "
+                f"step drops; 0: none), got {self.patch_dropout}"
             )
         if not 0 < self.layer_norm_eps < 1:
             raise ConfigError(f"{where}.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")

@@ -37,9 +37,12 @@ class CLIP(nn.Module):
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
 
-    def encode_image(self, images: mx.array, normalize: bool = True) -> mx.array:
-        """images: (B, H, W, 3) float, already normalized with the CLIP mean/std."""
-        x = self.visual(images)
+    def encode_image(
+        self, images: mx.array, normalize: bool = True, keep: mx.array | None = None
+    ) -> mx.array:
+        """images: (B, H, W, 3) float, already normalized with the CLIP mean/std. keep: patch
+        dropout's (B, K) int indices of the patches each image keeps (training steps only)."""
+        x = self.visual(images, keep)
         return _normalize(x) if normalize else x
 
     def encode_text(self, tokens: mx.array, normalize: bool = True) -> mx.array:
@@ -48,29 +51,31 @@ class CLIP(nn.Module):
         x = self.text(tokens)
         return _normalize(x) if normalize else x
 
-    def __call__(self, images: mx.array, tokens: mx.array):
-        image_features = self.encode_image(images)
+    def __call__(self, images: mx.array, tokens: mx.array, keep: mx.array | None = None):
+        image_features = self.encode_image(images, keep=keep)
         text_features = self.encode_text(tokens)
         # Clamp so the temperature never exceeds 100 (CLIP paper, sec. 2.5).
         return image_features, text_features, mx.exp(mx.minimum(self.logit_scale, LOGIT_SCALE_MAX))
 
 
-def encode_pair(model: CLIP, images: mx.array, tokens: mx.array, dtype=None) -> tuple[mx.array, mx.array]:
-    """Both towers' L2-normalised features, in float32.
+def encode_pair(
+    model: CLIP, images: mx.array, tokens: mx.array, dtype=None, keep: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
+    """Both towers' L2-normalised features, in float32; `keep` as CLIP.encode_image's.
 
     dtype=mx.bfloat16 is mixed precision: the towers run in bf16 on bf16 copies of the weights,
     cast inside the traced function, so the gradients flow back (in float32) to the float32
     master weights, which the optimizer keeps; the features are normalised in float32.
     """
     if dtype is None or dtype == mx.float32:
-        return model.encode_image(images), model.encode_text(tokens)
+        return model.encode_image(images, keep=keep), model.encode_text(tokens)
     master = model.parameters()
     # scalars stay fp32; a quantized (QLoRA) base's packed integer weights stay as they are
     model.update(
         tree_map(lambda p: p.astype(dtype) if p.ndim and mx.issubdtype(p.dtype, mx.floating) else p, master)
     )
     try:
-        x = model.encode_image(images.astype(dtype), normalize=False)
+        x = model.encode_image(images.astype(dtype), normalize=False, keep=keep)
         t = model.encode_text(tokens, normalize=False)
     finally:
         model.update(master)

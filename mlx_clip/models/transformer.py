@@ -172,6 +172,14 @@ def _pool_text(x: mx.array, tokens: mx.array, pool: TextPool) -> mx.array:
     return mx.take_along_axis(x, eot[:, None, None], axis=1).squeeze(1)
 
 
+def _keep_patches(x: mx.array, keep: mx.array, has_cls: bool) -> mx.array:
+    """(B, T, W) tokens -> the patches at `keep` (B, K), after the class token (position 0) when
+    there is one: (B, K (+1), W)."""
+    if has_cls:
+        return mx.concatenate([x[:, :1], _keep_patches(x[:, 1:], keep, False)], axis=1)
+    return mx.take_along_axis(x, keep[:, :, None], axis=1)  # (B, K, W)
+
+
 def _tower(cfg: ModelConfig, tower: str) -> Transformer:
     width, layers, heads = (getattr(cfg, f"{tower}_{k}") for k in ("width", "layers", "heads"))
     act = cfg.tower_activation(tower)
@@ -213,13 +221,17 @@ class VisionTransformer(nn.Module):
         m = _resample_matrix(self.grid, grid).astype(pe.dtype)  # (gh*gw, g*g)
         return mx.concatenate([pe[:lead], m @ pe[lead:]])  # (lead + gh*gw, W)
 
-    def __call__(self, images: mx.array) -> mx.array:
+    def __call__(self, images: mx.array, keep: mx.array | None = None) -> mx.array:
+        """images (B, H, W, 3); keep: patch dropout's (B, K) indices of the patches to keep
+        (training only, training/patch_dropout.py), None: all of them."""
         x = self.patch_embed(images)  # (B, N, W)
         if self.pool == "cls":
             cls = mx.broadcast_to(self.class_embedding, (x.shape[0], 1, x.shape[-1]))
             x = mx.concatenate([cls.astype(x.dtype), x], axis=1)  # (B, N+1, W)
         p = self.patch_embed.patch_size
         x = x + self.positions((images.shape[1] // p, images.shape[2] // p))
+        if keep is not None:  # after the positions, before ln_pre, as open_clip's PatchDropout
+            x = _keep_patches(x, keep, self.pool == "cls")  # (B, K (+1), W)
         x = self.transformer(self.ln_pre(x) if "ln_pre" in self else x)
         # class token: LayerNorm of token 0; map: LayerNorm of every token, then the pooling head
         x = self.ln_post(x[:, 0]) if self.pool == "cls" else self.attn_pool(self.ln_post(x))  # (B, W)

@@ -68,14 +68,15 @@ def add_head_grads(grads: dict, head_grads: dict) -> dict:
 def accum_phases(model: nn.Module, encode, features_loss):
     """The three phases as plain (uncompiled, traceable) functions of one micro-batch each:
 
-    features(images, tokens) -> (image_features, text_features), with no gradient path;
+    features(images, tokens, keep=None) -> (image_features, text_features), with no gradient path;
     loss_and_cotangents(image_features, text_features) -> (loss, head_grads, d_image, d_text);
-    micro_grads(images, tokens, d_image, d_text) -> gradients of every trainable parameter of
-        Σ features · cotangents, i.e. this micro-batch's share of dL/dθ through the towers.
+    micro_grads(images, tokens, d_image, d_text, keep=None) -> gradients of every trainable
+        parameter of Σ features · cotangents, i.e. this micro-batch's share of dL/dθ through the towers.
+    `keep`: the micro-batch's rows of patch dropout's kept patches (B, K).
     """
 
-    def features(images, tokens):
-        return tuple(mx.stop_gradient(f) for f in encode(model, images, tokens))
+    def features(images, tokens, keep=None):
+        return tuple(mx.stop_gradient(f) for f in encode(model, images, tokens, keep))
 
     def loss_and_cotangents(image_features, text_features):
         def loss_fn(head, image_features, text_features):
@@ -88,10 +89,10 @@ def accum_phases(model: nn.Module, encode, features_loss):
             loss, (head_grads, d_image, d_text) = grad_fn(head, image_features, text_features)
         return loss, head_grads, d_image, d_text
 
-    def micro_grads(images, tokens, d_image, d_text):
+    def micro_grads(images, tokens, d_image, d_text, keep=None):
         # A surrogate whose gradient w.r.t. θ is (∂f/∂θ)ᵀ · cotangent (the cotangents are constants).
         def surrogate(model):
-            image_features, text_features = encode(model, images, tokens)
+            image_features, text_features = encode(model, images, tokens, keep)
             return mx.sum(image_features * d_image) + mx.sum(text_features * d_text)
 
         with _parameters_kept(model):
@@ -102,8 +103,8 @@ def accum_phases(model: nn.Module, encode, features_loss):
 
 
 def make_accum_grad_fn(model: nn.Module, steps: int, encode, features_loss):
-    """(images, tokens) -> (loss, gradients of the trainable parameters) of the whole batch,
-    computed `steps` micro-batches at a time; the host evaluates after every micro-batch."""
+    """(images, tokens, keep=None) -> (loss, gradients of the trainable parameters) of the whole
+    batch, computed `steps` micro-batches at a time; the host evaluates after every micro-batch."""
     features, loss_and_cotangents, micro_grads = accum_phases(model, encode, features_loss)
     params = [model.state]  # read, not written: the weights are inputs, never baked-in constants
     features = mx.compile(features, inputs=params)
@@ -111,17 +112,18 @@ def make_accum_grad_fn(model: nn.Module, steps: int, encode, features_loss):
     first_grads = mx.compile(micro_grads, inputs=params)
 
     @partial(mx.compile, inputs=params)
-    def add_grads(images, tokens, d_image, d_text, acc):  # the sum stays inside the compiled graph
-        return tree_map(mx.add, acc, micro_grads(images, tokens, d_image, d_text))
+    def add_grads(images, tokens, d_image, d_text, keep, acc):  # the sum stays inside the compiled graph
+        return tree_map(mx.add, acc, micro_grads(images, tokens, d_image, d_text, keep))
 
-    def loss_and_grads(images, tokens):
+    def loss_and_grads(images, tokens, keep=None):
         if images.shape[0] % steps:
             raise ValueError(f"batch {images.shape[0]} is not divisible by optim.accum_steps={steps}")
         b = images.shape[0] // steps
         parts = [slice(k * b, (k + 1) * b) for k in range(steps)]
         image_features, text_features = [], []
-        for rows in parts:  # phase 1
-            fi, ft = features(images[rows], tokens[rows])
+        micro_keep = [None if keep is None else keep[rows] for rows in parts]
+        for rows, k in zip(parts, micro_keep, strict=True):  # phase 1
+            fi, ft = features(images[rows], tokens[rows], k)
             mx.eval(fi, ft)
             image_features.append(fi)
             text_features.append(ft)
@@ -132,8 +134,8 @@ def make_accum_grad_fn(model: nn.Module, steps: int, encode, features_loss):
         mx.eval(loss, head_grads, d_image, d_text)
         del image_features, text_features
         grads = None
-        for rows in parts:  # phase 3: one micro-batch's activations at a time
-            args = (images[rows], tokens[rows], d_image[rows], d_text[rows])
+        for rows, k in zip(parts, micro_keep, strict=True):  # phase 3: one micro-batch at a time
+            args = (images[rows], tokens[rows], d_image[rows], d_text[rows], k)
             grads = first_grads(*args) if grads is None else add_grads(*args, grads)
             mx.eval(grads)
         return loss, add_head_grads(grads, head_grads)
@@ -143,7 +145,8 @@ def make_accum_grad_fn(model: nn.Module, steps: int, encode, features_loss):
 
 def make_accum_step(model: nn.Module, optimizer, steps: int, encode, features_loss, rank_mean, finish):
     """The training step of mlx_clip.training.build.make_step with gradient caching over `steps`
-    micro-batches: step(images, tokens) -> (loss, grad_norm), and the state to evaluate after it.
+    micro-batches: step(images, tokens, keep=None) -> (loss, grad_norm), and the state to evaluate
+    after it.
 
     The averaging over data-parallel ranks, clipping and optimizer update run as one compiled
     function over the model, optimizer and random state, as in the plain step.
@@ -155,7 +158,7 @@ def make_accum_step(model: nn.Module, optimizer, steps: int, encode, features_lo
     def update(loss, grads):
         return finish(*rank_mean(loss, grads))
 
-    def step(images, tokens):
-        return update(*loss_and_grads(images, tokens))
+    def step(images, tokens, keep=None):
+        return update(*loss_and_grads(images, tokens, keep))
 
     return step, state

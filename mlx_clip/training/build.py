@@ -26,6 +26,7 @@ from .distributed import World
 from .ema import ModelEMA
 from .loss import contrastive_loss, distill_loss
 from .optim import build_optimizer, lock_parameters
+from .patch_dropout import PatchDropout, patch_dropout
 from .temperature import Temperature
 
 
@@ -43,14 +44,19 @@ class Training:
     temperature: Temperature
     locked: list[str]  # paths of the frozen parameters (optim.lock_*)
     ema: ModelEMA | None = None  # train.ema_decay > 0
+    patch_dropout: PatchDropout | None = None  # model.patch_dropout > 0
 
     def run_step(self, images: mx.array, tokens: mx.array, step: int, teacher: tuple = ()) -> tuple:
         """Training step `step` (0-based): `step`, then the EMA update queued on its lazy result
         (still one evaluation of `state`). What the trainer and auto batch size run.
         Returns (loss, grad_norm); built with a teacher scale (distillation), pass
         teacher=(teacher image rows, teacher text rows) of the batch and get (loss, grad_norm,
-        distill term)."""
-        out = self.step(images, tokens, *teacher)
+        distill term). With patch dropout, the kept patches are step `step`'s draw
+        (training/patch_dropout.py)."""
+        keep = ()
+        if self.patch_dropout is not None:
+            keep = (mx.array(self.patch_dropout.keep(step, *images.shape[:3])),)  # (B, H, W, 3) images
+        out = self.step(images, tokens, *teacher, *keep)
         if self.ema is not None:
             self.ema.update(self.model, step, out[0], out[1])
         return out
@@ -95,7 +101,9 @@ def build_training(
     ema = ModelEMA(model, cfg.train) if cfg.train.ema_decay else None
     if ema is not None:
         state = [*state, ema.state]
-    return Training(model, optimizer, step, state, temperature, locked, ema)
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    dropout = patch_dropout(model.config, cfg.train.seed, rank, size)
+    return Training(model, optimizer, step, state, temperature, locked, ema, dropout)
 
 
 def compute_dtype(cfg: Config):
@@ -106,8 +114,9 @@ def compute_dtype(cfg: Config):
 def make_loss_parts(cfg: Config, world: World | None = None, lanes: streams.Lanes | None = None):
     """The two halves of a training loss, kept apart so gradient caching (accum.py) can cut between them.
 
-    encode(model, images, tokens) -> (image_features, text_features): float32, L2-normalised, in
-        the configured precision; shard by shard over `lanes` (streams.py).
+    encode(model, images, tokens, keep=None) -> (image_features, text_features): float32,
+        L2-normalised, in the configured precision; shard by shard over `lanes` (streams.py), each
+        shard with its rows of patch dropout's `keep` (B, K), when given.
     features_loss(model, image_features, text_features) -> this rank's loss, from the model's logit
         scale (clamped at 100) and bias; data parallel, the features are gathered over the ranks
         inside (with gradients) and the mean over ranks of the value is the global-batch loss.
@@ -116,8 +125,9 @@ def make_loss_parts(cfg: Config, world: World | None = None, lanes: streams.Lane
     group = world.group if world is not None and world.size > 1 else None
     lanes = lanes or streams.Lanes(1)
 
-    def encode(model, images, tokens):
-        return lanes.shard(lambda i, t: encode_pair(model, i, t, dtype), images, tokens)
+    def encode(model, images, tokens, keep=None):
+        batch = (images, tokens) if keep is None else (images, tokens, keep)
+        return lanes.shard(lambda i, t, k=None: encode_pair(model, i, t, dtype, keep=k), *batch)
 
     def features_loss(model, image_features, text_features):
         scale = mx.exp(mx.minimum(model.logit_scale, LOGIT_SCALE_MAX))
@@ -128,38 +138,39 @@ def make_loss_parts(cfg: Config, world: World | None = None, lanes: streams.Lane
 
 
 def make_grad_fn(model: CLIP, cfg: Config, world: World | None = None, lanes: streams.Lanes | None = None):
-    """(images, tokens) -> (loss, gradients) of the trainable parameters.
+    """(images, tokens, keep=None) -> (loss, gradients) of the trainable parameters; `keep`:
+    patch dropout's kept patches (B, K).
 
     Data parallel (world.size > 1): the loss sees the global batch through gathered features and
     the returned loss and gradients are the means over the ranks, i.e. the single-process ones
     for the concatenated batch (docs/distributed.md).
     """
     encode, features_loss = make_loss_parts(cfg, world, lanes)
-    grad_fn = nn.value_and_grad(model, lambda m, images, tokens: features_loss(m, *encode(m, images, tokens)))
+    grad_fn = nn.value_and_grad(model, lambda m, *batch: features_loss(m, *encode(m, *batch)))
     mean_over_ranks = make_rank_mean(world)
 
-    def loss_and_grads(images, tokens):
-        return mean_over_ranks(*grad_fn(model, images, tokens))
+    def loss_and_grads(images, tokens, keep=None):
+        return mean_over_ranks(*grad_fn(model, images, tokens, keep))
 
     return loss_and_grads
 
 
 def make_distill_grad_fn(model: CLIP, cfg: Config, teacher_scale: float, lanes: streams.Lanes | None = None):
-    """(images, tokens, teacher_image, teacher_text) -> (loss, gradients, distill term): the loss
-    is the contrastive loss + loss.distill.weight x distill_loss (one process only)."""
+    """(images, tokens, teacher_image, teacher_text, keep=None) -> (loss, gradients, distill term):
+    the loss is the contrastive loss + loss.distill.weight x distill_loss (one process only)."""
     encode, features_loss = make_loss_parts(cfg, None, lanes)
     weight = cfg.loss.distill.weight
 
-    def loss_fn(m, images, tokens, teacher_image, teacher_text):
-        image_features, text_features = encode(m, images, tokens)
+    def loss_fn(m, images, tokens, teacher_image, teacher_text, keep=None):
+        image_features, text_features = encode(m, images, tokens, keep)
         scale = mx.exp(mx.minimum(m.logit_scale, LOGIT_SCALE_MAX))
         term = distill_loss(image_features, text_features, scale, teacher_image, teacher_text, teacher_scale)
         return features_loss(m, image_features, text_features) + weight * term, term
 
     grad_fn = nn.value_and_grad(model, loss_fn)
 
-    def loss_and_grads(images, tokens, teacher_image, teacher_text):
-        (loss, term), grads = grad_fn(model, images, tokens, teacher_image, teacher_text)
+    def loss_and_grads(images, tokens, teacher_image, teacher_text, keep=None):
+        (loss, term), grads = grad_fn(model, images, tokens, teacher_image, teacher_text, keep)
         return loss, grads, term
 
     return loss_and_grads
@@ -220,10 +231,10 @@ def make_step(
     lanes: streams.Lanes | None = None,
     teacher_scale: float | None = None,
 ):
-    """One training step over the model, optimizer and random state: step(images, tokens) ->
-    (loss, grad_norm), and the state arrays to evaluate after it. With `teacher_scale`
-    (distillation, one process): step(images, tokens, teacher_image, teacher_text) ->
-    (loss, grad_norm, distill term).
+    """One training step over the model, optimizer and random state: step(images, tokens[,
+    keep]) -> (loss, grad_norm), and the state arrays to evaluate after it (keep: patch dropout's
+    kept patches, (B, K)). With `teacher_scale` (distillation, one process): step(images, tokens,
+    teacher_image, teacher_text[, keep]) -> (loss, grad_norm, distill term).
 
     Data parallel: the gradients are averaged over the ranks before clipping. With
     optim.accum_steps > 1 the step caches features micro-batch by micro-batch (accum.py).
@@ -243,16 +254,16 @@ def make_step(
         distill_grads = make_distill_grad_fn(model, cfg, teacher_scale, lanes)
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def distill_step(images, tokens, teacher_image, teacher_text):
-            loss, grads, term = distill_grads(images, tokens, teacher_image, teacher_text)
+        def distill_step(images, tokens, teacher_image, teacher_text, keep=None):
+            loss, grads, term = distill_grads(images, tokens, teacher_image, teacher_text, keep)
             return (*update(loss, grads), term)
 
         return distill_step, state
     loss_and_grads = make_grad_fn(model, cfg, world, lanes)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(images, tokens):
-        return update(*loss_and_grads(images, tokens))
+    def step(images, tokens, keep=None):
+        return update(*loss_and_grads(images, tokens, keep))
 
     return step, state
 

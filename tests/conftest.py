@@ -9,6 +9,22 @@ from PIL import Image
 # Imported before any test module imports mlx.core, so MLX binds the fast BLAS (mlx_clip/_blas.py).
 import mlx_clip  # noqa: F401
 
+# Sizes that are not powers of two, small enough for parity tests: 30 px images in 6 px patches
+# (a 5 x 5 grid); test_model_families and test_patch_dropout build their variants on it.
+GRID5_ARCH = dict(
+    embed_dim=48,
+    image_size=30,
+    patch_size=6,
+    vision_width=48,
+    vision_layers=2,
+    vision_heads=3,
+    context_length=11,
+    vocab_size=97,
+    text_width=40,
+    text_layers=2,
+    text_heads=5,
+    activation="gelu",
+)
 ODD_ARCH = dict(
     embed_dim=40,
     image_size=48,

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import GRID5_ARCH
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_clip
@@ -24,20 +25,7 @@ import torch_ref  # noqa: E402
 from torch_ref import loss as torch_loss  # noqa: E402
 
 # Tiny sizes that are not powers of two: 30 px images in 6 px patches (a 5 x 5 grid).
-BASE = ModelConfig(
-    embed_dim=48,
-    image_size=30,
-    patch_size=6,
-    vision_width=48,
-    vision_layers=2,
-    vision_heads=3,
-    context_length=11,
-    vocab_size=97,
-    text_width=40,
-    text_layers=2,
-    text_heads=5,
-    activation="gelu",
-)
+BASE = ModelConfig(**GRID5_ARCH)
 FAMILIES = {
     "clip": BASE,
     "siglip": replace(

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import GRID5_ARCH, SMALL
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
@@ -33,20 +33,7 @@ from torch_ref import loss as torch_loss  # noqa: E402
 from torch_ref.train import main as torch_main  # noqa: E402
 
 # A 5 x 5 patch grid; "map" is SigLIP's pooling (no class token: every token is a patch).
-BASE = ModelConfig(
-    embed_dim=48,
-    image_size=30,
-    patch_size=6,
-    vision_width=48,
-    vision_layers=2,
-    vision_heads=3,
-    context_length=11,
-    vocab_size=97,
-    text_width=40,
-    text_layers=2,
-    text_heads=5,
-    activation="gelu",
-)
+BASE = ModelConfig(**GRID5_ARCH)
 POOLS = {"cls": BASE, "map": replace(BASE, vision_pool="map", vision_pre_norm=False, patch_bias=True)}
 
 

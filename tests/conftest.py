@@ -218,3 +218,20 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     train_main(["--out", str(out), *TINY_RUN])
     return out
+
+
+def assert_grads_match_torch(grads, torch_model) -> dict:
+    """MLX gradients (a tree) against a torch_ref model's .grad after backward(), key for key in
+    the canonical layout, atol scaled by each tensor's largest entry (as tests/test_parity.py)."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from mlx_clip.interop.layouts import torch_to_canonical
+
+    mgrads = {k: np.array(v) for k, v in tree_flatten(grads)}
+    tgrads = torch_to_canonical({k: p.grad.numpy() for k, p in torch_model.named_parameters()})
+    assert mgrads.keys() == tgrads.keys()
+    for k in mgrads:
+        scale = max(1.0, float(np.abs(tgrads[k]).max()))
+        np.testing.assert_allclose(mgrads[k], tgrads[k], rtol=1e-4, atol=1e-5 * scale, err_msg=k)
+    return mgrads

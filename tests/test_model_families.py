@@ -9,11 +9,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import GRID5_ARCH
+from conftest import GRID5_ARCH, assert_grads_match_torch
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_clip
-from mlx_clip.interop.layouts import torch_to_canonical
 from mlx_clip.models.config import ModelConfig, model_config
 from mlx_clip.models.model import CLIP, encode_pair
 from mlx_clip.schema import ConfigError
@@ -120,12 +119,7 @@ def test_features_loss_and_gradients_match_torch_ref(family, tmp_path):
     tloss = losses(torch_loss, t, ti, tt)
     tloss.backward()
     np.testing.assert_allclose(float(loss), tloss.item(), rtol=1e-5, atol=1e-5)
-    mgrads = {k: np.array(v) for k, v in tree_flatten(grads)}
-    tgrads = torch_to_canonical({k: p.grad.numpy() for k, p in t.named_parameters()})
-    assert mgrads.keys() == tgrads.keys()
-    for k in mgrads:  # atol scaled by the tensor's largest entry, as tests/test_parity.py
-        scale = max(1.0, float(np.abs(tgrads[k]).max()))
-        np.testing.assert_allclose(mgrads[k], tgrads[k], rtol=1e-4, atol=1e-5 * scale, err_msg=k)
+    assert_grads_match_torch(grads, t)
 
 
 def test_siglip_family_keys():

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import GRID5_ARCH, SMALL
+from conftest import GRID5_ARCH, SMALL, assert_grads_match_torch
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file
 
@@ -17,7 +17,6 @@ import mlx_clip
 from benchmarks import train_throughput as tt
 from benchmarks.flops import clip_flops_per_pair
 from mlx_clip.config import load_config
-from mlx_clip.interop.layouts import torch_to_canonical
 from mlx_clip.models.config import ModelConfig
 from mlx_clip.run_args import parse_args
 from mlx_clip.schema import ConfigError
@@ -72,12 +71,7 @@ def test_features_loss_and_gradients_match_torch_ref_given_the_same_kept_patches
     tloss.backward()
     np.testing.assert_allclose(float(loss), tloss.item(), atol=1e-5)
     assert abs(float(loss) - float(loss_fn(m, mx.array(images), mx.array(tokens)))) > 1e-4  # it dropped
-    mgrads = {k: np.array(v) for k, v in tree_flatten(grads)}
-    tgrads = torch_to_canonical({k: p.grad.numpy() for k, p in t.named_parameters()})
-    assert mgrads.keys() == tgrads.keys()
-    for k in mgrads:  # atol scaled by the tensor's largest entry, as tests/test_parity.py
-        scale = max(1.0, float(np.abs(tgrads[k]).max()))
-        np.testing.assert_allclose(mgrads[k], tgrads[k], rtol=1e-4, atol=1e-5 * scale, err_msg=k)
+    mgrads = assert_grads_match_torch(grads, t)
     # the dropped patches' position embeddings get no gradient from any image that dropped them
     seen = np.zeros(cfg.num_patches, bool)
     seen[keep.ravel()] = True

@@ -73,6 +73,10 @@ def write_plots(study: optuna.Study, log=print) -> list[Path]:
         ),
         "parallel": lambda: ovm.plot_parallel_coordinate(study),
     }
+    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if n_done < 2:  # an importance needs two values; one point is not yet a history
+        log(f"plots not drawn: {n_done} completed trial(s), they need 2")
+        return []
     written = []
     for name, draw in plots.items():
         try:

@@ -66,7 +66,9 @@ def run_trial(
             except subprocess.TimeoutExpired:
                 pass
             done = proc.returncode is not None
-            for step, value in tail.read():  # every evaluation reaches the pruner, in order
+            for step, value in tail.read():  # each evaluation reaches the pruner, in order,
+                if why == "pruned":  # up to the one it pruned at
+                    break
                 last = (step, value)
                 if report(value, step) and not done and why is None:
                     why = "pruned"

@@ -158,8 +158,9 @@ def run_sweep(study: optuna.Study, n_trials: int, workers: int = 1) -> None:
     settings = settings_of(study)
     params, base = settings.params(), settings.base()
     lock, stop, errors = threading.Lock(), threading.Event(), []
+    done = [threading.Event() for _ in range(workers)]
 
-    def work():
+    def work(finished: threading.Event):
         try:
             while not stop.is_set():
                 with lock:  # one ask at a time, so K threads never overshoot n_trials
@@ -173,20 +174,26 @@ def run_sweep(study: optuna.Study, n_trials: int, workers: int = 1) -> None:
         except BaseException as e:  # noqa: B036 (handed to the main thread)
             errors.append(e)
             stop.set()
+        finally:
+            finished.set()
 
-    threads = [threading.Thread(target=work, name=f"sweep-worker-{i}") for i in range(workers)]
-    for t in threads:
-        t.start()
+    for i, finished in enumerate(done):
+        threading.Thread(target=work, args=(finished,), name=f"sweep-worker-{i}").start()
+    # (Events, not Thread.join: a join cut short by Ctrl-C may not wait again on Python 3.11)
     try:
-        for t in threads:
-            t.join()
+        wait_all(done)
     except KeyboardInterrupt:
-        stop.set()
-        for t in threads:
-            t.join()
+        stop.set()  # each worker stops its run, which saves a checkpoint, and records it
+        wait_all(done)
         raise
     if errors:
         raise errors[0]
+
+
+def wait_all(events: list[threading.Event]) -> None:
+    for event in events:
+        while not event.wait(0.5):
+            pass
 
 
 def run_one(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .run_args import positive_int
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--trial-seconds", type=float, help="stop a trial after this long; its value is its last evaluation"
     )
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
-    p.add_argument("--pruner", default="median", help="median | hyperband | none")
+    p.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))
     p.add_argument(
         "--pruner-warmup", type=int, default=0, help="median: no pruning before this training step"
     )
@@ -98,10 +99,8 @@ def default_metric(cfg) -> str:
     return cfg.eval.best if cfg.eval.best != "auto" else "zeroshot_top1"
 
 
-def absolute(path: str):
-    from pathlib import Path
-
-    return Path(path).resolve()
+def absolute(path: str) -> Path:
+    return Path(path).resolve()  # the study keeps its paths: --resume may run from elsewhere
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """python -m mlx_clip.sweep (mlx_clip/tuning/): studies of a few `tiny` trials on the SMALL built-in
 dataset, each trial a real training process of 6 steps evaluated at step 3 and 6."""
 
+import json
 import os
 import signal
 import subprocess
@@ -88,6 +89,13 @@ def test_four_trials_finish_and_the_best_yaml_trains(tmp_path, base, monkeypatch
         assert load_config(run / "config.yaml").optim.lr == pytest.approx(t.params["optim.lr"])
     out = tmp_path / "runs" / "four"
     assert study.direction.name == "MAXIMIZE"  # zeroshot_top1, the default metric here
+    pointer = json.loads((out / "sweep.json").read_text())  # how the web app finds the study
+    assert pointer == {
+        "study": "four",
+        "storage": f"sqlite:///{tmp_path.resolve()}/sweeps.db",
+        "metric": "zeroshot_top1",
+        "direction": "maximize",
+    }
     assert [p.name for p in sorted((out / "plots").glob("*.png"))] == [
         "history.png",
         "importance.png",

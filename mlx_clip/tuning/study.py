@@ -12,6 +12,7 @@ finished (complete, pruned or failed; interrupted trials do not count). Framewor
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import threading
@@ -98,11 +99,22 @@ def open_study(storage: str, name: str, settings: Settings | None, resume: bool)
         direction = "minimize" if lower_is_better(settings.metric) else "maximize"
         study = optuna.create_study(storage=db, study_name=name, direction=direction)
         study.set_user_attr(SETTINGS_ATTR, dataclasses.asdict(settings))
+        write_pointer(settings, name, storage, direction)
     study = optuna.load_study(study_name=name, storage=db)
     stored = Settings(**study.user_attrs[SETTINGS_ATTR])
     study.sampler = optuna.samplers.TPESampler(seed=stored.seed + len(study.trials))  # (a resume draws anew)
     study.pruner = make_pruner(stored, stored.base())
     return study
+
+
+def write_pointer(s: Settings, name: str, storage: str, direction: str) -> None:
+    """runs/<study>/sweep.json: where the study's database is, so that a reader of runs/ (the web
+    app) finds a sweep from its folder alone."""
+    if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        storage = "sqlite:///" + str(Path(storage.removeprefix("sqlite:///")).resolve())
+    record = {"study": name, "storage": storage, "metric": s.metric, "direction": direction}
+    Path(s.out).mkdir(parents=True, exist_ok=True)
+    (Path(s.out) / "sweep.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def settings_of(study: optuna.Study) -> Settings:

@@ -144,6 +144,23 @@ def unknown_key_error(key: str, valid: list[str], prefix: str = "") -> ConfigErr
     return ConfigError(f"unknown config key '{full}'{hint} (valid: {', '.join(sorted(valid))})")
 
 
+def check_dotted_key(cls: type, dotted: str) -> None:
+    """Refuse `dotted` ("section.key") unless it names a single value of dataclass `cls`; the error
+    names the key and the nearest valid one, as from_dict's does."""
+    node, prefix = cls, ""
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"'{prefix}' is not a section, so '{dotted}' is not a config key")
+        valid = [f.name for f in fields(node)]
+        if part not in valid:
+            raise unknown_key_error(part, valid, prefix)
+        node, prefix = typing.get_type_hints(node)[part], f"{prefix}.{part}" if prefix else part
+    if dataclasses.is_dataclass(node):
+        raise ConfigError(
+            f"'{dotted}' is a section; name one of its keys ({', '.join(f.name for f in fields(node))})"
+        )
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from `data`, rejecting unknown keys, wrong types and missing required
     keys (fields without a default). A list of dataclasses names each item's keys `key[i].field`."""

@@ -25,6 +25,8 @@ PROGRAM = (
     "mlx_clip.convert",
     "mlx_clip.export",
     "mlx_clip.predict",
+    "mlx_clip.sweep",
+    "mlx_clip.tuning",
 )
 FRAMEWORK_FREE = (
     "mlx_clip/schema.py",
@@ -46,6 +48,11 @@ FRAMEWORK_FREE = (
     "mlx_clip/training/state.py",
     "mlx_clip/training/temperature.py",
     "mlx_clip/training/patch_dropout.py",
+    "mlx_clip/sweep.py",  # a sweep's own process: its trials alone train
+    "mlx_clip/tuning/space.py",
+    "mlx_clip/tuning/trial.py",
+    "mlx_clip/tuning/study.py",
+    "mlx_clip/tuning/report.py",
 )
 FRAMEWORKS = ("mlx", "torch")
 NOT_FOR_TORCH_REF = ("mlx_clip.training.loop", "mlx_clip.training.build", "mlx_clip.train")

@@ -154,8 +154,11 @@ def synthetic_batch(cfg, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return images, tokens
 
 
-def cpu_snapshot() -> dict | None:
-    """Machine-wide busy CPU seconds (/proc/stat), this process's CPU seconds, and a wall clock."""
+def cpu_snapshot(children: bool = False) -> dict | None:
+    """Machine-wide busy CPU seconds (/proc/stat), this process's CPU seconds, and a wall clock.
+
+    children=True: a parent timing its subprocesses counts their CPU seconds as its own (those of
+    the children it has waited for: take the second snapshot after the subprocess has ended)."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     except (OSError, IndexError):
@@ -164,10 +167,12 @@ def cpu_snapshot() -> dict | None:
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     guest = sum(ticks[8:10])  # already inside user / nice
     hz = os.sysconf("SC_CLK_TCK")
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    usages = [resource.getrusage(resource.RUSAGE_SELF)]
+    if children:
+        usages.append(resource.getrusage(resource.RUSAGE_CHILDREN))
     return {
         "busy_s": (sum(ticks) - guest - idle) / hz,
-        "self_s": usage.ru_utime + usage.ru_stime,
+        "self_s": sum(u.ru_utime + u.ru_stime for u in usages),
         "wall_s": time.perf_counter(),
     }
 

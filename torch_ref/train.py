@@ -148,6 +148,15 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
         return metrics
 
     log = open(out / "metrics.jsonl", "w")
+
+    def logged_eval(step: int) -> dict:
+        """evaluate(), written as an eval record with its timing fields, as mlx_clip's loop writes it."""
+        started = time.perf_counter()
+        metrics = evaluate()
+        timing = {"elapsed_s": round(started - t0, 3), "eval_s": round(time.perf_counter() - started, 3)}
+        log.write(json.dumps({"event": "eval", "step": step, **metrics, **timing}) + "\n")
+        return metrics
+
     step, epoch = 0, 0
     window_t, window_n = time.perf_counter(), 0
     while step < total:
@@ -199,12 +208,11 @@ def train(cfg, out: Path, device: str | None = None) -> dict:
                     print(f"step {step}/{total} loss {record['loss']:.4f} lr {lr:.2e} {rate:.0f} img/s")
                 window_t, window_n = now, 0
             if cfg.eval.every and step % cfg.eval.every == 0 and step < total:
-                log.write(json.dumps({"event": "eval", "step": step, **evaluate()}) + "\n")
+                logged_eval(step)
             if step >= total:
                 break
         epoch += 1
-    metrics = evaluate()
-    log.write(json.dumps({"event": "eval", "step": step, **metrics}) + "\n")
+    metrics = logged_eval(step)
     log.close()
     save_weights(model, out / "model.safetensors")
     data.tokenizer.save(out)

@@ -35,14 +35,16 @@ def run(code: str, **env) -> dict:
     return out
 
 
-def test_matmul_at_least_20x_the_reference_blas():
+def test_matmul_at_least_5x_the_reference_blas():
+    """OpenBLAS measures ~40x the wheel's reference BLAS on a quiet machine; 5x still fails if it
+    is not the BLAS in use (1x) and holds when another process takes half the CPU (20x seen in CI)."""
     fast = json.loads(run(BENCH.format(reps=10)).stdout)
     ref = json.loads(run(BENCH.format(reps=2), MLX_CLIP_BLAS="none").stdout)
     assert fast["status"]["reason"] == "loaded", fast["status"]
     assert ref["status"]["reason"] == "disabled by MLX_CLIP_BLAS"
     ratio = fast["gflops"] / ref["gflops"]
     print(f"MLX matmul: {fast['gflops']:.1f} GFLOP/s; reference BLAS {ref['gflops']:.1f} ({ratio:.0f}x)")
-    assert ratio >= 20, (fast, ref)
+    assert ratio >= 5, (fast, ref)
 
 
 def test_importing_mlx_first_warns_with_the_fix():

@@ -100,6 +100,18 @@ def test_gelu_tanh_is_torchs_tanh_approximation():
             assert np.abs(np.array(grad) - t.grad.numpy()).max() < 2e-6
 
 
+def test_exp_underflows_to_zero():
+    """exp underflows to exactly 0 (a zero exponent field) below x = -127.5 ln 2, not to the
+    subnormal float32s that are many times slower in every product they reach (a causal mask's
+    -inf went through softmax); only x in [-126.5 ln 2, -126 ln 2) gives a subnormal."""
+    x = np.linspace(-1000, -80, 200001, dtype=np.float32)
+    y = np.array(fm.exp(mx.array(x)))
+    assert (y[x < -126.5 * math.log(2)] == 0).all() and (
+        y[x >= -126 * math.log(2)] >= np.finfo(np.float32).tiny
+    ).all()
+    assert float(fm.exp(mx.array(-mx.inf))) == 0.0 and float(fm.softmax(mx.array([0.0, -mx.inf]))[1]) == 0.0
+
+
 def test_exp_in_bfloat16_rounds_the_float32_result():
     x = mx.array(np.linspace(-80, 80, 2001, dtype=np.float32))
     got = fm.exp(x.astype(mx.bfloat16))

@@ -105,10 +105,12 @@ def erf(x: mx.array) -> mx.array:
 
 
 def _exp(x: mx.array) -> mx.array:
-    # exp(x) = 2^y = 2^k * 2^f, k = round(y), f = y - k in [-0.5, 0.5]; y clipped so that 2^k is a
-    # normal float32 (exp underflows to 2^-126 and overflows to 2^127, both finite). In float32
-    # whatever x's dtype: the rounding trick needs float32's 23 mantissa bits.
-    y = mx.clip(x.astype(mx.float32) * _LOG2E, -126.0, 127.0)
+    # exp(x) = 2^y = 2^k * 2^f, k = round(y), f = y - k in [-0.5, 0.5]. y is clipped to [-127, 127]:
+    # k = -127 writes a zero exponent field, so exp underflows to exactly 0 for y < -126.5 (not to
+    # subnormals, which are many times slower in every later product: a causal mask's -inf in
+    # softmax) and overflows to at most 2^127.5, finite. In float32 whatever x's dtype: the
+    # rounding needs its 23 mantissa bits.
+    y = mx.clip(x.astype(mx.float32) * _LOG2E, -127.0, 127.0)
     k = (y + _ROUND) - _ROUND
     # 2^k built directly in the exponent field of a float32.
     two_k = mx.left_shift(k.astype(mx.int32) + 127, 23).view(mx.float32)
@@ -161,8 +163,7 @@ def _softmax_vjp(primals, cotangent, output):
 
 
 def softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis with the arithmetic exp; a -inf input gets weight ~1e-38 / its
-    row's sum (exp's floor of 2^-126), not 0."""
+    """Softmax over the last axis with the arithmetic exp (a -inf input gets weight 0)."""
     return on_this_stream(_softmax, _softmax_vjp)(x)
 
 

@@ -23,7 +23,7 @@ MLX_CLIP_KERNELS overrides the choice; it is read whenever an activation is trac
 
 Either way the activations' values agree to ~2e-6 (tests/test_kernels.py).
 
-Streams: the arithmetic activations and `checkpoint_block` have hand-written VJPs, and MLX runs
+Streams: the arithmetic activations, softmax and `checkpoint_block` have hand-written VJPs; MLX runs
 a custom VJP's Python on the default stream of the moment the backward graph is built, not on
 the forward's stream. `on_this_stream` pins them to the forward's stream, which the training
 step's batch shards (mlx_clip/training/streams.py) rely on.

@@ -98,3 +98,53 @@ def test_gelu_tanh_is_torchs_tanh_approximation():
             value, grad = mx.value_and_grad(lambda a: fm.gelu_tanh(a).sum())(mx.array(x))
             assert np.abs(np.array(fm.gelu_tanh(mx.array(x))) - want).max() < 2e-6
             assert np.abs(np.array(grad) - t.grad.numpy()).max() < 2e-6
+
+
+def test_exp_underflows_to_zero():
+    """exp underflows to exactly 0 (a zero exponent field) below x = -127.5 ln 2, not to the
+    subnormal float32s that are many times slower in every product they reach (a causal mask's
+    -inf went through softmax); only x in [-126.5 ln 2, -126 ln 2) gives a subnormal."""
+    x = np.linspace(-1000, -80, 200001, dtype=np.float32)
+    y = np.array(fm.exp(mx.array(x)))
+    assert (y[x < -126.5 * math.log(2)] == 0).all() and (
+        y[x >= -126 * math.log(2)] >= np.finfo(np.float32).tiny
+    ).all()
+    assert float(fm.exp(mx.array(-mx.inf))) == 0.0 and float(fm.softmax(mx.array([0.0, -mx.inf]))[1]) == 0.0
+
+
+def test_exp_in_bfloat16_rounds_the_float32_result():
+    x = mx.array(np.linspace(-80, 80, 2001, dtype=np.float32))
+    got = fm.exp(x.astype(mx.bfloat16))
+    assert got.dtype == mx.bfloat16
+    assert mx.array_equal(got, fm.exp(x.astype(mx.bfloat16).astype(mx.float32)).astype(mx.bfloat16)).item()
+
+
+def test_softmax_values_and_gradients():
+    x = mx.random.normal((4, 7, 33), key=mx.random.key(0)) * 20
+    cot = mx.random.normal(x.shape, key=mx.random.key(1))
+    assert float(mx.abs(fm.softmax(x) - mx.softmax(x, axis=-1)).max()) < 1e-6
+    _, (g_fast,) = mx.vjp(lambda a: [fm.softmax(a)], [x], [cot])
+    _, (g_ref,) = mx.vjp(lambda a: [mx.softmax(a, axis=-1)], [x], [cot])
+    assert float(mx.abs(g_fast - g_ref).max()) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_mlx_sdpa(monkeypatch, causal):
+    """The fast attention (arithmetic softmax) against mx.fast.scaled_dot_product_attention, values
+    and the gradients of q, k and v; under `native` it is that op itself."""
+    q, k, v = (mx.random.normal((2, 3, 9, 8), key=mx.random.key(i)) for i in range(3))
+    scale = 8**-0.5
+
+    def loss(kind):
+        monkeypatch.setenv(fm.ENV, kind)
+        fn = lambda q, k, v: (fm.attention(q, k, v, scale, causal) ** 2).sum()  # noqa: E731
+        return mx.value_and_grad(fn, argnums=(0, 1, 2))(q, k, v)
+
+    mask = "causal" if causal else None
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    (v_native, g_native), (v_fast, g_fast) = loss("native"), loss("fast")
+    monkeypatch.setenv(fm.ENV, "fast")
+    assert float(mx.abs(fm.attention(q, k, v, scale, causal) - want).max()) < 1e-6
+    assert abs(float(v_fast) - float(v_native)) < 1e-4
+    for a, b in zip(g_fast, g_native, strict=True):
+        assert float(mx.abs(a - b).max()) < 1e-5

@@ -1,14 +1,15 @@
 """Backend-specific kernels behind one switch, so the model code reads as plain MLX.
 
-The model takes two things from here:
+The model takes these from here:
 
 - `activation(name)`: "gelu" (exact erf form, as torch.nn.GELU() and HF "gelu"), "gelu_tanh"
   (its tanh approximation, as torch GELU(approximate="tanh") and HF "gelu_pytorch_tanh": SigLIP's)
   or "quick_gelu" (OpenAI CLIP's x * sigmoid(1.702 x)).
 - `checkpoint_block(block, x, causal)`: a transformer block with gradient checkpointing.
 - `quantized_matmul(x, layer)`: x @ W.T for a quantized linear layer (models/quantize.py).
+- `attention(q, k, v, scale, causal)`: scaled dot-product attention (its softmax is a kernel too).
 
-The switch, `use_fast_kernels()`, picks between MLX's native `mx.erf` / `mx.sigmoid` and
+The switch, `use_fast_kernels()`, picks between MLX's native `mx.erf` / `mx.sigmoid` / softmax and
 versions built from multiply/add/divide only. On MLX's CPU backend the native transcendentals
 cost far more per element than a fused multiply-add chain (measured:
 benchmarks/RESULTS.md#numbers-quoted-in-the-code), so a native GELU costs more than the matmuls
@@ -22,7 +23,7 @@ MLX_CLIP_KERNELS overrides the choice; it is read whenever an activation is trac
 
 Either way the activations' values agree to ~2e-6 (tests/test_kernels.py).
 
-Streams: the arithmetic activations and `checkpoint_block` have hand-written VJPs, and MLX runs
+Streams: the arithmetic activations, softmax and `checkpoint_block` have hand-written VJPs; MLX runs
 a custom VJP's Python on the default stream of the moment the backward graph is built, not on
 the forward's stream. `on_this_stream` pins them to the forward's stream, which the training
 step's batch shards (mlx_clip/training/streams.py) rely on.
@@ -64,40 +65,56 @@ _ERF_Q = (
     0.0011113326132618628,
     3.9331852487653474e-05,
 )
-# 2^f on f in [0, 1): max relative error 4.4e-9 in float64.
+# 2^f on f in [-0.5, 0.5]: max relative error 7.5e-8 in float64 (a minimax fit).
 _EXP2_C = (
-    1.0000000044199466,
-    0.6931469139660769,
-    0.2402303082818542,
-    0.055482150283791665,
-    0.00967998525637806,
-    0.0012437946368677733,
-    0.00021683431304408973,
+    1.0000000716554323,
+    0.6931469670620417,
+    0.2402211972007436,
+    0.055507132760935274,
+    0.00967554154009705,
+    0.001327647173738325,
 )
 _LOG2E = 1.4426950408889634
+# Adding 1.5 * 2^23 to a float32 of magnitude < 2^22 leaves no bits below the units: (y + R) - R
+# is y rounded to the nearest integer, in two additions (mx.floor / mx.round are library calls
+# on MLX's CPU backend, many times the cost of an addition).
+_ROUND = 12582912.0
 
 
-def _horner(t: mx.array, coeffs: tuple[float, ...]) -> mx.array:
-    acc = coeffs[-1]
-    for c in reversed(coeffs[:-1]):
-        acc = acc * t + c
-    return acc
+def _poly(t: mx.array, coeffs: tuple[float, ...]) -> mx.array:
+    """sum(c_i t^i) in Estrin's form: pairs (c0 + c1 t), (c2 + c3 t), ... combined with t^2, t^4, ...
+
+    Half the dependency depth of Horner's rule, which keeps a polynomial inside one fused
+    kernel (MLX stops fusing past a graph depth of 11; a long Horner chain splits the kernel).
+    """
+    terms = [c + d * t for c, d in zip(coeffs[::2], coeffs[1::2], strict=False)]
+    if len(coeffs) % 2:
+        terms.append(coeffs[-1])
+    while len(terms) > 1:
+        t = t * t
+        pairs = [a + b * t for a, b in zip(terms[::2], terms[1::2], strict=False)]
+        terms = pairs + ([terms[-1]] if len(terms) % 2 else [])
+    return terms[0]
 
 
 def erf(x: mx.array) -> mx.array:
     """Rational erf; max abs error ~3.5e-7. Its derivative (through autodiff) is rational too."""
     x = mx.clip(x, -ERF_CLAMP, ERF_CLAMP)
     t = x * x
-    return x * _horner(t, _ERF_P) / _horner(t, _ERF_Q)
+    return x * _poly(t, _ERF_P) / _poly(t, _ERF_Q)
 
 
 def _exp(x: mx.array) -> mx.array:
-    y = mx.clip(x, -87.0, 88.0) * _LOG2E
-    k = mx.floor(y)
-    f = y - k
+    # exp(x) = 2^y = 2^k * 2^f, k = round(y), f = y - k in [-0.5, 0.5]. y is clipped to [-127, 127]:
+    # k = -127 writes a zero exponent field, so exp underflows to exactly 0 for y < -126.5 (not to
+    # subnormals, which are many times slower in every later product: a causal mask's -inf in
+    # softmax) and overflows to at most 2^127.5, finite. In float32 whatever x's dtype: the
+    # rounding needs its 23 mantissa bits.
+    y = mx.clip(x.astype(mx.float32) * _LOG2E, -127.0, 127.0)
+    k = (y + _ROUND) - _ROUND
     # 2^k built directly in the exponent field of a float32.
-    two_k = mx.left_shift((k.astype(mx.int32) + 127), 23).view(mx.float32)
-    return _horner(f, _EXP2_C).astype(x.dtype) * two_k.astype(x.dtype)
+    two_k = mx.left_shift(k.astype(mx.int32) + 127, 23).view(mx.float32)
+    return (_poly(y - k, _EXP2_C) * two_k).astype(x.dtype)
 
 
 def _exp_vjp(primals, cotangent, output):
@@ -134,6 +151,35 @@ def sigmoid(x: mx.array) -> mx.array:
 
 def _sigmoid(x: mx.array) -> mx.array:  # inside a custom_function: no autodiff of its own
     return 1.0 / (1.0 + _exp(-x))
+
+
+def _softmax(x: mx.array) -> mx.array:
+    e = _exp(x - mx.max(x, axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _softmax_vjp(primals, cotangent, output):
+    return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
+
+
+def softmax(x: mx.array) -> mx.array:
+    """Softmax over the last axis with the arithmetic exp (a -inf input gets weight 0)."""
+    return on_this_stream(_softmax, _softmax_vjp)(x)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
+    """softmax(q k^T scale) v over (B, h, L, hd) queries and (B, h, S, hd) keys and values, with the
+    upper triangle masked when `causal` (L == S). MLX's CPU backend runs
+    mx.fast.scaled_dot_product_attention as these same products with its native softmax, whose exp
+    costs more than the products at CLIP's sizes; the fast kernels use `softmax` instead (float32 only)."""
+    if not use_fast_kernels() or q.dtype != mx.float32:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    scores = (q @ k.swapaxes(-1, -2)) * scale  # (B, h, L, S)
+    if causal:
+        L = scores.shape[-1]
+        above = mx.arange(L)[:, None] < mx.arange(L)[None]  # (L, L): a query's later keys
+        scores = scores + mx.where(above, -mx.inf, 0.0)
+    return softmax(scores) @ v  # (B, h, L, hd)
 
 
 def use_fast_kernels() -> bool:

@@ -22,7 +22,7 @@ import mlx.nn as nn
 
 from ..interop.layouts import resample_matrix
 from .config import Activation, ModelConfig, TextPool
-from .kernels import activation, checkpoint_block, quantized_matmul
+from .kernels import activation, attention, checkpoint_block, quantized_matmul
 
 
 class Attention(nn.Module):
@@ -39,10 +39,10 @@ class Attention(nn.Module):
         h = self.heads
         qkv = self.in_proj(x).reshape(B, L, 3, h, D // h)  # (B, L, 3, h, hd)
         qkv = qkv.transpose(2, 0, 3, 1, 4)  # (3, B, h, L, hd)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=(D // h) ** -0.5, mask="causal" if causal else None
-        )  # (B, h, L, hd)
+        # mx.split, not qkv[0], qkv[1], qkv[2]: the gradient of a split is one concatenation, that
+        # of each index a scatter into zeros (on MLX's CPU backend ~30% of this layer's fwd + bwd)
+        q, k, v = (t.squeeze(0) for t in mx.split(qkv, 3))  # (B, h, L, hd) each
+        out = attention(q, k, v, (D // h) ** -0.5, causal)  # (B, h, L, hd)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
     def cross(self, x: mx.array, context: mx.array) -> mx.array:
@@ -52,8 +52,8 @@ class Attention(nn.Module):
         S, h = context.shape[1], self.heads
         q = _rows(self.in_proj, x, 0, D).reshape(B, L, h, D // h).transpose(0, 2, 1, 3)  # (B, h, L, hd)
         kv = _rows(self.in_proj, context, D, 3 * D).reshape(B, S, 2, h, D // h)
-        kv = kv.transpose(2, 0, 3, 1, 4)  # (2, B, h, S, hd)
-        out = mx.fast.scaled_dot_product_attention(q, kv[0], kv[1], scale=(D // h) ** -0.5)
+        k, v = (t.squeeze(0) for t in mx.split(kv.transpose(2, 0, 3, 1, 4), 2))  # (B, h, S, hd) each
+        out = attention(q, k, v, (D // h) ** -0.5)  # (B, h, L, hd)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

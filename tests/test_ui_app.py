@@ -1,0 +1,230 @@
+"""`python -m mlx_clip.ui` end to end: one server on a random port over the shared trained run
+(conftest.trained_run) and a folder of held-out built-in images; the JSON API checked against
+mlx_clip.inference, its limits and what it refuses to serve, then the page in headless Chromium.
+
+The browser tests need Debian's chromium and chromium-driver (scripts/setup.sh dev installs them)
+and skip, saying so, where /usr/bin/chromium or /usr/bin/chromedriver is missing. Screenshots go to
+the test's tmp dir; MLX_CLIP_UI_SCREENSHOT=docs/ui.png also copies one there for the README."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TRAINED_GRID, TRAINED_SIZE
+from PIL import Image
+
+from mlx_clip.data.synthetic import generate
+from mlx_clip.data.synthetic_scene import COLORS, SHAPES
+
+# The trained run tells these three colours apart on every held-out image (its shapes and the
+# other colours only well above chance): the zero-shot check asks for a colour.
+LABELS = ["red", "green", "blue"]
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Held-out images (never trained on) as PNG files, and each one's colour name."""
+    folder = tmp_path_factory.mktemp("ui_images")
+    data = generate(12, TRAINED_SIZE, seed=0, part="val", split="single", grid=TRAINED_GRID)
+    colours = []
+    for i, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+        Image.fromarray(image).save(folder / f"img_{i:02d}.png")
+        colours.append(list(COLORS)[int(label) // len(SHAPES)])
+    return folder, colours
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, images):
+    from mlx_clip.ui.__main__ import build, parse_args
+
+    args = parse_args(["--runs", str(trained_run.parent), "--port", "0", "--index", str(images[0])])
+    httpd = build(args)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def url(server, path=""):
+    return f"http://127.0.0.1:{server.server_address[1]}{path}"
+
+
+def call(server, path, body=None, headers=None, raw=None):
+    """(status, JSON answer) of a GET (body None) or a POST of JSON (or raw bytes)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url(server, path), data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def b64(path):
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run):
+    import mlx_clip
+
+    return mlx_clip.load(trained_run)
+
+
+# ---------------------------------------------------------------------------------------- API
+
+
+def test_runs_api_lists_the_trained_run(server, images):
+    status, out = call(server, "/api/runs")
+    assert status == 200
+    (row,) = out["runs"]
+    assert row["name"] == "run" and row["status"] == "finished" and row["step"] == row["total_steps"] == 120
+    _, detail = call(server, "/api/run?name=run")
+    assert len(detail["train"]) == 60 and detail["config"]["train"]["steps"] == 120
+    _, models = call(server, "/api/models")
+    assert models["checkpoints"][0]["name"] == "run" and models["folders"] == [images[0].name]
+
+
+def test_embeddings_match_inference(server, loaded, images):
+    from mlx_clip.inference import encode_images, encode_texts
+
+    model, tokenizer, preprocess = loaded
+    texts = ["a red circle", "a photo of a big blue cross"]
+    status, out = call(server, "/v1/embeddings", {"input": texts})
+    assert status == 200 and out["object"] == "list" and out["model"] == "run"
+    assert [d["index"] for d in out["data"]] == [0, 1] and {d["object"] for d in out["data"]} == {"embedding"}
+    got = np.array([d["embedding"] for d in out["data"]])
+    np.testing.assert_allclose(got, encode_texts(model, tokenizer, texts), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert out["usage"]["prompt_tokens"] == out["usage"]["total_tokens"] > 0
+
+    paths = sorted(images[0].glob("*.png"))[:3]
+    status, out = call(
+        server, "/v1/embeddings", {"images": [b64(p) for p in paths], "encoding_format": "base64"}
+    )
+    assert status == 200 and out["usage"]["images"] == 3
+    got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in out["data"]])
+    np.testing.assert_allclose(got, encode_images(model, preprocess, paths), atol=1e-5)
+
+
+def test_classify_json_and_multipart(server, images):
+    folder, colours = images
+    i = next(k for k, c in enumerate(colours) if c in LABELS)
+    path = folder / f"img_{i:02d}.png"
+    status, out = call(server, "/v1/classify", {"image": b64(path), "labels": LABELS})
+    assert status == 200 and out["probability"] == "softmax"
+    assert out["top"][0]["label"] == colours[i] and abs(sum(out["probs"].values()) - 1) < 1e-5
+
+    boundary = "----mlxclip"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="labels"\r\n\r\n' + "\n".join(LABELS) + "\r\n",
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        "Content-Type: image/png\r\n\r\n",
+    ]
+    body = "".join(parts).encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, multi = call(server, "/v1/classify", raw=body, headers=headers)
+    assert status == 200 and multi["probs"] == pytest.approx(out["probs"], abs=1e-6)
+
+
+def test_search_uses_the_predict_index_and_serves_thumbnails(server, images):
+    folder, _ = images
+    status, out = call(server, "/v1/search", {"query": "a red circle", "top": 5})
+    assert status == 200 and out["images"] == 12 and len(out["results"]) == 5
+    scores = [r["score"] for r in out["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert any((folder / ".mlx_clip_index").glob("*.safetensors"))  # predict --index's cache
+    with urllib.request.urlopen(url(server, out["results"][0]["thumbnail"])) as r:
+        assert r.headers["Content-Type"] == "image/png"
+        assert Image.open(io.BytesIO(r.read())).size == (TRAINED_SIZE, TRAINED_SIZE)
+
+
+def test_captions_rank_by_similarity(server, loaded, images):
+    from mlx_clip.inference import encode_images, encode_texts
+
+    model, tokenizer, preprocess = loaded
+    path = sorted(images[0].glob("*.png"))[0]
+    pool = ["a red circle", "a green square", "a blue cross", "a yellow triangle"]
+    status, out = call(server, "/v1/captions", {"image": b64(path), "captions": pool, "top": 4})
+    assert status == 200
+    expected = (encode_images(model, preprocess, [path]) @ encode_texts(model, tokenizer, pool).T)[0]
+    assert [c["caption"] for c in out["captions"]] == [pool[j] for j in np.argsort(-expected, kind="stable")]
+
+
+def test_requests_are_batched(server):
+    service = server.RequestHandlerClass.app.service
+    before, service.batch_wait_s = service.batches, 0.3  # a long window: all 8 arrive within it
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(lambda t: call(server, "/v1/embeddings", {"input": t}), map(str, range(8)))
+            )
+    finally:
+        service.batch_wait_s = 0.005
+    assert all(status == 200 for status, _ in answers)
+    assert service.batches - before < 8
+
+
+def bomb_png() -> bytes:
+    """A PNG of 9500 x 9500 one-bit pixels: small on disk, over training's max_image_pixels."""
+    buf = io.BytesIO()
+    Image.new("1", (9500, 9500)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"image": base64.b64encode(b"not an image").decode(), "labels": LABELS}, 400, "not an image"),
+        ({"image": "###", "labels": LABELS}, 400, "not valid base64"),
+        ({"labels": LABELS}, 400, "no image"),
+        ({"image": "", "labels": []}, 400, '"labels" is missing'),
+        ("bomb", 400, "decompression bomb"),
+        ("strip", 400, "aspect ratio"),
+        (b"{not json", 400, "not JSON"),
+        ({"image": "", "labels": LABELS, "model": "../etc"}, 404, "no run named"),
+    ],
+)
+def test_bad_requests_are_4xx_with_a_message(server, body, status, message):
+    if body == "bomb":
+        body = {"image": base64.b64encode(bomb_png()).decode(), "labels": LABELS}
+    if body == "strip":
+        buf = io.BytesIO()
+        Image.new("RGB", (400, 4)).save(buf, format="PNG")
+        body = {"image": base64.b64encode(buf.getvalue()).decode(), "labels": LABELS}
+    raw = body if isinstance(body, bytes) else None
+    got, out = call(server, "/v1/classify", None if raw else body, raw=raw)
+    assert got == status and message in out["error"]["message"]
+
+
+def test_limits_and_what_is_never_served(server, trained_run):
+    app = server.RequestHandlerClass.app
+    with socket.create_connection(server.server_address[:2]) as sock:  # headers only, no body sent
+        sock.sendall(
+            f"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Length: {app.max_upload + 1}\r\n"
+            "Content-Type: application/json\r\n\r\n".encode()
+        )
+        answer = sock.makefile("rb").read().decode()  # to the end: the server closes the connection
+    assert answer.startswith("HTTP/1.1 413") and "over the limit" in answer  # from Content-Length alone
+    assert call(server, "/api/runs", headers={"Host": "evil.example:80"})[0] == 403  # DNS rebinding
+    for path in (
+        "/api/run?name=..",
+        f"/api/run?name={trained_run.parent.parent}",  # above the root
+        "/api/thumb?folder=ui_images0&path=../run/config.yaml",
+        "/api/thumb?folder=nope&path=img_00.png",
+        "/static/../runs.py",
+        "/static/index.html",
+    ):
+        assert call(server, path)[0] == 404, path
+    assert call(server, "/api/runs")[0] == 200  # the server is still up

@@ -9,6 +9,8 @@ the test's tmp dir; MLX_CLIP_UI_SCREENSHOT=docs/ui.png also copies one there for
 import base64
 import io
 import json
+import os
+import shutil
 import socket
 import threading
 import urllib.error
@@ -228,3 +230,95 @@ def test_limits_and_what_is_never_served(server, trained_run):
     ):
         assert call(server, path)[0] == 404, path
     assert call(server, "/api/runs")[0] == 200  # the server is still up
+
+
+# ------------------------------------------------------------------------------------ browser
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"{CHROMIUM} or {CHROMEDRIVER} missing: apt-get install chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)  # with the driver's path given: Selenium Manager stays idle
+    flags = (
+        "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking"
+    )
+    for flag in (*flags.split(), "--disable-component-update", "--disable-sync", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, timeout=30):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d))
+
+
+def screenshot(driver, tmp_path, name):
+    """Into the test's tmp dir, and to $MLX_CLIP_UI_SCREENSHOT (the README's picture) when set."""
+    path = tmp_path / f"{name}.png"
+    driver.save_screenshot(str(path))
+    target = os.environ.get("MLX_CLIP_UI_SCREENSHOT")
+    if target and name == "runs":
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return path
+
+
+def test_page_lists_the_run_with_its_curve(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(url(server, "/"))
+    row = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-run="run"]'))[0]
+    assert "finished" in row.text and "120 / 120" in row.text
+    line = wait_for(
+        browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#chart-loss polyline[data-run="run"]')
+    )[0]
+    assert int(line.get_attribute("data-points")) == 60  # one point per logged train step
+    assert len(line.get_attribute("points").split()) == 60
+    assert (
+        int(
+            browser.find_element(By.CSS_SELECTOR, '#chart-eval polyline[data-run="run"]').get_attribute(
+                "data-points"
+            )
+        )
+        == 1
+    )
+    assert screenshot(browser, tmp_path, "runs").stat().st_size > 0
+
+
+def test_page_zero_shot_and_search(server, browser, images, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    folder, colours = images
+    i = next(k for k, c in enumerate(colours) if c in LABELS)
+    browser.get(url(server, "/"))
+    browser.find_element(By.CSS_SELECTOR, '.tab[data-tab="try-tab"]').click()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#model option[value="run"]'))
+    browser.find_element(By.ID, "file").send_keys(str(folder / f"img_{i:02d}.png"))
+    wait_for(browser, lambda d: d.find_element(By.ID, "preview").get_attribute("src").startswith("data:"))
+    labels = browser.find_element(By.ID, "labels")
+    labels.clear()
+    labels.send_keys("\n".join(LABELS))
+    browser.find_element(By.ID, "classify").click()
+    rows = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#probs .prob"))
+    assert [r.get_attribute("data-label") for r in rows][0] == colours[i]
+    assert sorted(r.get_attribute("data-label") for r in rows) == sorted(LABELS)
+
+    browser.find_element(By.ID, "query").send_keys("a red circle")
+    browser.find_element(By.ID, "search").click()
+    thumbs = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img"))
+    loaded = lambda d: all(
+        d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", t) for t in thumbs
+    )  # noqa: E731
+    wait_for(browser, loaded)
+    assert len(thumbs) == 12 and browser.find_element(By.ID, "error").text == ""
+    screenshot(browser, tmp_path, "try")

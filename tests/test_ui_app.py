@@ -45,10 +45,38 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(trained_run, images):
+def runs_root(trained_run, tmp_path_factory):
+    """runs/run: a copy of the trained run; runs/live: a run "training" now (its lock names this
+    process), whose metrics.jsonl the tests append to."""
+    root = tmp_path_factory.mktemp("ui_runs")
+    shutil.copytree(trained_run, root / "run", symlinks=True)
+    live = root / "live"
+    live.mkdir()
+    config = (trained_run / "config.yaml").read_text().replace("\n  steps: 120\n", "\n  steps: 400\n")
+    (live / "config.yaml").write_text(config.replace("\n  lr: 0.001\n", "\n  lr: 0.0005\n"))
+    (live / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    append_train(live, range(2, 12, 2))
+    return root
+
+
+def append_train(run, steps):
+    with open(run / "metrics.jsonl", "a") as f:
+        for step in steps:
+            record = {
+                "event": "train",
+                "step": step,
+                "loss": 4.0 - step / 100,
+                "lr": 5e-4,
+                "img_per_s": 320.0,
+            }
+            f.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture(scope="module")
+def server(runs_root, images):
     from mlx_clip.ui.__main__ import build, parse_args
 
-    args = parse_args(["--runs", str(trained_run.parent), "--port", "0", "--index", str(images[0])])
+    args = parse_args(["--runs", str(runs_root), "--port", "0", "--index", str(images[0])])
     httpd = build(args)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -89,12 +117,18 @@ def loaded(trained_run):
 def test_runs_api_lists_the_trained_run(server, images):
     status, out = call(server, "/api/runs")
     assert status == 200
-    (row,) = out["runs"]
-    assert row["name"] == "run" and row["status"] == "finished" and row["step"] == row["total_steps"] == 120
+    rows = {r["name"]: r for r in out["runs"]}
+    assert rows["run"]["status"] == "finished" and rows["run"]["step"] == rows["run"]["total_steps"] == 120
+    assert rows["live"]["status"] == "running" and rows["live"]["eta_s"] > 0
     _, detail = call(server, "/api/run?name=run")
     assert len(detail["train"]) == 60 and detail["config"]["train"]["steps"] == 120
     _, models = call(server, "/api/models")
-    assert models["checkpoints"][0]["name"] == "run" and models["folders"] == [images[0].name]
+    assert [c["name"] for c in models["checkpoints"]] == ["run"] and models["folders"] == [images[0].name]
+    _, diff = call(server, "/api/diff?name=run&name=live")
+    assert {r["key"]: r["values"] for r in diff["rows"]} == {
+        "optim.lr": {"run": 0.001, "live": 0.0005},
+        "train.steps": {"run": 120, "live": 400},
+    }
 
 
 def test_embeddings_match_inference(server, loaded, images):
@@ -273,12 +307,28 @@ def screenshot(driver, tmp_path, name):
     return path
 
 
-def test_page_lists_the_run_with_its_curve(server, browser, tmp_path):
+def points(driver, chart, run):
+    """How many points the page drew for `run` in `chart` (0 while there is no such line)."""
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.CSS_SELECTOR, f'#{chart} polyline[data-run="{run}"]')
+    return int(found[0].get_attribute("data-points")) if found else 0
+
+
+def test_page_lists_runs_with_live_curves_and_diff(server, runs_root, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser.get(url(server, "/"))
     row = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-run="run"]'))[0]
     assert "finished" in row.text and "120 / 120" in row.text
+    live = browser.find_element(By.CSS_SELECTOR, 'tr[data-run="live"]').text
+    assert "running" in live and "10 / 400" in live
+    wait_for(browser, lambda d: points(d, "chart-loss", "live") == 5)
+    append_train(runs_root / "live", range(12, 22, 2))  # the run goes on: the page's next poll shows it
+    wait_for(browser, lambda d: points(d, "chart-loss", "live") == 10 and "20 / 400" in d.find_element(
+        By.CSS_SELECTOR, 'tr[data-run="live"]').text)  # fmt: skip
+    diff = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#diff tbody tr"))
+    assert sorted(r.text.split()[0] for r in diff) == ["optim.lr", "train.steps"]
     line = wait_for(
         browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#chart-loss polyline[data-run="run"]')
     )[0]

@@ -52,15 +52,17 @@ function drawRuns() {
   for (const r of state.runs) {
     const box = h("input", { type: "checkbox", onchange: (e) => toggle(r.name, e.target.checked) });
     box.checked = state.ticked.has(r.name);
-    const evals = Object.entries(r.eval).filter(([, v]) => typeof v === "number")
-      .map(([k, v]) => `${k} ${num(v, 3)}`).join(", ");
+    // The headline metrics (and eval sets' "NAME/top1"-like ones) in the cell, all of them on hover.
+    const all = Object.entries(r.eval).filter(([, v]) => typeof v === "number");
+    const shown = all.filter(([k]) => EVAL_KEYS.includes(k) || /\/(top1|i2t_R@1|probe_top1)$/.test(k));
+    const text = (pairs) => pairs.map(([k, v]) => `${k} ${num(v, 3)}`).join(", ");
     body.append(h("tr", { "data-run": r.name },
       h("td", {}, box),
       h("td", {}, h("span", { class: "swatch", style: `background:${colorOf(r.name)}` }), r.name),
       h("td", {}, h("span", { class: `status status-${r.status}` }, r.status)),
       h("td", {}, r.total_steps ? `${r.step} / ${r.total_steps}` : String(r.step)),
       h("td", {}, num(r.loss)), h("td", {}, num(r.lr, 3)), h("td", {}, num(r.img_per_s, 3)),
-      h("td", {}, duration(r.eta_s)), h("td", { class: "evals" }, evals)));
+      h("td", {}, duration(r.eta_s)), h("td", { class: "evals", title: text(all) }, text(shown))));
   }
 }
 

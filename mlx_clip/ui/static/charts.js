@@ -25,10 +25,11 @@ function ticks(lo, hi, count) {
   return out;
 }
 
-function fmt(v) {
+// A tick label: as many decimals as the tick spacing needs, so neighbours never read the same.
+function fmt(v, step) {
   const a = Math.abs(v);
   if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(1);
-  return +v.toPrecision(3) + "";
+  return v.toFixed(Math.max(0, -Math.floor(Math.log10(step || 1))));
 }
 
 function lineChart(svg, series) {
@@ -47,12 +48,13 @@ function lineChart(svg, series) {
   if (y1 === y0) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
   const X = (x) => m.l + ((x - x0) / (x1 - x0)) * (W - m.l - m.r);
   const Y = (y) => H - m.b - ((y - y0) / (y1 - y0)) * (H - m.t - m.b);
-  for (const t of ticks(y0, y1, 4)) {
+  const yt = ticks(y0, y1, 4), xt = ticks(x0, x1, 6);
+  for (const t of yt) {
     el("line", { class: "grid", x1: m.l, x2: W - m.r, y1: Y(t), y2: Y(t) }, svg);
-    el("text", { x: m.l - 4, y: Y(t) + 3, "text-anchor": "end" }, svg).textContent = fmt(t);
+    el("text", { x: m.l - 4, y: Y(t) + 3, "text-anchor": "end" }, svg).textContent = fmt(t, yt[1] - yt[0]);
   }
-  for (const t of ticks(x0, x1, 6)) {
-    el("text", { x: X(t), y: H - 6, "text-anchor": "middle" }, svg).textContent = fmt(t);
+  for (const t of xt) {
+    el("text", { x: X(t), y: H - 6, "text-anchor": "middle" }, svg).textContent = fmt(t, xt[1] - xt[0]);
   }
   el("line", { class: "axis", x1: m.l, x2: m.l, y1: m.t, y2: H - m.b }, svg);
   el("line", { class: "axis", x1: m.l, x2: W - m.r, y1: H - m.b, y2: H - m.b }, svg);

@@ -38,8 +38,9 @@ def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui_images")
     data = generate(12, TRAINED_SIZE, seed=0, part="val", split="single", grid=TRAINED_GRID)
     colours = []
-    for i, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+    for i, (image, label, caps) in enumerate(zip(data.images, data.labels, data.captions, strict=True)):
         Image.fromarray(image).save(folder / f"img_{i:02d}.png")
+        (folder / f"img_{i:02d}.txt").write_text("\n".join(caps) + "\n")  # the captions pool
         colours.append(list(COLORS)[int(label) // len(SHAPES)])
     return folder, colours
 
@@ -196,6 +197,11 @@ def test_captions_rank_by_similarity(server, loaded, images):
     expected = (encode_images(model, preprocess, [path]) @ encode_texts(model, tokenizer, pool).T)[0]
     assert [c["caption"] for c in out["captions"]] == [pool[j] for j in np.argsort(-expected, kind="stable")]
 
+    folder_captions = {t for p in images[0].glob("*.txt") for t in p.read_text().splitlines()}
+    status, out = call(server, "/v1/captions", {"image": b64(path), "top": 3})  # no pool: the folder's
+    assert status == 200 and len(out["captions"]) == 3
+    assert {c["caption"] for c in out["captions"]} <= folder_captions
+
 
 def test_requests_are_batched(server):
     service = server.RequestHandlerClass.app.service
@@ -329,19 +335,10 @@ def test_page_lists_runs_with_live_curves_and_diff(server, runs_root, browser, t
         By.CSS_SELECTOR, 'tr[data-run="live"]').text)  # fmt: skip
     diff = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#diff tbody tr"))
     assert sorted(r.text.split()[0] for r in diff) == ["optim.lr", "train.steps"]
-    line = wait_for(
-        browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#chart-loss polyline[data-run="run"]')
-    )[0]
-    assert int(line.get_attribute("data-points")) == 60  # one point per logged train step
+    assert points(browser, "chart-loss", "run") == 60  # one point per logged train step
+    line = browser.find_element(By.CSS_SELECTOR, '#chart-loss polyline[data-run="run"]')
     assert len(line.get_attribute("points").split()) == 60
-    assert (
-        int(
-            browser.find_element(By.CSS_SELECTOR, '#chart-eval polyline[data-run="run"]').get_attribute(
-                "data-points"
-            )
-        )
-        == 1
-    )
+    assert points(browser, "chart-eval", "run") == 1  # the final evaluation
     assert screenshot(browser, tmp_path, "runs").stat().st_size > 0
 
 
@@ -371,4 +368,7 @@ def test_page_zero_shot_and_search(server, browser, images, tmp_path):
     )  # noqa: E731
     wait_for(browser, loaded)
     assert len(thumbs) == 12 and browser.find_element(By.ID, "error").text == ""
+
+    browser.find_element(By.ID, "captions").click()  # the folder's captions nearest the image
+    assert len(wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#caption-list li"))) == 5
     screenshot(browser, tmp_path, "try")

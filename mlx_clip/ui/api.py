@@ -9,7 +9,8 @@
                        "probability": "softmax"|"sigmoid", "probs": {label: p}, "top": [{label, prob}]}
   POST /v1/search      {"query": "text" | [...], "folder"?: NAME, "top"?: k} -> per query the nearest
                        images of an indexed folder, with a thumbnail URL each
-  POST /v1/captions    {"image": BASE64, "captions": [...], "top"?: k} -> the captions nearest the image
+  POST /v1/captions    {"image": BASE64, "captions"?: [...], "top"?: k} -> the captions nearest the
+                       image (default: the indexed folders' captions, the .txt files beside images)
 
 Every request may name a "model" (a run with a checkpoint, see GET /api/models); the default is
 the newest. Base64 may be a data: URL. In multipart, file parts are the images and the other
@@ -31,6 +32,7 @@ MAX_TEXTS = 256
 MAX_LABELS = 200
 MAX_QUERIES = 16
 MAX_TOP = 100
+MAX_CAPTIONS = 4096
 LISTS = ("input", "images", "labels", "templates", "query", "captions")  # multipart fields as lists
 
 
@@ -220,7 +222,9 @@ def search(service, request: dict) -> dict:
 
 
 def captions(service, request: dict) -> dict:
-    pool = _texts(request, "captions", 4096)
+    pool = _texts(request, "captions", MAX_CAPTIONS, required=False) or service.caption_pool(MAX_CAPTIONS)
+    if not pool:
+        raise BadRequest('no "captions" given, and the indexed folders have none (.txt beside the images)')
     m, arrays = _decode(service, request.get("model"), request)
     rows = service.submit("captions", m.name, arrays, captions=pool, top=_top(request, 5))
     results = [{"captions": [{"caption": c, "score": s} for c, s in row]} for row in rows]

@@ -94,6 +94,23 @@ class ModelService:
         names = [n for _, n in sorted(found, reverse=True)] + list(self.extra)
         return [{"name": n, "loaded": n in self.loaded} for n in names]
 
+    def caption_pool(self, limit: int = 4096) -> list[str]:
+        """The indexed folders' captions: the lines of the .txt files beside their images (the
+        built-in dataset's folder layout), without duplicates, at most `limit`."""
+        seen: dict[str, None] = {}
+        for folder in self.folders.values():
+            for path in sorted(folder.rglob("*.txt")):
+                if any(p.startswith(".") for p in path.relative_to(folder).parts):
+                    continue
+                try:
+                    lines = path.read_text(errors="replace").splitlines()
+                except OSError:
+                    continue
+                seen.update((t.strip(), None) for t in lines if t.strip())
+                if len(seen) >= limit:
+                    return list(seen)[:limit]
+        return list(seen)
+
     def default_model(self) -> str:
         names = [c["name"] for c in self.checkpoints()]
         if not names:

@@ -372,3 +372,12 @@ def test_page_zero_shot_and_search(server, browser, images, tmp_path):
     browser.find_element(By.ID, "captions").click()  # the folder's captions nearest the image
     assert len(wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#caption-list li"))) == 5
     screenshot(browser, tmp_path, "try")
+
+
+def test_load_benchmark_runs_against_the_server(server, images):
+    """benchmarks/ui_load.py's clients for one second: every answer as expected, no 5xx."""
+    from benchmarks.ui_load import load
+
+    image = base64.b64encode(sorted(images[0].glob("*.png"))[0].read_bytes()).decode()
+    out = load(url(server), image, clients=2, seconds=1.0)
+    assert out["requests"] > 0 and out["errors"] == 0 and out["server_errors_5xx"] == 0 and out["alive_after"]

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -381,3 +382,39 @@ def test_load_benchmark_runs_against_the_server(server, images):
     image = base64.b64encode(sorted(images[0].glob("*.png"))[0].read_bytes()).decode()
     out = load(url(server), image, clients=2, seconds=1.0)
     assert out["requests"] > 0 and out["errors"] == 0 and out["server_errors_5xx"] == 0 and out["alive_after"]
+
+
+def wait_until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_refuses_and_the_host_default_is_local(runs_root):
+    from mlx_clip.ui.__main__ import host_warning, parse_args
+    from mlx_clip.ui.model_service import Busy, ModelService
+    from mlx_clip.ui.runs import RunsFolder
+
+    service = ModelService(RunsFolder(runs_root), {}, max_pending=1)
+    started, gate = threading.Event(), threading.Event()
+
+    def busy(group):  # the inference thread holds its first job until the gate opens
+        started.set()
+        gate.wait(30)
+        return [None] * len(group)
+
+    service._run = busy
+    first = ThreadPoolExecutor(2)
+    running = first.submit(service.submit, "texts", "run", ["a"])
+    assert started.wait(30)
+    queued = first.submit(service.submit, "texts", "run", ["b"])
+    wait_until(lambda: service.jobs.qsize() == 1)
+    with pytest.raises(Busy, match="waiting"):
+        service.submit("texts", "run", ["c"])  # the queue is full: refused at once, not queued
+    gate.set()
+    assert running.result(30) is None and queued.result(30) is None
+    first.shutdown()
+
+    assert parse_args(["--runs", str(runs_root)]).host == "127.0.0.1" and host_warning("127.0.0.1") is None
+    assert "no login" in host_warning("0.0.0.0")

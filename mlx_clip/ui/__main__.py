@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_clip.ui", description=__doc__.split("\n\n")[1])
@@ -66,19 +68,26 @@ def build(args: argparse.Namespace):
     service = ModelService(
         runs, unique_names(args.index), unique_names(args.checkpoint), max_batch=args.max_batch
     )
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
-    app = App(runs, service, int(args.max_upload_mb * 2**20), args.max_concurrent, local_only=loopback)
+    local_only = args.host in LOOPBACK  # elsewhere the user chose to be reached by other names
+    app = App(runs, service, int(args.max_upload_mb * 2**20), args.max_concurrent, local_only=local_only)
     return make_server(args.host, args.port, app)
+
+
+def host_warning(host: str) -> str | None:
+    """What to tell the user before serving on an address other machines may reach."""
+    if host in LOOPBACK:
+        return None
+    return (
+        f"warning: serving on {host}: anyone who can reach this address can use the app and its API "
+        "(there is no login) and read the runs and indexed folders it serves"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"warning: serving on {args.host}: anyone who can reach this address can use the app and its "
-            "API (no login) and read the runs and indexed folders it serves",
-            file=sys.stderr,
-        )
+    warning = host_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr)
     server = build(args)
     host, port = server.server_address[:2]
     shown = "localhost" if args.host == "127.0.0.1" else host

@@ -7,6 +7,7 @@ and skip, saying so, where /usr/bin/chromium or /usr/bin/chromedriver is missing
 the test's tmp dir; MLX_CLIP_UI_SCREENSHOT=docs/ui.png also copies one there for the README."""
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -58,7 +59,31 @@ def runs_root(trained_run, tmp_path_factory):
     (live / "config.yaml").write_text(config.replace("\n  lr: 0.001\n", "\n  lr: 0.0005\n"))
     (live / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     append_train(live, range(2, 12, 2))
+    make_sweep(root / "study")
     return root
+
+
+def make_sweep(study_dir):
+    """A finished 3-trial sweep as the sweep CLI leaves it (sweep.json, trial_<n>/ run dirs), its
+    second trial the best; without optuna only the trial run directories."""
+    for n in range(3):
+        (study_dir / f"trial_{n}").mkdir(parents=True)
+        (study_dir / f"trial_{n}" / "config.yaml").write_text(f"optim:\n  lr: {10.0 ** -(n + 2)}\n")
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    meta = {"study": "study", "storage": storage, "metric": "zeroshot_top1", "direction": "maximize"}
+    (study_dir / "sweep.json").write_text(json.dumps(meta))
+    if importlib.util.find_spec("optuna") is None:
+        return
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="study", storage=storage, direction="maximize")
+    for n, value in enumerate((0.2, 0.6, 0.4)):
+        study.enqueue_trial({"lr": 10.0 ** -(n + 2)})
+        trial = study.ask()
+        trial.suggest_float("lr", 1e-5, 1.0, log=True)
+        trial.set_user_attr("reason", f"zeroshot_top1 of trial {n}")
+        study.tell(trial, value)
 
 
 def append_train(run, steps):
@@ -122,6 +147,10 @@ def test_runs_api_lists_the_trained_run(server, images):
     rows = {r["name"]: r for r in out["runs"]}
     assert rows["run"]["status"] == "finished" and rows["run"]["step"] == rows["run"]["total_steps"] == 120
     assert rows["live"]["status"] == "running" and rows["live"]["eta_s"] > 0
+    (sweep,) = out["sweeps"]
+    assert sweep["name"] == "study" and [t["run"] for t in sweep["trials"]] == [
+        f"study/trial_{n}" for n in range(3)
+    ]
     _, detail = call(server, "/api/run?name=run")
     assert len(detail["train"]) == 60 and detail["config"]["train"]["steps"] == 120
     _, models = call(server, "/api/models")
@@ -336,6 +365,11 @@ def test_page_lists_runs_with_live_curves_and_diff(server, runs_root, browser, t
         By.CSS_SELECTOR, 'tr[data-run="live"]').text)  # fmt: skip
     diff = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#diff tbody tr"))
     assert sorted(r.text.split()[0] for r in diff) == ["optim.lr", "train.steps"]
+    trials = browser.find_elements(By.CSS_SELECTOR, '.sweep[data-sweep="study"] tbody tr')
+    assert len(trials) == 3
+    if importlib.util.find_spec("optuna"):  # the study read: its best trial marked
+        assert [t.get_attribute("data-trial") for t in trials if "best" in t.get_attribute("class")] == ["1"]
+        assert "zeroshot_top1 of trial 1" in trials[1].text
     assert points(browser, "chart-loss", "run") == 60  # one point per logged train step
     line = browser.find_element(By.CSS_SELECTOR, '#chart-loss polyline[data-run="run"]')
     assert len(line.get_attribute("points").split()) == 60

@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for folder in args.index:
         if not Path(folder).is_dir():
             p.error(f"--index {folder}: not a folder")
+    for ckpt in args.checkpoint:
+        if not Path(ckpt).exists():
+            p.error(f"--checkpoint {ckpt}: not found")
     if not Path(args.runs).is_dir():
         p.error(f"--runs {args.runs}: not a folder")
     return args

@@ -133,8 +133,8 @@ async function poll() {
     const data = await getJSON("/api/runs");
     state.runs = data.runs.sort((a, b) => (b.updated || 0) - (a.updated || 0));
     $("#root").textContent = data.root;
-    if (state.firstLoad) {  // overlay the newest runs at first
-      state.runs.slice(0, 3).forEach((r) => state.ticked.add(r.name));
+    if (state.firstLoad) {  // overlay the newest runs that have metrics at first
+      state.runs.filter((r) => r.updated).slice(0, 3).forEach((r) => state.ticked.add(r.name));
       state.firstLoad = false;
     }
     drawRuns();

@@ -35,7 +35,7 @@ function fmt(v, step) {
 function lineChart(svg, series) {
   while (svg.firstChild) svg.removeChild(svg.firstChild);
   const W = svg.clientWidth || 480, H = svg.clientHeight || 220;
-  const m = { l: 48, r: 10, t: 8, b: 22 };
+  const m = { l: 48, r: 20, t: 8, b: 22 };  // room for the last x label
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const pts = series.flatMap((s) => s.points).filter((p) => isFinite(p[0]) && isFinite(p[1]));
   if (!pts.length) {

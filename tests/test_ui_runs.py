@@ -80,6 +80,10 @@ def test_summary_row_and_eta(tmp_path):
     assert row["eta_s"] == pytest.approx((10 - 2) * 4 / 8.0)  # steps left x batch / (img/s)
     assert row["eval"] == {"zeroshot_top1": 0.5} and row["loss"] == 3.0
 
+    (tmp_path / "live" / ".lock").write_text("")  # ended cleanly at step 2 of 10: interrupted, pruned
+    (tmp_path / "live" / "summary.json").write_text("{}")
+    assert folder.summary(folder.resolve("live"))["status"] == "stopped"
+
 
 def test_names_stay_below_the_root(tmp_path):
     root = tmp_path / "runs"

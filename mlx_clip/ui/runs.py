@@ -7,8 +7,9 @@ config.yaml, named by its path relative to the root ("exp1", "study/trial_3"). I
 - "running": OUT/.lock names a live process on this host (training/run_dir.py writes its pid there
   and empties the file on a clean exit; the lock is not probed with flock, which could make a
   starting run think the directory is in use);
-- "finished": summary.json exists (written at the end of training);
-- "stopped": neither (killed, crashed, or stopped before its end; a lock left by a dead process).
+- "finished": summary.json exists (written at the end of training) and the run reached train.steps;
+- "stopped": otherwise (killed, crashed, interrupted or pruned before its end; a lock left by a
+  dead process).
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ class RunsFolder:
         batch = config.get("data", {}).get("batch_size")
         status = run_status(run)
         step = max((r.get("step", 0) for r in records if isinstance(r.get("step"), int)), default=0)
+        if status == "finished" and isinstance(total, int) and step < total:
+            status = "stopped"  # ended cleanly before train.steps: Ctrl-C, a pruned sweep trial
         eta = None
         if (
             status == "running"

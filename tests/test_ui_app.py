@@ -317,7 +317,13 @@ def browser(tmp_path_factory):
     flags = (
         "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking"
     )
-    for flag in (*flags.split(), "--disable-component-update", "--disable-sync", "--window-size=1280,1000"):
+    more = (
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+    )
+    for flag in (*flags.split(), *more):  # --disable-dev-shm-usage: a container's small /dev/shm
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)

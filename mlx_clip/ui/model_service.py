@@ -26,7 +26,8 @@ import numpy as np
 from .runs import RunsFolder
 
 INDEX_TTL_S = 10.0  # a folder's index is rescanned (one stat per file) at most this often
-MAX_MODELS = 2  # loaded checkpoints kept; the least recently used one is dropped
+MAX_MODELS = 2  # loaded checkpoints kept; the least recently loaded one is dropped
+DEFAULT_TTL_S = 2.0  # how long the newest checkpoint (the default model) is taken as known
 
 
 class Busy(Exception):
@@ -80,6 +81,7 @@ class ModelService:
         self.loaded: collections.OrderedDict[str, Loaded] = collections.OrderedDict()
         self.backlog: collections.deque[Job] = collections.deque()
         self.batches = 0  # forward passes run (tests check that requests were batched)
+        self.default: tuple[float, str | None] = (0.0, None)  # (when looked up, name): default_model
         self.thread = threading.Thread(target=self._serve, name="mlx_clip-inference", daemon=True)
         self.thread.start()
 
@@ -112,10 +114,16 @@ class ModelService:
         return list(seen)
 
     def default_model(self) -> str:
-        names = [c["name"] for c in self.checkpoints()]
-        if not names:
-            raise KeyError("no checkpoint: train a run into the runs folder or pass --checkpoint")
-        return names[0]
+        """The newest checkpoint's name, looked up again at most every DEFAULT_TTL_S (a walk of
+        the runs folder per request would cost more than a small model's forward pass)."""
+        when, name = self.default
+        if name is None or time.monotonic() - when > DEFAULT_TTL_S:
+            names = [c["name"] for c in self.checkpoints()]
+            if not names:
+                raise KeyError("no checkpoint: train a run into the runs folder or pass --checkpoint")
+            name = names[0]
+            self.default = (time.monotonic(), name)
+        return name
 
     def _path(self, name: str) -> Path:
         if name in self.extra:
@@ -139,8 +147,10 @@ class ModelService:
         return job.future.result(timeout)
 
     def model(self, name: str | None) -> Loaded:
-        """The loaded checkpoint (loading it on the inference thread the first time)."""
-        return self.submit("load", name)
+        """The loaded checkpoint (loading it on the inference thread the first time; after that
+        without a round trip there, so that a request's one job is all the thread sees of it)."""
+        loaded = self.loaded.get(name or self.default_model())
+        return loaded if loaded is not None else self.submit("load", name)
 
     # -- the inference thread ------------------------------------------------------------------
 

@@ -42,6 +42,23 @@ if [ "$(uname -s)" = "Linux" ] && ! ls /usr/lib/*/openblas-pthread/libopenblas.s
     fi
 fi
 
+# The web app's browser tests (tests/test_ui_app.py) need Chromium and its driver from the system's
+# packages (/usr/bin/chromium, /usr/bin/chromedriver); without them those tests skip, saying why.
+if [ "$KIND" = "dev" ] && [ "$(uname -s)" = "Linux" ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then
+    SUDO=""
+    if [ "$(id -u)" != "0" ]; then
+        if sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="none"; fi
+    fi
+    if [ "$SUDO" != "none" ] && command -v apt-get >/dev/null; then
+        echo ">> installing chromium and chromium-driver (the web app's browser tests)"
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
+            || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; } \
+            || echo "WARNING: could not install chromium chromium-driver; the browser tests will skip" >&2
+    else
+        echo "WARNING: chromium / chromedriver missing and not installable here; the browser tests will skip" >&2
+    fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo ">> creating $VENV"
     "$PY" -m venv "$VENV"

@@ -22,7 +22,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SMALL, clip_benchmark_float
+from conftest import TRAINED_GRID, TRAINED_SIZE, clip_benchmark_float
 from PIL import Image
 
 from mlx_clip.data.synthetic import generate
@@ -32,25 +32,12 @@ from mlx_clip.evaluation.metrics import l2_normalize
 from mlx_clip.evaluation.suite import class_text_features
 from mlx_clip.evaluation.templates import load_templates
 
-# A briefly trained model: well above chance on the built-in images, far from perfect. At 40 px
-# (5 x 5 patches of 8) the built-in objects sit on the patch grid (data.builtin_grid -1), which a
-# small ViT learns in 120 steps; at SMALL's 32 px they are placed freely and it learns the
-# colours only, where the zero-shot classifier and a probe are equally stuck near 25%.
-SIZE, GRID = 40, 8
-TRAIN = [
-    *SMALL, "--model.image_size", str(SIZE), "--steps", "120", "--data.builtin_split", "single",
-    "--data.builtin_train_size", "1024", "--data.batch_size", "32", "--eval.every", "0",
-    "--train.save_every", "0",
-]  # fmt: skip
+SIZE, GRID = TRAINED_SIZE, TRAINED_GRID
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from mlx_clip.train import main as train_main
-
-    out = tmp_path_factory.mktemp("trained") / "run"
-    train_main(["--out", str(out), *TRAIN])
-    return out / "checkpoints" / "latest"
+def checkpoint(trained_run):
+    return trained_run / "checkpoints" / "latest"
 
 
 @pytest.fixture(scope="module")

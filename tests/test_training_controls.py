@@ -18,11 +18,13 @@ from mlx_clip.data.run_data import build_run_data
 from mlx_clip.eval import main as eval_main
 from mlx_clip.export import main as export_main
 from mlx_clip.models.config import model_config
+from mlx_clip.models.model import encode_pair
 from mlx_clip.run_args import parse_args
 from mlx_clip.schema import ConfigError
 from mlx_clip.train import main as train_main
+from mlx_clip.training.build import make_loss_parts
 from mlx_clip.training.ema import ModelEMA, ema_decay_at
-from mlx_clip.training.evaluate import val_loss
+from mlx_clip.training.evaluate import evaluate
 from mlx_clip.training.optim import build_optimizer, lock_parameters, mx_schedule
 from mlx_clip.training.optim_rules import lr_at
 
@@ -93,9 +95,17 @@ def test_eval_uses_the_ema_when_asked(ema_runs):
     model, _, _ = mlx_clip.load(full, ema=True)  # ema.safetensors
     cfg = load_config(full / "config.yaml")
     data = build_run_data(cfg, cfg.model_config(), full / "checkpoints" / "step_6")
-    assert val_loss(model, data, cfg) == pytest.approx(summary_ema["val_loss"], rel=1e-6)
+    assert evaluate(model, data, cfg)["val_loss"] == pytest.approx(summary_ema["val_loss"], rel=1e-6)
     raw, _, _ = mlx_clip.load(full)  # model.safetensors: the raw weights
-    assert val_loss(raw, data, cfg) == pytest.approx(summary_raw["val_loss"], rel=1e-6)
+    assert evaluate(raw, data, cfg)["val_loss"] == pytest.approx(summary_raw["val_loss"], rel=1e-6)
+    # The val loss reuses the evaluation's features; encoding the val pairs again gives it too.
+    _, features_loss = make_loss_parts(cfg)
+    losses = [
+        (features_loss(raw, *encode_pair(raw, mx.array(images), mx.array(tokens))).item(), len(tokens))
+        for images, tokens in data.val_pairs()
+    ]
+    again = np.average([x for x, _ in losses], weights=[n for _, n in losses])
+    assert again == pytest.approx(summary_raw["val_loss"], rel=1e-6)
     again = eval_main(["--checkpoint", str(full), "--ema"])  # the eval CLI on ema.safetensors
     assert again["zeroshot_top1"] == summary_ema["zeroshot_top1"]
     assert again["i2t_mean_rank"] == pytest.approx(summary_ema["i2t_mean_rank"])

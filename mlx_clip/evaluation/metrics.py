@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -138,16 +139,38 @@ def _same_text(own: np.ndarray, texts: list[str]) -> np.ndarray:
     return owns_text[:, text_id]
 
 
+@dataclass
+class HeldOutFeatures:
+    """One held-out set's features as evaluate_run computed them, kept for the val loss."""
+
+    images: np.ndarray  # (N, D), row i the image of captions[i], in the loader's order
+    texts: np.ndarray  # (number of captions, D), every image's captions in order
+    owner: np.ndarray  # (number of captions,) the image of each text row
+    batches: list[int]  # the loader's batch sizes
+
+    def val_pairs(self):
+        """(image features, features of each image's first caption) per loader batch of >= 2
+        images: the batches of RunData.val_pairs, without encoding the images and captions again."""
+        first = np.searchsorted(self.owner, np.arange(len(self.images)))  # owner is sorted
+        start = 0
+        for size in self.batches:
+            if size >= 2:  # a contrastive loss needs negatives
+                yield self.images[start : start + size], self.texts[first[start : start + size]]
+            start += size
+
+
 def evaluate_run(
     data,
     encode_image: Callable[[np.ndarray], np.ndarray],
     encode_text: Callable[[np.ndarray], np.ndarray],
     text_batch: int = 256,
+    keep: dict | None = None,
 ) -> dict:
     """Zero-shot top-1/top-5 (prompt ensemble) and retrieval on a run's held-out sets.
 
     `data` is a run_data.RunData; the encoders map numpy NHWC images / int32 tokens to
-    numpy features, so MLX and torch_ref share this code.
+    numpy features, so MLX and torch_ref share this code. With `keep`, keep[set name] gets
+    its HeldOutFeatures (the MLX trainer's val loss reads them instead of encoding again).
     """
 
     def texts_to_features(texts: list[str]) -> np.ndarray:
@@ -159,7 +182,8 @@ def evaluate_run(
     metrics: dict = {}
     for name, ev in data.evals.items():
         prefix = "" if name == "val" else f"{name}_"
-        image_features = np.concatenate([encode_image(b["images"]) for b in ev.loader.epoch(0)])
+        batches = [encode_image(b["images"]) for b in ev.loader.epoch(0)]
+        image_features = np.concatenate(batches)
         if len(image_features) != len(ev.captions):
             raise ValueError(
                 f"{name}: {len(image_features)} images encoded, {len(ev.captions)} caption lists"
@@ -168,6 +192,8 @@ def evaluate_run(
         captions = [c for caps in ev.captions for c in caps]
         owner = np.repeat(np.arange(len(ev.captions)), [len(c) for c in ev.captions])
         text_features = texts_to_features(captions)
+        if keep is not None:
+            keep[name] = HeldOutFeatures(image_features, text_features, owner, [len(b) for b in batches])
         metrics.update(
             {
                 prefix + k: v

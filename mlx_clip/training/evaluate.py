@@ -14,31 +14,35 @@ from ..data.run_data import RunData
 from ..data.samples import DataError
 from ..data.transforms import ImagePreprocess
 from ..evaluation.datasets import DataChecks
-from ..evaluation.metrics import evaluate_run
+from ..evaluation.metrics import HeldOutFeatures, evaluate_run
 from ..evaluation.suite import LoadedSet, evaluate_sets, load_sets
-from ..models.model import CLIP, encode_pair
+from ..models.model import CLIP
 from .build import make_loss_parts
 
 
 def evaluate(model: CLIP, data: RunData, cfg: Config | None = None) -> dict:
     """Zero-shot and retrieval metrics of `model` on the run's held-out sets, and with `cfg` the
     training loss on the val set (`val_loss`)."""
+    kept: dict[str, HeldOutFeatures] = {}
     metrics = evaluate_run(
         data,
         encode_image=lambda images: np.array(model.encode_image(mx.array(images))),
         encode_text=lambda tokens: np.array(model.encode_text(mx.array(tokens))),
+        keep=kept,
     )
     if cfg is not None and "val" in data.evals:
-        metrics["val_loss"] = val_loss(model, data, cfg)
+        metrics["val_loss"] = val_loss(model, cfg, kept["val"])
     return metrics
 
 
-def val_loss(model: CLIP, data: RunData, cfg: Config) -> float:
-    """The training objective on the val set, in float32 at the current temperature."""
+def val_loss(model: CLIP, cfg: Config, features: HeldOutFeatures) -> float:
+    """The training objective on the val set, in float32 at the current temperature, from the
+    features evaluate_run computed (float32, L2-normalised: what encode_pair gives a float32 model),
+    so the held-out images and captions are encoded once per evaluation, not twice."""
     _, features_loss = make_loss_parts(cfg)  # one process: rank 0 evaluates alone
     losses = [
-        (features_loss(model, *encode_pair(model, mx.array(images), mx.array(tokens))).item(), len(tokens))
-        for images, tokens in data.val_pairs()
+        (features_loss(model, mx.array(images), mx.array(texts)).item(), len(texts))
+        for images, texts in features.val_pairs()
     ]
     return float(np.average([x for x, _ in losses], weights=[n for _, n in losses])) if losses else math.nan
 

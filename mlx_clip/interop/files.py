@@ -41,6 +41,7 @@ from ..models.weights import (
     safetensors_dtypes,
     save_weights,
 )
+from ..procs import pid_alive
 from ..schema import to_dict
 from ..text.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from ..text.vocab import AnyTokenizer, load_saved
@@ -209,16 +210,6 @@ def _staging_dir(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
 def clean_stale(out: Path, log=print) -> None:
     """Undo what a killed convert/export left beside OUT: a replaced output whose successor never
     moved in goes back to OUT; other staging directories are removed. Only directories named by
@@ -228,7 +219,7 @@ def clean_stale(out: Path, log=print) -> None:
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(old|tmp)-(\d+)-[0-9a-f]{{8}}")
     for path in sorted(out.parent.iterdir()):  # .old- before .tmp-
         match = pattern.fullmatch(path.name)
-        if not match or not path.is_dir() or _alive(int(match[2])):
+        if not match or not path.is_dir() or pid_alive(int(match[2])):
             continue
         if match[1] == "old" and not out.exists():
             os.rename(path, out)
@@ -239,7 +230,7 @@ def clean_stale(out: Path, log=print) -> None:
     marker = out / STAGING_MARKER  # a kill just after the move in
     if marker.is_file():
         pid = marker.read_text().strip()
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not pid_alive(int(pid)):
             marker.unlink()
 
 

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from ..config import Config, load_config
 from ..evaluation.spec import best_metric_problem, lower_is_better
+from ..procs import pid_alive
 from ..schema import ConfigError
 from .space import Param, load_space, override_text, sample
 from .trial import run_trial, train_command
@@ -142,7 +143,7 @@ def fail_interrupted(study: optuna.Study) -> list[int]:
     host, failed = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid, where = t.user_attrs.get("sweep_pid"), t.user_attrs.get("host", host)
-        if where != host or (pid is not None and alive(pid)):
+        if where != host or (pid is not None and pid_alive(pid)):
             continue
         trial = optuna.trial.Trial(study, t._trial_id)
         trial.set_user_attr("interrupted", True)
@@ -151,16 +152,6 @@ def fail_interrupted(study: optuna.Study) -> list[int]:
         study.enqueue_trial(t.params)
         failed.append(t.number)
     return failed
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_sweep(study: optuna.Study, n_trials: int, workers: int = 1) -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from ..procs import pid_alive
+
 LOCK_FILE = ".lock"  # training/run_dir.py LOCK_FILE (tests/test_ui_runs.py checks they agree)
 SWEEP_FILE = "sweep.json"  # runs/<study>/sweep.json: {"study", "storage", "metric", "direction"}
 MAX_DEPTH = 3  # runs/<study>/trial_<n> is two levels; one more for a folder of studies
@@ -93,16 +95,6 @@ def config_diff(configs: dict[str, dict]) -> list[dict]:
         if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
             rows.append({"key": key, "values": values})
     return rows
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def run_status(run: Path) -> str:

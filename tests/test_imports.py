@@ -49,6 +49,7 @@ FRAMEWORK_FREE = (
     "mlx_clip/training/temperature.py",
     "mlx_clip/training/patch_dropout.py",
     "mlx_clip/procs.py",
+    "mlx_clip/run_history.py",
     "mlx_clip/sweep.py",  # a sweep's own process: its trials alone train
     "mlx_clip/tuning/space.py",
     "mlx_clip/tuning/trial.py",

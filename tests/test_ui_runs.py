@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from mlx_clip.ui.runs import History, RunsFolder, config_diff, flatten, run_status
+from mlx_clip.run_history import History
+from mlx_clip.ui.runs import RunsFolder, config_diff, flatten, run_status
 
 
 def fake_run(root, name, records=(), config=None, summary=False, lock=None):

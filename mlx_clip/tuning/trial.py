@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..run_history import History
+
 POLL_S = 0.2
 GRACE_S = 120.0  # after SIGINT: time to save a checkpoint before the run is killed
 
@@ -129,20 +131,15 @@ class MetricsTail:
     A line still being written (no newline yet) waits for the next read."""
 
     def __init__(self, path: Path, metric: str):
-        self.path, self.metric, self.offset = path, metric, 0
+        self.history, self.metric, self.seen = History(path), metric, 0
 
     def read(self) -> list[tuple[int, float]]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        whole = chunk[: chunk.rfind(b"\n") + 1]
-        self.offset += len(whole)
-        found = []
-        for line in whole.decode().splitlines():
-            record = json.loads(line)
-            if record.get("event") == "eval" and isinstance(record.get(self.metric), (int, float)):
-                found.append((int(record["step"]), float(record[self.metric])))
-        return found
+        records = self.history.refresh()
+        if len(records) < self.seen:  # the file was replaced: History read it again from the start
+            self.seen = 0
+        new, self.seen = records[self.seen :], len(records)
+        return [
+            (int(r["step"]), float(r[self.metric]))
+            for r in new
+            if r.get("event") == "eval" and isinstance(r.get(self.metric), (int, float))
+        ]

@@ -7,6 +7,7 @@ worker process starts clean.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -14,6 +15,7 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -201,3 +203,22 @@ def record_header(schema: str) -> dict:
         "versions": versions(),
         "git": git_info(),
     }
+
+
+def run_in_worker(
+    module: str, spec: dict, name: dict, timeout: float | None, env: dict | None = None
+) -> dict:
+    """`python -m MODULE --worker SPEC.json` in a fresh process (its own BLAS, allocator and peak
+    RSS): the dict the worker wrote to spec["result_path"]. A timeout, or a worker that ends
+    without a result, gives {**name, "error": why} instead."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
+        cmd = [sys.executable, "-m", module, "--worker", str(spec_path)]
+        try:
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {**name, "error": f"timed out after {timeout:.0f} s"}
+        if out_path.is_file():
+            return json.loads(out_path.read_text())
+        return {**name, "error": f"worker exited with code {proc.returncode} and no result"}

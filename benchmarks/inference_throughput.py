@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,14 @@ import numpy as np
 from mlx_clip.models.config import model_config
 from mlx_clip.schema import to_dict
 
-from .common import REPO_ROOT, RESULTS_DIR, contention, cpu_snapshot, machine_info, record_header
+from .common import (
+    RESULTS_DIR,
+    contention,
+    cpu_snapshot,
+    machine_info,
+    record_header,
+    run_in_worker,
+)
 
 SCHEMA = "mlx_clip.inference_throughput/1"
 BACKENDS = ("mlx", "open_clip")
@@ -197,21 +203,8 @@ def run_backend(spec: dict, timeout: float) -> dict:
     env = dict(os.environ)
     if spec["backend"] != "mlx":
         env["MLX_CLIP_BLAS"] = "none"  # keep OpenBLAS out of torch's process
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
-        cmd = [sys.executable, "-m", "benchmarks.inference_throughput", "--worker", str(spec_path)]
-        print(f"[{spec['backend']}] starting worker", file=sys.stderr, flush=True)
-        try:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"backend": spec["backend"], "error": f"timed out after {timeout:.0f} s"}
-        if out_path.is_file():
-            return json.loads(out_path.read_text())
-        return {
-            "backend": spec["backend"],
-            "error": f"worker exited with code {proc.returncode} and no result",
-        }
+    print(f"[{spec['backend']}] starting worker", file=sys.stderr, flush=True)
+    return run_in_worker("benchmarks.inference_throughput", spec, {"backend": spec["backend"]}, timeout, env)
 
 
 def markdown_table(doc: dict) -> str:

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,14 @@ from pathlib import Path
 from mlx_clip.models.config import model_config
 from mlx_clip.schema import to_dict
 
-from .common import REPO_ROOT, RESULTS_DIR, machine_info, peak_rss_bytes, record_header, synthetic_batch
+from .common import (
+    RESULTS_DIR,
+    machine_info,
+    peak_rss_bytes,
+    record_header,
+    run_in_worker,
+    synthetic_batch,
+)
 from .step_workers import log
 
 SCHEMA = "mlx_clip.memory/1"
@@ -207,18 +213,8 @@ def run_worker(spec: dict) -> dict:
 
 def run_variant(spec: dict, timeout: float | None) -> dict:
     variant = spec["variant"]
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
-        cmd = [sys.executable, "-m", "benchmarks.memory", "--worker", str(spec_path)]
-        log(variant, "starting worker")
-        try:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"variant": variant, "error": f"timed out after {timeout:.0f} s"}
-        if out_path.is_file():
-            return json.loads(out_path.read_text())
-        return {"variant": variant, "error": f"worker exited with code {proc.returncode} and no result"}
+    log(variant, "starting worker")
+    return run_in_worker("benchmarks.memory", spec, {"variant": variant}, timeout)
 
 
 def _mib(n: float) -> str:

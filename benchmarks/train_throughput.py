@@ -60,9 +60,7 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -72,10 +70,10 @@ from mlx_clip.models.config import model_config
 from mlx_clip.schema import to_dict
 
 from .common import (
-    REPO_ROOT,
     RESULTS_DIR,
     machine_info,
     record_header,
+    run_in_worker,
 )
 from .flops import clip_flops_per_pair, format_flops
 from .step_workers import log, run_worker
@@ -138,18 +136,8 @@ def run_backend(spec: dict, timeout: float | None) -> dict:
         env["MLX_CLIP_BLAS"] = "none"  # keep OpenBLAS out of torch's process
     else:  # fp32 matmuls in full fp32 on GPUs, not MLX's default TF32: as torch's default (no TF32)
         env.setdefault("MLX_ENABLE_TF32", "0")
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
-        cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", str(spec_path)]
-        log(backend, "starting worker")
-        try:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"backend": backend, "error": f"timed out after {timeout:.0f} s"}
-        if out_path.is_file():
-            return json.loads(out_path.read_text())
-        return {"backend": backend, "error": f"worker exited with code {proc.returncode} and no result"}
+    log(backend, "starting worker")
+    return run_in_worker("benchmarks.train_throughput", spec, {"backend": backend}, timeout, env)
 
 
 def _others(r: dict) -> float:

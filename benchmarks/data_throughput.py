@@ -173,7 +173,7 @@ def default_run_check(steps: int, warmup: int = 3) -> dict:
     import mlx.core as mx
 
     from mlx_clip.data.run_data import build_run_data
-    from mlx_clip.training import streams
+    from mlx_clip.models import streams
     from mlx_clip.training.build import build_training
 
     cfg = Config()

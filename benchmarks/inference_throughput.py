@@ -8,7 +8,7 @@ mlx_clip.interop.open_clip.open_clip_cfg) and run in float32 on the CPU, each ba
 subprocess, one after the other (the open_clip one without MLX's OpenBLAS). Per backend, in order:
 
 - image_model: one preprocessed float32 batch of --batch images through the image tower to unit
-  vectors, as numpy (mlx_clip: the model call inside inference.encode_images; open_clip:
+  vectors, as numpy (mlx_clip: models.streams.Encoders, the call inside inference.encode_images; open_clip:
   encode_image(normalize=True) under torch.inference_mode); 2 warm-up calls, then --rounds timed;
 - text_model: the same with --batch token rows through the text tower;
 - image_decode: --images JPEG files (640 x 480, written once by the parent), --batch at a time, read,
@@ -103,22 +103,22 @@ def chunks(items: list, size: int) -> list[list]:
 
 
 def _mlx_rows(spec: dict, cfg, images: np.ndarray, tokens: np.ndarray, paths: list, texts: list) -> dict:
-    import mlx.core as mx
-
     from mlx_clip import create_model
     from mlx_clip.data.transforms import ImagePreprocess
     from mlx_clip.inference import Preprocess, encode_images, encode_texts, index_folder
+    from mlx_clip.models.streams import Encoders
     from mlx_clip.text.vocab import openai_tokenizer
 
     model = create_model(cfg, seed=0)
     model.eval()
+    encoders = Encoders.of(model)  # what encode_images / encode_texts call: one shard per core, compiled
     preprocess = Preprocess(cfg.image_size, settings=ImagePreprocess.of(cfg))  # as mlx_clip.load builds it
     tokenizer = openai_tokenizer()  # open_clip.tokenize's vocabulary (main() checks the model's)
     tokenizer.context_length = cfg.context_length
     batch, rounds = spec["batch"], [None] * (WARMUP + spec["rounds"])
     rows = {
-        "image_model": timed(lambda _: np.array(model.encode_image(mx.array(images))), rounds, WARMUP),
-        "text_model": timed(lambda _: np.array(model.encode_text(mx.array(tokens))), rounds, WARMUP),
+        "image_model": timed(lambda _: encoders.image(images), rounds, WARMUP),
+        "text_model": timed(lambda _: encoders.text(tokens), rounds, WARMUP),
         "image_decode": timed(lambda ps: encode_images(model, preprocess, ps, batch), chunks(paths, batch)),
         "text_tokenize": timed(lambda ts: encode_texts(model, tokenizer, ts, batch), chunks(texts, batch)),
     }

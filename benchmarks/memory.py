@@ -145,7 +145,7 @@ def _measure(spec: dict) -> dict:
     from mlx.utils import tree_flatten
 
     from mlx_clip.config import load_config
-    from mlx_clip.training import streams
+    from mlx_clip.models import streams
     from mlx_clip.training.build import build_training
 
     from .step_workers import _blas_info, _time_steps

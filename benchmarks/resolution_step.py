@@ -27,7 +27,7 @@ def time_sizes(arch: str, batch: int, sizes: list[int], steps: int, rounds: int)
     import mlx.core as mx  # after mlx_clip (imported above): OpenBLAS is bound first
 
     from mlx_clip.config import Config
-    from mlx_clip.training import streams
+    from mlx_clip.models import streams
     from mlx_clip.training.build import build_training
 
     cfg = model_config(arch)

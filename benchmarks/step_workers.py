@@ -66,7 +66,7 @@ def _gemm_peak(matmul, sync, n: int, reps: int) -> float:
 def _blas_info() -> dict:
     """Which BLAS MLX's CPU matmuls use here, and with how many threads (OpenBLAS default: all cores).
 
-    The MLX step sets it as a training run does (mlx_clip.training.streams.setup_process), with
+    The MLX step sets it as a training run does (mlx_clip.models.streams.setup_process), with
     train.deterministic off: one thread per stream with several streams, else OpenBLAS's default.
     """
     from mlx_clip import _blas
@@ -92,7 +92,7 @@ def _mlx_worker(spec: dict, cfg) -> dict:
 
     from mlx_clip import _blas
     from mlx_clip.config import Config
-    from mlx_clip.training import streams
+    from mlx_clip.models import streams
     from mlx_clip.training.build import build_training
 
     backend = spec["backend"]

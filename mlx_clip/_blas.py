@@ -10,6 +10,7 @@ and nothing happens here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -86,6 +87,28 @@ def ensure_fast_blas() -> dict:
         return status
     status.update(loaded=path, reason="loaded")
     return status
+
+
+def get_threads() -> int | None:
+    """OpenBLAS's thread count now; None when no OpenBLAS was loaded."""
+    if _lib is None or not hasattr(_lib, "openblas_get_num_threads"):
+        return None
+    return int(_lib.openblas_get_num_threads())
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """OpenBLAS at `n` threads inside the block, its previous count restored after (a no-op without
+    OpenBLAS). Process-wide: for code that owns the process's MLX work while it runs."""
+    before = get_threads()
+    if before is None or before == n:
+        yield
+        return
+    set_threads(n)
+    try:
+        yield
+    finally:
+        set_threads(before)
 
 
 def set_threads(n: int) -> bool:

@@ -333,7 +333,7 @@ class TrainConfig:
     seed: int = 0
     precision: Precision = "float32"  # bfloat16: bf16 compute, float32 weights and optimizer
     grad_checkpointing: bool = False  # recompute each transformer block in backward: less memory
-    # Batch shards run on their own MLX streams (mlx_clip/training/streams.py): "auto" is one per core on
+    # Batch shards run on their own MLX streams (mlx_clip/models/streams.py): "auto" is one per core on
     # the CPU backend, where a stream is one busy core, and 1 on a GPU.
     streams: int | Auto = "auto"
     memory_budget_gb: float | None = None  # data.batch_size auto: None is 60% of device memory

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
 from .config import Config
@@ -22,6 +21,7 @@ from .data.run_data import builtin_sources
 from .data.samples import sample_id
 from .inference import encode_texts, load, logit_scale
 from .models.locate import checkpoint_weights, file_sha256, resolve_checkpoint
+from .models.streams import Encoders
 from .schema import ConfigError
 
 
@@ -73,7 +73,7 @@ def encode_source(model, tokenizer, preprocess, source, batch_size: int = 128, n
         ok = batch["index"] == expected[k]  # (B,) False where a substitute took a bad image's place
         if ok.any():
             kept.append(expected[k][ok])
-            images.append(np.array(model.encode_image(mx.array(batch["images"][ok]))))  # (b, D)
+            images.append(Encoders.of(model).image(batch["images"][ok]))  # (b, D)
     kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
     dim = model.config.embed_dim
     image = np.concatenate(images) if images else np.zeros((0, dim), np.float32)

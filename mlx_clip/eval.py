@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _named_sets(args, texts: dict[str, list[str]]) -> dict:
-    import mlx.core as mx
-    import numpy as np
 
     from .data.samples import DataError
     from .data.transforms import ImagePreprocess
@@ -76,6 +74,7 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
     from .inference import load
     from .models.locate import resolve_checkpoint
     from .models.quantize import quantization
+    from .models.streams import Encoders
 
     runs = []  # (checkpoint, model, tokenizer) of A, then B
     try:
@@ -95,8 +94,8 @@ def _named_sets(args, texts: dict[str, list[str]]) -> dict:
         for ckpt, model, tokenizer in runs:
             scalars, details = evaluate_sets(
                 loaded,
-                encode_image=lambda x, m=model: np.array(m.encode_image(mx.array(x))),
-                encode_text=lambda t, m=model: np.array(m.encode_text(mx.array(t))),
+                encode_image=Encoders.of(model).image,
+                encode_text=Encoders.of(model).text,
                 tokenize=tokenizer,
                 batch_size=args.batch_size,
                 image_size=model.config.image_size,

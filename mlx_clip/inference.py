@@ -35,7 +35,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -50,6 +49,7 @@ from .models.config import ModelConfig
 from .models.locate import checkpoint_weights, resolve_checkpoint, verify_files
 from .models.model import CLIP, LOGIT_SCALE_MAX
 from .models.quantize import check_quantization, quantization, quantize_model
+from .models.streams import Encoders
 from .text.tokenizer import Tokenizer
 from .text.vocab import load_tokenizer
 
@@ -155,7 +155,8 @@ def load(
 
 
 def encode_images(model, preprocess, images, batch_size: int = 32, skip_errors: bool = False) -> np.ndarray:
-    """Paths or PIL images -> (N, E) float32 unit vectors.
+    """Paths or PIL images -> (N, E) float32 unit vectors. Like every encoder call here, each batch
+    runs split over the CPU cores, through the compiled tower (models/streams.Encoders).
 
     An unreadable path raises a DataError naming it; with skip_errors it is reported as a
     SkippedImageWarning instead and its row is NaN."""
@@ -173,17 +174,14 @@ def encode_images(model, preprocess, images, batch_size: int = 32, skip_errors: 
                 continue
             rows.append(i)
         if rows:
-            out[rows] = np.array(model.encode_image(mx.array(np.stack(arrays))))  # (b, S, S, 3) -> (b, E)
+            out[rows] = Encoders.of(model).image(np.stack(arrays))  # (b, S, S, 3) -> (b, E)
     return out
 
 
 def encode_texts(model, tokenizer, texts, batch_size: int = 256) -> np.ndarray:
     """Texts -> (N, E) float32 unit vectors."""
-    texts, ctx = list(texts), model.config.context_length
-    parts = [
-        np.array(model.encode_text(mx.array(tokenizer(texts[i : i + batch_size], ctx))))
-        for i in range(0, len(texts), batch_size)
-    ]
+    texts, ctx, encode = list(texts), model.config.context_length, Encoders.of(model).text
+    parts = [encode(tokenizer(texts[i : i + batch_size], ctx)) for i in range(0, len(texts), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, model.config.embed_dim), np.float32)
 
 
@@ -249,7 +247,7 @@ def zero_shot_probs(model, tokenizer, images, labels, templates=DEFAULT_TEMPLATE
     images = np.asarray(images, np.float32)
     if images.ndim == 4:
         images = np.concatenate(
-            [np.array(model.encode_image(mx.array(images[i : i + 64]))) for i in range(0, len(images), 64)]
+            [Encoders.of(model).image(images[i : i + 64]) for i in range(0, len(images), 64)]
         )
     feats = images / np.linalg.norm(images, axis=-1, keepdims=True)
     cos = (feats @ class_embeddings(model, tokenizer, labels, templates).T).astype(np.float64)  # (N, C)

@@ -18,13 +18,13 @@ from benchmarks import train_throughput as tt
 from benchmarks.flops import clip_flops_per_pair
 from mlx_clip.config import load_config
 from mlx_clip.models.config import ModelConfig
+from mlx_clip.models.streams import Lanes
 from mlx_clip.run_args import parse_args
 from mlx_clip.schema import ConfigError
 from mlx_clip.train import main as train_main
 from mlx_clip.training import loss as mlx_loss
 from mlx_clip.training.build import build_training, make_grad_fn, make_loss_parts
 from mlx_clip.training.patch_dropout import PatchDropout, draw_keep, num_kept
-from mlx_clip.training.streams import Lanes
 
 torch = pytest.importorskip("torch")
 import torch_ref  # noqa: E402

@@ -1,4 +1,4 @@
-"""Batch shards on their own MLX streams (mlx_clip/training/streams.py): the same step as one stream, up to
+"""Batch shards on their own MLX streams (mlx_clip/models/streams.py): the same step as one stream, up to
 float rounding; deterministic; and the config switch.
 
 Gradients are compared per tensor as in test_accum.py: |sharded - one| <= 1e-5 * |one| +
@@ -9,9 +9,11 @@ added at the end instead of summed over the whole batch at once).
 # ruff: noqa: I001  (mlx_clip must be imported before mlx.core: it picks the BLAS on Linux)
 import json
 import os
+import threading
 
 import mlx_clip  # noqa: F401
 import mlx.core as mx
+import numpy as np
 import pytest
 from dist_grad_worker import ARCH, BATCH, batch
 from mlx.utils import tree_flatten
@@ -19,11 +21,13 @@ from test_accum import assert_trees_close
 from conftest import train_run
 
 from mlx_clip.models import kernels
-from mlx_clip.training import streams
+from mlx_clip.models import streams
 from mlx_clip.config import load_config
 from mlx_clip.schema import ConfigError
 from mlx_clip.models.model import create_model
-from mlx_clip.training.streams import Lanes
+from mlx_clip import _blas
+from mlx_clip.models.quantize import quantize_model
+from mlx_clip.models.streams import Encoders, Lanes
 from mlx_clip.training.build import make_grad_fn
 
 
@@ -104,3 +108,66 @@ def test_evaluation_is_widened_only_for_several_streams_without_checkpointing(mo
     assert os.environ["MLX_BFS_MAX_WIDTH"] == streams.WIDE_EVALUATION
     monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "64")  # the user's own value stays
     assert not streams.widen_evaluation(2, grad_checkpointing=False)
+
+
+def _encoders_setup(n_rows=BATCH):
+    cfg = load_config(None, [*ARCH, ("data.batch_size", str(BATCH))])
+    model = create_model(cfg.model_config(), seed=0)
+    model.eval()
+    images, tokens = batch(cfg)
+    return model, images[:n_rows], tokens[:n_rows]
+
+
+def _close(got, want):
+    np.testing.assert_allclose(got, np.array(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_encoders_equal_the_model_for_any_batch(n):
+    """Sharded, compiled encoder calls give model.encode_image / encode_text, for batches the
+    streams do not divide, and a batch of one."""
+    model, images, tokens = _encoders_setup()
+    enc = Encoders(model, n)
+    for rows in (BATCH, 5, 1):
+        _close(enc.image(images[:rows]), model.encode_image(mx.array(images[:rows])))
+        _close(enc.text(tokens[:rows]), model.encode_text(mx.array(tokens[:rows])))
+
+
+def test_encoders_follow_new_weights_and_a_new_structure():
+    """The compiled towers take the weights as inputs: after load_weights (a run's next evaluation)
+    and after quantize_model (other arrays), they give the model's new features, not the traced ones."""
+    model, images, tokens = _encoders_setup()
+    enc = Encoders.of(model, 2)
+    first = enc.image(images)
+    other = create_model(model.config, seed=1)
+    model.load_weights(list(tree_flatten(other.parameters())))
+    assert Encoders.of(model, 2) is enc  # kept on the model, not traced again
+    assert not np.allclose(enc.image(images), first)
+    _close(enc.image(images), other.encode_image(mx.array(images)))
+    quantize_model(model, 8, group_size=32)
+    _close(enc.text(tokens), model.encode_text(mx.array(tokens)))
+
+
+def test_encoders_restore_the_blas_threads():
+    """A sharded call runs OpenBLAS at one thread and gives the process back its own count."""
+    if _blas.get_threads() is None:
+        pytest.skip("no OpenBLAS loaded (not Linux, or MLX_CLIP_BLAS=none)")
+    model, images, _ = _encoders_setup()
+    before = _blas.get_threads()
+    try:
+        _blas.set_threads(2)
+        Encoders(model, 2).image(images)
+        assert _blas.get_threads() == 2
+    finally:
+        _blas.set_threads(before)
+
+
+def test_encoders_work_from_another_thread():
+    """MLX streams belong to the thread that made them: a web app's inference thread gets its own."""
+    model, images, _ = _encoders_setup()
+    want = Encoders.of(model, 2).image(images)  # streams made on this thread first
+    got = []
+    worker = threading.Thread(target=lambda: got.append(Encoders.of(model, 2).image(images)))
+    worker.start()
+    worker.join()
+    _close(got[0], want)

@@ -168,7 +168,7 @@ def test_embeddings_match_inference(server, loaded, images):
     model, tokenizer, preprocess = loaded
     texts = ["a red circle", "a photo of a big blue cross"]
     status, out = call(server, "/v1/embeddings", {"input": texts})
-    assert status == 200 and out["object"] == "list" and out["model"] == "run"
+    assert status == 200 and out["object"] == "list" and out["model"] == "run", out
     assert [d["index"] for d in out["data"]] == [0, 1] and {d["object"] for d in out["data"]} == {"embedding"}
     got = np.array([d["embedding"] for d in out["data"]])
     np.testing.assert_allclose(got, encode_texts(model, tokenizer, texts), atol=1e-5)

@@ -4,6 +4,7 @@ config.py        ModelConfig: an architecture (configs/models/*.yaml), framework
 transformer.py   attention, MLP, residual blocks, the vision and text towers
 model.py         CLIP: the two towers, logit scale (and SigLIP's bias); features, never a loss
 kernels.py       the one switch for backend-specific kernels (arithmetic GELUs on MLX's CPU backend)
+streams.py       CPU-only: batch shards on several MLX streams (training steps, inference encoders)
 weights.py       canonical safetensors: save, strict load, find a checkpoint directory
 quantize.py      weight-only quantization of the linear layers, for inference
 lora_config.py   the finetune section (LoRA / QLoRA) and which linears get adapters, framework-free

@@ -26,7 +26,7 @@ Either way the activations' values agree to ~2e-6 (tests/test_kernels.py).
 Streams: the arithmetic activations, softmax and `checkpoint_block` have hand-written VJPs; MLX runs
 a custom VJP's Python on the default stream of the moment the backward graph is built, not on
 the forward's stream. `on_this_stream` pins them to the forward's stream, which the training
-step's batch shards (mlx_clip/training/streams.py) rely on.
+step's batch shards (mlx_clip/models/streams.py) rely on.
 
 Coefficients: least-squares fits in float64 (numpy), reweighted to minimise relative error;
 tests/test_kernels.py checks their accuracy against the native ops over the whole range.
@@ -126,7 +126,7 @@ def on_this_stream(fun, vjp):
 
     MLX runs a custom VJP's Python when the backward graph is built, on whatever stream is the
     default then, not on the stream the forward ran on. The training step runs shards of the
-    batch on their own CPU streams (mlx_clip/training/streams.py), so the VJP is pinned to the
+    batch on their own CPU streams (mlx_clip/models/streams.py), so the VJP is pinned to the
     stream of the forward here; otherwise every shard's backward would queue on one stream.
     """
     stream = mx.default_stream(mx.default_device())

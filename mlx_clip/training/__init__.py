@@ -10,7 +10,6 @@ optim.py        AdamW / Lion groups, learning-rate schedules, tower locking (rul
 ema.py          the EMA of the trainable weights (train.ema_decay)
 accum.py        gradient caching over micro-batches (optim.accum_steps)
 temperature.py  temperature schedules
-streams.py      CPU-only: batch shards and per-tensor work on several MLX streams
 distributed.py  data parallel over mx.distributed
 checkpoint.py   atomic run checkpoints, finding the one to resume, pruning (this run's only)
 run_dir.py      one process (OUT/.lock) and one run (refuse other runs' checkpoints) per OUT

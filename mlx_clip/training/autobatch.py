@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import Config
-from . import streams
+from ..models import streams
 from .build import build_training
 
 DEFAULT_FRACTION = 0.6  # of device memory, when train.memory_budget_gb is not set

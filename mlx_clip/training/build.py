@@ -17,11 +17,11 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from ..config import Config
+from ..models import streams
 from ..models.adapters import build_lora_model
 from ..models.config import ModelConfig
 from ..models.locate import resolve_init
 from ..models.model import CLIP, LOGIT_SCALE_MAX, create_model, encode_pair
-from . import streams
 from .distributed import World
 from .ema import ModelEMA
 from .loss import contrastive_loss, distill_loss

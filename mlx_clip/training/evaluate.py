@@ -17,6 +17,7 @@ from ..evaluation.datasets import DataChecks
 from ..evaluation.metrics import HeldOutFeatures, evaluate_run
 from ..evaluation.suite import LoadedSet, evaluate_sets, load_sets
 from ..models.model import CLIP
+from ..models.streams import Encoders
 from .build import make_loss_parts
 
 
@@ -26,8 +27,8 @@ def evaluate(model: CLIP, data: RunData, cfg: Config | None = None) -> dict:
     kept: dict[str, HeldOutFeatures] = {}
     metrics = evaluate_run(
         data,
-        encode_image=lambda images: np.array(model.encode_image(mx.array(images))),
-        encode_text=lambda tokens: np.array(model.encode_text(mx.array(tokens))),
+        encode_image=Encoders.of(model).image,
+        encode_text=Encoders.of(model).text,
         keep=kept,
     )
     if cfg is not None and "val" in data.evals:
@@ -81,8 +82,8 @@ def evaluate_eval_sets(model: CLIP, data: RunData, loaded: list[LoadedSet], cfg:
     run's tokenizer, in batches of data.batch_size."""
     return evaluate_sets(
         loaded,
-        encode_image=lambda images: np.array(model.encode_image(mx.array(images))),
-        encode_text=lambda tokens: np.array(model.encode_text(mx.array(tokens))),
+        encode_image=Encoders.of(model).image,
+        encode_text=Encoders.of(model).text,
         tokenize=data.tokenize,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,

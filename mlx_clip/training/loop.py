@@ -30,12 +30,13 @@ from ..config import Config, config_to_yaml
 from ..data import checks
 from ..data.run_data import RunData, build_run_data, fingerprints
 from ..evaluation.spec import lower_is_better
+from ..models import streams
 from ..models.locate import resolve_init
 from ..models.model import LOGIT_SCALE_MAX
 from ..models.weights import load_init_weights
 from ..schema import parse_yaml
 from . import checkpoint as ckpt_io
-from . import run_dir, streams
+from . import run_dir
 from .autobatch import find_batch_size
 from .build import Training, build_training
 from .distill import Teacher, load_teacher

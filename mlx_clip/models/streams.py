@@ -1,4 +1,5 @@
-"""Shard a batch over CPU streams, so MLX's CPU backend keeps every core busy.
+"""Shard a batch over CPU streams, so MLX's CPU backend keeps every core busy: in the training step
+(`Lanes`) and in every encoder call of evaluation and inference (`Encoders`).
 
 MLX's CPU backend runs each elementwise or reduction kernel on one thread; only the GEMMs
 (OpenBLAS) use several. On a 2-core machine that left one core idle for every LayerNorm, softmax,
@@ -23,6 +24,12 @@ Two things make the shards really overlap:
 - A custom VJP's Python runs when the backward graph is built, on the default stream of that
   moment; mlx_clip.models.kernels pins its VJPs to the forward's stream.
 
+Inference and evaluation (`Encoders`) shard each encoder call the same way, forward only: every
+caller (the run's evaluations, eval sets, `mlx_clip.eval`, predict, the index, embed, the web app)
+goes through `Encoders.of(model)`, which runs each shard through the tower compiled with mx.compile,
+and OpenBLAS at one thread while the call runs (its count restored after). A forward pass
+overlaps at MLX's default evaluation width.
+
 benchmarks/RESULTS.md has the measured effect. On a GPU (Metal, CUDA) one stream already fills
 the device, and `auto` means 1.
 """
@@ -30,8 +37,10 @@ the device, and `auto` means 1.
 from __future__ import annotations
 
 import os
+import threading
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_map
 
 from .. import _blas
@@ -77,11 +86,13 @@ def resolve(setting: int | str, device: mx.Device | None = None) -> int:
     return int(setting)
 
 
-_POOL: dict[str, list] = {}  # streams per device, reused: each one is a thread that never exits
+_POOL = threading.local()  # streams per device and thread, reused: each one is a thread that never exits
 
 
 def streams_of(device: mx.Device, n: int) -> list:
-    pool = _POOL.setdefault(str(device), [])
+    """n streams on `device` for the calling thread (MLX refuses a stream made in another thread)."""
+    pools = _POOL.__dict__.setdefault("pools", {})
+    pool = pools.setdefault(str(device), [])
     while len(pool) < n:
         pool.append(mx.new_stream(device))
     return pool[:n]
@@ -134,3 +145,56 @@ class Lanes:
     def map(self, fn, tree, *rest):
         """tree_map(fn, tree, *rest), each leaf on its own stream."""
         return tree_map(lambda *leaves: self.run(fn, *leaves), tree, *rest)
+
+
+class Encoders:
+    """A model's towers as numpy -> numpy functions for evaluation and inference: `image(images)`
+    (B, S, S, 3) float32 and `text(tokens)` (B, context_length) int32 -> (B, E) L2-normalised
+    features, as model.encode_image / encode_text give them, up to float rounding.
+
+    Each call splits its batch over `n` CPU streams (one shard per core; "auto" = train.streams's
+    auto: one per core on the CPU backend, 1 on a GPU) and runs each shard through the tower compiled
+    with mx.compile. The compiled towers read the model's parameters as inputs at every call
+    (`inputs=model.state`), so weights that change between calls (a run's evaluations, load_weights)
+    are seen; a change of structure (quantize_model, a LoRA merge) changes the inputs and MLX traces
+    again. Training and eval mode are traced apart (LoRA dropout). Get them with `Encoders.of`.
+    """
+
+    def __init__(self, model, n: int | str = "auto"):
+        self.model, self.n = model, resolve(n)
+        self._towers: dict = {}
+
+    @classmethod
+    def of(cls, model, n: int | str = "auto") -> Encoders:
+        """The Encoders of `model` with `n` streams, made once and kept on the model object (a plain
+        attribute, not a parameter: nothing in its state or checkpoints changes), so repeated calls
+        (a web app's requests, a run's evaluations) do not trace the towers again."""
+        cache = model.__dict__.setdefault("_mlx_clip_encoders", {})
+        n = resolve(n)
+        if n not in cache:
+            cache[n] = cls(model, n)
+        return cache[n]
+
+    def image(self, images) -> np.ndarray:
+        return self._run("image", images)
+
+    def text(self, tokens) -> np.ndarray:
+        return self._run("text", tokens)
+
+    def _tower(self, kind: str):
+        key = (kind, self.model.training)
+        if key not in self._towers:
+            encode = self.model.encode_image if kind == "image" else self.model.encode_text
+            self._towers[key] = mx.compile(lambda x: encode(x), inputs=self.model.state)
+        return self._towers[key]
+
+    def _run(self, kind: str, batch) -> np.ndarray:
+        tower = self._tower(kind)
+        x = mx.array(batch)
+        if self.n == 1 or x.shape[0] < 2:
+            return np.array(tower(x))
+        lanes = Lanes(self.n)  # the calling thread's streams (a web app encodes on its own thread)
+        # One GEMM per stream at a time: OpenBLAS's own threads would oversubscribe the cores.
+        with _blas.threads(1):
+            (features,) = lanes.shard(lambda shard: (tower(shard),), x)
+            return np.array(features)  # evaluated here, while OpenBLAS is at one thread

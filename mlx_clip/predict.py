@@ -121,11 +121,10 @@ def zero_shot(args, model, tokenizer, preprocess) -> dict:
 
 def search(args, model, tokenizer, preprocess, ckpt: Path) -> dict:
     from .inference import encode_texts, index_folder
-    from .models.locate import file_sha256
+    from .models.locate import model_sha256
 
-    index = index_folder(
-        model, preprocess, args.index, file_sha256(ckpt / "model.safetensors"), args.cache, args.batch_size
-    )
+    digest = model_sha256(ckpt, verified=not args.no_verify)  # load() has just checked it, unless told not to
+    index = index_folder(model, preprocess, args.index, digest, args.cache, args.batch_size)
     queries = []
     for query, text in zip(args.query, encode_texts(model, tokenizer, args.query), strict=True):
         hits = index.search(text, args.top or 10)

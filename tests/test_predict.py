@@ -374,3 +374,17 @@ def test_cli_errors_name_the_path(run_dir, image_src, tmp_path):
         predict_main(
             ["--checkpoint", str(run_dir), "--images", "x.png", "--labels", "a", "--templates", "oops"]
         )
+
+
+def test_search_reads_the_checkpoint_once(run_dir, folder, monkeypatch):
+    """load() checks model.safetensors against state.json; the index key reuses that digest instead
+    of hashing the file again (a SO400M checkpoint is 3.5 GB)."""
+    from mlx_clip.models import locate
+
+    real, hashed = locate.file_sha256, []
+    monkeypatch.setattr(locate, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    predict_main(["--checkpoint", str(run_dir), "--index", str(folder), "--query", "a red circle"])
+    assert hashed.count("model.safetensors") == 1
+    hashed.clear()
+    predict_main(["--checkpoint", str(run_dir), "--index", str(folder), "--query", "x", "--no-verify"])
+    assert hashed == ["model.safetensors"]  # not verified: hashed for the index key only

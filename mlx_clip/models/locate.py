@@ -69,6 +69,14 @@ def verify_files(ckpt: Path, resume: bool = False, hint: str = "") -> dict | Non
     return manifest
 
 
+def model_sha256(ckpt: Path, verified: bool) -> str:
+    """sha256 of ckpt/model.safetensors: the one its state.json lists when verify_files has just
+    checked the file against it (`verified`), so a large checkpoint is not read twice; else hashed."""
+    manifest = read_manifest(ckpt) if verified else None
+    digest = (manifest or {}).get("files", {}).get("model.safetensors")
+    return digest or file_sha256(ckpt / "model.safetensors")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step_N directory, a checkpoints/ root, or a run directory -> the newest checkpoint dir."""
     path = Path(path)

@@ -206,13 +206,15 @@ class ModelService:
             return self.loaded[name]
         from ..data.decode import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS
         from ..inference import Preprocess, load
-        from ..models.locate import file_sha256, resolve_checkpoint
+        from ..models.locate import model_sha256, resolve_checkpoint
 
         ckpt = resolve_checkpoint(self._path(name))
         model, tokenizer, pre = load(ckpt)
         # Uploads get training's decompression-bomb and aspect limits, not only PIL's own.
         pre = Preprocess(pre.image_size, DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_IMAGE_PIXELS, pre.settings)
-        loaded = Loaded(name, ckpt, model, tokenizer, pre, file_sha256(ckpt / "model.safetensors"))
+        loaded = Loaded(
+            name, ckpt, model, tokenizer, pre, model_sha256(ckpt, verified=True)
+        )  # load() verified
         self.loaded[name] = loaded
         while len(self.loaded) > MAX_MODELS:
             self.loaded.popitem(last=False)

@@ -148,3 +148,22 @@ def test_attention_matches_mlx_sdpa(monkeypatch, causal):
     assert abs(float(v_fast) - float(v_native)) < 1e-4
     for a, b in zip(g_fast, g_native, strict=True):
         assert float(mx.abs(a - b).max()) < 1e-5
+
+
+def test_layer_norm_matches_mlx_with_gradients(monkeypatch):
+    """The hand-written LayerNorm backward against autodiff of mx.fast.layer_norm: values and the
+    gradients of x, weight and bias, for a batched (B, L, D) input with an offset and spread."""
+    x = mx.random.normal((3, 5, 40), key=mx.random.key(0)) * 3 + 2
+    w, b = (mx.random.normal((40,), key=mx.random.key(i)) for i in (1, 2))
+    cot = mx.random.normal(x.shape, key=mx.random.key(3))
+
+    def grads(kind):
+        monkeypatch.setenv(fm.ENV, kind)
+        return mx.vjp(lambda *a: [fm.layer_norm(*a, 1e-5)], [x, w, b], [cot])
+
+    (v_native,), g_native = grads("native")
+    (v_fast,), g_fast = grads("fast")
+    assert float(mx.abs(v_native - mx.fast.layer_norm(x, w, b, 1e-5)).max()) == 0  # native is MLX's
+    assert float(mx.abs(v_fast - v_native).max()) < 1e-5
+    for a, ref in zip(g_fast, g_native, strict=True):
+        assert float(mx.abs(a - ref).max()) < 1e-5 * max(1.0, float(mx.abs(ref).max()))

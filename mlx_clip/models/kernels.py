@@ -8,6 +8,7 @@ The model takes these from here:
 - `checkpoint_block(block, x, causal)`: a transformer block with gradient checkpointing.
 - `quantized_matmul(x, layer)`: x @ W.T for a quantized linear layer (models/quantize.py).
 - `attention(q, k, v, scale, causal)`: scaled dot-product attention (its softmax is a kernel too).
+- `layer_norm(x, weight, bias, eps)`: LayerNorm, with a hand-written backward on the CPU.
 
 The switch, `use_fast_kernels()`, picks between MLX's native `mx.erf` / `mx.sigmoid` / softmax and
 versions built from multiply/add/divide only. On MLX's CPU backend the native transcendentals
@@ -180,6 +181,40 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
         above = mx.arange(L)[:, None] < mx.arange(L)[None]  # (L, L): a query's later keys
         scores = scores + mx.where(above, -mx.inf, 0.0)
     return softmax(scores) @ v  # (B, h, L, hd)
+
+
+def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    mu = mx.mean(x, axis=-1, keepdims=True)
+    centred = x - mu
+    rstd = mx.rsqrt(mx.mean(centred * centred, axis=-1, keepdims=True) + eps)  # two-pass variance
+    return centred * rstd * weight + bias
+
+
+def _layer_norm_vjp(primals, cotangent, output, eps: float):
+    x, weight, _ = primals
+    mu = mx.mean(x, axis=-1, keepdims=True)  # recomputed: two row reductions, no stored activations
+    centred = x - mu
+    rstd = mx.rsqrt(mx.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    normed = centred * rstd
+    g = cotangent * weight
+    mean_g, mean_gn = mx.mean(g, axis=-1, keepdims=True), mx.mean(g * normed, axis=-1, keepdims=True)
+    dx = rstd * (g - mean_g - normed * mean_gn)
+    rows = (-1, x.shape[-1])
+    return dx, (cotangent * normed).reshape(rows).sum(axis=0), cotangent.reshape(rows).sum(axis=0)
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """LayerNorm over the last axis with an affine weight and bias: mx.fast.layer_norm, or with the
+    fast kernels (float32) the same function with a hand-written VJP. On the CPU backend
+    mx.fast.layer_norm lowers to composed operations whose autodiff backward is slower (measured:
+    benchmarks/RESULTS.md#numbers-quoted-in-the-code)."""
+    if not use_fast_kernels() or x.dtype != mx.float32:
+        return mx.fast.layer_norm(x, weight, bias, eps)
+    fun = on_this_stream(
+        lambda x, w, b: _layer_norm(x, w, b, eps),
+        lambda primals, cotangent, output: _layer_norm_vjp(primals, cotangent, output, eps),
+    )
+    return fun(x, weight, bias)
 
 
 def use_fast_kernels() -> bool:

@@ -22,7 +22,7 @@ import mlx.nn as nn
 
 from ..interop.layouts import resample_matrix
 from .config import Activation, ModelConfig, TextPool
-from .kernels import activation, attention, checkpoint_block, quantized_matmul
+from .kernels import activation, attention, checkpoint_block, layer_norm, quantized_matmul
 
 
 class Attention(nn.Module):
@@ -78,14 +78,23 @@ class MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same keys) computed by kernels.layer_norm."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "weight" not in self or "bias" not in self:
+            return super().__call__(x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, width: int, heads: int, hidden: int, activation: Activation, eps: float):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.ln_1 = LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.ln_2 = LayerNorm(width, eps=eps)
         self.mlp = MLP(width, hidden, activation)
 
     def __call__(self, x: mx.array, causal: bool = False) -> mx.array:
@@ -144,7 +153,7 @@ class AttentionPool(nn.Module):
         super().__init__()
         self.probe = mx.zeros((1, 1, width))
         self.attn = Attention(width, heads)
-        self.norm = nn.LayerNorm(width, eps=eps)
+        self.norm = LayerNorm(width, eps=eps)
         self.mlp = MLP(width, hidden, activation)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -199,9 +208,9 @@ class VisionTransformer(nn.Module):
         self.grid = cfg.image_size // cfg.patch_size  # the native grid: the embedding's, always saved
         self.positional_embedding = scale * mx.random.normal((positions, width))
         if cfg.vision_pre_norm:
-            self.ln_pre = nn.LayerNorm(width, eps=eps)
+            self.ln_pre = LayerNorm(width, eps=eps)
         self.transformer = _tower(cfg, "vision")
-        self.ln_post = nn.LayerNorm(width, eps=eps)
+        self.ln_post = LayerNorm(width, eps=eps)
         if self.pool == "map":
             self.attn_pool = AttentionPool(
                 width, cfg.vision_heads, cfg.mlp_hidden("vision"), cfg.tower_activation("vision"), eps
@@ -246,7 +255,7 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, width)
         self.positional_embedding = mx.zeros((cfg.context_length, width))
         self.transformer = _tower(cfg, "text")
-        self.ln_final = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
+        self.ln_final = LayerNorm(width, eps=cfg.layer_norm_eps)
         if cfg.text_proj == "proj":
             self.text_projection = nn.Linear(width, cfg.embed_dim, bias=False)
         elif cfg.text_proj == "head":

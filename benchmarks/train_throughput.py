@@ -60,6 +60,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -229,6 +230,30 @@ def markdown_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def rounds_table(doc: dict) -> str | None:
+    """With --rounds > 1: each backend's median step in every round, the median of those, and the
+    ratios of the medians of rounds (the row the issue-18 targets are read from: the table above
+    picks each backend's least-disturbed round, which on a quiet machine only follows drift)."""
+    results = [r for r in doc["results"] if "error" not in r and len(r.get("rounds", [])) > 1]
+    if not results:
+        return None
+    med = {
+        r["backend"]: statistics.median(x["median_step_s"] for x in r["rounds"] if "error" not in x)
+        for r in results
+    }
+    refs = [b for b in ("torch_ref-cpu", "open_clip-cpu") if b in med]
+    n = max(len(r["rounds"]) for r in results)
+    head = ["backend", *[f"round {k + 1} ms" for k in range(n)], "median of rounds ms"]
+    head += [f"x {b} (medians)" for b in refs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        rounds = [("error" if "error" in x else f"{x['median_step_s'] * 1e3:,.1f}") for x in r["rounds"]]
+        ratios = [f"{med[b] / med[r['backend']]:.2f}" for b in refs]
+        row = [r["backend"], *rounds, f"{med[r['backend']] * 1e3:,.1f}", *ratios]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot(doc: dict, path: Path) -> None:
     import matplotlib
 
@@ -375,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print(markdown_table(doc))
+    if (per_round := rounds_table(doc)) is not None:
+        print("\nEvery round (median step), and the ratios of the medians of rounds:\n")
+        print(per_round)
     print(f"wrote {out}")
     if args.plot:
         plot(doc, out.with_suffix(".png"))

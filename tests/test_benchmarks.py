@@ -228,3 +228,16 @@ def test_memory_fine_tuning_variants_run_and_train_less():
     for r in (full, *others):
         assert "error" not in r and r["loss_finite"], r
     assert all(r["resident_bytes"] < full["resident_bytes"] for r in others)
+
+
+def test_rounds_table_reports_every_round_and_the_ratio_of_the_medians():
+    def result(backend, medians):
+        rounds = [{"median_step_s": m} for m in medians]
+        return {"backend": backend, "median_step_s": min(medians), "rounds": rounds}
+
+    doc = {"results": [result("mlx-cpu", [0.2, 0.18, 0.3]), result("torch_ref-cpu", [0.1, 0.2, 0.15])]}
+    rows = tt.rounds_table(doc).splitlines()
+    assert rows[0].startswith("| backend | round 1 ms | round 2 ms | round 3 ms | median of rounds ms |")
+    assert rows[2] == "| mlx-cpu | 200.0 | 180.0 | 300.0 | 200.0 | 0.75 |"  # 0.15 / 0.2, not 0.1 / 0.18
+    assert rows[3] == "| torch_ref-cpu | 100.0 | 200.0 | 150.0 | 150.0 | 1.00 |"
+    assert tt.rounds_table({"results": [{"backend": "mlx-cpu", "median_step_s": 0.1}]}) is None  # one round

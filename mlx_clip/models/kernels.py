@@ -183,19 +183,20 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool 
     return softmax(scores) @ v  # (B, h, L, hd)
 
 
+def _normalized(x: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """(x - mean) / std over the last axis, and 1 / std; the variance in two passes."""
+    centred = x - mx.mean(x, axis=-1, keepdims=True)
+    rstd = mx.rsqrt(mx.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return centred * rstd, rstd
+
+
 def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    mu = mx.mean(x, axis=-1, keepdims=True)
-    centred = x - mu
-    rstd = mx.rsqrt(mx.mean(centred * centred, axis=-1, keepdims=True) + eps)  # two-pass variance
-    return centred * rstd * weight + bias
+    return _normalized(x, eps)[0] * weight + bias
 
 
 def _layer_norm_vjp(primals, cotangent, output, eps: float):
     x, weight, _ = primals
-    mu = mx.mean(x, axis=-1, keepdims=True)  # recomputed: two row reductions, no stored activations
-    centred = x - mu
-    rstd = mx.rsqrt(mx.mean(centred * centred, axis=-1, keepdims=True) + eps)
-    normed = centred * rstd
+    normed, rstd = _normalized(x, eps)  # recomputed: two row reductions, no stored activations
     g = cotangent * weight
     mean_g, mean_gn = mx.mean(g, axis=-1, keepdims=True), mx.mean(g * normed, axis=-1, keepdims=True)
     dx = rstd * (g - mean_g - normed * mean_gn)

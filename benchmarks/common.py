@@ -194,6 +194,17 @@ def contention(before: dict | None, after: dict | None) -> dict | None:
     return {"wall_s": wall, "self_cpu_s": own, "others_cpu_s": others, "others_share": others / capacity}
 
 
+def write_record(doc: dict, out: Path, *reports: str) -> Path:
+    """A benchmark's end: its record as indented JSON at `out` (the folder made), each report (a
+    markdown table, a summary line) printed, then the path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    for report in reports:
+        print(report)
+    print(f"wrote {out}")
+    return out
+
+
 def record_header(schema: str) -> dict:
     """The fields every results JSON starts with: what ran, where, with which versions and commit."""
     return {

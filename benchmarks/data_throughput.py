@@ -44,7 +44,7 @@ from mlx_clip.data.readers import read_samples
 from mlx_clip.models.config import model_config
 from mlx_clip.schema import to_dict
 
-from .common import contention, cpu_snapshot, record_header
+from .common import contention, cpu_snapshot, record_header, write_record
 from .train_throughput import default_out, run_backend
 
 SCHEMA = "mlx_clip.data_throughput/1"
@@ -318,10 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         doc["default_run"] = default_run_check(args.default_run_steps)
     stamped = default_out()
     out = args.out or stamped.with_name(stamped.stem + "-data.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(markdown(doc))
-    print(f"wrote {out}")
+    write_record(doc, out, markdown(doc))
     return doc
 
 

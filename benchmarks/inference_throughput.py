@@ -51,6 +51,7 @@ from .common import (
     machine_info,
     record_header,
     run_in_worker,
+    write_record,
 )
 
 SCHEMA = "mlx_clip.inference_throughput/1"
@@ -279,10 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         doc["results"] = [run_backend({**spec, "backend": b}, args.timeout) for b in args.backends]
     stamp = time.strftime("%Y-%m-%d-%H%M%S", time.gmtime())
     out = args.out or RESULTS_DIR / f"inference-{machine_info()['host'].split('.')[0]}-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(markdown_table(doc))
-    print(f"wrote {out}")
+    write_record(doc, out, markdown_table(doc))
     return doc
 
 

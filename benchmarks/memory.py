@@ -53,6 +53,7 @@ from .common import (
     record_header,
     run_in_worker,
     synthetic_batch,
+    write_record,
 )
 from .step_workers import log
 
@@ -308,10 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": [run_variant({**spec, "variant": v}, args.timeout) for v in variants],
     }
     out = args.out or default_out()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(markdown_table(doc))
-    print(f"wrote {out}")
+    write_record(doc, out, markdown_table(doc))
     return doc
 
 

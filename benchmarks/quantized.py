@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import socket
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 # Importing mlx_clip (any submodule) loads OpenBLAS for MLX on Linux, before anything imports mlx.core.
 import mlx_clip
 
-from .common import REPO_ROOT, RESULTS_DIR, record_header, synthetic_batch
+from .common import REPO_ROOT, RESULTS_DIR, record_header, synthetic_batch, write_record
 
 SCHEMA = "mlx_clip.quantized/1"
 ACCURACY = ("zeroshot_top1", "i2t_R@1", "t2i_R@1")
@@ -175,9 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(doc["rows"]))
     stamp = time.strftime("%Y-%m-%d-%H%M%S", time.gmtime())
     out = args.out or RESULTS_DIR / f"{socket.gethostname()}-quantized-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out}")
+    write_record(doc, out)
     return doc
 
 

@@ -13,14 +13,13 @@ table the median per size and its ratio to the native size.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 from mlx_clip.models.config import model_config
 
-from .common import RESULTS_DIR, contention, cpu_snapshot, record_header, synthetic_batch
+from .common import RESULTS_DIR, contention, cpu_snapshot, record_header, synthetic_batch, write_record
 
 
 def time_sizes(arch: str, batch: int, sizes: list[int], steps: int, rounds: int) -> dict:
@@ -72,9 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = f"{med / native:.2f}" if native else "-"
         print(f"| | {size} px | {med:.2f} | {ratio} |")
     out = args.out or RESULTS_DIR / f"resolution-{args.arch}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out}")
+    write_record(record, out)
     return record
 
 

@@ -38,7 +38,15 @@ from pathlib import Path
 
 from mlx_clip.run_args import dotted_overrides
 
-from .common import REPO_ROOT, RESULTS_DIR, contention, cpu_snapshot, machine_info, record_header
+from .common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    contention,
+    cpu_snapshot,
+    machine_info,
+    record_header,
+    write_record,
+)
 
 SCHEMA = "mlx_clip.time_to_accuracy/1"
 TRAINERS = {"mlx": "mlx_clip.train", "torch_ref": "torch_ref.train"}  # backend -> module run with -m
@@ -230,11 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc["comparison"] = compare(doc["results"])
     host = machine_info()["host"].split(".")[0]
     out = args.out or RESULTS_DIR / f"tta-{host}-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(markdown_tables(doc))
-    print(json.dumps(doc["comparison"]))
-    print(f"wrote {out}")
+    write_record(doc, out, markdown_tables(doc), json.dumps(doc["comparison"]))
     return doc
 
 

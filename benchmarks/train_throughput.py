@@ -75,6 +75,7 @@ from .common import (
     machine_info,
     record_header,
     run_in_worker,
+    write_record,
 )
 from .flops import clip_flops_per_pair, format_flops
 from .step_workers import log, run_worker
@@ -397,13 +398,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     add_device_mfu(doc["results"], spec["precision"])
     out = args.out or default_out()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    print(markdown_table(doc))
+    reports = [markdown_table(doc)]
     if (per_round := rounds_table(doc)) is not None:
-        print("\nEvery round (median step), and the ratios of the medians of rounds:\n")
-        print(per_round)
-    print(f"wrote {out}")
+        reports += ["\nEvery round (median step), and the ratios of the medians of rounds:\n", per_round]
+    write_record(doc, out, *reports)
     if args.plot:
         plot(doc, out.with_suffix(".png"))
         print(f"wrote {out.with_suffix('.png')}")

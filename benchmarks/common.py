@@ -217,15 +217,16 @@ def record_header(schema: str) -> dict:
 
 
 def run_in_worker(
-    module: str, spec: dict, name: dict, timeout: float | None, env: dict | None = None
+    module: str, spec: dict, name: dict, timeout: float | None, env: dict | None = None, prefix=()
 ) -> dict:
     """`python -m MODULE --worker SPEC.json` in a fresh process (its own BLAS, allocator and peak
     RSS): the dict the worker wrote to spec["result_path"]. A timeout, or a worker that ends
-    without a result, gives {**name, "error": why} instead."""
+    without a result, gives {**name, "error": why} instead. `prefix`: a command that runs the
+    worker (`perf record ... --`, benchmarks/cpu_profile.py)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
-        cmd = [sys.executable, "-m", module, "--worker", str(spec_path)]
+        cmd = [*prefix, sys.executable, "-m", module, "--worker", str(spec_path)]
         try:
             proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -25,6 +25,8 @@ from mlx_clip.training.patch_dropout import patch_dropout
 from .common import contention, cpu_has_native_bf16, cpu_snapshot, peak_rss_bytes, synthetic_batch
 from .flops import clip_flops_per_pair
 
+TIMED_WINDOW: list[float] = []  # [start, end] of the last _time_steps' timed steps, time.monotonic()
+
 
 def log(backend: str, msg: str) -> None:
     print(f"[{backend}] {msg}", file=sys.stderr, flush=True)
@@ -34,11 +36,14 @@ def _time_steps(step, sync, warmup: int, steps: int, backend: str) -> tuple[list
     """Run warmup + steps calls of `step` (which must finish the work, sync included); time the last.
 
     Also returns how much CPU other processes used while the timed steps ran (common.contention).
+    The timed steps' window on the monotonic clock is kept in TIMED_WINDOW (run_worker records it:
+    benchmarks/cpu_profile.py keeps the `perf` samples inside it).
     """
     times, outputs, before = [], [], None
     for i in range(warmup + steps):
         if i == warmup:
             before = cpu_snapshot()
+            TIMED_WINDOW[:] = [time.monotonic()]
         t0 = time.perf_counter()
         out = step()
         sync()
@@ -47,6 +52,7 @@ def _time_steps(step, sync, warmup: int, steps: int, backend: str) -> tuple[list
             times.append(dt)
             outputs.append(out)
         log(backend, f"{'warm-up' if i < warmup else 'step'} {i + 1}/{warmup + steps}: {dt * 1e3:.1f} ms")
+    TIMED_WINDOW.append(time.monotonic())
     return times, outputs, contention(before, cpu_snapshot())
 
 
@@ -276,6 +282,7 @@ def run_worker(spec: dict) -> dict:
             mfu=model_flops / median / peak,
             loss_finite=all(math.isfinite(x) for x in res["losses"]),
             wall_s=time.perf_counter() - t0,
+            timed_window_monotonic_s=list(TIMED_WINDOW),
         )
     except Exception as e:  # recorded, so that one broken backend does not hide the others
         traceback.print_exc()

@@ -65,9 +65,11 @@ def test_every_default_variant_runs_and_saves_memory(bench):
     # the same fp32 loss: gradient caching changes how, not what, is computed
     assert results["accum2"]["losses"][0] == pytest.approx(results["plain"]["losses"][0], rel=1e-6)
     # one micro-batch's activations at a time. At this size MLX's peak varies by ~0.1 MB from run
-    # to run (of ~2 MB); the step's own memory at batch 16 is ~0.5x plain for accum2, ~0.3x for accum4.
+    # to run (of ~2 MB); the step's own memory at batch 16 is 0.3-0.55x plain for accum2 and accum4,
+    # and which of the two is lower flips from run to run (both ~0.8 MB in one run), so only the
+    # saving against plain is asserted.
     plain = results["plain"]["step_peak_bytes"]
-    assert results["accum4"]["step_peak_bytes"] < results["accum2"]["step_peak_bytes"] < 0.75 * plain
+    assert max(results["accum2"]["step_peak_bytes"], results["accum4"]["step_peak_bytes"]) < 0.75 * plain
 
 
 def test_markdown_table(bench):

@@ -6,6 +6,7 @@ the numbers are computed correctly and recorded completely.
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,8 @@ def test_one_step_per_backend_runs_and_is_finite(bench):
         assert 0 < r["mfu"] < 10 and r["peak_memory_bytes"] > 0
         assert 0 < r["mfu_device"] <= r["mfu"]  # the best GEMM peak on the device is at least the own one
         assert r["model_flops_per_step"] == 4 * clip_flops_per_pair(model_config("tiny"), 4)["train"]
+        start, end = r["timed_window_monotonic_s"]  # the timed steps on the clock perf samples with
+        assert 0 < end - start < r["wall_s"] and end - start >= sum(r["step_times_s"])
     # the same model everywhere: identical parameter counts
     assert len({r["num_params"] for r in doc["results"]}) == 1
 
@@ -167,6 +170,7 @@ RESULT_KEYS = {
     "contention": dict,
     "load_avg_at_start": list,
     "num_params": int,
+    "timed_window_monotonic_s": list,
 }
 
 
@@ -241,3 +245,59 @@ def test_rounds_table_reports_every_round_and_the_ratio_of_the_medians():
     assert rows[2] == "| mlx-cpu | 200.0 | 180.0 | 300.0 | 200.0 | 0.75 |"  # 0.15 / 0.2, not 0.1 / 0.18
     assert rows[3] == "| torch_ref-cpu | 100.0 | 200.0 | 150.0 | 150.0 | 1.00 |"
     assert tt.rounds_table({"results": [{"backend": "mlx-cpu", "median_step_s": 0.1}]}) is None  # one round
+
+
+# ---------------------------------------------------------------------------
+# benchmarks/cpu_profile.py: perf samples sorted into categories
+
+PERF_LINES = """\
+ 3373  7f6a98c1a2b0 sgemm_kernel_COOPERLAKE (/usr/lib/x86_64-linux-gnu/libopenblasp-r0.3.21.so)
+ 3373  7f6a98c1a2b0 sgemm_kernel_COOPERLAKE (/usr/lib/x86_64-linux-gnu/libopenblasp-r0.3.21.so)
+ 3374  7f6a808e7611 Cf4IAddABDf4OSubtractCB_VV_f4f4_614_strided_1 (/tmp/mlx/libCf4IAddAB_strided_1.so)
+ 3374  7f6a808e1000 mlx::core::(anonymous namespace)::copy_general_general<float, float> (/x/libmlx.so)
+ 3366  7f6a808e2000 mlx::core::eval_impl (/x/site-packages/mlx/lib/libmlx.so)
+ 3366  ffffffff815a4f21 futex_wake ([kernel.kallsyms])
+ 3366  7f6a98faf848 _int_malloc (/usr/lib/x86_64-linux-gnu/libc.so.6)
+ 3381  7f7479c1de62 [unknown] (/x/site-packages/torch/lib/libgomp.so.1)
+ 3381  7f7479c1de00 at::native::cpu_flash_attention<float, 32l>(at::Tensor const&) (/x/libtorch_cpu.so)
+ 3381  7f7479c1de00 mkl_blas_def_sgemm_kernel_0_zen (/x/torch/lib/libtorch_cpu.so)
+ 3366  7f6a98faa027 _PyEval_EvalFrameDefault (/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0)
+ 3366  7f6a98faa027 [unknown] ([unknown])
+
+"""
+
+
+def test_cpu_profile_sorts_perf_samples_into_categories():
+    from benchmarks.cpu_profile import OTHER, aggregate
+
+    got = aggregate(PERF_LINES, freq=1000, steps=2)  # a sample is 1 ms; per step: 0.5 ms
+    ms = got["categories_ms_per_step"]
+    assert got["samples"] == 12 and got["cpu_ms_per_step"] == pytest.approx(6.0)
+    assert ms == pytest.approx({
+        "GEMM (BLAS kernels and packing)": 1.5,  # OpenBLAS twice, MKL once
+        "elementwise and fused kernels": 1.0,  # an mx.compile kernel, torch's flash attention
+        "layout copies": 0.5,
+        "framework bookkeeping (graph, scheduling, dispatch)": 0.5,
+        "OS kernel (wake-ups, scheduling, page faults)": 0.5,
+        "malloc / free and the C++ runtime": 0.5,
+        "thread pools waiting for work": 0.5,
+        "Python interpreter": 0.5,
+        OTHER: 0.5,
+    })  # fmt: skip
+    assert got["threads_ms_per_step"] == pytest.approx([2.5, 1.5, 1.0, 1.0])  # 3366, 3381, 3373, 3374
+
+
+@pytest.mark.skipif(shutil.which("perf") is None, reason="needs Linux perf")
+def test_cpu_profile_runs_the_mlx_step_under_perf(tmp_path):
+    from benchmarks import cpu_profile
+
+    out = tmp_path / "profile.json"
+    argv = ["--batch", "4", "--warmup", "1", "--steps", "3", "--backends", "mlx-cpu", "--out", str(out)]
+    doc = cpu_profile.main(argv)
+    (r,) = json.loads(out.read_text())["results"]
+    assert "error" not in r, r
+    assert r["samples"] > 0 and r["cpu_ms_per_step"] > 0
+    ms = r["categories_ms_per_step"]
+    assert ms["GEMM (BLAS kernels and packing)"] > 0 and ms["elementwise and fused kernels"] > 0
+    assert sum(ms.values()) == pytest.approx(r["cpu_ms_per_step"])
+    assert "| GEMM (BLAS kernels and packing) |" in cpu_profile.table(doc["results"])

@@ -57,6 +57,18 @@ CATEGORIES = (
 )
 OTHER = "other"
 _LIBRARY = re.compile(r"\(([^()]*)\)\s*$")
+PARANOID = Path("/proc/sys/kernel/perf_event_paranoid")  # > 2: no sampling of one's own processes
+
+
+def perf_unusable() -> str | None:
+    """Why `perf record` cannot sample this user's processes here, or None when it can."""
+    if shutil.which("perf") is None:
+        return "`perf` is not on PATH (Debian/Ubuntu: apt install linux-perf)"
+    level = PARANOID.read_text().strip() if PARANOID.is_file() else ""
+    if level.lstrip("-").isdigit() and int(level) > 2:
+        fix = "as root: sysctl -w kernel.perf_event_paranoid=2"
+        return f"{PARANOID} is {level}: perf may not sample user processes (needs <= 2; {fix})"
+    return None
 
 
 def category(symbol: str, library: str) -> str:
@@ -101,12 +113,12 @@ def profile_backend(spec: dict, freq: int, timeout: float) -> dict:
         if "error" in result:
             return result
         start, end = result["timed_window_monotonic_s"]
-        script = subprocess.run(
-            ["perf", "script", "-i", data, "--time", f"{start:.6f},{end:.6f}", "-F", "tid,ip,sym,dso", "-G"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        window = f"{start:.6f},{end:.6f}"
+        read = ["perf", "script", "-i", data, "--time", window, "-F", "tid,ip,sym,dso", "-G"]
+        done = subprocess.run(read, capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"backend": backend, "error": f"perf script failed: {done.stderr.strip()[-500:]}"}
+        script = done.stdout
     # (not "mfu": the worker's GEMM peak is measured at 512^3 here, to save time)
     keep = ("backend", "median_step_s", "streams", "contention", "timed_window_monotonic_s")
     return {**{k: result.get(k) for k in keep}, **aggregate(script, freq, spec["steps"])}
@@ -164,8 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
         spec = json.loads(args.worker.read_text())
         Path(spec["result_path"]).write_text(json.dumps(run_worker(spec)))
         return {}
-    if shutil.which("perf") is None:
-        sys.exit("error: `perf` is not on PATH (Debian/Ubuntu: apt install linux-perf)")
+    why = perf_unusable()
+    if why:
+        sys.exit(f"error: {why}")
     spec = dict(
         arch=args.arch, batch=args.batch, warmup=args.warmup, steps=args.steps, seed=0,
         gemm_size=512, gemm_reps=2, mlx_streams="auto", precision="float32",

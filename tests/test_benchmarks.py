@@ -301,3 +301,17 @@ def test_cpu_profile_runs_the_mlx_step_under_perf(tmp_path):
     assert ms["GEMM (BLAS kernels and packing)"] > 0 and ms["elementwise and fused kernels"] > 0
     assert sum(ms.values()) == pytest.approx(r["cpu_ms_per_step"])
     assert "| GEMM (BLAS kernels and packing) |" in cpu_profile.table(doc["results"])
+
+
+def test_cpu_profile_refuses_by_name_where_perf_may_not_sample(tmp_path, monkeypatch):
+    from benchmarks import cpu_profile
+
+    paranoid = tmp_path / "perf_event_paranoid"
+    paranoid.write_text("3\n")
+    monkeypatch.setattr(cpu_profile, "PARANOID", paranoid)
+    monkeypatch.setattr(cpu_profile.shutil, "which", lambda name: "/usr/bin/perf")
+    with pytest.raises(SystemExit, match=rf"{paranoid} is 3: perf may not sample user processes"):
+        cpu_profile.main(["--steps", "1"])
+    monkeypatch.setattr(cpu_profile.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="`perf` is not on PATH"):
+        cpu_profile.main(["--steps", "1"])

@@ -6,7 +6,6 @@ the numbers are computed correctly and recorded completely.
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from conftest import ODD_ARCH, check_schema
 
 from benchmarks import train_throughput as tt
 from benchmarks.common import synthetic_batch
+from benchmarks.cpu_profile import perf_unusable
 from benchmarks.data_throughput import loader_rate, write_sources
 from benchmarks.flops import clip_flops_per_pair
 from mlx_clip.data.pipeline import Loader
@@ -287,7 +287,7 @@ def test_cpu_profile_sorts_perf_samples_into_categories():
     assert got["threads_ms_per_step"] == pytest.approx([2.5, 1.5, 1.0, 1.0])  # 3366, 3381, 3373, 3374
 
 
-@pytest.mark.skipif(shutil.which("perf") is None, reason="needs Linux perf")
+@pytest.mark.skipif(perf_unusable() is not None, reason="needs Linux perf, allowed to sample")
 def test_cpu_profile_runs_the_mlx_step_under_perf(tmp_path):
     from benchmarks import cpu_profile
 

@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from .common import RESULTS_DIR, machine_info, record_header, run_in_worker, write_record
-from .step_workers import log, run_worker
+from .common import record_header, write_record
+from .step_workers import log
+from .train_throughput import default_out, run_backend
 
 # (category, pattern over "symbol (library file name)"), first match wins.
 CATEGORIES = (
@@ -100,16 +98,14 @@ def aggregate(script: str, freq: int, steps: int) -> dict:
 
 
 def profile_backend(spec: dict, freq: int, timeout: float) -> dict:
-    """One backend's worker under `perf record`, then its samples inside the timed steps."""
+    """One backend's train_throughput worker under `perf record`, then its samples inside the timed
+    steps."""
     backend = spec["backend"]
-    env = dict(os.environ)
-    if not backend.startswith("mlx-"):
-        env["MLX_CLIP_BLAS"] = "none"  # as train_throughput: no OpenBLAS next to torch's BLAS
     with tempfile.TemporaryDirectory() as tmp:
         data = str(Path(tmp) / "perf.data")
         record = ["perf", "record", "-q", "-k", "CLOCK_MONOTONIC", "-F", str(freq), "-o", data, "--"]
-        log(backend, f"starting worker under perf ({freq} Hz)")
-        result = run_in_worker("benchmarks.cpu_profile", spec, {"backend": backend}, timeout, env, record)
+        log(backend, f"under perf ({freq} Hz)")
+        result = run_backend(spec, timeout, prefix=record)
         if "error" in result:
             return result
         start, end = result["timed_window_monotonic_s"]
@@ -158,7 +154,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--freq", type=int, default=1000, help="perf samples per second per thread (default 1000)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per backend")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch < 2 or args.steps < 1 or args.warmup < 0 or args.freq < 1:
         p.error("--batch must be >= 2, --steps and --freq >= 1, --warmup >= 0")
@@ -172,10 +167,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.worker is not None:  # internal: one backend, in this (fresh, sampled) process
-        spec = json.loads(args.worker.read_text())
-        Path(spec["result_path"]).write_text(json.dumps(run_worker(spec)))
-        return {}
     why = perf_unusable()
     if why:
         sys.exit(f"error: {why}")
@@ -186,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = [profile_backend({**spec, "backend": b}, args.freq, args.timeout) for b in args.backends]
     settings = {**spec, "freq": args.freq}
     doc = {**record_header("mlx_clip.cpu_profile/1"), "settings": settings, "results": results}
-    host = machine_info()["host"].split(".")[0]
-    out = args.out or RESULTS_DIR / f"profile-{host}-{time.strftime('%Y-%m-%d-%H%M%S', time.gmtime())}.json"
+    stamped = default_out()
+    out = args.out or stamped.with_name("profile-" + stamped.name)
     write_record(doc, out, table(results))
     return doc
 

@@ -77,12 +77,7 @@ def _blas_info() -> dict:
     """
     from mlx_clip import _blas
 
-    lib = getattr(_blas, "_lib", None)
-    threads = (
-        lib.openblas_get_num_threads()
-        if lib is not None and hasattr(lib, "openblas_get_num_threads")
-        else None
-    )
+    threads = _blas.get_threads()
     return {"library": _blas.status.get("loaded"), "reason": _blas.status.get("reason"), "threads": threads}
 
 

@@ -131,7 +131,8 @@ def available_backends() -> list[str]:
 # Parent side: one subprocess per backend, then the JSON, the table and the plot
 
 
-def run_backend(spec: dict, timeout: float | None) -> dict:
+def run_backend(spec: dict, timeout: float | None, prefix=()) -> dict:
+    """One backend's worker process (`prefix`: a command that runs it, benchmarks/cpu_profile.py)."""
     backend = spec["backend"]
     env = dict(os.environ)
     if not backend.startswith("mlx-"):
@@ -139,7 +140,7 @@ def run_backend(spec: dict, timeout: float | None) -> dict:
     else:  # fp32 matmuls in full fp32 on GPUs, not MLX's default TF32: as torch's default (no TF32)
         env.setdefault("MLX_ENABLE_TF32", "0")
     log(backend, "starting worker")
-    return run_in_worker("benchmarks.train_throughput", spec, {"backend": backend}, timeout, env)
+    return run_in_worker("benchmarks.train_throughput", spec, {"backend": backend}, timeout, env, prefix)
 
 
 def _others(r: dict) -> float:

@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _named_sets(args, texts: dict[str, list[str]]) -> dict:
-
     from .data.samples import DataError
     from .data.transforms import ImagePreprocess
     from .evaluation import report
